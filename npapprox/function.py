@@ -1,0 +1,96 @@
+"""Function / Context: the op protocol.
+
+An op is a ``Function`` subclass with
+
+* ``SAVES``: what it keeps for backward, name -> kind (see ``npapprox.policy``);
+* ``forward(ctx, *arrays, **options) -> array``;
+* ``backward(ctx, gy) -> tuple of arrays`` (one per positional input, ``None``
+  where no gradient is needed).
+
+Forward and backward take and return raw arrays (``numpy`` or ``cupy``).
+``Function.apply`` wraps them: it unwraps tensors, decides whether to record,
+calls ``forward``, and links the output tensor to its ``Context``.
+
+``ctx.save(name=array)`` hands the array to the current storage policy, which
+returns a stored form; ``ctx.restore("name")`` gives the array back (exact or
+approximate, the op does not know). Plain Python attributes (shapes, strides)
+are set on ``ctx`` directly. After the node's backward, ``release()`` drops
+everything it held, so memory is freed as backward walks.
+"""
+from __future__ import annotations
+
+from .policy import KINDS, Policy, current_policy
+from .tensor import Tensor, is_grad_enabled
+
+
+class Context:
+    def __init__(self, fn: type, policy: Policy, recording: bool, inputs: tuple):
+        self.fn = fn
+        self.policy = policy
+        self.recording = recording
+        self.inputs = inputs  # positional arguments of apply (Tensors or plain values)
+        self.needs_input_grad = tuple(isinstance(a, Tensor) and a.requires_grad for a in inputs)
+        self.saved: dict | None = {}
+        self.released = False
+
+    def save(self, **arrays) -> None:
+        """Store arrays for backward under the names declared in ``fn.SAVES``."""
+        for name, array in arrays.items():
+            kind = self.fn.SAVES.get(name)
+            if kind is None:
+                raise KeyError(f"{self.fn.__name__} saves {name!r}, which its SAVES does not declare")
+            if self.recording:
+                self.saved[name] = self.policy.save(self, name, kind, array)
+
+    def restore(self, *names):
+        """The saved arrays, in the order asked (one name -> one array)."""
+        if self.released:
+            raise RuntimeError(f"{self.fn.__name__}: saved state was already freed "
+                               "(backward runs once per graph)")
+        arrays = tuple(self.saved[n].restore() for n in names)
+        return arrays[0] if len(arrays) == 1 else arrays
+
+    def source_of(self, array):
+        """The input Tensor whose data *is* ``array`` (for policies that store a
+        reference to what the producer of that tensor already stored), or None."""
+        for a in self.inputs:
+            if isinstance(a, Tensor) and a.data is array:
+                return a
+        return None
+
+    def release(self) -> None:
+        self.saved = None
+        self.inputs = ()
+        self.released = True
+
+
+class Function:
+    SAVES: dict[str, str] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name, kind in cls.SAVES.items():
+            if kind not in KINDS:
+                raise TypeError(f"{cls.__name__}.SAVES[{name!r}] = {kind!r}; expected one of {KINDS}")
+
+    @staticmethod
+    def forward(ctx, *arrays, **options):
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx, gy):
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *args, **options) -> Tensor:
+        record = is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+        policy = current_policy()
+        ctx = Context(cls, policy, record, args)
+        arrays = [a.data if isinstance(a, Tensor) else a for a in args]
+        y = policy.forward_output(ctx, cls.forward(ctx, *arrays, **options))
+        out = Tensor(y, requires_grad=record)
+        if record:
+            out._ctx = ctx
+        else:
+            ctx.release()
+        return out

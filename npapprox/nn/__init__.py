@@ -1,0 +1,9 @@
+"""Modules: layers, containers and models."""
+from .layers import (GELU, AvgPool2d, BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Identity, Linear,
+                     MaxPool2d, ReLU, Sigmoid, Tanh, he_normal, manual_seed)
+from .models import PreActBlock, PreActResNet, preact_resnet20
+from .module import Module, Parameter, Sequential
+
+__all__ = ["GELU", "AvgPool2d", "BatchNorm2d", "Conv2d", "Flatten", "GlobalAvgPool2d", "Identity",
+           "Linear", "MaxPool2d", "Module", "Parameter", "PreActBlock", "PreActResNet", "ReLU",
+           "Sequential", "Sigmoid", "Tanh", "he_normal", "manual_seed", "preact_resnet20"]

@@ -1,0 +1,94 @@
+"""Batch normalisation over (N, H, W) per channel, NCHW."""
+from __future__ import annotations
+
+from ..backend import array_module
+from ..function import Function
+from ..policy import ACTIVATION, PARAM, STAT
+from ._checks import as_tensor, check_float, check_rank
+
+
+class BatchNorm2d(Function):
+    """y = gamma * xhat + beta,  xhat = (x - mu) / sigma,  sigma = sqrt(var + eps)
+
+    Shapes: x (N,C,H,W), gamma (C,), beta (C,) -> y (N,C,H,W).
+
+    With batch statistics (training, or evaluation as in the paper's code)
+    mu, var are the per-channel mean and biased variance over M = N*H*W values:
+        gbeta  = sum gy
+        ggamma = sum gy * xhat
+        gx     = gamma / sigma * (gy - gbeta/M - xhat * ggamma/M)
+    The last term is BN's *variance term*, the only part of the input gradient
+    that an approximate xhat perturbs. With running statistics mu, var are
+    constants and gx = gamma / sigma * gy.
+
+    ``update_running`` updates running_mean / running_var in place
+    (momentum as in PyTorch; the running variance uses the unbiased estimate).
+    """
+
+    SAVES = {"x": ACTIVATION, "gamma": PARAM, "mu": STAT, "inv_sigma": STAT}
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, *, running_mean=None, running_var=None, use_batch_stats=True,
+                update_running=True, momentum=0.1, eps=1e-5):
+        n, c, h, w = x.shape
+        x3 = x.reshape(n, c, h * w)                              # (N, C, HW)
+        if use_batch_stats:
+            m = n * h * w
+            mu = x3.mean(axis=(0, 2))                            # (C,)
+            d = x3 - mu[:, None]
+            var = (d * d).mean(axis=(0, 2))                      # (C,) biased
+            if update_running and running_mean is not None:
+                running_mean *= 1 - momentum
+                running_mean += momentum * mu
+                running_var *= 1 - momentum
+                running_var += momentum * var * (m / max(m - 1, 1))
+        else:
+            mu, var = running_mean.astype(x.dtype), running_var.astype(x.dtype)
+            d = x3 - mu[:, None]
+        xp = array_module(x)
+        inv_sigma = (1.0 / xp.sqrt(var + eps)).astype(x.dtype)  # (C,)
+        y = d * (gamma * inv_sigma)[:, None] + beta[:, None]    # (N, C, HW)
+        ctx.save(x=x, gamma=gamma, mu=mu, inv_sigma=inv_sigma)
+        ctx.use_batch_stats = use_batch_stats
+        return y.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, gamma, mu, inv_sigma = ctx.restore("x", "gamma", "mu", "inv_sigma")
+        n, c, h, w = gy.shape
+        gy3 = gy.reshape(n, c, h * w)                             # (N, C, HW)
+        xhat = (x.reshape(n, c, h * w) - mu[:, None]) * inv_sigma[:, None]
+        gbeta = gy3.sum(axis=(0, 2))
+        ggamma = (gy3 * xhat).sum(axis=(0, 2))
+        gx = None
+        if ctx.needs_input_grad[0]:
+            scale = (gamma * inv_sigma)[:, None]
+            if ctx.use_batch_stats:
+                m = n * h * w
+                gx = scale * (gy3 - (gbeta / m)[:, None] - xhat * (ggamma / m)[:, None])
+            else:
+                gx = scale * gy3
+            gx = gx.reshape(gy.shape)
+        return gx, ggamma, gbeta
+
+
+def batch_norm2d(x, gamma, beta, running_mean=None, running_var=None, *, use_batch_stats=True,
+                 update_running=True, momentum=0.1, eps=1e-5):
+    """Functional batch norm (see ``BatchNorm2d``)."""
+    x, gamma, beta = as_tensor(x, "x"), as_tensor(gamma, "gamma"), as_tensor(beta, "beta")
+    check_rank("batch_norm2d", "x", x, 4, "(N, C, H, W)")
+    check_float("batch_norm2d", x=x, gamma=gamma, beta=beta)
+    c = x.shape[1]
+    for name, t in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is not None and tuple(t.shape) != (c,):
+            raise ValueError(f"batch_norm2d: {name} has shape {tuple(t.shape)}, expected ({c},) "
+                             f"for an input with {c} channels")
+    if not use_batch_stats and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm2d: evaluation with running statistics needs running_mean and running_var")
+    if use_batch_stats and x.shape[0] * x.shape[2] * x.shape[3] < 2:
+        raise ValueError(f"batch_norm2d: batch statistics need more than one value per channel, "
+                         f"got input shape {tuple(x.shape)}")
+    return BatchNorm2d.apply(x, gamma, beta, running_mean=running_mean, running_var=running_var,
+                             use_batch_stats=use_batch_stats, update_running=update_running,
+                             momentum=momentum, eps=eps)

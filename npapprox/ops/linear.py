@@ -1,0 +1,43 @@
+"""Fully connected layer."""
+from __future__ import annotations
+
+from ..function import Function
+from ..policy import ACTIVATION, PARAM
+from ._checks import as_tensor, check_float, check_rank
+
+
+class Linear(Function):
+    """y = x @ w^T + b.  Shapes: x (N, I), w (O, I), b (O,) or None -> y (N, O).
+    gx = gy @ w,  gw = gy^T @ x,  gb = sum_n gy.  Saves x and (by reference) w."""
+
+    SAVES = {"x": ACTIVATION, "w": PARAM}
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save(x=x, w=w)
+        y = x @ w.T
+        if b is not None:
+            y += b
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.restore("x", "w")
+        need_x, need_w, need_b = ctx.needs_input_grad
+        return (gy @ w if need_x else None,
+                gy.T @ x if need_w else None,
+                gy.sum(axis=0) if need_b else None)
+
+
+def linear(x, w, b=None):
+    """Functional linear layer (see ``Linear``)."""
+    x, w = as_tensor(x, "x"), as_tensor(w, "w")
+    b = None if b is None else as_tensor(b, "b")
+    check_rank("linear", "x", x, 2, "(N, features)")
+    check_rank("linear", "w", w, 2, "(out, in)")
+    check_float("linear", x=x, w=w, b=b)
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"linear: input has {x.shape[1]} features but the weight expects {w.shape[1]}")
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"linear: bias shape {tuple(b.shape)} should be ({w.shape[0]},)")
+    return Linear.apply(x, w, b)

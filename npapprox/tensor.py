@@ -1,0 +1,174 @@
+"""Tensor and the backward walk.
+
+``Tensor`` wraps an array (``data``), its gradient (``grad``) and, when it was
+produced by a recorded op, the op's ``Context`` (``_ctx``). ``backward()``:
+
+1. orders the graph topologically with an explicit stack (no recursion, so
+   graphs of any depth work);
+2. walks it from the output back, calling each op's ``backward`` once with the
+   sum of the gradients of all its consumers (fan-out accumulates by ``+``,
+   never in place);
+3. releases each node's saved state right after its backward, and drops the
+   node's incoming gradient, so memory falls as the walk proceeds.
+
+Gradients are never modified in place, so an array may safely be handed to
+several parents.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from .backend import array_module, to_device
+
+_grad_enabled = True
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Inside this block ops record nothing and save nothing."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+class Tensor:
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "__weakref__")
+
+    def __init__(self, data, requires_grad: bool = False):
+        if isinstance(data, Tensor):
+            data = data.data
+        xp = array_module(data)
+        self.data = data if hasattr(data, "dtype") and hasattr(data, "shape") else xp.asarray(data)
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self._ctx = None
+
+    # --- views of the data ---------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: self.data.size)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor(shape={tuple(self.shape)}, dtype={self.dtype}{grad})"
+
+    def numpy(self):
+        return to_device(self.data, "cpu")
+
+    def item(self) -> float:
+        return float(self.numpy().reshape(-1)[0]) if self.size == 1 else self._not_scalar()
+
+    def _not_scalar(self):
+        raise ValueError(f"item() needs a tensor with one element, got shape {tuple(self.shape)}")
+
+    def detach(self) -> "Tensor":
+        """The same data, cut from the graph."""
+        return Tensor(self.data, requires_grad=False)
+
+    def to(self, device: str) -> "Tensor":
+        out = Tensor(to_device(self.data, device), requires_grad=self.requires_grad)
+        return out
+
+    # --- backward ------------------------------------------------------------
+    def backward(self, grad=None) -> None:
+        """Accumulate d(self)/d(leaf) into every leaf's ``.grad``.
+
+        Without ``grad`` the tensor must hold one finite value (a loss)."""
+        if grad is None:
+            if self.size != 1:
+                raise ValueError(f"backward() without a gradient needs a scalar, got shape {tuple(self.shape)}")
+            value = self.item()
+            if not np.isfinite(value):
+                raise FloatingPointError(f"the loss is not finite ({value}); backward refused. "
+                                         "Lower the learning rate or check the inputs.")
+            grad = array_module(self.data).ones_like(self.data)
+        elif tuple(grad.shape) != tuple(self.shape):
+            raise ValueError(f"gradient shape {tuple(grad.shape)} does not match tensor shape {tuple(self.shape)}")
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad "
+                               "(made under no_grad, or from inputs that need no gradient)")
+        if self._ctx is not None and self._ctx.released:
+            raise RuntimeError("this graph was already backpropagated and its saved state freed")
+
+        order = _topological_order(self)
+        grads = {id(self): grad}
+        while order:
+            t = order.pop()  # popping drops our reference: freed tensors can go
+            g = grads.pop(id(t), None)
+            ctx = t._ctx
+            if ctx is None:  # a leaf
+                if g is not None:
+                    t.grad = g if t.grad is None else t.grad + g
+                continue
+            if g is not None:
+                in_grads = ctx.fn.backward(ctx, g)
+                if not isinstance(in_grads, tuple):
+                    in_grads = (in_grads,)
+                for parent, needs, pg in zip(ctx.inputs, ctx.needs_input_grad, in_grads):
+                    if needs and pg is not None:
+                        key = id(parent)
+                        grads[key] = pg if key not in grads else grads[key] + pg
+            ctx.release()
+            del g
+
+    # --- operators (thin wrappers over npapprox.ops) --------------------------
+    def __add__(self, other):
+        from .ops.elementwise import add
+        return add(self, other)
+
+    __radd__ = __add__
+
+    def __mul__(self, other):
+        from .ops.elementwise import mul
+        return mul(self, other)
+
+    __rmul__ = __mul__
+
+    def __neg__(self):
+        from .ops.elementwise import mul
+        return mul(self, -1.0)
+
+    def __sub__(self, other):
+        return self + (-other)
+
+    def sum(self):
+        from .ops.elementwise import sum_all
+        return sum_all(self)
+
+    def reshape(self, *shape):
+        from .ops.shape import reshape
+        return reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
+
+
+def _topological_order(root: Tensor) -> list:
+    """Tensors reachable from ``root`` through recorded ops, inputs before
+    outputs (iterative post-order DFS)."""
+    order, visited = [], set()
+    stack = [(root, False)]
+    while stack:
+        t, expanded = stack.pop()
+        if expanded:
+            order.append(t)
+            continue
+        if id(t) in visited:
+            continue
+        visited.add(id(t))
+        stack.append((t, True))
+        if t._ctx is not None:
+            for p in t._ctx.inputs:
+                if isinstance(p, Tensor) and p.requires_grad and id(p) not in visited:
+                    stack.append((p, False))
+    return order
