@@ -1,0 +1,96 @@
+"""Build script: compiles every ``src/*.pyx`` into the extension ``npapprox.<name>``.
+
+Project metadata lives in pyproject.toml; this file only adds the compiled
+extensions.  Cython directives and compiler flags are set here, once, for all
+kernels.  Never add -ffast-math (or anything that lets the compiler reassociate
+or contract floating-point arithmetic): the kernels must stay bit-identical to
+the NumPy reference implementations.  OpenMP is used when the compiler supports
+it (probed by compiling and linking a tiny program) and silently dropped
+otherwise; set NPAPPROX_NO_OPENMP=1 to build without it.
+"""
+import glob
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+COMPILER_DIRECTIVES = {
+    "language_level": 3,
+    "boundscheck": False,
+    "wraparound": False,
+    "cdivision": True,
+    "initializedcheck": False,
+}
+
+# (compile args, OpenMP compile args, OpenMP link args) per compiler family
+UNIX_FLAGS = (["-O3", "-ffp-contract=off"], ["-fopenmp"], ["-fopenmp"])
+MSVC_FLAGS = (["/O2", "/fp:precise"], ["/openmp"], [])
+
+OPENMP_PROBE = r"""
+#include <omp.h>
+int main(void) {
+    int n = 0;
+    #pragma omp parallel reduction(+:n)
+    n += 1;
+    return omp_get_max_threads() > 0 && n > 0 ? 0 : 1;
+}
+"""
+
+
+def _has_openmp(compiler, compile_args, link_args):
+    """True when ``compiler`` compiles and links a tiny OpenMP program."""
+    if os.environ.get("NPAPPROX_NO_OPENMP", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return False
+    tmp = tempfile.mkdtemp(prefix="npapprox-omp-")
+    try:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(OPENMP_PROBE)
+        objs = compiler.compile([src], output_dir=tmp, extra_postargs=compile_args)
+        compiler.link_executable(objs, "probe", output_dir=tmp, extra_postargs=link_args)
+        return True
+    except Exception:  # CompileError, LinkError, missing compiler pieces
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class BuildExt(build_ext):
+    """Adds optimisation flags, and OpenMP when the compiler supports it."""
+
+    def build_extensions(self):
+        base, omp_compile, omp_link = MSVC_FLAGS if self.compiler.compiler_type == "msvc" else UNIX_FLAGS
+        openmp = _has_openmp(self.compiler, omp_compile, omp_link)
+        if not openmp:
+            print("npapprox: OpenMP not available, building the kernels single-threaded")
+        for ext in self.extensions:
+            ext.extra_compile_args = base + (omp_compile if openmp else []) + list(ext.extra_compile_args or [])
+            ext.extra_link_args = (omp_link if openmp else []) + list(ext.extra_link_args or [])
+        super().build_extensions()
+
+
+def _extensions():
+    here = os.path.dirname(os.path.abspath(__file__))
+    exts = []
+    for pyx in sorted(glob.glob(os.path.join(here, "src", "*.pyx"))):
+        name = os.path.splitext(os.path.basename(pyx))[0]
+        exts.append(Extension(
+            f"npapprox.{name}",
+            sources=[os.path.relpath(pyx, here)],
+            include_dirs=[np.get_include()],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        ))
+    return cythonize(exts, compiler_directives=COMPILER_DIRECTIVES)
+
+
+setup(
+    packages=find_packages(include=["npapprox", "npapprox.*"]),
+    package_data={"npapprox.kernels": ["*.cu"]},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExt},
+    zip_safe=False,
+)
