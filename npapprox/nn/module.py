@@ -115,6 +115,7 @@ class Module:
         unexpected = [k for k in state if k not in own and k not in own_buffers]
         if strict and (missing or unexpected):
             raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        pairs = []
         for name, value in state.items():
             target = own[name].data if name in own else own_buffers.get(name)
             if target is None:
@@ -122,6 +123,8 @@ class Module:
             if tuple(target.shape) != tuple(np.shape(value)):
                 raise ValueError(f"load_state_dict: {name} has shape {tuple(np.shape(value))}, "
                                  f"the model expects {tuple(target.shape)}")
+            pairs.append((target, value))
+        for target, value in pairs:  # all checked first: a failed load changes nothing
             target[...] = array_module(target).asarray(value, dtype=target.dtype)
 
     def save(self, path) -> None:

@@ -82,9 +82,10 @@ class SumAll(Function):
 
 def add(a, b):
     """Residual / elementwise addition."""
+    a = as_tensor(a, "a")
     if not isinstance(b, (Tensor,)) and not hasattr(b, "shape"):
-        b = Tensor(a.data.dtype.type(b))
-    a, b = as_tensor(a, "a"), as_tensor(b, "b")
+        b = Tensor(a.dtype.type(b))
+    b = as_tensor(b, "b")
     if a.dtype != b.dtype:
         raise TypeError(f"add: dtype mismatch ({a.dtype} and {b.dtype})")
     return Add.apply(a, b)

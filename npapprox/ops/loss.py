@@ -39,6 +39,8 @@ def cross_entropy(logits, labels):
     z = as_tensor(logits, "logits")
     check_rank("cross_entropy", "logits", z, 2, "(N, classes)")
     check_float("cross_entropy", logits=z)
+    if z.shape[0] == 0 or z.shape[1] == 0:
+        raise ValueError(f"cross_entropy: needs at least one sample and one class, got logits {tuple(z.shape)}")
     t = labels.data if hasattr(labels, "requires_grad") else labels
     xp = array_module(z.data)
     t = xp.asarray(t)

@@ -1,6 +1,8 @@
 """Shape ops: reshape / flatten, channel zero-padding, channel concatenation."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..backend import array_module
 from ..function import Function
 from ._checks import as_tensor, check_rank
@@ -63,6 +65,8 @@ class ConcatChannels(Function):
 
 def reshape(x, shape):
     x = as_tensor(x, "x")
+    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in shape):
+        raise ValueError(f"reshape: the new shape must hold integers, got {tuple(shape)!r}")
     shape = tuple(int(s) for s in shape)
     try:
         array_module(x.data).empty(x.shape, dtype=bool).reshape(shape)  # validates sizes
@@ -80,8 +84,8 @@ def flatten(x):
 def pad_channels(x, before: int, after: int):
     x = as_tensor(x, "x")
     check_rank("pad_channels", "x", x, 4, "(N, C, H, W)")
-    if before < 0 or after < 0:
-        raise ValueError(f"pad_channels: before and after must be >= 0, got {before}, {after}")
+    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0 for v in (before, after)):
+        raise ValueError(f"pad_channels: before and after must be integers >= 0, got {before!r}, {after!r}")
     return PadChannels.apply(x, before=int(before), after=int(after))
 
 

@@ -1,0 +1,50 @@
+"""Shared test configuration.
+
+* A Hypothesis profile ``npapprox`` (the default) with ``derandomize=True``, so every
+  run (local or CI) draws the same examples; ``HYPOTHESIS_PROFILE=thorough`` draws more.
+* ``require_torch()`` / the ``torch`` fixture: the PyTorch oracle. Without torch the
+  oracle tests are *skipped* (visibly), except when ``NPAPPROX_REQUIRE_ORACLE=1``:
+  then a missing torch makes every oracle test *fail*, so CI cannot pass by skipping.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# the helper module tests/gradcheck.py is imported as ``gradcheck`` whatever the import mode
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("npapprox", derandomize=True, database=None, deadline=None, max_examples=30,
+                          suppress_health_check=_HEALTH, print_blob=True)
+settings.register_profile("thorough", derandomize=False, deadline=None, max_examples=200,
+                          suppress_health_check=_HEALTH, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "npapprox"))
+
+REQUIRE_ORACLE_ENV = "NPAPPROX_REQUIRE_ORACLE"
+
+
+def oracle_required() -> bool:
+    return os.environ.get(REQUIRE_ORACLE_ENV, "").strip() == "1"
+
+
+def require_torch():
+    """The ``torch`` module; skip without it, or fail when NPAPPROX_REQUIRE_ORACLE=1."""
+    if oracle_required():
+        try:
+            import torch  # noqa: PLC0415
+        except ImportError as e:
+            pytest.fail(f"torch is required ({REQUIRE_ORACLE_ENV}=1): {e}")
+        return torch
+    return pytest.importorskip(
+        "torch", reason=f"PyTorch oracle not installed (set {REQUIRE_ORACLE_ENV}=1 to fail instead)")
+
+
+@pytest.fixture(scope="session")
+def torch():
+    t = require_torch()
+    t.manual_seed(0)
+    return t
