@@ -23,14 +23,20 @@ from .policy import KINDS, Policy, current_policy
 from .tensor import Tensor, is_grad_enabled
 
 
+#: the modules whose forward is running (innermost last); ops record the innermost
+MODULE_STACK: list = []
+
+
 class Context:
     def __init__(self, fn: type, policy: Policy, recording: bool, inputs: tuple):
         self.fn = fn
+        self.module = MODULE_STACK[-1] if MODULE_STACK else None
         self.policy = policy
         self.recording = recording
         self.inputs = inputs  # positional arguments of apply (Tensors or plain values)
         self.needs_input_grad = tuple(isinstance(a, Tensor) and a.requires_grad for a in inputs)
         self.saved: dict | None = {}
+        self._origin: dict = {}  # id(saved array) -> its stored form, for forward_output
         self.released = False
 
     def save(self, **arrays) -> None:
@@ -39,8 +45,13 @@ class Context:
             kind = self.fn.SAVES.get(name)
             if kind is None:
                 raise KeyError(f"{self.fn.__name__} saves {name!r}, which its SAVES does not declare")
-            if self.recording:
-                self.saved[name] = self.policy.save(self, name, kind, array)
+            if self.recording or self.policy.approximates_forward:
+                stored = self.saved[name] = self.policy.save(self, name, kind, array)
+                self._origin[id(array)] = stored
+
+    def stored_for(self, array):
+        """The stored form made from ``array`` by this op's ``save``, or None."""
+        return self._origin.get(id(array))
 
     def restore(self, *names):
         """The saved arrays, in the order asked (one name -> one array)."""
@@ -60,6 +71,8 @@ class Context:
 
     def release(self) -> None:
         self.saved = None
+        self._origin = {}
+        self.module = None
         self.inputs = ()
         self.released = True
 

@@ -2,61 +2,243 @@
 
 Ops declare what they save (``Function.SAVES``) and call ``ctx.save`` /
 ``ctx.restore``; they never look at the policy. The policy turns each saved
-array into a stored form (``npapprox.storage``) and may, for the naive
-low-precision baseline, replace what the forward pass propagates
+value into a stored form (``npapprox.storage``) and may, for the baselines that
+approximate the forward pass, replace what an op propagates
 (``forward_output``).
 
-Choose one for a block of code::
+Choose one for a block of code, or per module (``module.storage = Exact()``)::
 
-    with npapprox.storage_policy(npapprox.Exact()):
-        loss = model(x) ...
+    with npapprox.storage_policy(npapprox.Paper(bits=4)):
+        loss = ops.cross_entropy(model(x), y)
 
-The default is ``Exact``. Kinds of saved entries (declared per op):
+Kinds of saved entries (declared per op):
 
-* ``ACTIVATION``: activation-sized arrays; the policy decides their form.
+* ``ACTIVATION``: activation-sized arrays; the policy decides their form. An
+  input that is the output of a BN -> ReLU unit is stored as a reference to the
+  unit's stored form (costs nothing); the network input (a leaf) stays exact.
+* ``UNIT``:       a BN -> ReLU unit (``storage.BNReLUUnit``): one stored form
+  rebuilds the unit's mask and xhat and its output for every consumer.
 * ``PARAM``:      parameter arrays, kept by reference (cost nothing extra).
 * ``STAT``:       small per-channel or per-sample statistics, kept exactly.
 * ``INDEX``:      integer indices (max-pool argmax, class labels), kept exactly.
+
+Policies (METHOD.md sections 3 to 5):
+
+=====================  ==========================  =============================
+policy                 forward propagates           backward uses
+=====================  ==========================  =============================
+``Exact()``            exact values                 exact values (float32 stored)
+``Paper(K)``           exact values                 K-bit BN-window codes per unit
+``Generic(K, ...)``    exact values                 per-group K-bit codes
+``Naive(K)``           decoded K-bit values         the same decoded values
+``ApproxForward(K)``   decoded K-bit values         exact values of that forward
+=====================  ==========================  =============================
 """
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
-from .storage import Full, ParamRef, Stored
+import numpy as np
+
+from . import quant
+from .storage import ExactUnit, Full, GenericPacked, GenericUnit, PaperUnit, ParamRef, Stored, Unit, UnitRef
 
 ACTIVATION = "activation"
+UNIT = "unit"
 PARAM = "param"
 STAT = "stat"
 INDEX = "index"
-KINDS = (ACTIVATION, PARAM, STAT, INDEX)
+KINDS = (ACTIVATION, UNIT, PARAM, STAT, INDEX)
+
+
+class BNReLUUnit(NamedTuple):
+    """What a BN -> ReLU op hands to ``ctx.save(unit=...)``: its input, its
+    pre-ReLU output y = gamma * xhat + beta and the statistics (all (N, C, H, W)
+    or (C,))."""
+
+    x: object
+    y: object
+    mu: object
+    inv_sigma: object
+    gamma: object
+    beta: object
+
+
+def _check_finite(n_nonfinite: int, ctx, name: str) -> None:
+    if n_nonfinite:
+        raise FloatingPointError(f"{ctx.fn.__name__}: {n_nonfinite} non-finite value(s) in the activation "
+                                 f"{name!r}; K-bit storage refuses NaN/inf (the forward pass diverged)")
 
 
 class Policy:
-    """Base policy: everything kept exactly. Subclasses override ``store_activation``."""
+    """Base policy: everything exact. Subclasses override ``store_unit`` and
+    ``store_activation`` (and ``forward_output`` for approximate forwards)."""
 
-    name = "exact"
+    #: store a consumer's input that is a unit output as a reference to the unit
+    share_units = True
+    #: the forward pass depends on what is stored (saves are made even under no_grad)
+    approximates_forward = False
 
-    def save(self, ctx, name: str, kind: str, array) -> Stored:
+    @property
+    def name(self) -> str:
+        return repr(self)
+
+    def save(self, ctx, name: str, kind: str, value) -> Stored:
         if kind == PARAM:
-            return ParamRef(array)
+            return ParamRef(value)
+        if kind == UNIT:
+            return self.store_unit(ctx, name, value)
         if kind == ACTIVATION:
-            return self.store_activation(ctx, name, array)
-        return Full(array)
+            source = ctx.source_of(value)
+            if source is not None and source._ctx is None:
+                return Full(value)                  # a leaf: the network input stays exact
+            unit = _producer_unit(source)
+            if unit is not None and self.share_units:
+                return UnitRef(unit)
+            return self.store_activation(ctx, name, value)
+        return Full(value)
+
+    def store_unit(self, ctx, name: str, u: BNReLUUnit) -> Unit:
+        return ExactUnit(u.x, u.mu, u.inv_sigma, u.gamma, u.beta)
 
     def store_activation(self, ctx, name: str, array) -> Stored:
         return Full(array)
 
     def forward_output(self, ctx, y):
-        """What the forward pass propagates from an op's output (identity here;
-        the naive low-precision baseline returns its decoded approximation)."""
+        """What the forward pass propagates from an op's output (identity here)."""
         return y
 
     def __repr__(self):
         return f"{type(self).__name__}()"
 
 
+def _unit_in(ctx):
+    """The Unit that ``ctx`` stored, if any."""
+    if ctx is None or not ctx.saved:
+        return None
+    return next((s for s in ctx.saved.values() if isinstance(s, Unit)), None)
+
+
+def _producer_unit(tensor):
+    """The Unit stored by the op that produced ``tensor``, if any."""
+    return _unit_in(getattr(tensor, "_ctx", None))
+
+
 class Exact(Policy):
-    """float32 (or float64) activations stored as they are: the exact baseline."""
+    """float32 stored: the paper's exact baseline (one float32 tensor per unit)."""
+
+
+class Generic(Policy):
+    """Per-group K-bit min/max quantizer for every activation (units: codes of y
+    plus an exact 1-bit mask). ``stochastic=True`` rounds up with probability
+    equal to the fractional part (unbiased), noise from a counter-based hash
+    seeded by ``seed`` and a per-save counter."""
+
+    def __init__(self, bits: int = 8, group: int = 256, stochastic: bool = False, seed: int = 0):
+        self.bits = quant.check_bits(bits)
+        if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1:
+            raise ValueError(f"group must be a positive integer, got {group!r}")
+        self.group, self.stochastic, self.seed = int(group), bool(stochastic), int(seed)
+        self._counter = 0
+
+    def _next_seed(self) -> int:
+        self._counter += 1
+        return (self.seed * 0x9E3779B1 + self._counter * 0x85EBCA77) & 0xFFFFFFFF
+
+    def pack(self, ctx, name, array) -> GenericPacked:
+        from .kernels import generic_pack  # noqa: PLC0415
+        x = array if array.dtype == np.float32 else array.astype(np.float32)
+        packed, lo, scale, bad = generic_pack(x, self.bits, self.group, self.stochastic, self._next_seed())
+        _check_finite(bad, ctx, name)
+        return GenericPacked(packed, lo, scale, self.bits, self.group, array.shape, array.dtype)
+
+    def store_activation(self, ctx, name, array):
+        return self.pack(ctx, name, array)
+
+    def store_unit(self, ctx, name, u):
+        from .kernels import pack_bits  # noqa: PLC0415
+        mask = pack_bits((u.y > 0).astype(np.uint8).reshape(-1), 1)
+        return GenericUnit(self.pack(ctx, name, u.y), mask, u.gamma, u.beta)
+
+    def __repr__(self):
+        rounding = "stochastic" if self.stochastic else "nearest"
+        return f"Generic(bits={self.bits}, group={self.group}, {rounding})"
+
+
+class Paper(Policy):
+    """The paper's scheme: each BN -> ReLU unit stores K-bit BN-window codes
+    (``npapprox.quant``); activations no BN precedes use ``fallback``
+    (default: the generic quantizer with the same K, nearest rounding)."""
+
+    def __init__(self, bits: int = 4, fallback: Policy | None = None):
+        self.bits = quant.check_bits(bits)
+        self.fallback = Generic(bits) if fallback is None else fallback
+
+    def store_unit(self, ctx, name, u):
+        from .kernels import paper_pack  # noqa: PLC0415
+        params = quant.paper_params(u.gamma, u.beta, self.bits)
+        y = u.y if u.y.dtype == np.float32 else u.y.astype(np.float32)
+        packed, bad = paper_pack(y, params["k"], params["s"], self.bits)
+        _check_finite(bad, ctx, name)
+        return PaperUnit(packed, params, self.bits, u.y.shape, u.y.dtype)
+
+    def store_activation(self, ctx, name, array):
+        return self.fallback.store_activation(ctx, name, array)
+
+    def __repr__(self):
+        return f"Paper(bits={self.bits})"
+
+
+class Naive(Paper):
+    """Naive low precision: the decoded K-bit approximation is what the next layer
+    receives *and* what backward uses, so errors accumulate through the depth.
+    Applies to units (their output h) and to ops that save their own output
+    (relu, sigmoid, tanh: generic codes)."""
+
+    approximates_forward = True
+
+    def forward_output(self, ctx, y):
+        stored = ctx.stored_for(y) or _unit_in(ctx)
+        if isinstance(stored, Unit):
+            return stored.h()
+        if isinstance(stored, GenericPacked):
+            return stored.restore()
+        return y
+
+    def __repr__(self):
+        return f"Naive(bits={self.bits})"
+
+
+class ApproxForward(Paper):
+    """Approximate forward, exact backward (the reviewers' ablation): units (and
+    ops that save their own output) propagate a decoded K-bit approximation, but
+    every op keeps its own inputs exactly, so backward is exact for the forward
+    that was computed."""
+
+    approximates_forward = True
+    share_units = False
+
+    def store_unit(self, ctx, name, u):
+        return ExactUnit(u.x, u.mu, u.inv_sigma, u.gamma, u.beta)
+
+    def store_activation(self, ctx, name, array):
+        return Full(array)
+
+    def forward_output(self, ctx, y):
+        unit = _unit_in(ctx)
+        if unit is not None:
+            u = unit  # ExactUnit: pack its exact pre-ReLU output as the paper would
+            y_pre = u.pre_relu()
+            return super().store_unit(ctx, "forward", BNReLUUnit(u.x, y_pre, u.mu, u.inv_sigma,
+                                                                  u.gamma, u.beta)).h()
+        stored = ctx.stored_for(y)
+        if isinstance(stored, Full):
+            return self.fallback.store_activation(ctx, "forward", y).restore()
+        return y
+
+    def __repr__(self):
+        return f"ApproxForward(bits={self.bits})"
 
 
 _stack: list[Policy] = [Exact()]

@@ -10,6 +10,10 @@ codes, references to a producer's codes) plug in beside them.
 """
 from __future__ import annotations
 
+import numpy as np
+
+from .backend import array_module
+
 
 class Stored:
     """Base class. Subclasses set ``form`` and ``bits`` and implement restore."""
@@ -70,3 +74,178 @@ class ParamRef(Full):
     @property
     def payload_nbytes(self) -> int:
         return 0
+
+
+class GenericPacked(Stored):
+    """K-bit codes with a (lo, scale) pair per group of ``group`` consecutive
+    values: x ~ lo + code * scale (see ``kernels.generic_pack``)."""
+
+    form = "generic"
+    __slots__ = ("packed", "lo", "scale", "bits", "group")
+
+    def __init__(self, packed, lo, scale, bits, group, shape, dtype):
+        self.packed, self.lo, self.scale = packed, lo, scale
+        self.bits, self.group, self.shape, self.dtype = bits, group, tuple(shape), dtype
+
+    @property
+    def payload_nbytes(self) -> int:
+        return int(self.packed.nbytes)
+
+    @property
+    def meta_nbytes(self) -> int:
+        return int(self.lo.nbytes + self.scale.nbytes)
+
+    def restore(self):
+        from .kernels import generic_decode  # noqa: PLC0415 (kernels import storage users)
+        return generic_decode(self.packed, self.lo, self.scale, self.bits, self.group,
+                              self.shape).astype(self.dtype, copy=False)
+
+
+# --------------------------------------------------------------------------- #
+# BN -> ReLU units: one stored object from which the unit's backward (mask,
+# xhat) and every consumer of its output h = relu(y) rebuild what they need.
+# --------------------------------------------------------------------------- #
+def bn_affine(x3, mu, inv_sigma, gamma, beta):
+    """y = (x - mu) * (gamma * inv_sigma) + beta on (N, C, HW) arrays: the one
+    expression for BN's output, so a recomputation is bit-identical."""
+    return (x3 - mu[:, None]) * (gamma * inv_sigma)[:, None] + beta[:, None]
+
+
+class Unit(Stored):
+    """Base of the stored forms of a BN -> ReLU unit (``restore()`` returns the
+    form itself; ask it for ``xhat()``, ``mask()``, ``h()``, each (N, C, H, W))."""
+
+    __slots__ = ()
+
+    def restore(self):
+        return self
+
+    def xhat(self):
+        raise NotImplementedError
+
+    def mask(self):
+        raise NotImplementedError
+
+    def h(self):
+        raise NotImplementedError
+
+
+class ExactUnit(Unit):
+    """The BN input x in full precision plus the per-channel mean: xhat, the mask
+    and h are recomputed exactly as the forward computed them. One float32 tensor
+    per unit: the paper's exact baseline."""
+
+    __slots__ = ("x", "mu", "inv_sigma", "gamma", "beta")
+
+    def __init__(self, x, mu, inv_sigma, gamma, beta):
+        self.x, self.mu, self.inv_sigma, self.gamma, self.beta = x, mu, inv_sigma, gamma, beta
+        self.shape, self.dtype = tuple(x.shape), x.dtype
+
+    form = property(lambda self: str(self.dtype))
+    bits = property(lambda self: 8 * self.dtype.itemsize)
+    payload_nbytes = property(lambda self: int(self.x.nbytes))
+    meta_nbytes = property(lambda self: int(self.mu.nbytes))
+
+    def _x3(self):
+        n, c = self.shape[:2]
+        return self.x.reshape(n, c, -1)
+
+    def xhat(self):
+        return ((self._x3() - self.mu[:, None]) * self.inv_sigma[:, None]).reshape(self.shape)
+
+    def pre_relu(self):
+        """y = gamma * xhat + beta, bit-identical to the forward's."""
+        return bn_affine(self._x3(), self.mu, self.inv_sigma, self.gamma, self.beta).reshape(self.shape)
+
+    def mask(self):
+        return self.pre_relu() > 0
+
+    def h(self):
+        y = self.pre_relu()
+        return y * (y > 0)  # == maximum(y, 0) with -0.0 -> +0.0 as well: relu's output exactly
+
+
+class PaperUnit(Unit):
+    """The paper's form: K-bit codes of q = y/|gamma| in a per-channel window of
+    +-3 batch standard deviations (``npapprox.quant``), plus the first-positive
+    code ``s`` per channel (int32 metadata). gamma and beta are parameters
+    (by reference); sigma is the op's own STAT entry."""
+
+    form = "paper"
+    __slots__ = ("packed", "s", "bits", "params")
+
+    def __init__(self, packed, params, bits, shape, dtype):
+        self.packed, self.params, self.bits = packed, params, bits
+        self.s = params["s"]
+        self.shape, self.dtype = tuple(shape), dtype
+
+    payload_nbytes = property(lambda self: int(self.packed.nbytes))
+    meta_nbytes = property(lambda self: int(self.s.nbytes))
+
+    def _decode(self, step, off, relu):
+        from .kernels import paper_decode  # noqa: PLC0415
+        p = self.params
+        return paper_decode(self.packed, self.shape, self.s, p[step], p[off], self.bits,
+                            relu=relu).astype(self.dtype, copy=False)
+
+    def xhat(self):
+        return self._decode("x_step", "x_off", relu=False)
+
+    def h(self):
+        return self._decode("h_step", "h_off", relu=True)
+
+    def mask(self):
+        from .kernels import paper_mask  # noqa: PLC0415
+        return paper_mask(self.packed, self.shape, self.s, self.bits)
+
+
+class GenericUnit(Unit):
+    """A unit stored with the generic quantizer: per-group K-bit codes of y plus
+    an exact 1-bit ReLU mask (the generic window does not put 0 on a bin edge)."""
+
+    __slots__ = ("y", "mask_bits", "gamma", "beta")
+
+    def __init__(self, y: GenericPacked, mask_bits, gamma, beta):
+        self.y, self.mask_bits, self.gamma, self.beta = y, mask_bits, gamma, beta
+        self.shape, self.dtype = y.shape, y.dtype
+
+    form = property(lambda self: "generic+mask")
+    bits = property(lambda self: self.y.bits + 1)
+    payload_nbytes = property(lambda self: self.y.payload_nbytes + int(self.mask_bits.nbytes))
+    meta_nbytes = property(lambda self: self.y.meta_nbytes)
+
+    def mask(self):
+        from .kernels import unpack_bits  # noqa: PLC0415
+        n = int(np.prod(self.shape))
+        return unpack_bits(self.mask_bits, n, 1).reshape(self.shape).astype(bool)
+
+    def h(self):
+        y = self.y.restore()
+        return y * self.mask()
+
+    def xhat(self):
+        xp = array_module(self.gamma)
+        n, c = self.shape[:2]
+        g = self.gamma.astype(self.dtype)
+        safe = xp.where(g == 0, 1, g)
+        y3 = self.y.restore().reshape(n, c, -1)
+        xhat = xp.where((g == 0)[:, None], 0, (y3 - self.beta[:, None]) / safe[:, None])
+        return xhat.astype(self.dtype, copy=False).reshape(self.shape)
+
+
+class UnitRef(Stored):
+    """A consumer's saved input that is a unit's output h: rebuilt from the
+    unit's stored form, so it costs nothing (DESIGN.md property 4)."""
+
+    __slots__ = ("unit",)
+
+    def __init__(self, unit: Unit):
+        self.unit = unit
+        self.shape, self.dtype = unit.shape, unit.dtype
+
+    form = property(lambda self: f"ref:{self.unit.form}")
+    bits = property(lambda self: 0)
+    payload_nbytes = property(lambda self: 0)
+
+    def restore(self):
+        return self.unit.h()

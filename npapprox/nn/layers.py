@@ -47,12 +47,13 @@ class BatchNorm2d(Module):
 
     training: batch statistics, running statistics updated;
     eval: running statistics, or batch statistics (not updated) when
-    ``eval_batch_stats=True``, as the paper's released code evaluates."""
+    ``eval_batch_stats=True``, as the paper's released code evaluates.
+    ``relu=True`` makes it a BN -> ReLU unit (one op, one stored unit)."""
 
     def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5,
-                 eval_batch_stats: bool = False):
+                 eval_batch_stats: bool = False, relu: bool = False):
         super().__init__()
-        self.channels, self.momentum, self.eps = channels, momentum, eps
+        self.channels, self.momentum, self.eps, self.relu = channels, momentum, eps, relu
         self.eval_batch_stats = eval_batch_stats
         self.weight = Parameter(np.ones(channels, np.float32))
         self.bias = Parameter(np.zeros(channels, np.float32))
@@ -63,7 +64,7 @@ class BatchNorm2d(Module):
         batch = self.training or self.eval_batch_stats
         return ops.batch_norm2d(x, self.weight, self.bias, self.running_mean, self.running_var,
                                 use_batch_stats=batch, update_running=self.training,
-                                momentum=self.momentum, eps=self.eps)
+                                momentum=self.momentum, eps=self.eps, relu=self.relu)
 
 
 class Linear(Module):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .. import ops
+from ..policy import Exact
 from .layers import BatchNorm2d, Conv2d, Linear
 from .module import Module, Sequential
 
@@ -20,9 +21,9 @@ class PreActBlock(Module):
         super().__init__()
         if shortcut not in ("pad", "projection"):
             raise ValueError(f"shortcut must be 'pad' or 'projection', got {shortcut!r}")
-        self.bn1 = BatchNorm2d(cin)
+        self.bn1 = BatchNorm2d(cin, relu=True)
         self.conv1 = Conv2d(cin, cout, 3, stride=stride, padding=1)
-        self.bn2 = BatchNorm2d(cout)
+        self.bn2 = BatchNorm2d(cout, relu=True)
         self.conv2 = Conv2d(cout, cout, 3, stride=1, padding=1)
         self.stride, self.extra = stride, cout - cin
         self.shortcut = shortcut if (stride != 1 or cin != cout) else "identity"
@@ -32,8 +33,8 @@ class PreActBlock(Module):
             raise ValueError(f"the 'pad' shortcut cannot narrow {cin} -> {cout} channels")
 
     def forward(self, x):
-        h = ops.relu(self.bn1(x))
-        out = self.conv2(ops.relu(self.bn2(self.conv1(h))))
+        h = self.bn1(x)                                  # BN -> ReLU unit
+        out = self.conv2(self.bn2(self.conv1(h)))
         if self.shortcut == "identity":
             sc = x
         elif self.shortcut == "projection":
@@ -48,10 +49,13 @@ class PreActResNet(Module):
     """Pre-activation ResNet for small images, depth 6n + 2 with basic blocks:
     conv3x3(in, w) -> 3 stages of n blocks (widths w, 2w, 4w; stride 2 at
     stage changes) -> bn -> relu -> global average pool -> linear.
-    Input (N, in_channels, H, W) with H and W divisible by 4."""
+    Input (N, in_channels, H, W) with H and W divisible by 4. Every BN is fused
+    with the ReLU after it (one stored unit); the last unit is stored exactly
+    (``exact_last_unit``), the first conv's input is the network input (a leaf,
+    always exact)."""
 
     def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: int = 16,
-                 shortcut: str = "pad"):
+                 shortcut: str = "pad", exact_last_unit: bool = True):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"a basic-block pre-activation ResNet has depth 6n + 2 (8, 14, 20, 32, ...), got {depth}")
@@ -65,7 +69,9 @@ class PreActResNet(Module):
                 blocks.append(PreActBlock(cin, cout, stride, shortcut))
                 cin = cout
         self.blocks = Sequential(*blocks)
-        self.bn = BatchNorm2d(cin)
+        self.bn = BatchNorm2d(cin, relu=True)
+        if exact_last_unit:  # the paper keeps the last unit before pooling in full precision
+            self.bn.storage = Exact()
         self.fc = Linear(cin, num_classes)
 
     def forward(self, x):
@@ -77,7 +83,7 @@ class PreActResNet(Module):
             raise ValueError(f"input height and width must be divisible by 4 (two stride-2 stages), "
                              f"got {tuple(x.shape[2:])}")
         h = self.blocks(self.conv(x))
-        return self.fc(ops.global_avg_pool2d(ops.relu(self.bn(h))))
+        return self.fc(ops.global_avg_pool2d(self.bn(h)))
 
 
 def preact_resnet20(**kwargs) -> PreActResNet:

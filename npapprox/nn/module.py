@@ -6,6 +6,8 @@ from collections import OrderedDict
 import numpy as np
 
 from ..backend import array_module, to_device
+from ..function import MODULE_STACK
+from ..policy import storage_policy
 from ..tensor import Tensor
 
 
@@ -25,12 +27,22 @@ class Module:
     def __init__(self):
         object.__setattr__(self, "_buffers", OrderedDict())
         object.__setattr__(self, "training", True)
+        object.__setattr__(self, "storage", None)
 
     def forward(self, *args):
         raise NotImplementedError
 
     def __call__(self, *args):
-        return self.forward(*args)
+        """forward(*args), with this module's storage policy override (if any)
+        in force and the module recorded on every op it runs (for the ledger)."""
+        MODULE_STACK.append(self)
+        try:
+            if self.storage is None:
+                return self.forward(*args)
+            with storage_policy(self.storage):
+                return self.forward(*args)
+        finally:
+            MODULE_STACK.pop()
 
     def register_buffer(self, name: str, array) -> None:
         """Non-trainable state (BN running statistics) saved in ``state_dict``."""

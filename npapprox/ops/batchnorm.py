@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from ..backend import array_module
 from ..function import Function
-from ..policy import ACTIVATION, PARAM, STAT
+from ..policy import ACTIVATION, PARAM, STAT, UNIT, BNReLUUnit
+from ..storage import bn_affine
 from ._checks import as_tensor, check_float, check_rank
 
 
@@ -28,53 +29,88 @@ class BatchNorm2d(Function):
     SAVES = {"x": ACTIVATION, "gamma": PARAM, "mu": STAT, "inv_sigma": STAT}
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, *, running_mean=None, running_var=None, use_batch_stats=True,
-                update_running=True, momentum=0.1, eps=1e-5):
-        n, c, h, w = x.shape
-        x3 = x.reshape(n, c, h * w)                              # (N, C, HW)
-        if use_batch_stats:
-            m = n * h * w
-            mu = x3.mean(axis=(0, 2))                            # (C,)
-            d = x3 - mu[:, None]
-            var = (d * d).mean(axis=(0, 2))                      # (C,) biased
-            if update_running and running_mean is not None:
-                running_mean *= 1 - momentum
-                running_mean += momentum * mu
-                running_var *= 1 - momentum
-                running_var += momentum * var * (m / max(m - 1, 1))
-        else:
-            mu, var = running_mean.astype(x.dtype), running_var.astype(x.dtype)
-            d = x3 - mu[:, None]
-        xp = array_module(x)
-        inv_sigma = (1.0 / xp.sqrt(var + eps)).astype(x.dtype)  # (C,)
-        y = d * (gamma * inv_sigma)[:, None] + beta[:, None]    # (N, C, HW)
+    def forward(ctx, x, gamma, beta, **options):
+        y, mu, inv_sigma = _normalize(ctx, x, gamma, beta, **options)
         ctx.save(x=x, gamma=gamma, mu=mu, inv_sigma=inv_sigma)
-        ctx.use_batch_stats = use_batch_stats
-        return y.reshape(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, gy):
         x, gamma, mu, inv_sigma = ctx.restore("x", "gamma", "mu", "inv_sigma")
-        n, c, h, w = gy.shape
-        gy3 = gy.reshape(n, c, h * w)                             # (N, C, HW)
-        xhat = (x.reshape(n, c, h * w) - mu[:, None]) * inv_sigma[:, None]
-        gbeta = gy3.sum(axis=(0, 2))
-        ggamma = (gy3 * xhat).sum(axis=(0, 2))
-        gx = None
-        if ctx.needs_input_grad[0]:
-            scale = (gamma * inv_sigma)[:, None]
-            if ctx.use_batch_stats:
-                m = n * h * w
-                gx = scale * (gy3 - (gbeta / m)[:, None] - xhat * (ggamma / m)[:, None])
-            else:
-                gx = scale * gy3
-            gx = gx.reshape(gy.shape)
-        return gx, ggamma, gbeta
+        n, c = x.shape[:2]
+        xhat = (x.reshape(n, c, -1) - mu[:, None]) * inv_sigma[:, None]     # (N, C, HW)
+        return _bn_backward(ctx, gy, xhat, gamma, inv_sigma)
+
+
+def _normalize(ctx, x, gamma, beta, *, running_mean=None, running_var=None, use_batch_stats=True,
+               update_running=True, momentum=0.1, eps=1e-5):
+    """BN forward shared by both ops: y (N,C,H,W), mu (C,), inv_sigma (C,)."""
+    n, c, h, w = x.shape
+    x3 = x.reshape(n, c, h * w)                                  # (N, C, HW)
+    if use_batch_stats:
+        m = n * h * w
+        mu = x3.mean(axis=(0, 2))                                # (C,)
+        d = x3 - mu[:, None]
+        var = (d * d).mean(axis=(0, 2))                          # (C,) biased
+        if update_running and running_mean is not None:
+            running_mean *= 1 - momentum
+            running_mean += momentum * mu
+            running_var *= 1 - momentum
+            running_var += momentum * var * (m / max(m - 1, 1))
+    else:
+        mu, var = running_mean.astype(x.dtype), running_var.astype(x.dtype)
+    inv_sigma = (1.0 / array_module(x).sqrt(var + eps)).astype(x.dtype)   # (C,)
+    ctx.use_batch_stats = use_batch_stats
+    return bn_affine(x3, mu, inv_sigma, gamma, beta).reshape(x.shape), mu, inv_sigma
+
+
+def _bn_backward(ctx, gy, xhat, gamma, inv_sigma):
+    """Gradients (gx, ggamma, gbeta) from gy (N,C,H,W) and xhat (N,C,HW)."""
+    n, c, h, w = gy.shape
+    gy3 = gy.reshape(n, c, h * w)                                # (N, C, HW)
+    gbeta = gy3.sum(axis=(0, 2))
+    ggamma = (gy3 * xhat).sum(axis=(0, 2))
+    gx = None
+    if ctx.needs_input_grad[0]:
+        scale = (gamma * inv_sigma)[:, None]
+        if ctx.use_batch_stats:
+            m = n * h * w
+            gx = scale * (gy3 - (gbeta / m)[:, None] - xhat * (ggamma / m)[:, None])
+        else:
+            gx = scale * gy3
+        gx = gx.reshape(gy.shape)
+    return gx, ggamma, gbeta
+
+
+class BatchNormReLU(Function):
+    """One pre-activation unit: h = max(y, 0), y = gamma * xhat + beta (BN as in
+    ``BatchNorm2d``, then ReLU). Backward: g = gh * [y > 0], then BN's backward
+    with g. What it keeps is one stored *unit* (``policy.BNReLUUnit``): under the
+    paper's policy K-bit codes from which the mask (exactly), xhat (approximately)
+    and h (approximately, for the next conv) are all rebuilt; exactly, the BN
+    input. Shapes as ``BatchNorm2d``."""
+
+    SAVES = {"unit": UNIT, "gamma": PARAM, "inv_sigma": STAT}
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, **options):
+        y, mu, inv_sigma = _normalize(ctx, x, gamma, beta, **options)
+        ctx.save(unit=BNReLUUnit(x, y, mu, inv_sigma, gamma, beta), gamma=gamma, inv_sigma=inv_sigma)
+        return y * (y > 0)   # relu; +0.0 where y <= 0, as the rebuilt h
+
+    @staticmethod
+    def backward(ctx, gh):
+        unit, gamma, inv_sigma = ctx.restore("unit", "gamma", "inv_sigma")
+        n, c = gh.shape[:2]
+        g = gh * unit.mask()
+        return _bn_backward(ctx, g, unit.xhat().reshape(n, c, -1), gamma, inv_sigma)
 
 
 def batch_norm2d(x, gamma, beta, running_mean=None, running_var=None, *, use_batch_stats=True,
-                 update_running=True, momentum=0.1, eps=1e-5):
-    """Functional batch norm (see ``BatchNorm2d``)."""
+                 update_running=True, momentum=0.1, eps=1e-5, relu=False):
+    """Functional batch norm (see ``BatchNorm2d``); ``relu=True`` applies ReLU
+    after it as one unit (``BatchNormReLU``), which is what the storage policies
+    compress."""
     x, gamma, beta = as_tensor(x, "x"), as_tensor(gamma, "gamma"), as_tensor(beta, "beta")
     check_rank("batch_norm2d", "x", x, 4, "(N, C, H, W)")
     check_float("batch_norm2d", x=x, gamma=gamma, beta=beta)
@@ -89,6 +125,7 @@ def batch_norm2d(x, gamma, beta, running_mean=None, running_var=None, *, use_bat
     if use_batch_stats and x.shape[0] * x.shape[2] * x.shape[3] < 2:
         raise ValueError(f"batch_norm2d: batch statistics need more than one value per channel, "
                          f"got input shape {tuple(x.shape)}")
-    return BatchNorm2d.apply(x, gamma, beta, running_mean=running_mean, running_var=running_var,
+    op = BatchNormReLU if relu else BatchNorm2d
+    return op.apply(x, gamma, beta, running_mean=running_mean, running_var=running_var,
                              use_batch_stats=use_batch_stats, update_running=update_running,
                              momentum=momentum, eps=eps)

@@ -1,0 +1,136 @@
+"""The memory ledger: every saved entry of one forward pass, and a measured peak.
+
+``ledger(model, x, labels, policy)`` runs one recorded forward pass and lists
+what the graph keeps for backward: module, op, entry, kind, form, bits, shape,
+payload and metadata bytes. Totals are set against two baselines:
+
+* ``float32 per unit``: what the same engine keeps in exact mode (the paper's
+  exact baseline): one float32 tensor per BN -> ReLU unit, a reference for every
+  consumer of a unit's output, float32 for the other activations;
+* ``standard autodiff``: what a framework that saves each op's inputs keeps: the
+  BN input *and* the ReLU output of every unit, and its own float32 copy of
+  every consumer's input (conv input, projection input).
+
+``measure_peak(model, x, labels, policy)`` measures the peak of traced host
+memory over forward + backward (tracemalloc; NumPy reports its buffers to it).
+"""
+from __future__ import annotations
+
+import tracemalloc
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ops
+from .policy import ACTIVATION, PARAM, UNIT, Policy, current_policy, storage_policy
+from .storage import Unit, UnitRef
+from .tensor import Tensor, _topological_order
+
+
+@dataclass
+class Entry:
+    module: str
+    op: str
+    name: str
+    kind: str
+    form: str
+    bits: int
+    shape: tuple
+    payload: int
+    meta: int
+    policy: str
+
+    @property
+    def float32_bytes(self) -> int:
+        """This entry's size as one float32 tensor (0 for parameters)."""
+        return 0 if self.kind == PARAM else 4 * int(np.prod(self.shape))
+
+
+@dataclass
+class Ledger:
+    entries: list
+    policy: str
+
+    @property
+    def stored(self) -> int:
+        return sum(e.payload + e.meta for e in self.entries)
+
+    @property
+    def activation_stored(self) -> int:
+        """Bytes of ACTIVATION and UNIT entries only (what the method compresses)."""
+        return sum(e.payload + e.meta for e in self.entries if e.kind in (ACTIVATION, UNIT))
+
+    @property
+    def float32_per_unit(self) -> int:
+        return sum(0 if e.form.startswith("ref:") else
+                   e.float32_bytes if e.kind in (ACTIVATION, UNIT) else e.payload + e.meta
+                   for e in self.entries)
+
+    @property
+    def standard_autodiff(self) -> int:
+        return sum(2 * e.float32_bytes if e.kind == UNIT else
+                   e.float32_bytes if e.kind == ACTIVATION else e.payload + e.meta
+                   for e in self.entries)
+
+    def table(self) -> str:
+        head = f"{'module':<22} {'op':<20} {'entry':<10} {'form':<14} {'bits':>4} {'shape':<18} {'payload B':>11} {'meta B':>8}  policy"
+        lines = [head, "-" * len(head)]
+        for e in self.entries:
+            lines.append(f"{e.module[:22]:<22} {e.op[:20]:<20} {e.name:<10} {e.form[:14]:<14} {e.bits:>4} "
+                         f"{str(e.shape)[:18]:<18} {e.payload:>11,} {e.meta:>8,}  {e.policy}")
+        lines.append("-" * len(head))
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        s = self.stored
+        return (f"stored for backward ({self.policy}): {s:,} B;  float32 per unit: {self.float32_per_unit:,} B "
+                f"({self.float32_per_unit / max(s, 1):.2f}x);  standard autodiff: {self.standard_autodiff:,} B "
+                f"({self.standard_autodiff / max(s, 1):.2f}x)")
+
+
+def _forward_loss(model, x, labels):
+    out = model(x if isinstance(x, Tensor) else Tensor(x))
+    return ops.cross_entropy(out, labels) if labels is not None else out
+
+
+def ledger(model, x, labels=None, policy: Policy | None = None) -> Ledger:
+    """Run one recorded forward pass under ``policy`` (default: the current one)
+    and list every saved entry, in forward order."""
+    policy = current_policy() if policy is None else policy
+    names = {id(m): (n or type(m).__name__) for n, m in model.named_modules()}
+    with storage_policy(policy):
+        root = _forward_loss(model, x, labels)
+    entries = []
+    for t in _topological_order(root):
+        ctx = t._ctx
+        if ctx is None:
+            continue
+        module = names.get(id(ctx.module), "-") if ctx.module is not None else "-"
+        for name, stored in ctx.saved.items():
+            kind = ctx.fn.SAVES[name]
+            entries.append(Entry(module, ctx.fn.__name__, name, kind, stored.form, stored.bits,
+                                 tuple(stored.shape), stored.payload_nbytes, stored.meta_nbytes,
+                                 repr(ctx.policy)))
+    return Ledger(entries, repr(policy))
+
+
+def measure_peak(model, x, labels, policy: Policy | None = None) -> int:
+    """Peak traced host memory (bytes above the start) over forward + backward."""
+    policy = current_policy() if policy is None else policy
+    x = x if isinstance(x, Tensor) else Tensor(x)
+    model.zero_grad()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        with storage_policy(policy):
+            loss = _forward_loss(model, x, labels)
+        loss.backward()
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    return int(peak)
+
+
+__all__ = ["Entry", "Ledger", "Unit", "UnitRef", "ledger", "measure_peak"]
