@@ -134,3 +134,23 @@ def measure_peak(model, x, labels, policy: Policy | None = None) -> int:
 
 
 __all__ = ["Entry", "Ledger", "Unit", "UnitRef", "ledger", "measure_peak"]
+
+
+def saves_table() -> str:
+    """Markdown table of every op's ``SAVES`` declaration (docs/storage.md embeds
+    it; a test keeps the two in step)."""
+    from . import ops  # noqa: F401,PLC0415  (imports every op module)
+    from .function import Function  # noqa: PLC0415
+
+    def subclasses(cls):
+        for sub in sorted(cls.__subclasses__(), key=lambda c: (c.__module__, c.__name__)):
+            yield sub
+            yield from subclasses(sub)
+
+    rows = ["| op | module | saves (name: kind) |", "|---|---|---|"]
+    for fn in subclasses(Function):
+        if not fn.__module__.startswith("npapprox.ops"):
+            continue
+        saves = ", ".join(f"`{n}`: {k}" for n, k in fn.SAVES.items()) or "nothing"
+        rows.append(f"| `{fn.__name__}` | `{fn.__module__.rsplit('.', 1)[-1]}` | {saves} |")
+    return "\n".join(rows)
