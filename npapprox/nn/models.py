@@ -35,38 +35,81 @@ class PreActBlock(Module):
     def forward(self, x):
         h = self.bn1(x)                                  # BN -> ReLU unit
         out = self.conv2(self.bn2(self.conv1(h)))
-        if self.shortcut == "identity":
-            sc = x
-        elif self.shortcut == "projection":
-            sc = self.proj(h)
-        else:
-            sc = ops.avg_pool2d(x, self.stride) if self.stride > 1 else x
-            sc = ops.pad_channels(sc, self.extra // 2, self.extra - self.extra // 2)
-        return ops.add(out, sc)
+        return ops.add(out, _shortcut(self, x, h))
+
+
+class PreActBottleneck(Module):
+    """Bottleneck pre-activation block (ResNet-164): with w = cout // 4,
+
+        h   = relu(bn1(x))
+        out = conv3(relu(bn3(conv2(relu(bn2(conv1(h))))))) + shortcut
+        conv1: 1x1 cin -> w;  conv2: 3x3 w -> w, stride s;  conv3: 1x1 w -> cout
+
+    Shortcuts as in ``PreActBlock``."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, shortcut: str = "pad"):
+        super().__init__()
+        if shortcut not in ("pad", "projection"):
+            raise ValueError(f"shortcut must be 'pad' or 'projection', got {shortcut!r}")
+        w = cout // 4
+        self.bn1 = BatchNorm2d(cin, relu=True)
+        self.conv1 = Conv2d(cin, w, 1)
+        self.bn2 = BatchNorm2d(w, relu=True)
+        self.conv2 = Conv2d(w, w, 3, stride=stride, padding=1)
+        self.bn3 = BatchNorm2d(w, relu=True)
+        self.conv3 = Conv2d(w, cout, 1)
+        self.stride, self.extra = stride, cout - cin
+        self.shortcut = shortcut if (stride != 1 or cin != cout) else "identity"
+        if self.shortcut == "projection":
+            self.proj = Conv2d(cin, cout, 1, stride=stride)
+        elif self.shortcut == "pad" and cout < cin:
+            raise ValueError(f"the 'pad' shortcut cannot narrow {cin} -> {cout} channels")
+
+    def forward(self, x):
+        h = self.bn1(x)
+        out = self.conv3(self.bn3(self.conv2(self.bn2(self.conv1(h)))))
+        return ops.add(out, _shortcut(self, x, h))
+
+
+def _shortcut(block, x, h):
+    """The block's shortcut branch: x, a projection of h, or pooled + zero-padded x."""
+    if block.shortcut == "identity":
+        return x
+    if block.shortcut == "projection":
+        return block.proj(h)
+    sc = ops.avg_pool2d(x, block.stride) if block.stride > 1 else x
+    return ops.pad_channels(sc, block.extra // 2, block.extra - block.extra // 2)
 
 
 class PreActResNet(Module):
-    """Pre-activation ResNet for small images, depth 6n + 2 with basic blocks:
-    conv3x3(in, w) -> 3 stages of n blocks (widths w, 2w, 4w; stride 2 at
-    stage changes) -> bn -> relu -> global average pool -> linear.
+    """Pre-activation ResNet for small images: conv3x3(in, w) -> 3 stages of n
+    blocks (stride 2 at stage changes) -> bn -> relu -> global average pool ->
+    linear. ``block="basic"``: depth 6n + 2, stage widths w, 2w, 4w;
+    ``block="bottleneck"``: depth 9n + 2, stage outputs 4w, 8w, 16w (ResNet-164
+    is depth 164, w = 16, as in the paper).
     Input (N, in_channels, H, W) with H and W divisible by 4. Every BN is fused
     with the ReLU after it (one stored unit); the last unit is stored exactly
     (``exact_last_unit``), the first conv's input is the network input (a leaf,
     always exact)."""
 
     def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: int = 16,
-                 shortcut: str = "pad", exact_last_unit: bool = True):
+                 shortcut: str = "pad", exact_last_unit: bool = True, block: str = "basic"):
         super().__init__()
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"a basic-block pre-activation ResNet has depth 6n + 2 (8, 14, 20, 32, ...), got {depth}")
-        n = (depth - 2) // 6
+        if block not in ("basic", "bottleneck"):
+            raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
+        per = 6 if block == "basic" else 9
+        if depth < per + 2 or (depth - 2) % per:
+            examples = "8, 14, 20, 32, 56, 110" if block == "basic" else "11, 20, 29, 56, 164"
+            raise ValueError(f"a {block}-block pre-activation ResNet has depth {per}n + 2 ({examples}), got {depth}")
+        n = (depth - 2) // per
         self.depth, self.in_channels = depth, in_channels
         self.conv = Conv2d(in_channels, width, 3, padding=1)
         blocks, cin = [], width
-        for stage, cout in enumerate((width, 2 * width, 4 * width)):
+        make, grow = (PreActBlock, 1) if block == "basic" else (PreActBottleneck, 4)
+        for stage, cout in enumerate((grow * width, 2 * grow * width, 4 * grow * width)):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(PreActBlock(cin, cout, stride, shortcut))
+                blocks.append(make(cin, cout, stride, shortcut))
                 cin = cout
         self.blocks = Sequential(*blocks)
         self.bn = BatchNorm2d(cin, relu=True)
@@ -88,3 +131,8 @@ class PreActResNet(Module):
 
 def preact_resnet20(**kwargs) -> PreActResNet:
     return PreActResNet(depth=20, **kwargs)
+
+
+def preact_resnet164(**kwargs) -> PreActResNet:
+    """The paper's CIFAR network: bottleneck blocks, 3 x 18, widths 16/32/64 x4."""
+    return PreActResNet(depth=164, block="bottleneck", **kwargs)
