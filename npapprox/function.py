@@ -33,8 +33,12 @@ class Context:
         self.module = MODULE_STACK[-1] if MODULE_STACK else None
         self.policy = policy
         self.recording = recording
-        self.inputs = inputs  # positional arguments of apply (Tensors or plain values)
+        self.inputs = inputs  # positional arguments of apply; dropped once forward returns
         self.needs_input_grad = tuple(isinstance(a, Tensor) and a.requires_grad for a in inputs)
+        # the graph: per input, the Context that produced it, the leaf Tensor itself, or None.
+        # Contexts, not tensors, so an activation nobody saved is freed after the forward.
+        self.parents = tuple((a._ctx if a._ctx is not None else a) if needs else None
+                             for a, needs in zip(inputs, self.needs_input_grad))
         self.saved: dict | None = {}
         self._origin: dict = {}  # id(saved array) -> its stored form, for forward_output
         self.released = False
@@ -63,7 +67,8 @@ class Context:
 
     def source_of(self, array):
         """The input Tensor whose data *is* ``array`` (for policies that store a
-        reference to what the producer of that tensor already stored), or None."""
+        reference to what the producer of that tensor already stored), or None.
+        Valid during forward only."""
         for a in self.inputs:
             if isinstance(a, Tensor) and a.data is array:
                 return a
@@ -73,7 +78,7 @@ class Context:
         self.saved = None
         self._origin = {}
         self.module = None
-        self.inputs = ()
+        self.inputs = self.parents = ()
         self.released = True
 
 
@@ -101,6 +106,7 @@ class Function:
         ctx = Context(cls, policy, record, args)
         arrays = [a.data if isinstance(a, Tensor) else a for a in args]
         y = policy.forward_output(ctx, cls.forward(ctx, *arrays, **options))
+        ctx.inputs = ()
         out = Tensor(y, requires_grad=record)
         if record:
             out._ctx = ctx

@@ -102,10 +102,7 @@ def ledger(model, x, labels=None, policy: Policy | None = None) -> Ledger:
     with storage_policy(policy):
         root = _forward_loss(model, x, labels)
     entries = []
-    for t in _topological_order(root):
-        ctx = t._ctx
-        if ctx is None:
-            continue
+    for ctx in (_topological_order(root._ctx) if root._ctx is not None else []):
         module = names.get(id(ctx.module), "-") if ctx.module is not None else "-"
         for name, stored in ctx.saved.items():
             kind = ctx.fn.SAVES[name]

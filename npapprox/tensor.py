@@ -8,6 +8,11 @@ produced by a recorded op, the op's ``Context`` (``_ctx``). ``backward()``:
 2. walks it from the output back, calling each op's ``backward`` once with the
    sum of the gradients of all its consumers (fan-out accumulates by ``+``,
    never in place);
+
+The graph links Contexts (``ctx.parents``: the producing Context of each input,
+or the leaf Tensor), not the intermediate Tensors: an activation is kept alive
+only by what the ops saved of it, so what a storage policy saves is what the
+graph costs.
 3. releases each node's saved state right after its backward, and drops the
    node's incoming gradient, so memory falls as the walk proceeds.
 
@@ -103,22 +108,24 @@ class Tensor:
         if self._ctx is not None and self._ctx.released:
             raise RuntimeError("this graph was already backpropagated and its saved state freed")
 
-        order = _topological_order(self)
-        grads = {id(self): grad}
+        if self._ctx is None:  # a leaf: d(self)/d(self) = 1
+            self.grad = grad if self.grad is None else self.grad + grad
+            return
+        order = _topological_order(self._ctx)
+        grads = {id(self._ctx): grad}
         while order:
-            t = order.pop()  # popping drops our reference: freed tensors can go
-            g = grads.pop(id(t), None)
-            ctx = t._ctx
-            if ctx is None:  # a leaf
-                if g is not None:
-                    t.grad = g if t.grad is None else t.grad + g
-                continue
+            ctx = order.pop()  # popping drops the walk's reference: a finished node can go
+            g = grads.pop(id(ctx), None)
             if g is not None:
                 in_grads = ctx.fn.backward(ctx, g)
                 if not isinstance(in_grads, tuple):
                     in_grads = (in_grads,)
-                for parent, needs, pg in zip(ctx.inputs, ctx.needs_input_grad, in_grads):
-                    if needs and pg is not None:
+                for parent, pg in zip(ctx.parents, in_grads):
+                    if parent is None or pg is None:
+                        continue
+                    if isinstance(parent, Tensor):  # a leaf
+                        parent.grad = pg if parent.grad is None else parent.grad + pg
+                    else:
                         key = id(parent)
                         grads[key] = pg if key not in grads else grads[key] + pg
             ctx.release()
@@ -153,22 +160,21 @@ class Tensor:
         return reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
 
 
-def _topological_order(root: Tensor) -> list:
-    """Tensors reachable from ``root`` through recorded ops, inputs before
-    outputs (iterative post-order DFS)."""
+def _topological_order(root) -> list:
+    """The Contexts reachable from ``root`` (a Context), inputs before outputs
+    (iterative post-order DFS over ``ctx.parents``; leaves are not listed)."""
     order, visited = [], set()
     stack = [(root, False)]
     while stack:
-        t, expanded = stack.pop()
+        ctx, expanded = stack.pop()
         if expanded:
-            order.append(t)
+            order.append(ctx)
             continue
-        if id(t) in visited:
+        if id(ctx) in visited:
             continue
-        visited.add(id(t))
-        stack.append((t, True))
-        if t._ctx is not None:
-            for p in t._ctx.inputs:
-                if isinstance(p, Tensor) and p.requires_grad and id(p) not in visited:
-                    stack.append((p, False))
+        visited.add(id(ctx))
+        stack.append((ctx, True))
+        for p in ctx.parents:
+            if p is not None and not isinstance(p, Tensor) and id(p) not in visited:
+                stack.append((p, False))
     return order

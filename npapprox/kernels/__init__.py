@@ -1,9 +1,108 @@
-"""Low-level data-movement kernels (``im2col`` / ``col2im`` for convolutions).
+"""Low-level kernels, each with one dispatch point.
 
-Each kernel has one dispatch point that picks the compiled Cython module when
-it is built and the input is a NumPy array, and a pure ``xp`` reference
-implementation otherwise (CuPy arrays, ``NPAPPROX_REFERENCE_KERNELS=1``).
+* Storage kernels (this module): the K-bit encoders and decoders behind the
+  storage policies -- :func:`paper_pack`, :func:`paper_decode`, :func:`paper_mask`
+  (the paper's "BN window" scheme), :func:`generic_pack`, :func:`generic_decode`
+  (per-group min/max, deterministic or stochastic rounding), and the helpers
+  :func:`pack_bits`, :func:`unpack_bits`, :func:`counter_uniform`. The byte
+  contract is :mod:`npapprox.kernels.reference` (docs/kernels.md).
+* Data movement for convolutions: ``from npapprox.kernels.im2col import im2col,
+  col2im`` (not re-exported here, so ``npapprox.kernels.im2col`` stays the module).
 
-Import from the submodule: ``from npapprox.kernels.im2col import im2col, col2im``
-(nothing is re-exported here, so ``npapprox.kernels.im2col`` stays the module).
+Dispatch (the functions below): NumPy arrays go to the compiled Cython kernels
+(:mod:`npapprox.kernels.cpu`, extension ``npapprox._quant``) when the extension
+imported; CuPy arrays go to the reference for now (a CUDA ``gpu.py`` comes
+later). One switch forces the reference everywhere, for the storage kernels and
+im2col alike: ``NPAPPROX_REFERENCE_KERNELS=1`` in the environment (read once, at
+import) or :func:`use_reference` (the same function as
+``npapprox.kernels.im2col.use_reference``). All implementations give identical
+bytes, so the switch changes speed, never results.
 """
+from __future__ import annotations
+
+import numpy as np
+
+from npapprox.kernels import im2col as _switch            # holds the one reference switch
+from npapprox.kernels import reference
+from npapprox.kernels.im2col import use_reference
+from npapprox.kernels.reference import packed_nbytes, num_groups
+
+try:  # needs the extension npapprox._quant, built by ``pip install .`` from src/_quant.pyx
+    from npapprox.kernels import cpu as _cpu
+except ImportError:  # pragma: no cover - only when the package was not built
+    _cpu = None
+
+__all__ = [
+    "paper_pack",
+    "paper_decode",
+    "paper_mask",
+    "generic_pack",
+    "generic_decode",
+    "pack_bits",
+    "unpack_bits",
+    "counter_uniform",
+    "packed_nbytes",
+    "num_groups",
+    "use_reference",
+    "compiled_available",
+    "implementation",
+]
+
+
+def compiled_available() -> bool:
+    """True when the Cython storage kernels (``npapprox._quant``) imported."""
+    return _cpu is not None
+
+
+def _impl(a):
+    """The module that serves array ``a``: ``cpu`` or ``reference``."""
+    if _cpu is not None and not _switch._force_reference and isinstance(a, np.ndarray):
+        return _cpu
+    return reference
+
+
+def implementation(a) -> str:
+    """``"cpu"`` or ``"reference"``: which implementation the dispatch picks for ``a``."""
+    return "cpu" if _impl(a) is _cpu else "reference"
+
+
+def paper_pack(y, k, s, bits):
+    """Paper scheme encode of float32 ``y`` ``(N, C, *spatial)`` -> ``(packed uint8, n_nonfinite)``."""
+    return _impl(y).paper_pack(y, k, s, bits)
+
+
+def paper_decode(packed, shape, s, step, off, bits, relu=False):
+    """Paper scheme decode -> float32 of ``shape``: ``(code - s + 0.5) * step + off`` (0 where relu and negative)."""
+    return _impl(packed).paper_decode(packed, shape, s, step, off, bits, relu)
+
+
+def paper_mask(packed, shape, s, bits):
+    """The exact ReLU mask ``y > 0`` (``code >= s``) -> bool of ``shape``."""
+    return _impl(packed).paper_mask(packed, shape, s, bits)
+
+
+def generic_pack(x, bits, group, stochastic=False, seed=0):
+    """Per-group min/max K-bit encode -> ``(packed, lo, scale, n_nonfinite)``."""
+    return _impl(x).generic_pack(x, bits, group, stochastic, seed)
+
+
+def generic_decode(packed, lo, scale, bits, group, shape):
+    """Per-group decode -> float32 of ``shape``: ``lo + code * scale``."""
+    return _impl(packed).generic_decode(packed, lo, scale, bits, group, shape)
+
+
+def pack_bits(codes, bits):
+    """Pack uint8 codes, ``8 // bits`` per byte, first value in the low bits."""
+    return _impl(codes).pack_bits(codes, bits)
+
+
+def unpack_bits(packed, n, bits):
+    """The first ``n`` codes of ``packed`` (uint8)."""
+    return _impl(packed).unpack_bits(packed, n, bits)
+
+
+def counter_uniform(n, seed, xp=np):
+    """Counter-based noise ``r[i]`` in [0, 1) for ``i < n`` (lowbias32); ``xp`` picks NumPy or CuPy."""
+    if xp is np and _cpu is not None and not _switch._force_reference:
+        return _cpu.counter_uniform(n, seed)
+    return reference.counter_uniform(n, seed, xp=xp)
