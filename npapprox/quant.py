@@ -25,6 +25,12 @@ Rebuilt from the codes, per channel:
 
 A channel with gamma == 0 has ``y = beta`` whatever x: its codes carry only the
 mask (exact), and its ``xhat`` is rebuilt as 0.
+
+Limitation of the scheme (the paper's, kept): the window must keep q = 0 on a
+bin edge, so ``s`` is clipped to [1, NB-1] and, when |beta/gamma| exceeds about
+3, the window cannot follow beta/gamma: values saturate and the rebuilt xhat is
+off by up to about |beta/gamma| - 3 (a channel with small gamma and large beta).
+The mask stays exact; the gamma gradient and BN's variance term suffer.
 """
 from __future__ import annotations
 
@@ -63,13 +69,16 @@ def paper_params(gamma, beta, bits: int) -> dict:
         rel = xp.where(zero, xp.sign(b) * np.inf, b / safe)        # beta / |gamma|
     rel = xp.where(b == 0, 0.0, rel)
     s = xp.clip(nb / 2 - xp.floor(xp.clip(rel / d, -2.0 * nb, 2.0 * nb)), 1, nb - 1).astype(np.int32)
-    k = xp.where(zero, 0.0, 1.0 / (d * safe)).astype(np.float32)
     sign = xp.where(g < 0, -1.0, 1.0)
+    with np.errstate(over="ignore"):  # denormal or huge gamma: k or step is inf, codes saturate, mask stays exact
+        k = xp.where(zero, 0.0, 1.0 / (d * safe)).astype(np.float32)
+        h_step = (d * ag).astype(np.float32)
+        x_off = xp.where(zero, 0.0, -b / xp.where(zero, 1.0, g)).astype(np.float32)
     return {
         "k": k,
         "s": s,
-        "h_step": (d * ag).astype(np.float32),
+        "h_step": h_step,
         "h_off": xp.zeros_like(k),
         "x_step": xp.where(zero, 0.0, sign * d).astype(np.float32),
-        "x_off": xp.where(zero, 0.0, -b / xp.where(zero, 1.0, g)).astype(np.float32),
+        "x_off": x_off,
     }
