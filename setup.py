@@ -41,15 +41,16 @@ int main(void) {
 """
 
 
-def _has_openmp(compiler, compile_args, link_args):
-    """True when ``compiler`` compiles and links a tiny OpenMP program."""
-    if os.environ.get("NPAPPROX_NO_OPENMP", "").strip().lower() in {"1", "true", "yes", "on"}:
-        return False
-    tmp = tempfile.mkdtemp(prefix="npapprox-omp-")
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _compiles(compiler, source, compile_args, link_args):
+    """True when ``compiler`` compiles and links ``source`` with these flags."""
+    tmp = tempfile.mkdtemp(prefix="npapprox-probe-")
     try:
         src = os.path.join(tmp, "probe.c")
         with open(src, "w") as f:
-            f.write(OPENMP_PROBE)
+            f.write(source)
         objs = compiler.compile([src], output_dir=tmp, extra_postargs=compile_args)
         compiler.link_executable(objs, "probe", output_dir=tmp, extra_postargs=link_args)
         return True
@@ -60,13 +61,23 @@ def _has_openmp(compiler, compile_args, link_args):
 
 
 class BuildExt(build_ext):
-    """Adds optimisation flags, and OpenMP when the compiler supports it."""
+    """Adds optimisation flags, OpenMP when the compiler supports it, and
+    ``-march=native`` (the vector units of the building machine: the storage
+    kernels need AVX2 to reach memory bandwidth) unless NPAPPROX_PORTABLE=1 asks
+    for a build that runs on any CPU of the architecture. The bytes are the same
+    either way: ``-ffp-contract=off`` forbids fused multiply-adds."""
 
     def build_extensions(self):
-        base, omp_compile, omp_link = MSVC_FLAGS if self.compiler.compiler_type == "msvc" else UNIX_FLAGS
-        openmp = _has_openmp(self.compiler, omp_compile, omp_link)
+        msvc = self.compiler.compiler_type == "msvc"
+        base, omp_compile, omp_link = MSVC_FLAGS if msvc else UNIX_FLAGS
+        openmp = (os.environ.get("NPAPPROX_NO_OPENMP", "").strip().lower() not in _TRUE
+                  and _compiles(self.compiler, OPENMP_PROBE, omp_compile, omp_link))
         if not openmp:
             print("npapprox: OpenMP not available, building the kernels single-threaded")
+        portable = os.environ.get("NPAPPROX_PORTABLE", "").strip().lower() in _TRUE
+        if not msvc and not portable and _compiles(self.compiler, "int main(void){return 0;}",
+                                                   ["-march=native"], []):
+            base = base + ["-march=native"]
         for ext in self.extensions:
             ext.extra_compile_args = base + (omp_compile if openmp else []) + list(ext.extra_compile_args or [])
             ext.extra_link_args = (omp_link if openmp else []) + list(ext.extra_link_args or [])

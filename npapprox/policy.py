@@ -42,6 +42,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import quant
+from .backend import array_module
 from .storage import ExactUnit, Full, GenericPacked, GenericUnit, PaperUnit, ParamRef, Stored, Unit, UnitRef
 
 ACTIVATION = "activation"
@@ -151,6 +152,9 @@ class Generic(Policy):
         x = array if array.dtype == np.float32 else array.astype(np.float32)
         packed, lo, scale, bad = generic_pack(x, self.bits, self.group, self.stochastic, self._next_seed())
         _check_finite(bad, ctx, name)
+        if not bool(array_module(scale).isfinite(scale).all()):  # a range wider than float32's
+            raise FloatingPointError(f"{ctx.fn.__name__}: the activation {name!r} spans a range wider "
+                                     "than float32 can hold; K-bit storage refuses it")
         return GenericPacked(packed, lo, scale, self.bits, self.group, array.shape, array.dtype)
 
     def store_activation(self, ctx, name, array):

@@ -27,7 +27,7 @@ Organisation
   (truncation) plus a compare, clamps are ``a > b ? a : b`` (MAXPS / MINPS, and
   a NaN falls to the bound like fmaxf), and a value is never computed only to
   be selected under a condition (GCC does not if-convert that under the default
-  -ftrapping-math; the ReLU decode therefore zeroes in a second pass).
+  -ftrapping-math; the ReLU decode therefore selects its operands, not its result).
 * Generic quantizer: min / max per group is a first pass. For small groups
   (``lcm(group, 8) <= FUSED_MAX``) it is fused with the encoding: a parallel
   chunk holds whole groups, and each group's min / max is computed right before
@@ -221,12 +221,18 @@ cdef void _paper_decode_piece(const uint8_t* packed, const int32_t* s, const flo
         cs = codes + (e - a)
         o = out + e
         m = end - e
-        for j in range(m):
-            t = <float>(cs[j] - sc) + half
-            o[j] = t * st + of               # two float32 roundings (-ffp-contract=off)
-        if relu:                             # a second pass keeps both loops vectorisable
-            for j in range(m):               # (a select on a value computed only for it is
-                o[j] = o[j] if cs[j] >= sc else zero   # not if-converted under trapping math)
+        if relu:
+            # where code < s, step and off are replaced by 0: t * 0 + 0 == +0.0 exactly
+            # (t is finite; -0.0 + +0.0 == +0.0), elsewhere the same two roundings. Selecting
+            # the operands, not the result, keeps the loop if-convertible (GCC does not
+            # if-convert a select on a value computed only for it, under -ftrapping-math).
+            for j in range(m):
+                t = <float>(cs[j] - sc) + half
+                o[j] = t * (st if cs[j] >= sc else zero) + (of if cs[j] >= sc else zero)
+        else:
+            for j in range(m):
+                t = <float>(cs[j] - sc) + half
+                o[j] = t * st + of           # two float32 roundings (-ffp-contract=off)
         e = end
 
 
@@ -575,7 +581,8 @@ def generic_pack(const float[::1] x,         # IN:  (n,) values, flat
 cdef Py_ssize_t _generic_pack_two_pass(const float* x, Py_ssize_t n, Py_ssize_t G, int bits,
                                        bint stochastic, uint32_t seed, uint8_t* out,
                                        float* lo, float* scale) except -1:
-    cdef Py_ssize_t ng = (n + G - 1) // G, nsub = (G + SUB - 1) // SUB
+    cdef Py_ssize_t glen = G if G < n else n  # a group holds at most n values
+    cdef Py_ssize_t ng = (n + G - 1) // G, nsub = (glen + SUB - 1) // SUB
     cdef Py_ssize_t ntasks = ng * nsub, npieces = (n + PIECE - 1) // PIECE
     cdef Py_ssize_t task, g, j, a, b, p, nf = 0, gnf
     cdef int levels = (1 << bits) - 1

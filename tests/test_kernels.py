@@ -403,6 +403,16 @@ def test_compiled_generic_bit_identical_edge_cases(bits, group, stochastic):
             _check_generic_parity(cpu, x, bits, group, stochastic, int(rng.integers(0, 2 ** 32)))
 
 
+def test_compiled_generic_group_larger_than_tensor():
+    """A group far larger than the tensor is one partial group (no work or memory per unused slot)."""
+    cpu = _cpu()
+    x = generic_input(np.random.default_rng(5), 50_001, "normal")
+    for group in (50_001, 2 ** 20, 2 ** 40):
+        for stochastic in (False, True):
+            ref = _check_generic_parity(cpu, x, 4, group, stochastic, 9)
+            assert ref[1].shape == (1,) and ref[1][0] == x.min()
+
+
 @SETTINGS(150)
 @given(bits=st.sampled_from(BITS), n=st.integers(0, 3000), group=st.integers(1, 300),
        kind=st.sampled_from(["normal", "wide", "constant", "zeros", "specials", "nonfinite"]),

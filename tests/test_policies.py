@@ -697,3 +697,13 @@ def test_stochastic_generic_seeds_change_bytes_and_same_seed_reproduces():
     first, _ = _stored_bytes(model, X8, T8, p)
     second, _ = _stored_bytes(model, X8, T8, p)
     assert first == a and second != first
+
+
+def test_generic_refuses_a_range_wider_than_float32():
+    """max - min of a group overflows float32: the scale would be inf and decode to NaN."""
+    x = Tensor(np.array([[-3e38, 3e38, 1.0]], F32), requires_grad=True)
+    with pytest.raises(FloatingPointError, match="wider than float32"):
+        with storage_policy(Generic(4)):
+            ops.gelu(x * 1.0)                # GELU saves its input (not a leaf: leaves stay exact)
+    with storage_policy(Generic(4)):
+        ops.gelu(Tensor(np.array([[-3e37, 3e37, 1.0]], F32), requires_grad=True) * 1.0)  # finite range: fine

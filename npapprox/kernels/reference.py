@@ -370,6 +370,7 @@ def _group_view(xp, x, group):
     """``x`` flat, as ``(ngroups, group)``; a partial last group is padded with its own last value."""
     xf = x.reshape(-1)
     n = xf.size
+    group = min(group, n)                                   # group >= n: one group of n values
     ng = num_groups(n, group)
     pad = ng * group - n
     if pad:
@@ -461,6 +462,7 @@ def generic_decode(packed, lo, scale, bits, group, shape):
         return xp.zeros(shape, dtype=np.float32)
     codes = unpack_bits(packed, n, bits)
     ng = lo.size
+    group = min(group, n)                                   # group >= n: one group of n values
     cpad = xp.zeros(ng * group, dtype=np.float32)
     cpad[:n] = codes
     cg = cpad.reshape(ng, group)                            # (ngroups, group)
