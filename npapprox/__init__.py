@@ -3,11 +3,19 @@
 Start reading at ``tensor.py`` (the backward walk), ``function.py`` (the op
 protocol), ``policy.py`` (how saved activations are stored) and ``ops/``.
 """
-from . import nn, ops, optim
-from .function import Context, Function
-from .policy import ApproxForward, Exact, Generic, Naive, Paper, Policy, current_policy, storage_policy
-from .report import ledger, measure_peak
-from .tensor import Tensor, no_grad
+import os
+
+# The compiled kernels use OpenMP and NumPy's BLAS has its own thread pool. With
+# OpenMP's default (spinning) wait policy the two pools take turns spinning on the
+# same cores and every hand-over stalls: convolutions ran 3x slower. Set before
+# the extensions load libgomp; an explicit user setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import nn, ops, optim  # noqa: E402
+from .function import Context, Function  # noqa: E402
+from .policy import ApproxForward, Exact, Generic, Naive, Paper, Policy, current_policy, storage_policy  # noqa: E402
+from .report import ledger, measure_peak  # noqa: E402
+from .tensor import Tensor, no_grad  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["ApproxForward", "Context", "Exact", "Function", "Generic", "Naive", "Paper", "Policy", "Tensor",

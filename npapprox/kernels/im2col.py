@@ -126,7 +126,7 @@ def im2col_reference(x, kh, kw, stride, pad, out=None):
     return out
 
 
-def col2im_reference(cols, x_shape, kh, kw, stride, pad):
+def col2im_reference(cols, x_shape, kh, kw, stride, pad, out=None):
     """Reference col2im (the adjoint of :func:`im2col_reference`).
 
     Naive formula::
@@ -146,6 +146,8 @@ def col2im_reference(cols, x_shape, kh, kw, stride, pad):
     shape = (N, C * kh * kw, OH * OW)
     if tuple(cols.shape) != shape:
         raise ValueError(f"cols must have shape {shape}, got {tuple(cols.shape)}")
+    if out is not None:
+        _check_out(out, (N, C, H, W), cols.dtype)
     gxpad = xp.zeros((N, C, H + 2 * pad, W + 2 * pad), dtype=cols.dtype)
     cols6 = cols.reshape(N, C, kh, kw, OH, OW)
     hspan = stride * (OH - 1) + 1
@@ -153,9 +155,11 @@ def col2im_reference(cols, x_shape, kh, kw, stride, pad):
     for p in range(kh):
         for q in range(kw):
             gxpad[:, :, p:p + hspan:stride, q:q + wspan:stride] += cols6[:, :, p, q]
-    if pad:
-        return xp.ascontiguousarray(gxpad[:, :, pad:pad + H, pad:pad + W])
-    return gxpad
+    gx = gxpad[:, :, pad:pad + H, pad:pad + W] if pad else gxpad
+    if out is not None:
+        out[...] = gx
+        return out
+    return xp.ascontiguousarray(gx)
 
 
 # --------------------------------------------------------------------------- #
@@ -183,18 +187,25 @@ def im2col(x, kh, kw, stride, pad, out=None):
     return out
 
 
-def col2im(cols, x_shape, kh, kw, stride, pad):
-    """Adjoint of :func:`im2col`: ``(N, C*kh*kw, OH*OW) -> x_shape = (N, C, H, W)``."""
+def col2im(cols, x_shape, kh, kw, stride, pad, out=None):
+    """Adjoint of :func:`im2col`: ``(N, C*kh*kw, OH*OW) -> x_shape = (N, C, H, W)``.
+
+    ``out``, when given, must be a C-contiguous array of ``x_shape`` and of
+    ``cols``'s dtype; it is overwritten and returned."""
     kh, kw, stride, pad = int(kh), int(kw), int(stride), int(pad)
     if not _use_compiled(cols):
-        return col2im_reference(cols, x_shape, kh, kw, stride, pad)
+        return col2im_reference(cols, x_shape, kh, kw, stride, pad, out=out)
     cols = np.ascontiguousarray(cols)
     N, C, H, W = (int(s) for s in x_shape)
     OH, OW = _check_geometry(H, W, kh, kw, stride, pad)
     shape = (N, C * kh * kw, OH * OW)
     if tuple(cols.shape) != shape:
         raise ValueError(f"cols must have shape {shape}, got {tuple(cols.shape)}")
-    gx = np.empty((N, C, H, W), dtype=cols.dtype)
+    if out is None:
+        gx = np.empty((N, C, H, W), dtype=cols.dtype)
+    else:
+        _check_out(out, (N, C, H, W), cols.dtype)
+        gx = out
     if gx.size:
         _compiled.col2im(cols, gx, kh, kw, stride, pad)
     return gx
