@@ -19,18 +19,11 @@ class PreActBlock(Module):
 
     def __init__(self, cin: int, cout: int, stride: int = 1, shortcut: str = "pad"):
         super().__init__()
-        if shortcut not in ("pad", "projection"):
-            raise ValueError(f"shortcut must be 'pad' or 'projection', got {shortcut!r}")
         self.bn1 = BatchNorm2d(cin, relu=True)
         self.conv1 = Conv2d(cin, cout, 3, stride=stride, padding=1)
         self.bn2 = BatchNorm2d(cout, relu=True)
         self.conv2 = Conv2d(cout, cout, 3, stride=1, padding=1)
-        self.stride, self.extra = stride, cout - cin
-        self.shortcut = shortcut if (stride != 1 or cin != cout) else "identity"
-        if self.shortcut == "projection":
-            self.proj = Conv2d(cin, cout, 1, stride=stride)
-        elif self.shortcut == "pad" and cout < cin:
-            raise ValueError(f"the 'pad' shortcut cannot narrow {cin} -> {cout} channels")
+        _init_shortcut(self, cin, cout, stride, shortcut)
 
     def forward(self, x):
         h = self.bn1(x)                                  # BN -> ReLU unit
@@ -49,8 +42,6 @@ class PreActBottleneck(Module):
 
     def __init__(self, cin: int, cout: int, stride: int = 1, shortcut: str = "pad"):
         super().__init__()
-        if shortcut not in ("pad", "projection"):
-            raise ValueError(f"shortcut must be 'pad' or 'projection', got {shortcut!r}")
         w = cout // 4
         self.bn1 = BatchNorm2d(cin, relu=True)
         self.conv1 = Conv2d(cin, w, 1)
@@ -58,17 +49,24 @@ class PreActBottleneck(Module):
         self.conv2 = Conv2d(w, w, 3, stride=stride, padding=1)
         self.bn3 = BatchNorm2d(w, relu=True)
         self.conv3 = Conv2d(w, cout, 1)
-        self.stride, self.extra = stride, cout - cin
-        self.shortcut = shortcut if (stride != 1 or cin != cout) else "identity"
-        if self.shortcut == "projection":
-            self.proj = Conv2d(cin, cout, 1, stride=stride)
-        elif self.shortcut == "pad" and cout < cin:
-            raise ValueError(f"the 'pad' shortcut cannot narrow {cin} -> {cout} channels")
+        _init_shortcut(self, cin, cout, stride, shortcut)
 
     def forward(self, x):
         h = self.bn1(x)
         out = self.conv3(self.bn3(self.conv2(self.bn2(self.conv1(h)))))
         return ops.add(out, _shortcut(self, x, h))
+
+
+def _init_shortcut(block, cin, cout, stride, shortcut):
+    """Set up a block's shortcut: identity when shapes agree, else ``shortcut``."""
+    if shortcut not in ("pad", "projection"):
+        raise ValueError(f"shortcut must be 'pad' or 'projection', got {shortcut!r}")
+    block.stride, block.extra = stride, cout - cin
+    block.shortcut = shortcut if (stride != 1 or cin != cout) else "identity"
+    if block.shortcut == "projection":
+        block.proj = Conv2d(cin, cout, 1, stride=stride)
+    elif block.shortcut == "pad" and cout < cin:
+        raise ValueError(f"the 'pad' shortcut cannot narrow {cin} -> {cout} channels")
 
 
 def _shortcut(block, x, h):
