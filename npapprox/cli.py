@@ -1,68 +1,212 @@
 """The ``npapprox`` command.
 
-    npapprox train [--depth 20] [--epochs 8] [--batch-size 64] [--lr 0.1] [--seed 0]
+    npapprox train    one run: model, data, storage policy, optimizer, schedule
+    npapprox compare  several storage policies (and seeds) from the same seed: table + plots
+    npapprox memory   the ledger of one model and policy, and the largest batch under a budget
 
-trains a pre-activation ResNet on the embedded digits data in exact mode and
-prints loss and accuracy per epoch."""
+``npapprox <command> --help`` lists the options. Defaults train on the digits
+data that ship with scikit-learn, so every command runs offline."""
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
+import json
+import re
 import sys
-import time
+from pathlib import Path
 
-import numpy as np
+from .policy import POLICY_HELP
+
+DEFAULT_POLICIES = "exact,paper8,paper4,naive4"
 
 
-def _train(args) -> int:
-    from tqdm import tqdm  # noqa: PLC0415
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
 
-    from . import nn, optim  # noqa: PLC0415
-    from .data import load_digits  # noqa: PLC0415
-    from .train import evaluate, train_epoch  # noqa: PLC0415
 
-    x_train, y_train, x_test, y_test = load_digits(seed=args.seed)
-    nn.manual_seed(args.seed)
-    model = nn.PreActResNet(depth=args.depth, num_classes=10, in_channels=1, width=args.width)
-    opt = optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=2e-4)
-    rng = np.random.default_rng(args.seed)
-    print(f"pre-activation ResNet-{args.depth} (width {args.width}, "
-          f"{sum(p.size for p in model.parameters()):,} parameters) on digits: "
-          f"{len(y_train)} train / {len(y_test)} test images, 8x8, exact storage")
-    print(f"{'epoch':>5} {'train loss':>10} {'train acc':>9} {'test loss':>9} {'test acc':>8} {'img/s':>7} {'time':>6}")
-    t0 = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
-        opt.lr = args.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))  # cosine decay
-        with tqdm(total=len(y_train), desc=f"epoch {epoch}", unit="img", leave=False,
-                  disable=args.quiet) as bar:
-            stats = train_epoch(model, opt, x_train, y_train, args.batch_size, rng, bar)
-        test_loss, test_acc = evaluate(model, x_test, y_test)
-        print(f"{epoch:>5} {stats['loss']:>10.4f} {stats['acc']:>9.3f} {test_loss:>9.4f} {test_acc:>8.3f} "
-              f"{stats['images_per_s']:>7.0f} {time.perf_counter() - t0:>5.0f}s", flush=True)
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _bytes(text):
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?i?B?)\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 2GiB, 512MiB, 1e9)")
+    unit = m.group(2).upper().rstrip("B").rstrip("I")
+    return int(float(m.group(1)) * 1024 ** "_KMGT".index(unit or "_"))
+
+
+def _run_options(p):
+    p.add_argument("--model", default="resnet20", help="resnet8/20/32/56/110/164, vgg11/16, densenet40 ... "
+                                                       "(default resnet20)")
+    p.add_argument("--width", type=_positive_int, default=None, help="base width of the model")
+    p.add_argument("--data", default="digits", choices=["digits", "cifar10", "cifar100"])
+    p.add_argument("--data-path", default=None, help="CIFAR archive (.tar.gz) or its folder")
+    p.add_argument("--size", type=_positive_int, default=None, help="resize/pad images to SIZE x SIZE")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "rmsprop"])
+    p.add_argument("--lr", type=_positive_float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--nesterov", action="store_true")
+    p.add_argument("--weight-decay", type=float, default=2e-4)
+    p.add_argument("--decay", default="kernels", choices=["kernels", "all"],
+                   help="weight decay on conv/linear kernels only (the paper) or on all parameters")
+    p.add_argument("--schedule", default="cosine", choices=["paper", "step", "cosine", "constant"])
+    p.add_argument("--epochs", type=_positive_int, default=15)
+    p.add_argument("--iterations", type=_positive_int, default=None, help="overrides --epochs")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--augment", action="store_true", help="pad-4 random crop and horizontal flip")
+    p.add_argument("--normalize", default="image-mean", choices=["image-mean", "channel"])
+    p.add_argument("--eval-batch-stats", action="store_true",
+                   help="evaluate BN with batch statistics, as the paper's code")
+    p.add_argument("--preset", choices=["paper"], help="the paper's CIFAR protocol (ResNet-164, 64k iterations); "
+                                                        "explicit options still override it")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _config(args, parser, policy, seed, out):
+    from .train import TrainConfig  # noqa: PLC0415
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    if args.preset == "paper":
+        defaults = vars(parser.parse_args([args.command]))  # what the user did not type stays the paper's
+        explicit = {k: v for k, v in given.items() if v != defaults.get(k)}
+        cfg = TrainConfig.paper(**explicit)
+    else:
+        cfg = TrainConfig(**given)
+    return dataclasses.replace(cfg, policy=policy, seed=seed, out=out)
+
+
+def _train(args, parser) -> int:
+    from .policy import policy_from_name  # noqa: PLC0415
+    from .train import NonFiniteLoss, Trainer  # noqa: PLC0415
+
+    policy_from_name(args.policy)  # fail early on a bad name
+    cfg = _config(args, parser, args.policy, args.seed, args.out)
+    trainer = Trainer(cfg, progress=not args.quiet)
+    if args.resume:
+        trainer.resume()
+        print(f"resumed from iteration {trainer.iteration} of {trainer.total}")
+    print(f"{cfg.model} on {cfg.data} ({len(trainer.data.y_train)} train / {len(trainer.data.y_test)} test, "
+          f"{trainer.data.image_size}x{trainer.data.image_size}x{trainer.data.in_channels}), policy {cfg.policy}, "
+          f"{cfg.optimizer} lr {cfg.lr} ({cfg.schedule}), {trainer.total} iterations of batch {cfg.batch_size}"
+          + (f", output {cfg.out}" if cfg.out else ""))
+    try:
+        trainer.run()
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="npapprox", description=__doc__.split("\n\n")[0])
+def _compare(args, parser) -> int:
+    from . import compare  # noqa: PLC0415
+    from .policy import policy_from_name  # noqa: PLC0415
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for p in policies:
+        policy_from_name(p)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    runs = {}
+    for policy in policies:
+        for seed in seeds:
+            cfg = _config(args, parser, policy, seed, str(out / policy / f"seed{seed}"))
+            print(f"== {policy}, seed {seed}", flush=True)
+            runs[(policy, seed)] = compare.run_one(cfg, progress=not args.quiet)
+    table = compare.summarize(runs, policies, seeds)
+    print()
+    print(table)
+    (out / "results.md").write_text(table + "\n")
+    compare.write_csv(runs, out / "results.csv")
+    written = compare.plot(runs, policies, seeds, out)
+    print(f"\nresults: {out / 'results.md'}, {out / 'results.csv'}"
+          + (f"; plots: {', '.join(str(p) for p in written)}" if written else
+             "; plots skipped (pip install 'npapprox[plot]' for matplotlib)"))
+    return 0
+
+
+def _memory(args) -> int:
+    from . import nn  # noqa: PLC0415
+    from .policy import policy_from_name  # noqa: PLC0415
+    from .report import ledger, max_batch  # noqa: PLC0415
+
+    policy = policy_from_name(args.policy)
+    nn.manual_seed(0)
+    model = nn.build_model(args.model, num_classes=args.classes, in_channels=args.channels,
+                           input_size=args.size, width=args.width)
+    import numpy as np  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, args.channels, args.size, args.size)).astype(np.float32)
+    y = rng.integers(0, args.classes, args.batch)
+    led = ledger(model, x, y, policy)
+    print(led.table() if args.verbose else led.summary())
+    if args.budget:
+        batch, peak = max_batch(model, (args.channels, args.size, args.size), args.classes, policy, args.budget,
+                                log=print)
+        print(f"largest batch with measured peak <= {args.budget / 2**30:.2f} GiB: {batch} "
+              f"(peak {peak / 2**20:.0f} MiB) for {args.model} under {policy}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"policy": repr(policy), "stored": led.stored,
+                                               "float32_per_unit": led.float32_per_unit,
+                                               "standard_autodiff": led.standard_autodiff}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="npapprox", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a pre-activation ResNet on the embedded digits data")
-    t.add_argument("--depth", type=int, default=20, help="6n+2: 8, 14, 20, 32, ... (default 20)")
-    t.add_argument("--width", type=int, default=16, help="channels of the first stage (default 16)")
-    t.add_argument("--epochs", type=int, default=8)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=0.1)
+
+    t = sub.add_parser("train", help="train one model under one storage policy")
+    _run_options(t)
+    t.add_argument("--policy", default="exact", help=POLICY_HELP)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--out", default=None, help="output folder: metrics.jsonl, steps.jsonl, checkpoint.pkl")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pkl")
+
+    c = sub.add_parser("compare", help="train under several storage policies; table and plots")
+    _run_options(c)
+    c.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated ({POLICY_HELP})")
+    c.add_argument("--seeds", default="0", help="comma-separated seeds; several give mean and spread")
+    c.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+
+    m = sub.add_parser("memory", help="the ledger and the largest batch under a memory budget")
+    m.add_argument("--model", default="resnet56")
+    m.add_argument("--width", type=_positive_int, default=None)
+    m.add_argument("--size", type=_positive_int, default=32)
+    m.add_argument("--channels", type=_positive_int, default=3)
+    m.add_argument("--classes", type=_positive_int, default=10)
+    m.add_argument("--policy", default="paper4", help=POLICY_HELP)
+    m.add_argument("--batch", type=_positive_int, default=128, help="batch of the ledger (default 128)")
+    m.add_argument("--budget", type=_bytes, default=None, help="e.g. 2GiB: search the largest batch whose "
+                                                                "measured peak fits")
+    m.add_argument("--verbose", action="store_true", help="every saved entry, not only the totals")
+    m.add_argument("--json", default=None, help="also write the totals to this file")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "width"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lr <= 0:
-        parser.error("--lr must be positive")
-    if args.depth < 8 or (args.depth - 2) % 6:
-        parser.error(f"--depth must be 6n+2 (8, 14, 20, 32, ...), got {args.depth}")
+    if args.command in ("train", "compare") and args.iterations is None and args.epochs is None:
+        parser.error("give --epochs or --iterations")
     try:
-        return _train(args)
+        if args.command == "train":
+            return _train(args, parser)
+        if args.command == "compare":
+            return _compare(args, parser)
+        return _memory(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"npapprox {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -110,6 +110,13 @@ class Policy:
         """What the forward pass propagates from an op's output (identity here)."""
         return y
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep for a resumed run to store the same bytes."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def __repr__(self):
         return f"{type(self).__name__}()"
 
@@ -146,6 +153,12 @@ class Generic(Policy):
     def _next_seed(self) -> int:
         self._counter += 1
         return (self.seed * 0x9E3779B1 + self._counter * 0x85EBCA77) & 0xFFFFFFFF
+
+    def state_dict(self) -> dict:
+        return {"counter": self._counter}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._counter = int(state["counter"])
 
     def pack(self, ctx, name, array) -> GenericPacked:
         from .kernels import generic_pack  # noqa: PLC0415
@@ -189,6 +202,12 @@ class Paper(Policy):
 
     def store_activation(self, ctx, name, array):
         return self.fallback.store_activation(ctx, name, array)
+
+    def state_dict(self) -> dict:
+        return {"fallback": self.fallback.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fallback.load_state_dict(state["fallback"])
 
     def __repr__(self):
         return f"Paper(bits={self.bits})"
@@ -262,3 +281,23 @@ def storage_policy(policy: Policy):
         yield policy
     finally:
         _stack.pop()
+
+
+POLICY_HELP = ("exact | paperK | naiveK | approxK (approximate forward, exact backward) | genericK "
+               "(nearest) | genericKs (stochastic), optionally -gG for the group size; K in 1, 2, 4, 8. "
+               "Examples: paper4, naive8, generic4s-g64")
+
+
+def policy_from_name(name: str, seed: int = 0) -> Policy:
+    """Build a policy from its short name (see ``POLICY_HELP``)."""
+    import re  # noqa: PLC0415
+
+    m = re.fullmatch(r"(exact)|(paper|naive|approx|generic)([1248])(s?)(?:-g(\d+))?", name.strip().lower())
+    if m is None or (m.group(4) or m.group(5)) and m.group(2) != "generic":
+        raise ValueError(f"unknown storage policy {name!r}; expected {POLICY_HELP}")
+    if m.group(1):
+        return Exact()
+    kind, bits = m.group(2), int(m.group(3))
+    if kind == "generic":
+        return Generic(bits, group=int(m.group(5) or 256), stochastic=bool(m.group(4)), seed=seed)
+    return {"paper": Paper, "naive": Naive, "approx": ApproxForward}[kind](bits)

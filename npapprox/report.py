@@ -12,7 +12,8 @@ payload and metadata bytes. Totals are set against two baselines:
   every consumer's input (conv input, projection input).
 
 ``measure_peak(model, x, labels, policy)`` measures the peak of traced host
-memory over forward + backward (tracemalloc; NumPy reports its buffers to it).
+memory over forward + backward (tracemalloc; NumPy reports its buffers to it),
+or, for a model on the GPU, of the bytes in use in CuPy's memory pool.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ops
+from .backend import gpu_memory_peak, on_gpu
 from .policy import ACTIVATION, PARAM, UNIT, Policy, current_policy, storage_policy
 from .storage import Unit, UnitRef
 from .tensor import Tensor, _topological_order
@@ -113,10 +115,23 @@ def ledger(model, x, labels=None, policy: Policy | None = None) -> Ledger:
 
 
 def measure_peak(model, x, labels, policy: Policy | None = None) -> int:
-    """Peak traced host memory (bytes above the start) over forward + backward."""
+    """Peak memory (bytes above the start) over forward + backward: traced host
+    memory (tracemalloc) for a model on the CPU; for a model on the GPU, the bytes
+    in use in CuPy's memory pool (``backend.gpu_memory_peak``; ``x`` is moved to
+    the GPU first, outside the measurement)."""
     policy = current_policy() if policy is None else policy
     x = x if isinstance(x, Tensor) else Tensor(x)
     model.zero_grad()
+    params = model.parameters()
+    if params and on_gpu(params[0].data):
+        if not on_gpu(x.data):
+            x = x.to("gpu")
+        with gpu_memory_peak() as tracker:
+            with storage_policy(policy):
+                loss = _forward_loss(model, x, labels)
+            loss.backward()
+            del loss
+            return tracker.peak
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
@@ -151,3 +166,44 @@ def saves_table() -> str:
         saves = ", ".join(f"`{n}`: {k}" for n, k in fn.SAVES.items()) or "nothing"
         rows.append(f"| `{fn.__name__}` | `{fn.__module__.rsplit('.', 1)[-1]}` | {saves} |")
     return "\n".join(rows)
+
+
+def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int, log=None) -> tuple[int, int]:
+    """The largest batch whose measured peak (forward + backward) fits ``budget``
+    bytes. The peak is piecewise linear in the batch: it is measured at two
+    small batches, the line through them gives a candidate, which is measured;
+    the line is refitted through the two largest measurements until a measured
+    candidate fits and the next one would not (at most 8 measurements).
+    Returns (batch, its measured peak)."""
+    rng = np.random.default_rng(0)
+    measured = {}
+
+    def peak(n):
+        if n not in measured:
+            x = rng.standard_normal((n,) + tuple(input_shape)).astype(np.float32)
+            measured[n] = measure_peak(model, x, rng.integers(0, num_classes, n), policy)
+            if log:
+                log(f"  batch {n:>6}: measured peak {measured[n] / 2**20:9.1f} MiB")
+        return measured[n]
+
+    if peak(4) > budget:
+        raise ValueError(f"even a batch of 4 needs {measured[4] / 2**20:.0f} MiB, over the budget")
+    peak(16)
+    for _ in range(6):
+        fits = [n for n, p in measured.items() if p <= budget]
+        over = [n for n, p in measured.items() if p > budget]
+        lo = max(fits)
+        if over and min(over) == lo + 1:
+            break                                           # lo fits and lo + 1 does not
+        a, b = sorted(measured)[-2:]      # the line through the two largest batches (the peak is
+        #                                   only piecewise linear: the im2col workspace stops growing)
+        slope = max((measured[b] - measured[a]) / (b - a), 1.0)
+        guess = int(a + (budget - measured[a]) / slope)
+        if over:
+            guess = min(guess, min(over) - 1)
+        guess = max(guess, lo + 1)
+        if guess in measured:
+            break
+        peak(guess)
+    best = max(n for n, p in measured.items() if p <= budget)
+    return best, measured[best]

@@ -1,47 +1,264 @@
-"""A minimal training loop (exact mode): SGD over epochs with progress bars.
+"""The training loop: one run of one model, data set and storage policy.
 
-The training issue extends this with schedules, checkpoints, CIFAR and the
-storage policies; the loop's shape stays the same."""
+``Trainer(config).run()`` trains for a number of iterations (or epochs), with
+progress bars, evaluation on the test split after every epoch, a metrics log
+(``metrics.jsonl``: one line per epoch; ``steps.jsonl``: one line per
+iteration) and atomic checkpoints (``checkpoint.pkl``) in the output folder.
+
+Reproducibility: the model is initialised from ``seed``; the batch order and
+augmentation of batch ``i`` of epoch ``e`` derive from ``(seed, e, i)`` alone
+(``data.batches``), and the checkpoint holds the model, the optimizer, the
+policy's noise counter and the iteration. So ``--resume`` after an
+interruption (Ctrl-C writes a checkpoint at the current iteration) continues
+bit for bit as the uninterrupted run would have (on the CPU).
+
+A non-finite loss stops training with a clear message; the last checkpoint
+(written before the bad step) is kept.
+"""
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import pickle
+import signal
 import time
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 
-from . import ops
-from .data import iterate_minibatches
+from . import nn, ops, optim
+from .data import batches, load_dataset
+from .policy import policy_from_name, storage_policy
+from .report import ledger
 from .tensor import Tensor, no_grad
 
-
-def evaluate(model, x, y, batch_size: int = 500) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` in eval mode."""
-    model.eval()
-    total_loss, correct = 0.0, 0
-    with no_grad():
-        for xb, yb in iterate_minibatches(x, y, batch_size):
-            logits = model(Tensor(xb))
-            total_loss += ops.cross_entropy(logits, yb).item() * len(yb)
-            correct += int((logits.numpy().argmax(axis=1) == yb).sum())
-    model.train()
-    return total_loss / len(y), correct / len(y)
+CHECKPOINT = "checkpoint.pkl"
 
 
-def train_epoch(model, optimizer, x, y, batch_size: int, rng, progress=None) -> dict:
-    """One pass over (x, y). Returns mean training loss, accuracy, images/s."""
-    model.train()
-    losses, correct, seen, t0 = [], 0, 0, time.perf_counter()
-    for xb, yb in iterate_minibatches(x, y, batch_size, rng):
-        logits = model(Tensor(xb))
-        loss = ops.cross_entropy(logits, yb)
-        optimizer.zero_grad()
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = "resnet20"
+    data: str = "digits"
+    data_path: str | None = None
+    size: int | None = None              # resize / pad the images (digits: 8 by default)
+    width: int | None = None             # model width multiplier / base width
+    policy: str = "exact"
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 2e-4
+    decay: str = "kernels"               # weight decay on conv/linear kernels only (the paper) or "all"
+    schedule: str = "cosine"
+    epochs: int | None = 15
+    iterations: int | None = None        # overrides epochs when given
+    batch_size: int = 64
+    augment: bool = False                # pad-and-crop + flip (CIFAR); off for digits
+    normalize: str = "image-mean"
+    eval_batch_stats: bool = False       # evaluate with batch statistics, as the paper's code
+    seed: int = 0
+    out: str | None = None
+    checkpoint_every: int = 1            # epochs
+
+    @classmethod
+    def paper(cls, **overrides) -> "TrainConfig":
+        """The paper's CIFAR protocol (METHOD.md section 6): ResNet-164, batch 128,
+        SGD momentum 0.9, weight decay 2e-4 on kernels, the piecewise schedule with
+        warm-up over 64k iterations, pad-4 crop + flip, per-image mean, BN batch
+        statistics at evaluation."""
+        base = dict(model="resnet164", data="cifar10", batch_size=128, optimizer="sgd", lr=0.1,
+                    momentum=0.9, weight_decay=2e-4, decay="kernels", schedule="paper", epochs=None,
+                    iterations=64000, augment=True, normalize="image-mean", eval_batch_stats=True)
+        base.update(overrides)
+        return cls(**base)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _atomic_pickle(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, progress: bool = True, log=print):
+        self.cfg, self.progress, self.log = config, progress, log
+        c = config
+        self.data = load_dataset(c.data, path=c.data_path, size=c.size, normalize=c.normalize, seed=c.seed)
+        nn.manual_seed(c.seed)
+        self.model = nn.build_model(c.model, num_classes=self.data.num_classes,
+                                    in_channels=self.data.in_channels, input_size=self.data.image_size,
+                                    width=c.width)
+        if c.eval_batch_stats:
+            for _, m in self.model.named_modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval_batch_stats = True
+        self.policy = policy_from_name(c.policy, seed=c.seed)
+        self.per_epoch = -(-len(self.data.y_train) // c.batch_size)
+        self.total = c.iterations if c.iterations is not None else c.epochs * self.per_epoch
+        if self.total < 1:
+            raise ValueError("nothing to train: give at least one epoch or iteration")
+        self.optimizer = optim.make_optimizer(c.optimizer, self.model.parameters(), lr=c.lr, momentum=c.momentum,
+                                              weight_decay=c.weight_decay, decay=c.decay, nesterov=c.nesterov)
+        self.schedule = optim.make_schedule(c.schedule, c.lr, self.total)
+        self.iteration, self.train_time, self.history = 0, 0.0, []
+        self.epoch_stats = {"losses": [], "correct": 0, "seen": 0, "timed_images": 0, "timed": 0.0}
+        self.out = Path(c.out) if c.out else None
+        if self.out:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    # --- state ---------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"config": dataclasses.asdict(self.cfg), "iteration": self.iteration, "train_time": self.train_time,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "policy": self.policy.state_dict(), "history": self.history, "epoch_stats": self.epoch_stats}
+
+    def save_checkpoint(self) -> None:
+        if self.out:
+            _atomic_pickle(self.state(), self.out / CHECKPOINT)
+
+    def resume(self) -> None:
+        """Load ``checkpoint.pkl`` from the output folder (its config must match)."""
+        path = self.out / CHECKPOINT if self.out else None
+        if path is None or not path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        with open(path, "rb") as f:
+            state = pickle.load(f)
+        saved = {k: v for k, v in state["config"].items() if k != "out"}
+        mine = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "out"}
+        changed = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        if changed:
+            raise ValueError(f"--resume: the checkpoint was made with other settings: "
+                             + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in changed.items()))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.policy.load_state_dict(state["policy"])
+        self.iteration, self.train_time, self.history = state["iteration"], state["train_time"], state["history"]
+        self.epoch_stats = state["epoch_stats"]
+
+    # --- one step, evaluation ------------------------------------------------------
+    def step(self, xb, yb) -> tuple[float, int]:
+        self.optimizer.lr = self.schedule.lr_at(self.iteration)
+        with storage_policy(self.policy):
+            logits = self.model(Tensor(xb))
+            loss = ops.cross_entropy(logits, yb)
+        value = loss.item()
+        if not np.isfinite(value):
+            raise NonFiniteLoss(f"iteration {self.iteration}: the loss is {value}; training stopped "
+                                f"(lower --lr?). The last good checkpoint is kept.")
+        self.optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        correct += int((logits.numpy().argmax(axis=1) == yb).sum())
-        seen += len(yb)
-        if progress is not None:
-            progress.update(len(yb))
-            progress.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{correct / seen:.3f}",
-                                 img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-    return {"loss": float(np.mean(losses)), "acc": correct / seen,
-            "images_per_s": seen / (time.perf_counter() - t0)}
+        self.optimizer.step()
+        return value, int((logits.numpy().argmax(axis=1) == yb).sum())
+
+    def evaluate(self, batch_size: int = 500) -> tuple[float, float]:
+        x, y = self.data.x_test, self.data.y_test
+        self.model.eval()
+        total, correct = 0.0, 0
+        with no_grad():
+            for i in range(0, len(y), batch_size):
+                logits = self.model(Tensor(x[i:i + batch_size]))
+                total += ops.cross_entropy(logits, y[i:i + batch_size]).item() * len(logits)
+                correct += int((logits.numpy().argmax(axis=1) == y[i:i + batch_size]).sum())
+        self.model.train()
+        return total / len(y), correct / len(y)
+
+    def stored_bytes(self) -> int:
+        """Stored-activation bytes of one training batch under the run's policy (ledger)."""
+        c = self.cfg
+        xb, yb = self.data.x_train[:c.batch_size], self.data.y_train[:c.batch_size]
+        state = self.model.state_dict()                   # the ledger's forward updates BN statistics
+        led = ledger(self.model, xb, yb, policy_from_name(c.policy, seed=c.seed))
+        self.model.load_state_dict(state)
+        return led.activation_stored
+
+    # --- the loop ------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train to the configured length; returns the last epoch's metrics row.
+
+        Ctrl-C is deferred to the end of the current step, then a checkpoint is
+        written and KeyboardInterrupt re-raised, so a resumed run sees a
+        consistent state."""
+        from tqdm import tqdm  # noqa: PLC0415
+
+        c, d = self.cfg, self.data
+        stored = self.stored_bytes()
+        steps_log = open(self.out / "steps.jsonl", "a") if self.out else None
+        bar = tqdm(total=self.total, initial=self.iteration, unit="it", disable=not self.progress,
+                   desc=f"{c.model} {c.policy}", dynamic_ncols=True, leave=False)
+        interrupted = []
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+        try:
+            while self.iteration < self.total and not interrupted:
+                epoch, start = divmod(self.iteration, self.per_epoch)
+                acc = self.epoch_stats                         # carried over by a resumed checkpoint
+                if start == 0:
+                    acc.update(losses=[], correct=0, seen=0, timed_images=0, timed=0.0)
+                peak = None
+                for xb, yb in batches(d.x_train, d.y_train, c.batch_size, seed=c.seed, epoch=epoch,
+                                      augment=c.augment, start=start):
+                    if self.iteration >= self.total or interrupted:
+                        break
+                    measure = peak is None  # the first step of an epoch measures the peak
+                    if measure:
+                        tracemalloc.start()
+                    t0 = time.perf_counter()
+                    loss, right = self.step(xb, yb)
+                    dt = time.perf_counter() - t0
+                    if measure:
+                        peak = tracemalloc.get_traced_memory()[1]
+                        tracemalloc.stop()
+                    else:  # a traced step is slower: it is not counted in the wall-clock
+                        self.train_time += dt
+                        acc["timed"] += dt
+                        acc["timed_images"] += len(yb)
+                    self.iteration += 1
+                    acc["losses"].append(loss)
+                    acc["correct"] += right
+                    acc["seen"] += len(yb)
+                    if steps_log:
+                        steps_log.write(json.dumps({"iteration": self.iteration, "loss": loss,
+                                                    "time": self.train_time}) + "\n")
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc['correct'] / acc['seen']:.3f}",
+                                    img_s=f"{len(yb) / dt:.0f}", act=f"{stored / 2**20:.1f}MiB")
+                if acc["seen"] and (self.iteration % self.per_epoch == 0 or self.iteration >= self.total):
+                    self._end_epoch(epoch, peak, stored)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            bar.close()
+            if steps_log:
+                steps_log.close()
+        if interrupted:
+            self.save_checkpoint()
+            self.log(f"interrupted at iteration {self.iteration}; checkpoint written"
+                     + (f" to {self.out / CHECKPOINT}; continue with --resume" if self.out else ""))
+            raise KeyboardInterrupt
+        return self.history[-1] if self.history else {}
+
+    def _end_epoch(self, epoch, peak, stored) -> None:
+        acc = self.epoch_stats
+        test_loss, test_acc = self.evaluate()
+        row = {"epoch": epoch + 1, "iteration": self.iteration, "time": self.train_time, "lr": self.optimizer.lr,
+               "train_loss": float(np.mean(acc["losses"])), "train_acc": acc["correct"] / acc["seen"],
+               "test_loss": test_loss, "test_acc": test_acc, "stored_bytes": stored,
+               "peak_bytes": peak,
+               "images_per_s": acc["timed_images"] / acc["timed"] if acc["timed"] else None}
+        self.history.append(row)
+        if self.out:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        peak_text = f"{peak / 2**20:.1f} MiB" if peak is not None else "-"
+        self.log(f"epoch {epoch + 1:>3}  it {self.iteration:>6}  loss {row['train_loss']:.4f}  "
+                 f"train acc {row['train_acc']:.3f}  test acc {test_acc:.3f}  "
+                 f"act {stored / 2**20:.2f} MiB  peak {peak_text}")
+        if (epoch + 1) % self.cfg.checkpoint_every == 0 or self.iteration >= self.total:
+            self.save_checkpoint()
