@@ -15,6 +15,7 @@ import re
 import sys
 from pathlib import Path
 
+from .nn.zoo import MODEL_NAMES
 from .policy import POLICY_HELP
 
 DEFAULT_POLICIES = "exact,paper8,paper4,naive4"
@@ -43,8 +44,7 @@ def _bytes(text):
 
 
 def _run_options(p):
-    p.add_argument("--model", default="resnet20", help="resnet8/20/32/56/110/164, vgg11/16, densenet40 ... "
-                                                       "(default resnet20)")
+    p.add_argument("--model", default="resnet20", help=f"one of {', '.join(MODEL_NAMES)} (default resnet20)")
     p.add_argument("--width", type=_positive_int, default=None, help="base width of the model")
     p.add_argument("--data", default="digits", choices=["digits", "cifar10", "cifar100"])
     p.add_argument("--data-path", default=None, help="CIFAR archive (.tar.gz) or its folder")
@@ -175,11 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train under several storage policies; table and plots")
     _run_options(c)
     c.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated ({POLICY_HELP})")
-    c.add_argument("--seeds", default="0", help="comma-separated seeds; several give mean and spread")
+    c.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; several give mean and spread "
+                   "(default 0,1,2)")
     c.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
 
     m = sub.add_parser("memory", help="the ledger and the largest batch under a memory budget")
-    m.add_argument("--model", default="resnet56")
+    m.add_argument("--model", default="resnet56", help=f"one of {', '.join(MODEL_NAMES)} (default resnet56)")
     m.add_argument("--width", type=_positive_int, default=None)
     m.add_argument("--size", type=_positive_int, default=32)
     m.add_argument("--channels", type=_positive_int, default=3)
