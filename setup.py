@@ -100,7 +100,7 @@ def _extensions():
 
 setup(
     packages=find_packages(include=["npapprox", "npapprox.*"]),
-    package_data={"npapprox.kernels": ["*.cu"]},
+    package_data={"npapprox.kernels": ["*.cu", "*.h"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt},
     zip_safe=False,

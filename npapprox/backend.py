@@ -6,6 +6,8 @@ CuPy is imported lazily, so a CPU-only install never pays for it.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 _cupy = None
@@ -22,6 +24,15 @@ def _try_cupy():
         except Exception:  # ImportError, or a CUDA library that fails to load
             _cupy = None
     return _cupy
+
+
+def cupy():
+    """The ``cupy`` module, for the few places that need CuPy itself (the CUDA
+    kernels in ``npapprox.kernels.gpu``); a clear error when it is missing."""
+    cp = _try_cupy()
+    if cp is None:
+        raise RuntimeError("this needs CuPy (and a CUDA GPU): pip install 'npapprox[gpu]'")
+    return cp
 
 
 def array_module(x):
@@ -68,3 +79,45 @@ def erf(x):
         return cupyx.scipy.special.erf(x)
     from scipy.special import erf as _erf  # noqa: PLC0415
     return _erf(x).astype(x.dtype, copy=False)
+
+
+class _PoolPeak:
+    """Bytes in use in CuPy's default memory pool: ``peak`` is the highest value
+    seen since ``start`` (sampled after every allocation from the pool), minus
+    the value at the start."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.start = self.high = pool.used_bytes()
+
+    def sample(self) -> None:
+        used = self.pool.used_bytes()
+        if used > self.high:
+            self.high = used
+
+    @property
+    def peak(self) -> int:
+        self.sample()
+        return int(self.high - self.start)
+
+
+@contextlib.contextmanager
+def gpu_memory_peak():
+    """Measure the peak of GPU memory held by CuPy's default memory pool inside
+    the ``with`` block (what the arrays of the block use: ``used_bytes()``, not
+    the pool's cached reserve). Yields an object whose ``peak`` is in bytes above
+    the level at entry. Allocations outside the pool (cuBLAS workspaces, the
+    CUDA context) are not counted."""
+    cp = cupy()
+    from cupy.cuda import memory_hook  # noqa: PLC0415  (CuPy stays confined to this module)
+
+    tracker = _PoolPeak(cp.get_default_memory_pool())
+
+    class _Hook(memory_hook.MemoryHook):
+        name = "npapprox_pool_peak"
+
+        def malloc_postprocess(self, **kwargs):
+            tracker.sample()
+
+    with _Hook():
+        yield tracker

@@ -11,17 +11,22 @@
 
 Dispatch (the functions below): NumPy arrays go to the compiled Cython kernels
 (:mod:`npapprox.kernels.cpu`, extension ``npapprox._quant``) when the extension
-imported; CuPy arrays go to the reference for now (a CUDA ``gpu.py`` comes
-later). One switch forces the reference everywhere, for the storage kernels and
-im2col alike: ``NPAPPROX_REFERENCE_KERNELS=1`` in the environment (read once, at
-import) or :func:`use_reference` (the same function as
-``npapprox.kernels.im2col.use_reference``). All implementations give identical
-bytes, so the switch changes speed, never results.
+imported; CuPy arrays go to the CUDA kernels (:mod:`npapprox.kernels.gpu`,
+``quant.cu`` compiled at run time by CuPy). One switch forces the reference
+everywhere, for the storage kernels and im2col alike:
+``NPAPPROX_REFERENCE_KERNELS=1`` in the environment (read once, at import) or
+:func:`use_reference` (the same function as ``npapprox.kernels.im2col.use_reference``).
+All implementations give identical bytes, so the switch changes speed, never
+results (one exception, on CuPy arrays only: CuPy's own elementwise kernels flush
+float32 subnormals to zero, so the reference run *on CuPy arrays* can differ from
+the contract where subnormals occur; the CUDA kernels of ``gpu.py`` do not flush).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from npapprox.backend import on_gpu
+from npapprox.kernels import gpu as _gpu                    # imports no CuPy until a kernel runs
 from npapprox.kernels import im2col as _switch            # holds the one reference switch
 from npapprox.kernels import reference
 from npapprox.kernels.im2col import use_reference
@@ -55,15 +60,20 @@ def compiled_available() -> bool:
 
 
 def _impl(a):
-    """The module that serves array ``a``: ``cpu`` or ``reference``."""
-    if _cpu is not None and not _switch._force_reference and isinstance(a, np.ndarray):
-        return _cpu
+    """The module that serves array ``a``: ``cpu`` (NumPy), ``gpu`` (CuPy) or ``reference``."""
+    if _switch._force_reference:
+        return reference
+    if isinstance(a, np.ndarray):
+        return reference if _cpu is None else _cpu
+    if on_gpu(a):
+        return _gpu
     return reference
 
 
 def implementation(a) -> str:
-    """``"cpu"`` or ``"reference"``: which implementation the dispatch picks for ``a``."""
-    return "cpu" if _impl(a) is _cpu else "reference"
+    """``"cpu"``, ``"gpu"`` or ``"reference"``: which implementation the dispatch picks for ``a``."""
+    impl = _impl(a)
+    return "cpu" if impl is _cpu else "gpu" if impl is _gpu else "reference"
 
 
 def paper_pack(y, k, s, bits):
@@ -103,6 +113,9 @@ def unpack_bits(packed, n, bits):
 
 def counter_uniform(n, seed, xp=np):
     """Counter-based noise ``r[i]`` in [0, 1) for ``i < n`` (lowbias32); ``xp`` picks NumPy or CuPy."""
-    if xp is np and _cpu is not None and not _switch._force_reference:
-        return _cpu.counter_uniform(n, seed)
+    if not _switch._force_reference:
+        if xp is np and _cpu is not None:
+            return _cpu.counter_uniform(n, seed)
+        if xp is not np:
+            return _gpu.counter_uniform(n, seed)
     return reference.counter_uniform(n, seed, xp=xp)

@@ -1,0 +1,529 @@
+/* quant.cu -- the storage kernels in CUDA (npapprox.kernels.gpu loads this file).
+ *
+ * The byte contract is npapprox/kernels/reference.py (docs/kernels.md): these
+ * kernels produce the SAME BYTES as the NumPy reference and the Cython kernels
+ * (src/_quant.pyx) for every input -- NaN, +-inf, -0.0, subnormals, empty and
+ * odd-sized arrays included.
+ *
+ * One file, two compilers:
+ *   * nvcc / NVRTC (CuPy RawModule, options --fmad=false -std=c++17; CuPy itself
+ *     appends -ftz=true, see "Float primitives" below): the kernels, nothing else;
+ *   * g++ as plain C++ with cuda_shim.h (-O2 -ffp-contract=off): the same
+ *     kernels become host functions, and the launchers at the bottom loop over
+ *     the grid, so tests/test_cuda.py compares their bytes with the reference on
+ *     a machine without a GPU.
+ *
+ * Rules the code keeps, so that the two builds and the reference agree:
+ *   * every float operation is float32 with one rounding, written as an npx_*
+ *     primitive (inline PTX on the device, plain C on the host): no fused
+ *     multiply-add and no flush-to-zero, whatever the compiler flags;
+ *   * clamps are min(max(u, lo), hi) with IEEE maxNum / minNum: a NaN u
+ *     becomes lo; float -> int conversions only see finite, clamped, integral
+ *     values; "v > 0" is decided from the bits;
+ *   * min / max per group run on integer order keys (order-independent; the
+ *     sign of a zero extreme is normalised by + 0.0f afterwards);
+ *   * threads never talk to each other: packing is one thread per output byte
+ *     (no atomics, no shared memory), reductions are written per thread to
+ *     arrays that the caller sums (non-finite counts) or combines in a second
+ *     kernel (partial min / max);
+ *   * every kernel checks its bounds; arrays are flat and C-contiguous; sizes
+ *     and indices are 64-bit (long long), scalars have explicit types.
+ *
+ * Kernel arguments (gpu.py passes NumPy scalars of exactly these types):
+ *   long long <-> np.int64, int <-> np.int32, unsigned int <-> np.uint32,
+ *   pointers <-> cupy arrays of float32 / int32 / uint8 / int64.
+ */
+#if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)
+#include "cuda_shim.h"
+#endif
+
+#define NPX_QNAN_BITS 0x7fc00000u   /* the quiet NaN of the contract (np.float32(np.nan)) */
+
+/* ------------------------------------------------------------------------- */
+/* Float primitives: one IEEE float32 operation each, round to nearest even,  */
+/* subnormal inputs and results KEPT.                                         */
+/*                                                                            */
+/* CUDA: inline PTX without the .ftz modifier. CuPy compiles every RawModule  */
+/* with -ftz=true, appended after the caller's options (so it wins over a     */
+/* --ftz=false), and under it __fadd_rn, fmaxf, ceilf, comparisons, ... all   */
+/* flush subnormals to zero: the bytes would then differ from the reference   */
+/* for tiny inputs (y = 1e-45 would get a negative code, a group with a       */
+/* subnormal range would lose its scale). PTX written out is immune to flags  */
+/* (--fmad, -ftz, --prec-div, --use_fast_math) and never fused.               */
+/* Host (cuda_shim.h): the same operations in plain C (-ffp-contract=off).    */
+/* ------------------------------------------------------------------------- */
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+static __device__ __forceinline__ float npx_add(float a, float b)
+{
+    float r;
+    asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+static __device__ __forceinline__ float npx_sub(float a, float b)
+{
+    float r;
+    asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+static __device__ __forceinline__ float npx_mul(float a, float b)
+{
+    float r;
+    asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+static __device__ __forceinline__ float npx_fdiv(float a, float b)
+{
+    float r;
+    asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+/* max.f32 / min.f32: a NaN operand yields the other operand (IEEE maxNum / minNum) */
+static __device__ __forceinline__ float npx_max(float a, float b)
+{
+    float r;
+    asm("max.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+static __device__ __forceinline__ float npx_min(float a, float b)
+{
+    float r;
+    asm("min.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+static __device__ __forceinline__ float npx_ceil(float a)
+{
+    float r;
+    asm("cvt.rpi.f32.f32 %0, %1;" : "=f"(r) : "f"(a));
+    return r;
+}
+static __device__ __forceinline__ float npx_floor(float a)
+{
+    float r;
+    asm("cvt.rmi.f32.f32 %0, %1;" : "=f"(r) : "f"(a));
+    return r;
+}
+#else
+static inline float npx_add(float a, float b) { return __fadd_rn(a, b); }
+static inline float npx_sub(float a, float b) { return __fsub_rn(a, b); }
+static inline float npx_mul(float a, float b) { return __fmul_rn(a, b); }
+static inline float npx_fdiv(float a, float b) { return __fdiv_rn(a, b); }
+static inline float npx_max(float a, float b) { return fmaxf(a, b); }
+static inline float npx_min(float a, float b) { return fminf(a, b); }
+static inline float npx_ceil(float a) { return ceilf(a); }
+static inline float npx_floor(float a) { return floorf(a); }
+#endif
+
+/* v > 0 from the bits (flag-independent): +0 < v <= +inf; false for -0.0 and NaN. */
+static __device__ __forceinline__ bool npx_positive(float v)
+{
+    return __float_as_uint(v) - 1u < 0x7f800000u;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Index helpers, the code layout, the hash, order keys                       */
+/* ------------------------------------------------------------------------- */
+static __device__ __forceinline__ long long npx_thread_index()
+{
+    return (long long)blockIdx.x * (long long)blockDim.x + (long long)threadIdx.x;
+}
+
+/* a / b for a >= 0, b >= 1; 32-bit division when both fit (much cheaper on a GPU). */
+static __device__ __forceinline__ long long npx_idiv(long long a, long long b)
+{
+    if ((((unsigned long long)a) | ((unsigned long long)b)) <= 0xffffffffull)
+        return (long long)((unsigned int)a / (unsigned int)b);
+    return a / b;
+}
+
+static __device__ __forceinline__ int npx_imin(int a, int b) { return a < b ? a : b; }
+static __device__ __forceinline__ int npx_imax(int a, int b) { return a > b ? a : b; }
+
+/* log2(8 / bits): value i lives in byte i >> npx_lg_values(bits). */
+static __device__ __forceinline__ int npx_lg_values(int bits)
+{
+    return bits == 8 ? 0 : bits == 4 ? 1 : bits == 2 ? 2 : 3;
+}
+
+/* The code of flat value i: bits [(i % V) * bits, ...) of byte i / V. */
+static __device__ __forceinline__ int npx_code_at(const unsigned char* __restrict__ packed,
+                                                  long long i, int bits)
+{
+    const int lg = npx_lg_values(bits);
+    const int lane = (int)(i & (long long)((1 << lg) - 1));
+    return (packed[i >> lg] >> (lane * bits)) & ((1 << bits) - 1);
+}
+
+/* NaN or +-inf: exponent bits all ones. */
+static __device__ __forceinline__ unsigned int npx_nonfinite(float v)
+{
+    return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u ? 1u : 0u;
+}
+
+/* Counter-based noise, lowbias32 of i * 0x9E3779B9 + seed (uint32 wraps), in [0, 1). */
+static __device__ __forceinline__ float npx_uniform(unsigned int i, unsigned int seed)
+{
+    unsigned int h = i * 0x9E3779B9u + seed;
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    h *= 0x846ca68bu;
+    h ^= h >> 16;
+    return npx_mul(__uint2float_rn(h >> 8), 5.9604644775390625e-08f);   /* exact: 24 bits * 2^-24 */
+}
+
+/* Integer order key of a float (bits <-> key is an involution), ordered like the floats. */
+static __device__ __forceinline__ int npx_key(float v)
+{
+    const int b = (int)__float_as_uint(v);
+    return b ^ ((b >> 31) & 0x7fffffff);
+}
+
+static __device__ __forceinline__ float npx_unkey(int key)
+{
+    return __uint_as_float((unsigned int)(key ^ ((key >> 31) & 0x7fffffff)));
+}
+
+/* The paper code of v (reference.paper_pack), literally: NB = 2^bits. */
+static __device__ __forceinline__ int npx_paper_code(float v, float k, int s, int nb)
+{
+    const float lim = (float)(nb + 1);
+    float u = npx_mul(v, k);
+    u = npx_min(npx_max(u, -lim), lim);          /* NaN -> -(NB + 1) */
+    int code = s - 1 + (int)npx_ceil(u);         /* u in (0, 1] -> s, (-1, 0] -> s - 1 */
+    code = npx_imin(npx_imax(code, 0), nb - 1);
+    return npx_positive(v) ? npx_imax(code, s) : npx_imin(code, s - 1);   /* exact mask; NaN: else */
+}
+
+/* The generic code of x (reference.generic_pack): floor(clamp((x - lo) * inv + r, 0, L + 1)), <= L. */
+static __device__ __forceinline__ int npx_generic_code(float x, float lo, float inv, float r, int levels)
+{
+    const float v = npx_mul(npx_sub(x, lo), inv);
+    float w = npx_add(v, r);
+    w = npx_min(npx_max(w, 0.0f), (float)(levels + 1));   /* NaN -> 0 */
+    return npx_imin((int)npx_floor(w), levels);
+}
+
+/* ------------------------------------------------------------------------- */
+/* Paper scheme ("BN window"), per channel: flat index i, channel (i / HW) % C */
+/* ------------------------------------------------------------------------- */
+
+/* One thread per output byte b (nbytes = ceil(n / V) threads): encodes values
+ * [b*V, b*V + V) and writes out[b] and nonfinite[b] (how many of them are NaN or
+ * +-inf; the caller sums the array). */
+extern "C" __global__ void npx_paper_pack(const float* __restrict__ y,     /* IN  (n,) */
+                                          const float* __restrict__ k,     /* IN  (C,) */
+                                          const int* __restrict__ s,       /* IN  (C,) in [1, NB-1] */
+                                          long long n, long long C, long long HW, int bits,
+                                          unsigned char* __restrict__ out,        /* OUT (nbytes,) */
+                                          unsigned char* __restrict__ nonfinite)  /* OUT (nbytes,) */
+{
+    const long long b = npx_thread_index();
+    const int lg = npx_lg_values(bits);
+    const int V = 1 << lg;
+    const long long nbytes = (n + V - 1) >> lg;
+    if (b >= nbytes)
+        return;
+    const int nb = 1 << bits;
+    long long i = b << lg;
+    const long long plane = npx_idiv(i, HW);
+    long long r = i - plane * HW;                 /* position inside the channel plane */
+    long long c = plane - npx_idiv(plane, C) * C;  /* plane % C */
+    unsigned int byte = 0, bad = 0;
+    for (int j = 0; j < V && i < n; ++j, ++i) {
+        const float v = y[i];
+        bad += npx_nonfinite(v);
+        byte |= (unsigned int)npx_paper_code(v, k[c], s[c], nb) << (j * bits);
+        if (++r == HW) {                          /* next channel plane */
+            r = 0;
+            if (++c == C)
+                c = 0;
+        }
+    }
+    out[b] = (unsigned char)byte;
+    nonfinite[b] = (unsigned char)bad;
+}
+
+/* One thread per element: out = (float(code - s) + 0.5) * step + off, +0.0 where relu and code < s. */
+extern "C" __global__ void npx_paper_decode(const unsigned char* __restrict__ packed,  /* IN  (nbytes,) */
+                                            const int* __restrict__ s,        /* IN  (C,) */
+                                            const float* __restrict__ step,   /* IN  (C,) */
+                                            const float* __restrict__ off,    /* IN  (C,) */
+                                            long long n, long long C, long long HW, int bits, int relu,
+                                            float* __restrict__ out)          /* OUT (n,) */
+{
+    const long long i = npx_thread_index();
+    if (i >= n)
+        return;
+    const long long plane = npx_idiv(i, HW);
+    const long long c = plane - npx_idiv(plane, C) * C;
+    const int code = npx_code_at(packed, i, bits);
+    const int sc = s[c];
+    const float t = npx_add(__int2float_rn(code - sc), 0.5f);
+    float v = npx_add(npx_mul(t, step[c]), off[c]);         /* two roundings, no FMA */
+    if (relu && code < sc)
+        v = 0.0f;
+    out[i] = v;
+}
+
+/* One thread per element: out = code >= s (bool storage: 0 or 1). */
+extern "C" __global__ void npx_paper_mask(const unsigned char* __restrict__ packed,  /* IN  (nbytes,) */
+                                          const int* __restrict__ s,          /* IN  (C,) */
+                                          long long n, long long C, long long HW, int bits,
+                                          unsigned char* __restrict__ out)    /* OUT (n,) */
+{
+    const long long i = npx_thread_index();
+    if (i >= n)
+        return;
+    const long long plane = npx_idiv(i, HW);
+    const long long c = plane - npx_idiv(plane, C) * C;
+    out[i] = npx_code_at(packed, i, bits) >= s[c] ? 1 : 0;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Generic per-group quantizer: group g = i / G (G <= n, the caller clamps)   */
+/* ------------------------------------------------------------------------- */
+
+/* Pass 1: partial min / max. Group g is split into nsub interleaved tasks
+ * (task t = g * nsub + j reads elements g*G + j, g*G + j + nsub, ...: adjacent
+ * threads read adjacent addresses); each writes its min / max order keys and
+ * its count of non-finite values. ntasks = ngroups * nsub threads. */
+extern "C" __global__ void npx_generic_minmax(const float* __restrict__ x,       /* IN  (n,) */
+                                              long long n, long long G, long long nsub, long long ntasks,
+                                              int* __restrict__ kmin,           /* OUT (ntasks,) */
+                                              int* __restrict__ kmax,           /* OUT (ntasks,) */
+                                              int* __restrict__ nonfinite)      /* OUT (ntasks,) */
+{
+    const long long t = npx_thread_index();
+    if (t >= ntasks)
+        return;
+    const long long g = npx_idiv(t, nsub);
+    const long long j = t - g * nsub;
+    const long long gs = g * G;
+    const long long ge = (n - gs < G) ? n : gs + G;
+    int mn = 0x7fffffff, mx = -0x7fffffff - 1, bad = 0;
+    for (long long i = gs + j; i < ge; i += nsub) {
+        const float v = x[i];
+        const int key = npx_key(v);
+        bad += (int)npx_nonfinite(v);
+        mn = key < mn ? key : mn;
+        mx = key > mx ? key : mx;
+    }
+    kmin[t] = mn;
+    kmax[t] = mx;
+    nonfinite[t] = bad;
+}
+
+/* Pass 2: per group, combine its nsub partials into lo, scale, inv (one thread
+ * per group). A group with a non-finite value gets lo = scale = NaN (0x7fc00000)
+ * and inv = 0 (all its codes 0). */
+extern "C" __global__ void npx_generic_params(const int* __restrict__ kmin,        /* IN  (ngroups*nsub,) */
+                                              const int* __restrict__ kmax,        /* IN  (ngroups*nsub,) */
+                                              const int* __restrict__ nonfinite,   /* IN  (ngroups*nsub,) */
+                                              long long ngroups, long long nsub, int bits,
+                                              float* __restrict__ lo,              /* OUT (ngroups,) */
+                                              float* __restrict__ scale,           /* OUT (ngroups,) */
+                                              float* __restrict__ inv,             /* OUT (ngroups,) */
+                                              long long* __restrict__ group_nonfinite)  /* OUT (ngroups,) */
+{
+    const long long g = npx_thread_index();
+    if (g >= ngroups)
+        return;
+    int mn = 0x7fffffff, mx = -0x7fffffff - 1;
+    long long bad = 0;
+    for (long long j = g * nsub; j < (g + 1) * nsub; ++j) {
+        mn = kmin[j] < mn ? kmin[j] : mn;
+        mx = kmax[j] > mx ? kmax[j] : mx;
+        bad += nonfinite[j];
+    }
+    group_nonfinite[g] = bad;
+    if (bad) {
+        lo[g] = __uint_as_float(NPX_QNAN_BITS);
+        scale[g] = __uint_as_float(NPX_QNAN_BITS);
+        inv[g] = 0.0f;
+        return;
+    }
+    const float levf = (float)((1 << bits) - 1);
+    const float fmn = npx_add(npx_unkey(mn), 0.0f);     /* -0.0 -> +0.0: order-independent bytes */
+    const float fmx = npx_add(npx_unkey(mx), 0.0f);
+    const float d = npx_sub(fmx, fmn);
+    lo[g] = fmn;
+    scale[g] = npx_fdiv(d, levf);
+    /* fmx != fmn, compared as bits (flag-independent; both finite, zeros are +0.0) */
+    inv[g] = __float_as_uint(fmx) != __float_as_uint(fmn) ? npx_fdiv(levf, d) : 0.0f;
+}
+
+/* Pass 3: one thread per output byte, values [b*V, b*V + V) with their group's
+ * lo and inv; stochastic rounding draws npx_uniform(i mod 2^32, seed). */
+extern "C" __global__ void npx_generic_encode(const float* __restrict__ x,        /* IN  (n,) */
+                                              const float* __restrict__ lo,       /* IN  (ngroups,) */
+                                              const float* __restrict__ inv,      /* IN  (ngroups,) */
+                                              long long n, long long G, int bits, int stochastic,
+                                              unsigned int seed,
+                                              unsigned char* __restrict__ out)    /* OUT (nbytes,) */
+{
+    const long long b = npx_thread_index();
+    const int lg = npx_lg_values(bits);
+    const int V = 1 << lg;
+    const long long nbytes = (n + V - 1) >> lg;
+    if (b >= nbytes)
+        return;
+    const int levels = (1 << bits) - 1;
+    long long i = b << lg;
+    long long g = npx_idiv(i, G);
+    long long r = i - g * G;                      /* position inside the group */
+    float glo = lo[g], ginv = inv[g];
+    unsigned int byte = 0;
+    for (int j = 0; j < V && i < n; ++j, ++i) {
+        const float noise = stochastic ? npx_uniform((unsigned int)i, seed) : 0.5f;
+        byte |= (unsigned int)npx_generic_code(x[i], glo, ginv, noise, levels) << (j * bits);
+        if (++r == G) {                           /* next group */
+            r = 0;
+            ++g;
+            if (i + 1 < n) {
+                glo = lo[g];
+                ginv = inv[g];
+            }
+        }
+    }
+    out[b] = (unsigned char)byte;
+}
+
+/* One thread per element: out = lo[g] + float(code) * scale[g] (two roundings). */
+extern "C" __global__ void npx_generic_decode(const unsigned char* __restrict__ packed,  /* IN  (nbytes,) */
+                                              const float* __restrict__ lo,       /* IN  (ngroups,) */
+                                              const float* __restrict__ scale,    /* IN  (ngroups,) */
+                                              long long n, long long G, int bits,
+                                              float* __restrict__ out)            /* OUT (n,) */
+{
+    const long long i = npx_thread_index();
+    if (i >= n)
+        return;
+    const long long g = npx_idiv(i, G);
+    const float code = __int2float_rn(npx_code_at(packed, i, bits));
+    out[i] = npx_add(lo[g], npx_mul(code, scale[g]));
+}
+
+/* ------------------------------------------------------------------------- */
+/* Bit packing and the noise                                                  */
+/* ------------------------------------------------------------------------- */
+
+/* One thread per output byte: out[b] = OR_j codes[b*V + j] << (j * bits), truncated
+ * to 8 bits (like the reference's uint8 shifts; codes should be < 2^bits). */
+extern "C" __global__ void npx_pack_bits(const unsigned char* __restrict__ codes,  /* IN  (n,) */
+                                         long long n, int bits,
+                                         unsigned char* __restrict__ out)          /* OUT (nbytes,) */
+{
+    const long long b = npx_thread_index();
+    const int lg = npx_lg_values(bits);
+    const int V = 1 << lg;
+    const long long nbytes = (n + V - 1) >> lg;
+    if (b >= nbytes)
+        return;
+    long long i = b << lg;
+    unsigned int byte = 0;
+    for (int j = 0; j < V && i < n; ++j, ++i)
+        byte |= (unsigned int)codes[i] << (j * bits);
+    out[b] = (unsigned char)byte;
+}
+
+/* One thread per element: codes[i] = (packed[i / V] >> ((i % V) * bits)) & (2^bits - 1). */
+extern "C" __global__ void npx_unpack_bits(const unsigned char* __restrict__ packed,  /* IN  (nbytes,) */
+                                           long long n, int bits,
+                                           unsigned char* __restrict__ codes)         /* OUT (n,) */
+{
+    const long long i = npx_thread_index();
+    if (i >= n)
+        return;
+    codes[i] = (unsigned char)npx_code_at(packed, i, bits);
+}
+
+/* One thread per element: out[i] = npx_uniform(i mod 2^32, seed). */
+extern "C" __global__ void npx_counter_uniform(long long n, unsigned int seed,
+                                               float* __restrict__ out)     /* OUT (n,) */
+{
+    const long long i = npx_thread_index();
+    if (i >= n)
+        return;
+    out[i] = npx_uniform((unsigned int)i, seed);
+}
+
+/* ------------------------------------------------------------------------- */
+/* Host build only: launchers that run a kernel over a (grid, block) geometry */
+/* (the tests call these through ctypes; any geometry that covers the work    */
+/* gives the same bytes, extra threads return at the bounds checks)           */
+/* ------------------------------------------------------------------------- */
+#if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)
+
+extern "C" int npx_host_abi_version(void) { return 1; }
+
+extern "C" void npx_host_paper_pack(unsigned int grid, unsigned int block, const float* y, const float* k,
+                                    const int* s, long long n, long long C, long long HW, int bits,
+                                    unsigned char* out, unsigned char* nonfinite)
+{
+    npx_host_launch(grid, block, [&] { npx_paper_pack(y, k, s, n, C, HW, bits, out, nonfinite); });
+}
+
+extern "C" void npx_host_paper_decode(unsigned int grid, unsigned int block, const unsigned char* packed,
+                                      const int* s, const float* step, const float* off, long long n,
+                                      long long C, long long HW, int bits, int relu, float* out)
+{
+    npx_host_launch(grid, block, [&] { npx_paper_decode(packed, s, step, off, n, C, HW, bits, relu, out); });
+}
+
+extern "C" void npx_host_paper_mask(unsigned int grid, unsigned int block, const unsigned char* packed,
+                                    const int* s, long long n, long long C, long long HW, int bits,
+                                    unsigned char* out)
+{
+    npx_host_launch(grid, block, [&] { npx_paper_mask(packed, s, n, C, HW, bits, out); });
+}
+
+extern "C" void npx_host_generic_minmax(unsigned int grid, unsigned int block, const float* x, long long n,
+                                       long long G, long long nsub, long long ntasks, int* kmin, int* kmax,
+                                       int* nonfinite)
+{
+    npx_host_launch(grid, block, [&] { npx_generic_minmax(x, n, G, nsub, ntasks, kmin, kmax, nonfinite); });
+}
+
+extern "C" void npx_host_generic_params(unsigned int grid, unsigned int block, const int* kmin,
+                                       const int* kmax, const int* nonfinite, long long ngroups,
+                                       long long nsub, int bits, float* lo, float* scale, float* inv,
+                                       long long* group_nonfinite)
+{
+    npx_host_launch(grid, block, [&] {
+        npx_generic_params(kmin, kmax, nonfinite, ngroups, nsub, bits, lo, scale, inv, group_nonfinite);
+    });
+}
+
+extern "C" void npx_host_generic_encode(unsigned int grid, unsigned int block, const float* x,
+                                       const float* lo, const float* inv, long long n, long long G, int bits,
+                                       int stochastic, unsigned int seed, unsigned char* out)
+{
+    npx_host_launch(grid, block, [&] { npx_generic_encode(x, lo, inv, n, G, bits, stochastic, seed, out); });
+}
+
+extern "C" void npx_host_generic_decode(unsigned int grid, unsigned int block, const unsigned char* packed,
+                                       const float* lo, const float* scale, long long n, long long G, int bits,
+                                       float* out)
+{
+    npx_host_launch(grid, block, [&] { npx_generic_decode(packed, lo, scale, n, G, bits, out); });
+}
+
+extern "C" void npx_host_pack_bits(unsigned int grid, unsigned int block, const unsigned char* codes,
+                                   long long n, int bits, unsigned char* out)
+{
+    npx_host_launch(grid, block, [&] { npx_pack_bits(codes, n, bits, out); });
+}
+
+extern "C" void npx_host_unpack_bits(unsigned int grid, unsigned int block, const unsigned char* packed,
+                                     long long n, int bits, unsigned char* codes)
+{
+    npx_host_launch(grid, block, [&] { npx_unpack_bits(packed, n, bits, codes); });
+}
+
+extern "C" void npx_host_counter_uniform(unsigned int grid, unsigned int block, long long n, unsigned int seed,
+                                         float* out)
+{
+    npx_host_launch(grid, block, [&] { npx_counter_uniform(n, seed, out); });
+}
+
+#endif /* host build */
