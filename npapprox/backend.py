@@ -10,6 +10,11 @@ import contextlib
 
 import numpy as np
 
+
+
+class DeviceError(RuntimeError):
+    """The GPU was asked for but CuPy or a CUDA device is missing."""
+
 _cupy = None
 _cupy_tried = False
 
@@ -31,7 +36,7 @@ def cupy():
     kernels in ``npapprox.kernels.gpu``); a clear error when it is missing."""
     cp = _try_cupy()
     if cp is None:
-        raise RuntimeError("this needs CuPy (and a CUDA GPU): pip install 'npapprox[gpu]'")
+        raise DeviceError("this needs CuPy (and a CUDA GPU): pip install 'npapprox[gpu]'")
     return cp
 
 
@@ -67,7 +72,7 @@ def to_device(x, device: str):
     if device == "gpu":
         cp = _try_cupy()
         if cp is None:
-            raise RuntimeError("device 'gpu' needs CuPy: pip install 'npapprox[gpu]'")
+            raise DeviceError("device 'gpu' needs CuPy: pip install 'npapprox[gpu]'")
         return cp.asarray(x)
     raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
 

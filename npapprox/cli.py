@@ -3,6 +3,7 @@
     npapprox train    one run: model, data, storage policy, optimizer, schedule
     npapprox compare  several storage policies (and seeds) from the same seed: table + plots
     npapprox memory   the ledger of one model and policy, and the largest batch under a budget
+    npapprox study    gradient-error study: approximate against exact gradients, per layer and over training
 
 ``npapprox <command> --help`` lists the options. Defaults train on the digits
 data that ship with scikit-learn, so every command runs offline."""
@@ -15,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+from .backend import DeviceError
 from .nn.zoo import MODEL_NAMES
 from .policy import POLICY_HELP
 
@@ -66,6 +68,7 @@ def _run_options(p):
                    help="evaluate BN with batch statistics, as the paper's code")
     p.add_argument("--preset", choices=["paper"], help="the paper's CIFAR protocol (ResNet-164, 64k iterations); "
                                                         "explicit options still override it")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="gpu needs CuPy (npapprox[gpu])")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -160,6 +163,28 @@ def _memory(args) -> int:
     return 0
 
 
+def _study(args) -> int:
+    from . import study  # noqa: PLC0415
+    from .policy import policy_from_name  # noqa: PLC0415
+
+    split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
+    policies = split(args.policies)
+    for p in policies + split(args.opt_policies):
+        policy_from_name(p)  # fail early on a bad name
+    cfg = study.StudyConfig(model=args.model, data=args.data, data_path=args.data_path, size=args.size,
+                            width=args.width, batch_size=args.batch_size, policies=policies, repeats=args.repeats,
+                            noise_batches=args.noise_batches, seed=args.seed, warmup=args.warmup, lr=args.lr,
+                            activations=split(args.activations), iterations=args.iterations, every=args.every,
+                            optimizers=split(args.optimizers), opt_policies=split(args.opt_policies),
+                            seeds=tuple(int(s) for s in split(args.seeds)), systematic=not args.no_systematic,
+                            out=args.out)
+    result = study.run(args.experiment, cfg)
+    results = result if args.experiment == "all" else {args.experiment: result}
+    files = [str(f) for r in results.values() for f in r["files"]]
+    print(f"\nwritten: {', '.join(files)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npapprox", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,6 +216,44 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "measured peak fits")
     m.add_argument("--verbose", action="store_true", help="every saved entry, not only the totals")
     m.add_argument("--json", default=None, help="also write the totals to this file")
+
+    from .study import DEFAULT_POLICIES as STUDY_POLICIES, EXPERIMENTS  # noqa: PLC0415
+    s = sub.add_parser("study", help="gradient-error study: approximate against exact gradients, with plots",
+                       description="Measure each storage policy's gradient against the exact one (relative "
+                       "L2 error, cosine, bias of stochastic rounding) per parameter and layer depth, against "
+                       "SGD's own minibatch noise. Experiments: depth (error against layer depth, one batch), "
+                       "activations (sigmoid/tanh/GELU in place of ReLU), training (error over exact training), "
+                       "optimizers (SGD/Adam/RMSprop trained with approximate gradients). See docs/study.md.")
+    s.add_argument("--experiment", default="depth", choices=list(EXPERIMENTS) + ["all"])
+    s.add_argument("--model", default=None, help=f"one of {', '.join(MODEL_NAMES)} (default resnet20; "
+                   "resnet8 for optimizers)")
+    s.add_argument("--width", type=_positive_int, default=None, help="base width of the model")
+    s.add_argument("--data", default="digits", choices=["digits", "cifar10", "cifar100"])
+    s.add_argument("--data-path", default=None, help="CIFAR archive (.tar.gz) or its folder")
+    s.add_argument("--size", type=_positive_int, default=None, help="resize/pad images to SIZE x SIZE")
+    s.add_argument("--batch-size", type=_positive_int, default=64)
+    s.add_argument("--policies", default=",".join(STUDY_POLICIES), help=f"comma-separated ({POLICY_HELP}); "
+                   "exact is always measured first (its error is 0)")
+    s.add_argument("--repeats", type=_positive_int, default=None,
+                   help="draws (seeds) of each stochastic policy (default 8; 4 for training)")
+    s.add_argument("--noise-batches", type=int, default=None, help="minibatches of the SGD-noise yardstick "
+                   "(default 16; 8 for training; below 2: no yardstick)")
+    s.add_argument("--no-systematic", action="store_true", help="depth: skip the error of the gradient "
+                   "averaged over the noise minibatches (saves one pass per policy and minibatch)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--warmup", type=int, default=0, help="depth, activations: exact SGD iterations before "
+                   "measuring (default 0: at initialisation)")
+    s.add_argument("--lr", type=_positive_float, default=0.1, help="SGD learning rate of warm-up and training")
+    s.add_argument("--activations", default="relu,sigmoid,tanh,gelu", help="activations: comma-separated")
+    s.add_argument("--iterations", type=_positive_int, default=None,
+                   help="training: iterations (default 400); optimizers: iterations per run (default 200)")
+    s.add_argument("--every", type=_positive_int, default=50, help="training: measure every N iterations")
+    s.add_argument("--optimizers", default="sgd:0.1,adam:0.003,rmsprop:0.001",
+                   help="optimizers: comma-separated name:lr")
+    s.add_argument("--opt-policies", default="exact,paper4,naive4", help="optimizers: policies to train with")
+    s.add_argument("--seeds", default="0,1", help="optimizers: comma-separated seeds")
+    s.add_argument("--out", default="runs/study", help="output folder (default runs/study; one subfolder "
+                   "per experiment)")
     return parser
 
 
@@ -204,8 +267,10 @@ def main(argv=None) -> int:
             return _train(args, parser)
         if args.command == "compare":
             return _compare(args, parser)
+        if args.command == "study":
+            return _study(args)
         return _memory(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, DeviceError) as e:
         print(f"npapprox {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

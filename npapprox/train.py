@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import nn, ops, optim
+from .backend import to_device
 from .data import batches, load_dataset
 from .policy import policy_from_name, storage_policy
 from .report import ledger
@@ -59,6 +60,7 @@ class TrainConfig:
     normalize: str = "image-mean"
     eval_batch_stats: bool = False       # evaluate with batch statistics, as the paper's code
     seed: int = 0
+    device: str = "cpu"                  # "gpu": model, optimizer state and batches on the GPU (CuPy)
     out: str | None = None
     checkpoint_every: int = 1            # epochs
 
@@ -77,6 +79,27 @@ class TrainConfig:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class _PeakProbe:
+    """Peak memory of one step: tracemalloc on the CPU, CuPy's pool on the GPU."""
+
+    def __init__(self, device: str):
+        self.device = device
+        if device == "gpu":
+            from .backend import gpu_memory_peak  # noqa: PLC0415
+            self.gpu = gpu_memory_peak()
+            self.tracker = self.gpu.__enter__()
+        else:
+            tracemalloc.start()
+
+    def stop(self) -> int:
+        if self.device == "gpu":
+            self.gpu.__exit__(None, None, None)
+            return int(self.tracker.peak)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
 
 
 def _atomic_pickle(obj, path: Path) -> None:
@@ -101,6 +124,9 @@ class Trainer:
             for _, m in self.model.named_modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval_batch_stats = True
+        if c.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {c.device!r}")
+        self.model.to(c.device)   # a clear error without CuPy; the optimizer state follows the parameters
         self.policy = policy_from_name(c.policy, seed=c.seed)
         self.per_epoch = -(-len(self.data.y_train) // c.batch_size)
         self.total = c.iterations if c.iterations is not None else c.epochs * self.per_epoch
@@ -148,8 +174,8 @@ class Trainer:
     def step(self, xb, yb) -> tuple[float, int]:
         self.optimizer.lr = self.schedule.lr_at(self.iteration)
         with storage_policy(self.policy):
-            logits = self.model(Tensor(xb))
-            loss = ops.cross_entropy(logits, yb)
+            logits = self.model(Tensor(to_device(xb, self.cfg.device)))
+            loss = ops.cross_entropy(logits, to_device(yb, self.cfg.device))
         value = loss.item()
         if not np.isfinite(value):
             raise NonFiniteLoss(f"iteration {self.iteration}: the loss is {value}; training stopped "
@@ -165,8 +191,8 @@ class Trainer:
         total, correct = 0.0, 0
         with no_grad():
             for i in range(0, len(y), batch_size):
-                logits = self.model(Tensor(x[i:i + batch_size]))
-                total += ops.cross_entropy(logits, y[i:i + batch_size]).item() * len(logits)
+                logits = self.model(Tensor(to_device(x[i:i + batch_size], self.cfg.device)))
+                total += ops.cross_entropy(logits, to_device(y[i:i + batch_size], self.cfg.device)).item() * len(logits)
                 correct += int((logits.numpy().argmax(axis=1) == y[i:i + batch_size]).sum())
         self.model.train()
         return total / len(y), correct / len(y)
@@ -176,7 +202,8 @@ class Trainer:
         c = self.cfg
         xb, yb = self.data.x_train[:c.batch_size], self.data.y_train[:c.batch_size]
         state = self.model.state_dict()                   # the ledger's forward updates BN statistics
-        led = ledger(self.model, xb, yb, policy_from_name(c.policy, seed=c.seed))
+        led = ledger(self.model, to_device(xb, c.device), to_device(yb, c.device),
+                     policy_from_name(c.policy, seed=c.seed))
         self.model.load_state_dict(state)
         return led.activation_stored
 
@@ -209,13 +236,12 @@ class Trainer:
                         break
                     measure = peak is None  # the first step of an epoch measures the peak
                     if measure:
-                        tracemalloc.start()
+                        probe = _PeakProbe(c.device)
                     t0 = time.perf_counter()
                     loss, right = self.step(xb, yb)
                     dt = time.perf_counter() - t0
                     if measure:
-                        peak = tracemalloc.get_traced_memory()[1]
-                        tracemalloc.stop()
+                        peak = probe.stop()
                     else:  # a traced step is slower: it is not counted in the wall-clock
                         self.train_time += dt
                         acc["timed"] += dt

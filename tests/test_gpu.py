@@ -324,3 +324,20 @@ def test_measured_gpu_peak_is_lower_under_paper4(cp):
     exact = min(measure_peak(model, x, t, Exact()) for _ in range(2))
     paper = max(measure_peak(model, x, t, Paper(4)) for _ in range(2))
     assert 0 < paper < 0.85 * exact, f"GPU pool peak Paper(4) {paper:,} B vs Exact {exact:,} B"
+
+
+def test_train_command_on_the_gpu(tmp_path, capsys):
+    """`npapprox train --device gpu`: a few iterations, metrics written, loss finite, and the
+    same first-step loss as on the CPU (same seed, same batch)."""
+    import json  # noqa: PLC0415
+
+    from npapprox import cli  # noqa: PLC0415
+
+    rows = {}
+    for device in ("cpu", "gpu"):
+        out = tmp_path / device
+        assert cli.main(["train", "--model", "resnet8", "--width", "8", "--iterations", "3", "--batch-size", "64",
+                         "--policy", "paper4", "--device", device, "--out", str(out), "--quiet"]) == 0
+        rows[device] = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert len(rows["gpu"]) == 3 and all(np.isfinite(r["loss"]) for r in rows["gpu"])
+    assert abs(rows["gpu"][0]["loss"] - rows["cpu"][0]["loss"]) < 1e-4 * abs(rows["cpu"][0]["loss"])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from npapprox import cli
+from npapprox.backend import gpu_available
 from npapprox.report import measure_peak
 from npapprox.train import CHECKPOINT, NonFiniteLoss, Trainer, TrainConfig
 
@@ -188,3 +189,9 @@ def test_paper_preset_is_the_papers_protocol():
             cfg.momentum, cfg.augment, cfg.normalize) == ("resnet164", 128, 64000, "paper", 2e-4, "kernels",
                                                           0.9, True, "image-mean")
     assert dataclasses.replace(cfg, lr=0.05).lr == 0.05
+
+
+@pytest.mark.skipif(gpu_available(), reason="a GPU is present: --device gpu is exercised in test_gpu.py")
+def test_cli_device_gpu_without_cupy_is_a_clear_error(capsys):
+    assert cli.main(["train", "--device", "gpu", "--iterations", "1", "--quiet"]) == 2
+    assert "needs CuPy" in capsys.readouterr().err
