@@ -42,7 +42,7 @@ def summarize(runs, policies, seeds) -> str:
     for p in policies:
         stored = _final(runs, p, seeds, "stored_bytes")
         rows.append(f"| {p} | {_fmt(_final(runs, p, seeds, 'test_acc'))} | "
-                    f"{_fmt(_final(runs, p, seeds, 'train_loss'))} | {stored.mean() / 2**20:.2f} | "
+                    f"{_fmt(_final(runs, p, seeds, 'train_loss'), 1, 4)} | {stored.mean() / 2**20:.2f} | "
                     f"{base / stored.mean():.2f}x | {_fmt(_final(runs, p, seeds, 'peak_bytes'), 2**-20, 1)} | "
                     f"{_fmt(_final(runs, p, seeds, 'images_per_s'), 1, 0)} | {_fmt(_final(runs, p, seeds, 'time'), 1, 1)} |")
     n = f"{len(seeds)} seeds ({', '.join(map(str, seeds))}): mean ± sample std" if len(seeds) > 1 else f"seed {seeds[0]}"
