@@ -1,10 +1,38 @@
 """Pre-activation ResNets (He et al. 2016, "Identity mappings in deep residual networks")."""
 from __future__ import annotations
 
+import contextlib
+
 from .. import ops
-from ..policy import Exact
+from ..policy import Exact, storage_policy
 from .layers import BatchNorm2d, Conv2d, Linear
 from .module import Module, Sequential
+
+
+ACTIVATIONS = {"relu": ops.relu, "sigmoid": ops.sigmoid, "tanh": ops.tanh, "gelu": ops.gelu}
+
+
+def _check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    return activation
+
+
+def _bn(channels: int, activation: str) -> BatchNorm2d:
+    """The BN of a unit: fused with the ReLU (one stored unit) for ``"relu"``,
+    plain BN (its activation applied after it by ``_unit``) otherwise."""
+    return BatchNorm2d(channels, relu=activation == "relu")
+
+
+def _unit(owner, bn, x):
+    """act(bn(x)): one fused BN -> ReLU op for ``"relu"``; otherwise BN, then the
+    activation op (under the BN module's storage override, if it has one, so an
+    exactly stored last unit stays exact)."""
+    h = bn(x)
+    if owner.activation == "relu":
+        return h
+    with storage_policy(bn.storage) if bn.storage is not None else contextlib.nullcontext():
+        return ACTIVATIONS[owner.activation](h)
 
 
 class PreActBlock(Module):
@@ -15,19 +43,25 @@ class PreActBlock(Module):
 
     shortcut = x when shapes agree; otherwise ``"pad"`` (the paper's): average
     pooling of x with stride s and zero channels appended, parameter-free; or
-    ``"projection"``: a strided 1x1 conv of h (it reads the same h as conv1)."""
+    ``"projection"``: a strided 1x1 conv of h (it reads the same h as conv1).
 
-    def __init__(self, cin: int, cout: int, stride: int = 1, shortcut: str = "pad"):
+    ``activation``: ``"relu"`` (fused BN -> ReLU units, what the paper's scheme
+    compresses) or ``"sigmoid"``, ``"tanh"``, ``"gelu"`` in its place (plain BN,
+    then the activation op; stored by the generic quantizer). The parameter and
+    buffer names are the same for every activation."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, shortcut: str = "pad", activation: str = "relu"):
         super().__init__()
-        self.bn1 = BatchNorm2d(cin, relu=True)
+        self.activation = _check_activation(activation)
+        self.bn1 = _bn(cin, activation)
         self.conv1 = Conv2d(cin, cout, 3, stride=stride, padding=1)
-        self.bn2 = BatchNorm2d(cout, relu=True)
+        self.bn2 = _bn(cout, activation)
         self.conv2 = Conv2d(cout, cout, 3, stride=1, padding=1)
         _init_shortcut(self, cin, cout, stride, shortcut)
 
     def forward(self, x):
-        h = self.bn1(x)                                  # BN -> ReLU unit
-        out = self.conv2(self.bn2(self.conv1(h)))
+        h = _unit(self, self.bn1, x)                     # BN -> ReLU unit
+        out = self.conv2(_unit(self, self.bn2, self.conv1(h)))
         return ops.add(out, _shortcut(self, x, h))
 
 
@@ -38,22 +72,23 @@ class PreActBottleneck(Module):
         out = conv3(relu(bn3(conv2(relu(bn2(conv1(h))))))) + shortcut
         conv1: 1x1 cin -> w;  conv2: 3x3 w -> w, stride s;  conv3: 1x1 w -> cout
 
-    Shortcuts as in ``PreActBlock``."""
+    Shortcuts and ``activation`` as in ``PreActBlock``."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1, shortcut: str = "pad"):
+    def __init__(self, cin: int, cout: int, stride: int = 1, shortcut: str = "pad", activation: str = "relu"):
         super().__init__()
         w = cout // 4
-        self.bn1 = BatchNorm2d(cin, relu=True)
+        self.activation = _check_activation(activation)
+        self.bn1 = _bn(cin, activation)
         self.conv1 = Conv2d(cin, w, 1)
-        self.bn2 = BatchNorm2d(w, relu=True)
+        self.bn2 = _bn(w, activation)
         self.conv2 = Conv2d(w, w, 3, stride=stride, padding=1)
-        self.bn3 = BatchNorm2d(w, relu=True)
+        self.bn3 = _bn(w, activation)
         self.conv3 = Conv2d(w, cout, 1)
         _init_shortcut(self, cin, cout, stride, shortcut)
 
     def forward(self, x):
-        h = self.bn1(x)
-        out = self.conv3(self.bn3(self.conv2(self.bn2(self.conv1(h)))))
+        h = _unit(self, self.bn1, x)
+        out = self.conv3(_unit(self, self.bn3, self.conv2(_unit(self, self.bn2, self.conv1(h)))))
         return ops.add(out, _shortcut(self, x, h))
 
 
@@ -88,11 +123,15 @@ class PreActResNet(Module):
     Input (N, in_channels, H, W) with H and W divisible by 4. Every BN is fused
     with the ReLU after it (one stored unit); the last unit is stored exactly
     (``exact_last_unit``), the first conv's input is the network input (a leaf,
-    always exact)."""
+    always exact). ``activation``: ``"relu"`` (default) or ``"sigmoid"``,
+    ``"tanh"``, ``"gelu"`` in place of every ReLU (see ``PreActBlock``; same
+    ``state_dict`` keys)."""
 
     def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: int = 16,
-                 shortcut: str = "pad", exact_last_unit: bool = True, block: str = "basic"):
+                 shortcut: str = "pad", exact_last_unit: bool = True, block: str = "basic",
+                 activation: str = "relu"):
         super().__init__()
+        self.activation = _check_activation(activation)
         if block not in ("basic", "bottleneck"):
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
         per = 6 if block == "basic" else 9
@@ -107,10 +146,10 @@ class PreActResNet(Module):
         for stage, cout in enumerate((grow * width, 2 * grow * width, 4 * grow * width)):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(make(cin, cout, stride, shortcut))
+                blocks.append(make(cin, cout, stride, shortcut, activation))
                 cin = cout
         self.blocks = Sequential(*blocks)
-        self.bn = BatchNorm2d(cin, relu=True)
+        self.bn = _bn(cin, activation)
         if exact_last_unit:  # the paper keeps the last unit before pooling in full precision
             self.bn.storage = Exact()
         self.fc = Linear(cin, num_classes)
@@ -124,7 +163,7 @@ class PreActResNet(Module):
             raise ValueError(f"input height and width must be divisible by 4 (two stride-2 stages), "
                              f"got {tuple(x.shape[2:])}")
         h = self.blocks(self.conv(x))
-        return self.fc(ops.global_avg_pool2d(self.bn(h)))
+        return self.fc(ops.global_avg_pool2d(_unit(self, self.bn, h)))
 
 
 def preact_resnet20(**kwargs) -> PreActResNet:

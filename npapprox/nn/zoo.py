@@ -35,15 +35,16 @@ def _positive_int(name, value):
 
 
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3, input_size=32, width: int | None = None,
-                shortcut: str | None = None, **options):
+                shortcut: str | None = None, activation: str | None = None, **options):
     """The model called ``name`` (one of ``MODEL_NAMES``) for ``num_classes``
     classes and inputs (N, in_channels, H, W), ``input_size`` = H = W or (H, W).
 
     ``width``: the network's base width (see the module docstring; None: the
     standard one). ``shortcut``: "pad" (the paper's, default) or "projection",
-    ResNets only. Further ``options`` go to the constructor (e.g.
-    ``exact_pool_units`` or ``classifier`` for VGG, ``compression`` for
-    DenseNet, ``exact_last_unit``)."""
+    ResNets only. ``activation``: "relu" (default), or "sigmoid", "tanh", "gelu"
+    in place of every ReLU, ResNets only (see ``PreActBlock``). Further
+    ``options`` go to the constructor (e.g. ``exact_pool_units`` or
+    ``classifier`` for VGG, ``compression`` for DenseNet, ``exact_last_unit``)."""
     key = name.lower() if isinstance(name, str) else name
     if key not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
@@ -54,13 +55,16 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, input_si
     size = _size_pair("build_model", input_size)
     if shortcut is not None and key not in _RESNETS:
         raise ValueError(f"build_model: shortcut applies to ResNets only, not to {key}")
+    if activation is not None and activation != "relu" and key not in _RESNETS:
+        raise ValueError(f"build_model: activation {activation!r} applies to ResNets only, not to {key}")
     if key in _RESNETS:
         depth, block = _RESNETS[key]
         if size[0] % 4 or size[1] % 4:
             raise ValueError(f"{key} needs input height and width divisible by 4 (two stride-2 stages), "
                              f"got input_size {size} (pad or resize the images)")
         return PreActResNet(depth=depth, num_classes=num_classes, in_channels=in_channels,
-                            width=16 if width is None else width, shortcut=shortcut or "pad", block=block, **options)
+                            width=16 if width is None else width, shortcut=shortcut or "pad", block=block,
+                            activation=activation or "relu", **options)
     if key in _VGGS:
         return VGG(key, num_classes=num_classes, in_channels=in_channels, input_size=size,
                    width_mult=1.0 if width is None else width / 64, **options)
