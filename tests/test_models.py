@@ -23,15 +23,9 @@ from npapprox import Tensor, nn, no_grad, ops
 from npapprox.policy import PARAM, STAT, UNIT, Exact, Generic, Paper, storage_policy
 from npapprox.report import ledger
 
+from model_oracle import against_torch, close  # noqa: E402,F401  (tests/ is on sys.path)
+
 F32 = np.float32
-
-
-def close(a, b, rtol, atol, what=""):
-    """|a - b| <= rtol |b| + atol max|b| (atol relative to the reference's scale)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    assert a.shape == b.shape, f"{what}: shape {a.shape} != {b.shape}"
-    scale = float(np.abs(b).max()) if b.size else 0.0
-    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * scale + 1e-30, err_msg=what)
 
 
 def _x(shape, seed=0):
@@ -111,65 +105,13 @@ def test_zoo_structure_and_options():
 # --------------------------------------------------------------------------- #
 # 2. Against PyTorch mirrors
 # --------------------------------------------------------------------------- #
-def _randomise_bn(model, rng):
-    """Non-trivial gamma/beta/running stats so that every BN term is exercised."""
-    for _, mod in model.named_modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            c = mod.channels
-            mod.weight.data[...] = rng.uniform(0.5, 1.5, c)
-            mod.bias.data[...] = 0.1 * rng.standard_normal(c)
-            mod.running_mean[...] = 0.1 * rng.standard_normal(c)
-            mod.running_var[...] = rng.uniform(0.5, 1.5, c)
-    model.fc.bias.data[...] = 0.1 * rng.standard_normal(model.fc.bias.shape)
-
-
-def _against_torch(torch, model, tmodel, x, classes=10, seed=4):
-    """Copy model's weights into tmodel by state_dict name, then compare a training
-    forward + backward (logits, loss, every gradient, running statistics) and an eval forward."""
-    rng = np.random.default_rng(seed)
-    _randomise_bn(model, rng)
-    sd = model.state_dict()
-    tkeys = {k for k in tmodel.state_dict() if not k.endswith("num_batches_tracked")}
-    assert tkeys == set(sd), f"structure differs: {sorted(tkeys ^ set(sd))}"
-    for k, v in tmodel.state_dict().items():
-        if k in sd:
-            assert tuple(v.shape) == sd[k].shape, k
-    tmodel.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, strict=False)
-    model.train()
-    tmodel.train()
-    labels = rng.integers(0, classes, x.shape[0])
-
-    logits = model(Tensor(x))
-    loss = ops.cross_entropy(logits, labels)
-    loss.backward()
-    tx = torch.from_numpy(x)
-    tlogits = tmodel(tx)
-    tloss = torch.nn.functional.cross_entropy(tlogits, torch.from_numpy(labels))
-    tloss.backward()
-
-    close(logits.data, tlogits.detach().numpy(), 1e-4, 1e-5, "logits")
-    close(loss.data, tloss.detach().numpy(), 1e-5, 0, "loss")
-    tparams = dict(tmodel.named_parameters())
-    assert {n for n, _ in model.named_parameters()} == set(tparams)
-    for name, p in model.named_parameters():
-        assert p.grad is not None, f"{name} got no gradient"
-        close(p.grad, tparams[name].grad.numpy(), 5e-4, 5e-5, f"gradient of {name}")
-    tbuffers = dict(tmodel.named_buffers())
-    for name, buf in model.named_buffers():
-        close(buf, tbuffers[name].numpy(), 1e-4, 1e-5, f"buffer {name} after one training forward")
-    model.eval()
-    tmodel.eval()
-    with no_grad(), torch.no_grad():
-        close(model(Tensor(x)).data, tmodel(tx).numpy(), 1e-4, 1e-5, "eval logits")
-
-
 @pytest.mark.parametrize("classifier", ["avg", "flatten"])
 def test_vgg_vs_torch(torch, classifier):
     model = small_vgg(classifier)
     from torch_models import TorchVGG  # imports torch: only after the fixture provided it
 
     tmodel = TorchVGG(nn.VGG_CONFIGS["vgg11"], 10, 3, 32, 1 / 8, classifier)
-    _against_torch(torch, model, tmodel, _x((4, 3, 32, 32), 5))
+    against_torch(torch, model, tmodel, _x((4, 3, 32, 32), 5))
 
 
 def test_densenet_bc_vs_torch(torch):
@@ -177,7 +119,7 @@ def test_densenet_bc_vs_torch(torch):
     from torch_models import TorchDenseNetBC
 
     tmodel = TorchDenseNetBC(depth=16, k=4, compression=0.5, num_classes=10, in_channels=3)
-    _against_torch(torch, model, tmodel, _x((4, 3, 8, 8), 6))
+    against_torch(torch, model, tmodel, _x((4, 3, 8, 8), 6))
 
 
 @pytest.mark.parametrize("shortcut,depth", [("pad", 11), ("projection", 11), ("pad", 20)])
@@ -188,7 +130,7 @@ def test_bottleneck_resnet_vs_torch(torch, shortcut, depth):
     from torch_models import TorchPreActBottleneckResNet
 
     tmodel = TorchPreActBottleneckResNet(depth, 10, 3, 4, shortcut)
-    _against_torch(torch, model, tmodel, _x((4, 3, 8, 8), 7))
+    against_torch(torch, model, tmodel, _x((4, 3, 8, 8), 7))
 
 
 # --------------------------------------------------------------------------- #
