@@ -195,3 +195,19 @@ def test_paper_preset_is_the_papers_protocol():
 def test_cli_device_gpu_without_cupy_is_a_clear_error(capsys):
     assert cli.main(["train", "--device", "gpu", "--iterations", "1", "--quiet"]) == 2
     assert "needs CuPy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("data, make", [("cifar10", "make_cifar10"), ("cifar100", "make_cifar100")])
+def test_cli_trains_on_a_cifar_archive(tmp_path, capsys, data, make):
+    """End to end on small archives in the exact CIFAR format: load, augment, train, evaluate."""
+    import cifar_archive  # noqa: PLC0415  (tests/ is on sys.path)
+
+    archive = getattr(cifar_archive, make)(tmp_path)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", data, "--data-path", str(archive), "--model", "resnet8", "--width", "4",
+                     "--iterations", "3", "--batch-size", "8", "--augment", "--policy", "paper4",
+                     "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert f"resnet8 on {data}" in text and "32x32x3" in text
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["iteration"] == 3 and np.isfinite(row["train_loss"]) and 0 <= row["test_acc"] <= 1
