@@ -105,10 +105,10 @@ class GenericPacked(Stored):
 # BN -> ReLU units: one stored object from which the unit's backward (mask,
 # xhat) and every consumer of its output h = relu(y) rebuild what they need.
 # --------------------------------------------------------------------------- #
-def bn_affine(x3, mu, inv_sigma, gamma, beta):
-    """y = (x - mu) * (gamma * inv_sigma) + beta on (N, C, HW) arrays: the one
-    expression for BN's output, so a recomputation is bit-identical."""
-    return (x3 - mu[:, None]) * (gamma * inv_sigma)[:, None] + beta[:, None]
+def bn_affine(d, inv_sigma, gamma, beta):
+    """y = d * (gamma * inv_sigma) + beta with d = x - mu, on (N, C, HW) arrays:
+    the one expression for BN's output, so a recomputation is bit-identical."""
+    return d * (gamma * inv_sigma)[:, None] + beta[:, None]
 
 
 class Unit(Stored):
@@ -135,11 +135,12 @@ class ExactUnit(Unit):
     and h are recomputed exactly as the forward computed them. One float32 tensor
     per unit: the paper's exact baseline."""
 
-    __slots__ = ("x", "mu", "inv_sigma", "gamma", "beta")
+    __slots__ = ("x", "mu", "inv_sigma", "gamma", "beta", "_y")
 
     def __init__(self, x, mu, inv_sigma, gamma, beta):
         self.x, self.mu, self.inv_sigma, self.gamma, self.beta = x, mu, inv_sigma, gamma, beta
         self.shape, self.dtype = tuple(x.shape), x.dtype
+        self._y = None
 
     form = property(lambda self: str(self.dtype))
     bits = property(lambda self: 8 * self.dtype.itemsize)
@@ -153,12 +154,23 @@ class ExactUnit(Unit):
     def xhat(self):
         return ((self._x3() - self.mu[:, None]) * self.inv_sigma[:, None]).reshape(self.shape)
 
-    def pre_relu(self):
-        """y = gamma * xhat + beta, bit-identical to the forward's."""
-        return bn_affine(self._x3(), self.mu, self.inv_sigma, self.gamma, self.beta).reshape(self.shape)
+    def pre_relu(self, keep: bool = True):
+        """y = gamma * xhat + beta, bit-identical to the forward's. Kept (``keep``)
+        from the first call in backward (a consumer asking for h) to the unit's own
+        backward (asking for the mask), which follows soon after: one
+        recomputation, not two."""
+        y = self._y
+        if y is None:
+            d = self._x3() - self.mu[:, None]
+            y = bn_affine(d, self.inv_sigma, self.gamma, self.beta).reshape(self.shape)
+            if keep:
+                self._y = y
+        return y
 
     def mask(self):
-        return self.pre_relu() > 0
+        mask = self.pre_relu() > 0
+        self._y = None  # the unit's backward is the last reader
+        return mask
 
     def h(self):
         y = self.pre_relu()

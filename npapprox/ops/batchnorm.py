@@ -59,9 +59,10 @@ def _normalize(ctx, x, gamma, beta, *, running_mean=None, running_var=None, use_
             running_var += momentum * var * (m / max(m - 1, 1))
     else:
         mu, var = running_mean.astype(x.dtype), running_var.astype(x.dtype)
+        d = x3 - mu[:, None]
     inv_sigma = (1.0 / array_module(x).sqrt(var + eps)).astype(x.dtype)   # (C,)
     ctx.use_batch_stats = use_batch_stats
-    return bn_affine(x3, mu, inv_sigma, gamma, beta).reshape(x.shape), mu, inv_sigma
+    return bn_affine(d, inv_sigma, gamma, beta).reshape(x.shape), mu, inv_sigma
 
 
 def _bn_backward(ctx, gy, xhat, gamma, inv_sigma):
