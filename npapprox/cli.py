@@ -72,26 +72,35 @@ def _run_options(p):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _config(args, parser, policy, seed, out):
+def _typed(argv) -> set:
+    """The option names the user actually typed (parsed again with every default
+    suppressed), so a preset yields only to those, even when a typed value equals
+    the option's default."""
+    parser = build_parser()
+    for sub in parser.subcommands.values():
+        for action in sub._actions:  # argparse has no public list of a parser's options
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def _config(args, policy, seed, out):
     from .train import TrainConfig  # noqa: PLC0415
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields}
-    if args.preset == "paper":
-        defaults = vars(parser.parse_args([args.command]))  # what the user did not type stays the paper's
-        explicit = {k: v for k, v in given.items() if v != defaults.get(k)}
-        cfg = TrainConfig.paper(**explicit)
+    if args.preset == "paper":  # what the user did not type stays the paper's
+        cfg = TrainConfig.paper(**{k: v for k, v in given.items() if k in args.typed})
     else:
         cfg = TrainConfig(**given)
     return dataclasses.replace(cfg, policy=policy, seed=seed, out=out)
 
 
-def _train(args, parser) -> int:
+def _train(args) -> int:
     from .policy import policy_from_name  # noqa: PLC0415
     from .train import NonFiniteLoss, Trainer  # noqa: PLC0415
 
     policy_from_name(args.policy)  # fail early on a bad name
-    cfg = _config(args, parser, args.policy, args.seed, args.out)
+    cfg = _config(args, args.policy, args.seed, args.out)
     trainer = Trainer(cfg, progress=not args.quiet)
     if args.resume:
         trainer.resume()
@@ -108,7 +117,7 @@ def _train(args, parser) -> int:
     return 0
 
 
-def _compare(args, parser) -> int:
+def _compare(args) -> int:
     from . import compare  # noqa: PLC0415
     from .policy import policy_from_name  # noqa: PLC0415
 
@@ -120,7 +129,7 @@ def _compare(args, parser) -> int:
     runs = {}
     for policy in policies:
         for seed in seeds:
-            cfg = _config(args, parser, policy, seed, str(out / policy / f"seed{seed}"))
+            cfg = _config(args, policy, seed, str(out / policy / f"seed{seed}"))
             print(f"== {policy}, seed {seed}", flush=True)
             runs[(policy, seed)] = compare.run_one(cfg, progress=not args.quiet)
     table = compare.summarize(runs, policies, seeds)
@@ -254,19 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", default="0,1", help="optimizers: comma-separated seeds")
     s.add_argument("--out", default="runs/study", help="output folder (default runs/study; one subfolder "
                    "per experiment)")
+    parser.subcommands = {"train": t, "compare": c, "memory": m, "study": s}
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.typed = _typed(sys.argv[1:] if argv is None else argv)
     if args.command in ("train", "compare") and args.iterations is None and args.epochs is None:
         parser.error("give --epochs or --iterations")
     try:
         if args.command == "train":
-            return _train(args, parser)
+            return _train(args)
         if args.command == "compare":
-            return _compare(args, parser)
+            return _compare(args)
         if args.command == "study":
             return _study(args)
         return _memory(args)

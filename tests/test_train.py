@@ -211,3 +211,21 @@ def test_cli_trains_on_a_cifar_archive(tmp_path, capsys, data, make):
     assert f"resnet8 on {data}" in text and "32x32x3" in text
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["iteration"] == 3 and np.isfinite(row["train_loss"]) and 0 <= row["test_acc"] <= 1
+
+
+def test_preset_yields_only_to_options_the_user_typed():
+    """--preset paper keeps the paper's values for everything not typed, and a typed
+    value wins even when it equals the option's ordinary default (resnet20, --lr 0.1)."""
+    parse = cli.build_parser().parse_args
+
+    def config(argv):
+        args = parse(argv)
+        args.typed = cli._typed(argv)
+        return cli._config(args, "exact", 0, None)
+
+    paper = config(["train", "--preset", "paper"])
+    assert (paper.model, paper.iterations, paper.schedule, paper.batch_size) == ("resnet164", 64000, "paper", 128)
+    typed = config(["train", "--preset", "paper", "--model", "resnet20", "--batch-size", "64"])
+    assert (typed.model, typed.batch_size, typed.schedule) == ("resnet20", 64, "paper")
+    plain = config(["train"])
+    assert (plain.model, plain.schedule, plain.batch_size) == ("resnet20", "cosine", 64)
