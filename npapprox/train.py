@@ -169,6 +169,13 @@ class Trainer:
         self.policy.load_state_dict(state["policy"])
         self.iteration, self.train_time, self.history = state["iteration"], state["train_time"], state["history"]
         self.epoch_stats = state["epoch_stats"]
+        # the logs may run past the checkpoint (a crash after it): cut them back to it
+        steps = self.out / "steps.jsonl"
+        if steps.exists():
+            kept = [line for line in steps.read_text().splitlines()
+                    if line and json.loads(line)["iteration"] <= self.iteration]
+            steps.write_text("".join(line + "\n" for line in kept))
+        (self.out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in self.history))
 
     # --- one step, evaluation ------------------------------------------------------
     def step(self, xb, yb) -> tuple[float, int]:
@@ -222,7 +229,10 @@ class Trainer:
         bar = tqdm(total=self.total, initial=self.iteration, unit="it", disable=not self.progress,
                    desc=f"{c.model} {c.policy}", dynamic_ncols=True, leave=False)
         interrupted = []
-        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+        try:  # only the main thread may set a handler; elsewhere Ctrl-C is not deferred
+            previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+        except ValueError:
+            previous = None
         try:
             while self.iteration < self.total and not interrupted:
                 epoch, start = divmod(self.iteration, self.per_epoch)
@@ -259,7 +269,8 @@ class Trainer:
                 if acc["seen"] and (self.iteration % self.per_epoch == 0 or self.iteration >= self.total):
                     self._end_epoch(epoch, peak, stored)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
             bar.close()
             if steps_log:
                 steps_log.close()

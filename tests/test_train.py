@@ -74,6 +74,8 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     with open(tmp_path / "cut" / CHECKPOINT, "rb") as f:
         assert pickle.load(f)["iteration"] == 23
 
+    with open(tmp_path / "cut" / "steps.jsonl", "a") as f:   # as if a crash had followed steps
+        f.write(json.dumps({"iteration": 24, "loss": 9.0, "time": 0.0}) + "\n")   # that no checkpoint kept
     second = Trainer(cfg, progress=False, log=lambda *_: None)
     second.resume()
     second.run()
@@ -83,6 +85,12 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
         assert np.array_equal(a[k], b[k]), k
     keys = ["epoch", "iteration", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "stored_bytes"]
     assert [{k: r[k] for k in keys} for r in full.history] == [{k: r[k] for k in keys} for r in second.history]
+    # the logs of the resumed run read like the uninterrupted run's
+    def log(run, name):
+        return [json.loads(line) for line in (tmp_path / run / name).read_text().splitlines()]
+    assert [(s["iteration"], s["loss"]) for s in log("cut", "steps.jsonl")] == \
+        [(s["iteration"], s["loss"]) for s in log("full", "steps.jsonl")]
+    assert [r["test_acc"] for r in log("cut", "metrics.jsonl")] == [r["test_acc"] for r in log("full", "metrics.jsonl")]
 
 
 def test_resume_refuses_other_settings(tmp_path):
