@@ -127,9 +127,9 @@ def test_bottleneck_resnet_vs_torch(torch, shortcut, depth):
     nn.manual_seed(3)
     model = nn.PreActResNet(depth=depth, num_classes=10, in_channels=3, width=4, shortcut=shortcut,
                             block="bottleneck")
-    from torch_models import TorchPreActBottleneckResNet
+    from torch_models import TorchPreActResNet
 
-    tmodel = TorchPreActBottleneckResNet(depth, 10, 3, 4, shortcut)
+    tmodel = TorchPreActResNet(depth, 10, 3, 4, shortcut, block="bottleneck")
     against_torch(torch, model, tmodel, _x((4, 3, 8, 8), 7))
 
 

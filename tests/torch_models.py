@@ -2,65 +2,18 @@
 oracle tests and benchmarks. Parameter names follow npapprox's state_dict."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn as tnn
 import torch.nn.functional as F
 
 
-class TorchPreActBlock(tnn.Module):
-    def __init__(self, cin, cout, stride, shortcut):
-        super().__init__()
-        self.bn1, self.bn2 = tnn.BatchNorm2d(cin), tnn.BatchNorm2d(cout)
-        self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.stride, self.extra = stride, cout - cin
-        self.kind = shortcut if (stride != 1 or cin != cout) else "identity"
-        if self.kind == "projection":
-            self.proj = tnn.Conv2d(cin, cout, 1, stride, bias=False)
-
-    def forward(self, x):
-        h = F.relu(self.bn1(x))
-        out = self.conv2(F.relu(self.bn2(self.conv1(h))))
-        if self.kind == "identity":
-            return out + x
-        if self.kind == "projection":
-            return out + self.proj(h)
-        sc = F.avg_pool2d(x, self.stride) if self.stride > 1 else x
-        return out + F.pad(sc, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+def _shortcut_setup(block, cin, cout, stride, shortcut):
+    block.stride, block.extra = stride, cout - cin
+    block.kind = shortcut if (stride != 1 or cin != cout) else "identity"
+    if block.kind == "projection":
+        block.proj = tnn.Conv2d(cin, cout, 1, stride, bias=False)
 
 
-class TorchPreActResNet(tnn.Module):
-    def __init__(self, depth=20, num_classes=10, in_channels=3, width=16, shortcut="pad"):
-        super().__init__()
-        n = (depth - 2) // 6
-        self.conv = tnn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        blocks, cin = [], width
-        for stage, cout in enumerate((width, 2 * width, 4 * width)):
-            for i in range(n):
-                blocks.append(TorchPreActBlock(cin, cout, 2 if stage > 0 and i == 0 else 1, shortcut))
-                cin = cout
-        self.blocks = tnn.Sequential(*blocks)
-        self.bn = tnn.BatchNorm2d(cin)
-        self.fc = tnn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        h = F.relu(self.bn(self.blocks(self.conv(x))))
-        return self.fc(h.mean(dim=(2, 3)))
-
-    def load_from_npapprox(self, state: dict) -> None:
-        """Copy an npapprox state_dict in (same key names; BN's num_batches_tracked aside)."""
-        own = self.state_dict()
-        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-        if missing:
-            raise KeyError(f"npapprox state lacks {missing}")
-        self.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(state[k])) if k in state else v
-                              for k, v in own.items()})
-
-
-# --------------------------------------------------------------------------- #
-# Bottleneck pre-activation ResNet, VGG with BN, DenseNet-BC (tests/test_models.py)
-# --------------------------------------------------------------------------- #
 def _pad_or_project(block, x, h, out):
     """out + the block's shortcut (identity, 1x1 projection of h, or pooled + zero-padded x)."""
     if block.kind == "identity":
@@ -69,6 +22,21 @@ def _pad_or_project(block, x, h, out):
         return out + block.proj(h)
     sc = F.avg_pool2d(x, block.stride) if block.stride > 1 else x
     return out + F.pad(sc, (0, 0, 0, 0, block.extra // 2, block.extra - block.extra // 2))
+
+
+class TorchPreActBlock(tnn.Module):
+    """relu(bn1) -> conv1 3x3 (stride) -> relu(bn2) -> conv2 3x3, + shortcut."""
+
+    def __init__(self, cin, cout, stride, shortcut):
+        super().__init__()
+        self.bn1, self.bn2 = tnn.BatchNorm2d(cin), tnn.BatchNorm2d(cout)
+        self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        _shortcut_setup(self, cin, cout, stride, shortcut)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(x))
+        return _pad_or_project(self, x, h, self.conv2(F.relu(self.bn2(self.conv1(h)))))
 
 
 class TorchPreActBottleneck(tnn.Module):
@@ -81,10 +49,7 @@ class TorchPreActBottleneck(tnn.Module):
         self.conv1 = tnn.Conv2d(cin, w, 1, bias=False)
         self.conv2 = tnn.Conv2d(w, w, 3, stride, 1, bias=False)
         self.conv3 = tnn.Conv2d(w, cout, 1, bias=False)
-        self.stride, self.extra = stride, cout - cin
-        self.kind = shortcut if (stride != 1 or cin != cout) else "identity"
-        if self.kind == "projection":
-            self.proj = tnn.Conv2d(cin, cout, 1, stride, bias=False)
+        _shortcut_setup(self, cin, cout, stride, shortcut)
 
     def forward(self, x):
         h = F.relu(self.bn1(x))
@@ -92,17 +57,19 @@ class TorchPreActBottleneck(tnn.Module):
         return _pad_or_project(self, x, h, out)
 
 
-class TorchPreActBottleneckResNet(tnn.Module):
-    """Depth 9n + 2; stage outputs 4w, 8w, 16w; stride 2 at stage changes."""
+class TorchPreActResNet(tnn.Module):
+    """Basic blocks: depth 6n + 2, stage widths w, 2w, 4w. Bottleneck blocks:
+    depth 9n + 2, stage outputs 4w, 8w, 16w. Stride 2 at stage changes."""
 
-    def __init__(self, depth=11, num_classes=10, in_channels=3, width=16, shortcut="pad"):
+    def __init__(self, depth=20, num_classes=10, in_channels=3, width=16, shortcut="pad", block="basic"):
         super().__init__()
-        n = (depth - 2) // 9
+        make, per, grow = (TorchPreActBlock, 6, 1) if block == "basic" else (TorchPreActBottleneck, 9, 4)
+        n = (depth - 2) // per
         self.conv = tnn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         blocks, cin = [], width
-        for stage, cout in enumerate((4 * width, 8 * width, 16 * width)):
+        for stage, cout in enumerate((grow * width, 2 * grow * width, 4 * grow * width)):
             for i in range(n):
-                blocks.append(TorchPreActBottleneck(cin, cout, 2 if stage > 0 and i == 0 else 1, shortcut))
+                blocks.append(make(cin, cout, 2 if stage > 0 and i == 0 else 1, shortcut))
                 cin = cout
         self.blocks = tnn.Sequential(*blocks)
         self.bn = tnn.BatchNorm2d(cin)
@@ -113,6 +80,9 @@ class TorchPreActBottleneckResNet(tnn.Module):
         return self.fc(h.mean(dim=(2, 3)))
 
 
+# --------------------------------------------------------------------------- #
+# VGG with BN, DenseNet-BC (tests/test_models.py)
+# --------------------------------------------------------------------------- #
 class TorchBNReLU(tnn.BatchNorm2d):
     """BatchNorm2d followed by ReLU (one module, so parameter names match npapprox's fused unit)."""
 
