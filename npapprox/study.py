@@ -513,6 +513,16 @@ def _line(plt, label):
     return {"color": plt.get_cmap(cmap)(shade), "linestyle": ls}
 
 
+def _save(plt, fig, path, title: str) -> Path:
+    """Title, layout, a 100-dpi PNG at ``path``; the figure is closed."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def _positive(values):
     """Zeros (an exactly stored layer) as gaps on a log axis."""
     return [v if v > 0 else np.nan for v in values]
@@ -545,12 +555,7 @@ def plot_depth(study: Study, path, title: str = "", policies=None) -> Path | Non
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel("||g - g_exact|| / ||g_exact||  (gaps: 0, stored exactly)")
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, title)
 
 
 def plot_training(points: list, path, title: str = "") -> Path | None:
@@ -577,12 +582,7 @@ def plot_training(points: list, path, title: str = "") -> Path | None:
         ax.set_ylabel(lab)
         ax.grid(True, alpha=0.3)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, title)
 
 
 def plot_activations(rows: list, path, title: str = "") -> Path | None:
@@ -610,10 +610,7 @@ def plot_activations(rows: list, path, title: str = "") -> Path | None:
     ax.grid(True, axis="y", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, "")
 
 
 def plot_optimizers(rows: list, path, title: str = "") -> Path | None:
@@ -640,12 +637,7 @@ def plot_optimizers(rows: list, path, title: str = "") -> Path | None:
     accs = [r["test_acc"] for r in rows]
     axes[0].set_ylim(max(0.0, min(accs) - 0.05), 1.0)
     axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, title)
 
 
 # --------------------------------------------------------------------------- #
