@@ -114,6 +114,8 @@ CASES = {
     "pad_channels float": (lambda: ops.pad_channels(X, 1.5, 2),
                            ValueError, r"before and after must be integers >= 0, got 1.5"),
     "reshape size": (lambda: ops.reshape(X, (5, -1)), ValueError, r"cannot reshape \(2, 3, 8, 8\) to \(5, -1\)"),
+    "reshape two -1": (lambda: ops.reshape(X, (2, -1, -1)), ValueError, r"cannot reshape"),
+    "reshape negative": (lambda: ops.reshape(X, (-2, -192)), ValueError, r"cannot reshape"),
     "reshape float": (lambda: ops.reshape(X, (2, 96.5)), ValueError, r"reshape: the new shape must hold integers"),
     "Conv2d layer kernel 0": (lambda: nn.Conv2d(3, 4, 0), ValueError, r"kernel_size must be a positive integer"),
     # --- batch norm statistics ------------------------------------------------------------

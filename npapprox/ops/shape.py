@@ -1,6 +1,8 @@
 """Shape ops: reshape / flatten, channel zero-padding, channel concatenation."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..backend import array_module
@@ -68,10 +70,11 @@ def reshape(x, shape):
     if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in shape):
         raise ValueError(f"reshape: the new shape must hold integers, got {tuple(shape)!r}")
     shape = tuple(int(s) for s in shape)
-    try:
-        array_module(x.data).empty(x.shape, dtype=bool).reshape(shape)  # validates sizes
-    except ValueError:
-        raise ValueError(f"reshape: cannot reshape {tuple(x.shape)} to {shape}") from None
+    known = math.prod(s for s in shape if s != -1)
+    free = shape.count(-1)
+    fits = (free == 0 and known == x.size) or (free == 1 and known > 0 and x.size % known == 0)
+    if not fits or any(s < -1 for s in shape):   # NumPy's rule, checked without touching the data
+        raise ValueError(f"reshape: cannot reshape {tuple(x.shape)} to {shape}")
     return Reshape.apply(x, shape=shape)
 
 
