@@ -58,7 +58,7 @@ def _worker(engine: str, batch: int, repeats: int, threads: int, skip_step: bool
         from npapprox.kernels import im2col as k
         blas = [f"{i['internal_api']} {i.get('version')} ({i.get('architecture')}, {i['num_threads']} threads)"
                 for i in threadpool_info() if i["user_api"] == "blas"]
-        info = (f"npapprox {na.__version__}, numpy BLAS {'; '.join(blas)}, compiled im2col "
+        info = (f"npapprox {na.__version__}, numpy BLAS {'; '.join(blas)}, compiled im2row "
                 f"{k.compiled_available()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 
     for c, f, h, kk, s, pad in CONVS:

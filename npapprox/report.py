@@ -196,7 +196,7 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
         if over and min(over) == lo + 1:
             break                                           # lo fits and lo + 1 does not
         a, b = sorted(measured)[-2:]      # the line through the two largest batches (the peak is
-        #                                   only piecewise linear: the im2col workspace stops growing)
+        #                                   only piecewise linear: the im2row workspace stops growing)
         slope = max((measured[b] - measured[a]) / (b - a), 1.0)
         guess = int(a + (budget - measured[a]) / slope)
         if over:

@@ -1,4 +1,4 @@
-"""im2col / col2im: reference vs a naive oracle, adjointness, compiled == reference bit for bit."""
+"""im2row / row2im: reference vs a naive oracle, adjointness, compiled == reference bit for bit."""
 import importlib
 import os
 import subprocess
@@ -41,10 +41,10 @@ def _data(rng, shape, dtype):
     return a
 
 
-def naive_im2col(x, kh, kw, stride, pad):
+def naive_im2row(x, kh, kw, stride, pad):
     N, C, H, W = x.shape
     OH, OW = (H + 2 * pad - kh) // stride + 1, (W + 2 * pad - kw) // stride + 1
-    cols = np.zeros((N, C * kh * kw, OH * OW), dtype=x.dtype)
+    rows = np.zeros((N * OH * OW, kh * kw * C), dtype=x.dtype)
     for n in range(N):
         for c in range(C):
             for p in range(kh):
@@ -53,8 +53,8 @@ def naive_im2col(x, kh, kw, stride, pad):
                         for j in range(OW):
                             ih, iw = i * stride + p - pad, j * stride + q - pad
                             if 0 <= ih < H and 0 <= iw < W:
-                                cols[n, (c * kh + p) * kw + q, i * OW + j] = x[n, c, ih, iw]
-    return cols
+                                rows[(n * OH + i) * OW + j, (p * kw + q) * C + c] = x[n, c, ih, iw]
+    return rows
 
 
 def _bits(a):
@@ -72,22 +72,22 @@ def _restore_dispatch():
 def test_reference_matches_naive_oracle(g, dtype, seed):
     N, C, H, W, kh, kw, stride, pad = g
     x = _data(np.random.default_rng(seed), (N, C, H, W), dtype)
-    got = K.im2col_reference(x, kh, kw, stride, pad)
-    want = naive_im2col(x, kh, kw, stride, pad)
+    got = K.im2row_reference(x, kh, kw, stride, pad)
+    want = naive_im2row(x, kh, kw, stride, pad)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert np.array_equal(_bits(got), _bits(want))
 
 
 @SETTINGS
 @given(g=geometries(), seed=st.integers(0, 2**32 - 1), reference=st.booleans())
-def test_col2im_is_the_adjoint(g, seed, reference):
+def test_row2im_is_the_adjoint(g, seed, reference):
     N, C, H, W, kh, kw, stride, pad = g
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((N, C, H, W))
     K.use_reference(reference)
-    cols = K.im2col(x, kh, kw, stride, pad)
+    cols = K.im2row(x, kh, kw, stride, pad)
     c = rng.standard_normal(cols.shape)
-    gx = K.col2im(c, x.shape, kh, kw, stride, pad)
+    gx = K.row2im(c, x.shape, kh, kw, stride, pad)
     assert gx.shape == x.shape and gx.dtype == np.float64
     lhs = float(np.vdot(cols, c))
     rhs = float(np.vdot(x, gx))
@@ -108,20 +108,20 @@ def test_compiled_bit_identical_to_reference(g, dtype, seed):
     N, C, H, W, kh, kw, stride, pad = g
     rng = np.random.default_rng(seed)
     x = _data(rng, (N, C, H, W), dtype)
-    ref = K.im2col_reference(x, kh, kw, stride, pad)
+    ref = K.im2row_reference(x, kh, kw, stride, pad)
 
     out = np.full(ref.shape, np.nan, dtype=dtype)  # the kernel must overwrite every entry
-    compiled.im2col(x, out, kh, kw, stride, pad)
+    compiled.im2row(x, out, kh, kw, stride, pad)
     assert np.array_equal(_bits(out), _bits(ref))
-    assert np.array_equal(_bits(K.im2col(x, kh, kw, stride, pad)), _bits(ref))
+    assert np.array_equal(_bits(K.im2row(x, kh, kw, stride, pad)), _bits(ref))
 
     c = _data(rng, ref.shape, dtype)
-    gref = K.col2im_reference(c, x.shape, kh, kw, stride, pad)
+    gref = K.row2im_reference(c, x.shape, kh, kw, stride, pad)
     gx = np.full(x.shape, np.nan, dtype=dtype)
-    compiled.col2im(c, gx, kh, kw, stride, pad)
+    compiled.row2im(c, gx, kh, kw, stride, pad)
     assert gref.dtype == gx.dtype == dtype
     assert np.array_equal(_bits(gx), _bits(gref))
-    assert np.array_equal(_bits(K.col2im(c, x.shape, kh, kw, stride, pad)), _bits(gref))
+    assert np.array_equal(_bits(K.row2im(c, x.shape, kh, kw, stride, pad)), _bits(gref))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -129,33 +129,35 @@ def test_dispatch_handles_views_out_and_reference_switch(dtype):
     rng = np.random.default_rng(0)
     base = _data(rng, (2, 6, 10, 12), dtype)
     x = base[:, ::2, 1:, ::-1]  # not contiguous
-    ref = K.im2col_reference(np.ascontiguousarray(x), 3, 3, 2, 1)
-    assert np.array_equal(_bits(K.im2col(x, 3, 3, 2, 1)), _bits(ref))
+    ref = K.im2row_reference(np.ascontiguousarray(x), 3, 3, 2, 1)
+    assert np.array_equal(_bits(K.im2row(x, 3, 3, 2, 1)), _bits(ref))
     out = np.empty_like(ref)
-    assert K.im2col(x, 3, 3, 2, 1, out=out) is out and np.array_equal(_bits(out), _bits(ref))
-    cols_t = np.ascontiguousarray(ref.transpose(0, 2, 1)).transpose(0, 2, 1)  # not contiguous
-    gref = K.col2im_reference(ref, x.shape, 3, 3, 2, 1)
-    assert np.array_equal(_bits(K.col2im(cols_t, x.shape, 3, 3, 2, 1)), _bits(gref))
+    assert K.im2row(x, 3, 3, 2, 1, out=out) is out and np.array_equal(_bits(out), _bits(ref))
+    cols_t = np.asfortranarray(ref)  # not C-contiguous
+    gref = K.row2im_reference(ref, x.shape, 3, 3, 2, 1)
+    assert np.array_equal(_bits(K.row2im(cols_t, x.shape, 3, 3, 2, 1)), _bits(gref))
     K.use_reference(True)
     assert not K._use_compiled(x)
-    assert np.array_equal(_bits(K.im2col(x, 3, 3, 2, 1)), _bits(ref))
+    assert np.array_equal(_bits(K.im2row(x, 3, 3, 2, 1)), _bits(ref))
     with pytest.raises(ValueError):
-        K.im2col(x, 3, 3, 2, 1, out=np.empty(ref.shape[:-1] + (1,), dtype))
+        K.im2row(x, 3, 3, 2, 1, out=np.empty(ref.shape[:-1] + (1,), dtype))
     with pytest.raises(ValueError):
-        K.col2im(ref[:, :-1], x.shape, 3, 3, 2, 1)
+        K.row2im(ref[:, :-1], x.shape, 3, 3, 2, 1)
+    with pytest.raises(ValueError):
+        K.row2im(ref[:-1], x.shape, 3, 3, 2, 1)
 
 
 def test_fixed_large_kernel_and_other_dtypes():
     rng = np.random.default_rng(1)
     x = _data(rng, (2, 3, 9, 9), np.float32)
     for stride, pad in ((1, 3), (2, 3), (3, 0)):
-        want = naive_im2col(x, 7, 7, stride, pad)
-        assert np.array_equal(_bits(K.im2col(x, 7, 7, stride, pad)), _bits(want))
+        want = naive_im2row(x, 7, 7, stride, pad)
+        assert np.array_equal(_bits(K.im2row(x, 7, 7, stride, pad)), _bits(want))
     # dtypes without a compiled kernel go to the reference
     x16 = x.astype(np.float16)
-    assert np.array_equal(K.im2col(x16, 3, 3, 1, 1), naive_im2col(x16, 3, 3, 1, 1))
+    assert np.array_equal(K.im2row(x16, 3, 3, 1, 1), naive_im2row(x16, 3, 3, 1, 1))
     with pytest.raises(ValueError):
-        K.im2col(x, 11, 11, 1, 0)
+        K.im2row(x, 11, 11, 1, 0)
 
 
 def test_environment_variable_forces_reference():

@@ -455,9 +455,9 @@ def test_compiled_accepts_views_and_dispatch_switch():
     assert K.implementation(y) == "cpu"
 
 
-def test_one_switch_for_all_kernels_and_im2col_still_a_module():
+def test_one_switch_for_all_kernels_and_im2row_still_a_module():
     from npapprox.kernels import im2col as im2col_module
-    from npapprox.kernels.im2col import im2col  # noqa: F401  (the submodule import keeps working)
+    from npapprox.kernels.im2col import im2row  # noqa: F401  (the submodule import keeps working)
     assert K.im2col is im2col_module and K.use_reference is im2col_module.use_reference
     K.use_reference(True)
     assert not im2col_module._use_compiled(np.zeros((1, 1, 1, 1), np.float32))

@@ -627,7 +627,7 @@ def test_naive_error_grows_with_depth():
 # --------------------------------------------------------------------------- #
 def test_measured_peak_is_lower_under_paper4():
     """Activation storage must dominate the peak for the saving to show: a deep, narrow
-    net (im2col transients of one layer are ~9x one activation). Measured twice each,
+    net (im2row transients of one layer are ~9x one activation). Measured twice each,
     interleaved, and the larger Paper peak against the smaller Exact peak.
 
     It fails if the graph keeps intermediate Tensors (and so their float32 ``data``)

@@ -6,14 +6,14 @@
   (per-group min/max, deterministic or stochastic rounding), and the helpers
   :func:`pack_bits`, :func:`unpack_bits`, :func:`counter_uniform`. The byte
   contract is :mod:`npapprox.kernels.reference` (docs/kernels.md).
-* Data movement for convolutions: ``from npapprox.kernels.im2col import im2col,
-  col2im`` (not re-exported here, so ``npapprox.kernels.im2col`` stays the module).
+* Data movement for convolutions: ``from npapprox.kernels.im2col import im2row,
+  row2im`` (not re-exported here, so ``npapprox.kernels.im2col`` stays the module).
 
 Dispatch (the functions below): NumPy arrays go to the compiled Cython kernels
 (:mod:`npapprox.kernels.cpu`, extension ``npapprox._quant``) when the extension
 imported; CuPy arrays go to the CUDA kernels (:mod:`npapprox.kernels.gpu`,
 ``quant.cu`` compiled at run time by CuPy). One switch forces the reference
-everywhere, for the storage kernels and im2col alike:
+everywhere, for the storage kernels and im2row alike:
 ``NPAPPROX_REFERENCE_KERNELS=1`` in the environment (read once, at import) or
 :func:`use_reference` (the same function as ``npapprox.kernels.im2col.use_reference``).
 All implementations give identical bytes, so the switch changes speed, never

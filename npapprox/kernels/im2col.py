@@ -1,13 +1,20 @@
-"""im2col / col2im: the data movement behind convolution, with one dispatch point.
+"""im2row / row2im: the data movement behind convolution, with one dispatch point.
 
-Layout (``x`` is ``(N, C, H, W)``, ``xpad`` is ``x`` zero-padded by ``pad`` on H
-and W, ``OH = (H + 2*pad - kh) // stride + 1`` and likewise ``OW``)::
+im2col in *row* layout: one row per output position, the window's values along
+the row (``x`` is ``(N, C, H, W)``, ``xpad`` is ``x`` zero-padded by ``pad`` on
+H and W, ``OH = (H + 2*pad - kh) // stride + 1`` and likewise ``OW``)::
 
-    cols[n, (c*kh + p)*kw + q, i*OW + j] = xpad[n, c, i*stride + p, j*stride + q]
+    rows[(n*OH + i)*OW + j, (p*kw + q)*C + c] = xpad[n, c, i*stride + p, j*stride + q]
 
-so ``cols`` has shape ``(N, C*kh*kw, OH*OW)``.  ``col2im`` is the adjoint
-(transpose) of that linear map: every ``cols`` entry is added back onto the ``x``
+so ``rows`` has shape ``(N*OH*OW, kh*kw*C)``.  ``row2im`` is the adjoint
+(transpose) of that linear map: every ``rows`` entry is added back onto the ``x``
 position it was copied from, and entries that came from the padding are dropped.
+
+Why rows, not the classic ``(N, C*kh*kw, OH*OW)`` columns: the convolution is
+then *one* tall matrix product per chunk of samples, ``rows @ W2.T`` with
+``W2 = w.transpose(0, 2, 3, 1).reshape(F, kh*kw*C)``, instead of one small
+product per sample; at CIFAR shapes OpenBLAS runs the tall products up to 3x
+faster (``benchmarks/bench_gemm_layout.py``; table in docs/architecture.md).
 
 Two implementations, bit-identical to each other:
 
@@ -16,7 +23,7 @@ Two implementations, bit-identical to each other:
 * the ``*_reference`` functions below: plain ``xp`` code (NumPy or CuPy),
   vectorised over N and C with a Python loop over the kernel offsets (p, q).
 
-``col2im`` is a sum, so bit-identity needs a fixed summation order: both start
+``row2im`` is a sum, so bit-identity needs a fixed summation order: both start
 from zeros and add the contributions to each ``x`` position in increasing
 ``(p, q)`` order (p outer, q inner).
 
@@ -42,10 +49,10 @@ _force_reference = os.environ.get("NPAPPROX_REFERENCE_KERNELS", "").strip().lowe
 _COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 __all__ = [
-    "im2col",
-    "col2im",
-    "im2col_reference",
-    "col2im_reference",
+    "im2row",
+    "row2im",
+    "im2row_reference",
+    "row2im_reference",
     "use_reference",
     "compiled_available",
     "output_size",
@@ -94,68 +101,72 @@ def _check_out(out, shape, dtype):
 # --------------------------------------------------------------------------- #
 # Reference implementations (NumPy or CuPy)
 # --------------------------------------------------------------------------- #
-def im2col_reference(x, kh, kw, stride, pad, out=None):
-    """Reference im2col, ``xp`` code for NumPy and CuPy alike.
+def _rows_shape(x_shape, kh, kw, stride, pad):
+    N, C, H, W = (int(s) for s in x_shape)
+    OH, OW = _check_geometry(H, W, kh, kw, stride, pad)
+    return (N * OH * OW, kh * kw * C), (N, OH, OW, kh, kw, C)
+
+
+def im2row_reference(x, kh, kw, stride, pad, out=None):
+    """Reference im2row, ``xp`` code for NumPy and CuPy alike.
 
     Naive formula::
 
-        for n, c, p, q, i, j:
+        for n, i, j, p, q, c:
             ih, iw = i*stride + p - pad, j*stride + q - pad
             inside = 0 <= ih < H and 0 <= iw < W
-            cols[n, (c*kh + p)*kw + q, i*OW + j] = x[n, c, ih, iw] if inside else 0
+            rows[(n*OH + i)*OW + j, (p*kw + q)*C + c] = x[n, c, ih, iw] if inside else 0
 
-    Vectorised: pad once, then for each kernel offset (p, q) copy the strided
-    slice ``xpad[:, :, p::stride, q::stride]`` (``OH x OW`` of it) into
-    ``cols[:, :, p, q]`` viewed as ``(N, C, kh, kw, OH, OW)``.
+    Vectorised: pad once and move channels last, then for each kernel offset
+    (p, q) copy the strided slice ``xpad[:, p::stride, q::stride, :]`` (``OH x
+    OW`` of it) into ``rows`` viewed as ``(N, OH, OW, kh, kw, C)``.
     """
     xp = array_module(x)
-    N, C, H, W = x.shape
-    OH, OW = _check_geometry(H, W, kh, kw, stride, pad)
-    shape = (N, C * kh * kw, OH * OW)
+    shape, shape6 = _rows_shape(x.shape, kh, kw, stride, pad)
     if out is None:
         out = xp.empty(shape, dtype=x.dtype)
     else:
         _check_out(out, shape, x.dtype)
     xpad = xp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))) if pad else x
-    cols6 = out.reshape(N, C, kh, kw, OH, OW)  # a view: out is C-contiguous
-    hspan = stride * (OH - 1) + 1
-    wspan = stride * (OW - 1) + 1
+    xpad = xpad.transpose(0, 2, 3, 1)                    # (N, H+2pad, W+2pad, C)
+    rows6 = out.reshape(shape6)                          # a view: out is C-contiguous
+    OH, OW = shape6[1:3]
+    hspan, wspan = stride * (OH - 1) + 1, stride * (OW - 1) + 1
     for p in range(kh):
         for q in range(kw):
-            cols6[:, :, p, q] = xpad[:, :, p:p + hspan:stride, q:q + wspan:stride]
+            rows6[:, :, :, p, q] = xpad[:, p:p + hspan:stride, q:q + wspan:stride]
     return out
 
 
-def col2im_reference(cols, x_shape, kh, kw, stride, pad, out=None):
-    """Reference col2im (the adjoint of :func:`im2col_reference`).
+def row2im_reference(rows, x_shape, kh, kw, stride, pad, out=None):
+    """Reference row2im (the adjoint of :func:`im2row_reference`).
 
     Naive formula::
 
         gx = zeros(x_shape)
-        for p, q (p outer, q inner), then n, c, i, j:
+        for p, q (p outer, q inner), then n, i, j, c:
             ih, iw = i*stride + p - pad, j*stride + q - pad
             if 0 <= ih < H and 0 <= iw < W:
-                gx[n, c, ih, iw] += cols[n, (c*kh + p)*kw + q, i*OW + j]
+                gx[n, c, ih, iw] += rows[(n*OH + i)*OW + j, (p*kw + q)*C + c]
 
-    Vectorised: accumulate into a zero padded buffer, one strided slice per
-    (p, q) in that order, then crop the padding away.
+    Vectorised: accumulate into a zero padded channels-last buffer, one strided
+    slice per (p, q) in that order, then crop the padding away.
     """
-    xp = array_module(cols)
+    xp = array_module(rows)
     N, C, H, W = (int(s) for s in x_shape)
-    OH, OW = _check_geometry(H, W, kh, kw, stride, pad)
-    shape = (N, C * kh * kw, OH * OW)
-    if tuple(cols.shape) != shape:
-        raise ValueError(f"cols must have shape {shape}, got {tuple(cols.shape)}")
+    shape, shape6 = _rows_shape(x_shape, kh, kw, stride, pad)
+    if tuple(rows.shape) != shape:
+        raise ValueError(f"rows must have shape {shape}, got {tuple(rows.shape)}")
     if out is not None:
-        _check_out(out, (N, C, H, W), cols.dtype)
-    gxpad = xp.zeros((N, C, H + 2 * pad, W + 2 * pad), dtype=cols.dtype)
-    cols6 = cols.reshape(N, C, kh, kw, OH, OW)
-    hspan = stride * (OH - 1) + 1
-    wspan = stride * (OW - 1) + 1
+        _check_out(out, (N, C, H, W), rows.dtype)
+    gpad = xp.zeros((N, H + 2 * pad, W + 2 * pad, C), dtype=rows.dtype)
+    rows6 = rows.reshape(shape6)
+    OH, OW = shape6[1:3]
+    hspan, wspan = stride * (OH - 1) + 1, stride * (OW - 1) + 1
     for p in range(kh):
         for q in range(kw):
-            gxpad[:, :, p:p + hspan:stride, q:q + wspan:stride] += cols6[:, :, p, q]
-    gx = gxpad[:, :, pad:pad + H, pad:pad + W] if pad else gxpad
+            gpad[:, p:p + hspan:stride, q:q + wspan:stride] += rows6[:, :, :, p, q]
+    gx = gpad[:, pad:pad + H, pad:pad + W].transpose(0, 3, 1, 2)
     if out is not None:
         out[...] = gx
         return out
@@ -165,47 +176,44 @@ def col2im_reference(cols, x_shape, kh, kw, stride, pad, out=None):
 # --------------------------------------------------------------------------- #
 # Dispatch
 # --------------------------------------------------------------------------- #
-def im2col(x, kh, kw, stride, pad, out=None):
-    """``(N, C, H, W) -> (N, C*kh*kw, OH*OW)``; see the module docstring for the layout.
+def im2row(x, kh, kw, stride, pad, out=None):
+    """``(N, C, H, W) -> (N*OH*OW, kh*kw*C)``; see the module docstring for the layout.
 
     ``out``, when given, must be a C-contiguous array of that shape and of
     ``x``'s dtype; it is filled and returned.
     """
     kh, kw, stride, pad = int(kh), int(kw), int(stride), int(pad)
     if not _use_compiled(x):
-        return im2col_reference(x, kh, kw, stride, pad, out=out)
+        return im2row_reference(x, kh, kw, stride, pad, out=out)
     x = np.ascontiguousarray(x)
-    N, C, H, W = x.shape
-    OH, OW = _check_geometry(H, W, kh, kw, stride, pad)
-    shape = (N, C * kh * kw, OH * OW)
+    shape, _ = _rows_shape(x.shape, kh, kw, stride, pad)
     if out is None:
         out = np.empty(shape, dtype=x.dtype)
     else:
         _check_out(out, shape, x.dtype)
     if out.size:
-        _compiled.im2col(x, out, kh, kw, stride, pad)
+        _compiled.im2row(x, out, kh, kw, stride, pad)
     return out
 
 
-def col2im(cols, x_shape, kh, kw, stride, pad, out=None):
-    """Adjoint of :func:`im2col`: ``(N, C*kh*kw, OH*OW) -> x_shape = (N, C, H, W)``.
+def row2im(rows, x_shape, kh, kw, stride, pad, out=None):
+    """Adjoint of :func:`im2row`: ``(N*OH*OW, kh*kw*C) -> x_shape = (N, C, H, W)``.
 
     ``out``, when given, must be a C-contiguous array of ``x_shape`` and of
-    ``cols``'s dtype; it is overwritten and returned."""
+    ``rows``'s dtype; it is overwritten and returned."""
     kh, kw, stride, pad = int(kh), int(kw), int(stride), int(pad)
-    if not _use_compiled(cols):
-        return col2im_reference(cols, x_shape, kh, kw, stride, pad, out=out)
-    cols = np.ascontiguousarray(cols)
+    if not _use_compiled(rows):
+        return row2im_reference(rows, x_shape, kh, kw, stride, pad, out=out)
+    rows = np.ascontiguousarray(rows)
     N, C, H, W = (int(s) for s in x_shape)
-    OH, OW = _check_geometry(H, W, kh, kw, stride, pad)
-    shape = (N, C * kh * kw, OH * OW)
-    if tuple(cols.shape) != shape:
-        raise ValueError(f"cols must have shape {shape}, got {tuple(cols.shape)}")
+    shape, _ = _rows_shape(x_shape, kh, kw, stride, pad)
+    if tuple(rows.shape) != shape:
+        raise ValueError(f"rows must have shape {shape}, got {tuple(rows.shape)}")
     if out is None:
-        gx = np.empty((N, C, H, W), dtype=cols.dtype)
+        gx = np.empty((N, C, H, W), dtype=rows.dtype)
     else:
-        _check_out(out, (N, C, H, W), cols.dtype)
+        _check_out(out, (N, C, H, W), rows.dtype)
         gx = out
     if gx.size:
-        _compiled.col2im(cols, gx, kh, kw, stride, pad)
+        _compiled.row2im(rows, gx, kh, kw, stride, pad)
     return gx

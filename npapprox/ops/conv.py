@@ -3,34 +3,25 @@ from __future__ import annotations
 
 from ..backend import array_module
 from ..function import Function
-from ..kernels.im2col import col2im, im2col
+from ..kernels.im2col import im2row, row2im
 from ..policy import ACTIVATION, PARAM
 from ._checks import as_tensor, check_float, check_positive_int, check_rank, out_size
 
 
-#: im2col columns are built for a few samples at a time, about this many bytes:
-#: the columns then stay in cache between im2col and the matrix product, instead of
-#: a 9x-activation-sized buffer going through main memory (3x faster at CIFAR shapes).
+#: im2row rows are built for a few samples at a time, about this many bytes: the
+#: rows then stay in cache between im2row and the matrix product, instead of a
+#: 9x-activation-sized buffer going through main memory.
 CHUNK_BYTES = 4 << 20
 
 
-def _is_pointwise(kh, kw, pad):
-    return kh == kw == 1 and pad == 0
+def _weight_rows(w):
+    """w (F, C, KH, KW) -> W2 (F, KH*KW*C): the column order of im2row's rows."""
+    return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
 
 
-def _columns(x, kh, kw, stride, pad, out=None):
-    """x (B,C,H,W) -> cols (B, C*KH*KW, OH*OW); a free reshape for 1x1 convs."""
-    b, c = x.shape[:2]
-    if _is_pointwise(kh, kw, pad):
-        if stride != 1:
-            x = array_module(x).ascontiguousarray(x[:, :, ::stride, ::stride])
-        return x.reshape(b, c, -1)  # (B, C, OH*OW)
-    return im2col(x, kh, kw, stride, pad, out=out)
-
-
-def _chunks(n, rows, cols, itemsize):
-    """Batch slices whose im2col columns take about CHUNK_BYTES."""
-    step = max(1, CHUNK_BYTES // max(1, rows * cols * itemsize))
+def _chunks(n, rows_per_sample, k, itemsize):
+    """Batch slices whose im2row rows ``(B*OH*OW, k)`` take about CHUNK_BYTES."""
+    step = max(1, CHUNK_BYTES // max(1, rows_per_sample * k * itemsize))
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
@@ -40,12 +31,16 @@ class Conv2d(Function):
     Shapes: x (N,C,H,W), w (F,C,KH,KW), b (F,) or None -> y (N,F,OH,OW),
     OH = (H + 2*pad - KH) // s + 1.
 
-    As matrices (per sample n): Y_n = W2 @ X_n with W2 = w.reshape(F, C*KH*KW)
-    and X_n = im2col(x)[n] (C*KH*KW, OH*OW). Backward:
-    gW2 = sum_n gY_n @ X_n^T, gX_n = W2^T @ gY_n -> col2im, gb = sum gY.
-    The input (not its im2col columns) is what is saved: columns are rebuilt in
-    backward, a few samples at a time, so the ledger counts one
-    activation-sized tensor and the columns never exist for the whole batch.
+    As matrices, for a chunk of B samples: R = im2row(x_chunk) (B*OH*OW, K) with
+    K = KH*KW*C, W2 = w moved to (F, KH, KW, C) and reshaped to (F, K), and
+    Yr = R @ W2^T (B*OH*OW, F), the chunk's output with channels last (moved
+    to NCHW by one transposing copy). Backward, per chunk, with gYr the output
+    gradient moved to (B*OH*OW, F): gW2 += gYr^T @ R, gR = gYr @ W2 ->
+    row2im -> gx, and gb = sum gY. Tall products like these run much faster in
+    OpenBLAS than one small product per sample (kernels/im2col.py).
+    The input (not its rows) is what is saved: rows are rebuilt in backward, a
+    few samples at a time, so the ledger counts one activation-sized tensor and
+    the rows never exist for the whole batch.
     """
 
     SAVES = {"x": ACTIVATION, "w": PARAM}
@@ -57,16 +52,17 @@ class Conv2d(Function):
         f, _, kh, kw = w.shape
         oh = (h + 2 * padding - kh) // stride + 1
         ow = (wd + 2 * padding - kw) // stride + 1
-        w2 = w.reshape(f, -1)                                     # (F, C*KH*KW)
-        if _is_pointwise(kh, kw, padding):
-            y = xp.matmul(w2, _columns(x, kh, kw, stride, padding))     # (N, F, OH*OW)
-        else:
-            y = xp.empty((n, f, oh * ow), dtype=x.dtype)
-            chunks = _chunks(n, w2.shape[1], oh * ow, x.dtype.itemsize)
-            work = xp.empty((chunks[0].stop, w2.shape[1], oh * ow), dtype=x.dtype)
-            for sl in chunks:
-                cols = _columns(x[sl], kh, kw, stride, padding, out=work[:sl.stop - sl.start])
-                xp.matmul(w2, cols, out=y[sl])                    # (B, F, OH*OW)
+        L = oh * ow
+        w2 = _weight_rows(w)                                      # (F, K)
+        y = xp.empty((n, f, L), dtype=x.dtype)
+        chunks = _chunks(n, L, w2.shape[1], x.dtype.itemsize)
+        rows_ws = xp.empty((chunks[0].stop * L, w2.shape[1]), dtype=x.dtype)
+        yr_ws = xp.empty((chunks[0].stop * L, f), dtype=x.dtype)
+        for sl in chunks:
+            m = (sl.stop - sl.start) * L
+            rows = im2row(x[sl], kh, kw, stride, padding, out=rows_ws[:m])   # (B*L, K)
+            yr = xp.matmul(rows, w2.T, out=yr_ws[:m])                     # (B*L, F)
+            y[sl] = yr.reshape(-1, L, f).transpose(0, 2, 1)               # (B, F, L)
         if b is not None:
             y += b.reshape(1, f, 1)
         ctx.save(x=x, w=w)
@@ -77,35 +73,33 @@ class Conv2d(Function):
     def backward(ctx, gy):
         x, w = ctx.restore("x", "w")
         xp = array_module(gy)
-        n, f = gy.shape[:2]
-        kh, kw = w.shape[2:]
+        n, f, oh, ow = gy.shape
+        c, kh, kw = w.shape[1:]
         s, pad = ctx.stride, ctx.padding
         need_x, need_w, need_b = ctx.needs_input_grad
-        gy3 = xp.ascontiguousarray(gy).reshape(n, f, -1)          # (N, F, OH*OW)
-        w2 = w.reshape(f, -1)                                     # (F, C*KH*KW)
+        L = oh * ow
+        gy3 = gy.reshape(n, f, L)                                 # (N, F, L)
         gb = gy3.sum(axis=(0, 2)) if need_b else None
-        if _is_pointwise(kh, kw, pad):
-            gw = gx = None
-            if need_w:
-                cols = _columns(x, kh, kw, s, pad)                # (N, C, OH*OW)
-                gw = xp.matmul(gy3, cols.transpose(0, 2, 1)).sum(axis=0).reshape(w.shape)
-            if need_x:
-                gcols = xp.matmul(w2.T, gy3)                      # (N, C, OH*OW)
-                gx = gcols.reshape(x.shape) if s == 1 else col2im(gcols, x.shape, 1, 1, s, 0)
-            return gx, gw, gb
-        chunks = _chunks(n, w2.shape[1], gy3.shape[2], gy.dtype.itemsize)
-        work = xp.empty((chunks[0].stop, w2.shape[1], gy3.shape[2]), dtype=gy.dtype)
-        gw = xp.zeros(w2.shape, dtype=gy.dtype) if need_w else None
+        w2 = _weight_rows(w)                                      # (F, K)
+        chunks = _chunks(n, L, w2.shape[1], gy.dtype.itemsize)
+        rows_ws = xp.empty((chunks[0].stop * L, w2.shape[1]), dtype=gy.dtype)
+        gyr_ws = xp.empty((chunks[0].stop * L, f), dtype=gy.dtype)
+        gw2 = xp.zeros(w2.shape, dtype=gy.dtype) if need_w else None
         gx = xp.empty(x.shape, dtype=gy.dtype) if need_x else None
         for sl in chunks:
-            buf = work[:sl.stop - sl.start]
+            m = (sl.stop - sl.start) * L
+            gyr = gyr_ws[:m]
+            gyr.reshape(-1, L, f)[...] = gy3[sl].transpose(0, 2, 1)     # (B*L, F)
             if need_w:
-                cols = _columns(x[sl], kh, kw, s, pad, out=buf)   # (B, C*KH*KW, OH*OW)
-                gw += xp.matmul(gy3[sl], cols.transpose(0, 2, 1)).sum(axis=0)
+                rows = im2row(x[sl], kh, kw, s, pad, out=rows_ws[:m])   # (B*L, K)
+                gw2 += gyr.T @ rows
             if need_x:
-                gcols = xp.matmul(w2.T, gy3[sl], out=buf)         # (B, C*KH*KW, OH*OW)
-                col2im(gcols, gx[sl].shape, kh, kw, s, pad, out=gx[sl])
-        return gx, (gw.reshape(w.shape) if need_w else None), gb
+                grows = xp.matmul(gyr, w2, out=rows_ws[:m])             # (B*L, K)
+                row2im(grows, gx[sl].shape, kh, kw, s, pad, out=gx[sl])
+        gw = None
+        if need_w:  # (F, KH, KW, C) -> (F, C, KH, KW)
+            gw = xp.ascontiguousarray(gw2.reshape(f, kh, kw, c).transpose(0, 3, 1, 2))
+        return gx, gw, gb
 
 
 def conv2d(x, w, b=None, stride: int = 1, padding: int = 0):
