@@ -252,7 +252,7 @@ class ApproxForward(Paper):
         unit = _unit_in(ctx)
         if unit is not None:
             u = unit  # ExactUnit: pack its exact pre-ReLU output as the paper would
-            y_pre = u.pre_relu(keep=False)   # not kept through the forward pass
+            y_pre = u.pre_relu()
             return super().store_unit(ctx, "forward", BNReLUUnit(u.x, y_pre, u.mu, u.inv_sigma,
                                                                   u.gamma, u.beta)).h()
         stored = ctx.stored_for(y)

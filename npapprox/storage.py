@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import array_module
+from .kernels.bn import BNSource, bn_apply
 
 
 class Stored:
@@ -105,15 +106,10 @@ class GenericPacked(Stored):
 # BN -> ReLU units: one stored object from which the unit's backward (mask,
 # xhat) and every consumer of its output h = relu(y) rebuild what they need.
 # --------------------------------------------------------------------------- #
-def bn_affine(d, inv_sigma, gamma, beta):
-    """y = d * (gamma * inv_sigma) + beta with d = x - mu, on (N, C, HW) arrays:
-    the one expression for BN's output, so a recomputation is bit-identical."""
-    return d * (gamma * inv_sigma)[:, None] + beta[:, None]
-
-
 class Unit(Stored):
     """Base of the stored forms of a BN -> ReLU unit (``restore()`` returns the
-    form itself; ask it for ``xhat()``, ``mask()``, ``h()``, each (N, C, H, W))."""
+    form itself; ask it for ``xhat()``, ``mask()``, ``h()``, each (N, C, H, W),
+    or for ``bn_source()``, what the unit's fused BN backward reads)."""
 
     __slots__ = ()
 
@@ -129,18 +125,23 @@ class Unit(Stored):
     def h(self):
         raise NotImplementedError
 
+    def bn_source(self) -> BNSource:
+        """The rebuilt xhat and mask, as ``kernels.bn.bn_backward`` takes them."""
+        n, c = self.shape[:2]
+        return BNSource(self.xhat().reshape(n, c, -1), mask=self.mask())
+
 
 class ExactUnit(Unit):
     """The BN input x in full precision plus the per-channel mean: xhat, the mask
-    and h are recomputed exactly as the forward computed them. One float32 tensor
-    per unit: the paper's exact baseline."""
+    and h are recomputed exactly as the forward computed them (the same
+    ``kernels.bn`` pass, so the same bits). One float32 tensor per unit: the
+    paper's exact baseline."""
 
-    __slots__ = ("x", "mu", "inv_sigma", "gamma", "beta", "_y")
+    __slots__ = ("x", "mu", "inv_sigma", "gamma", "beta")
 
     def __init__(self, x, mu, inv_sigma, gamma, beta):
         self.x, self.mu, self.inv_sigma, self.gamma, self.beta = x, mu, inv_sigma, gamma, beta
         self.shape, self.dtype = tuple(x.shape), x.dtype
-        self._y = None
 
     form = property(lambda self: str(self.dtype))
     bits = property(lambda self: 8 * self.dtype.itemsize)
@@ -151,30 +152,26 @@ class ExactUnit(Unit):
         n, c = self.shape[:2]
         return self.x.reshape(n, c, -1)
 
+    def _apply(self, **want):
+        return bn_apply(self._x3(), self.mu, self.gamma * self.inv_sigma, self.beta, **want)
+
     def xhat(self):
         return ((self._x3() - self.mu[:, None]) * self.inv_sigma[:, None]).reshape(self.shape)
 
-    def pre_relu(self, keep: bool = True):
-        """y = gamma * xhat + beta, bit-identical to the forward's. Kept (``keep``)
-        from the first call in backward (a consumer asking for h) to the unit's own
-        backward (asking for the mask), which follows soon after: one
-        recomputation, not two."""
-        y = self._y
-        if y is None:
-            d = self._x3() - self.mu[:, None]
-            y = bn_affine(d, self.inv_sigma, self.gamma, self.beta).reshape(self.shape)
-            if keep:
-                self._y = y
-        return y
+    def pre_relu(self):
+        """y = gamma * xhat + beta, bit-identical to the forward's."""
+        return self._apply()[0].reshape(self.shape)
 
     def mask(self):
-        mask = self.pre_relu() > 0
-        self._y = None  # the unit's backward is the last reader
-        return mask
+        return self.pre_relu() > 0
 
     def h(self):
-        y = self.pre_relu()
-        return y * (y > 0)  # == maximum(y, 0) with -0.0 -> +0.0 as well: relu's output exactly
+        return self._apply(want_y=False, want_h=True)[1].reshape(self.shape)
+
+    def bn_source(self) -> BNSource:
+        # xhat and the mask are rebuilt inside the fused backward pass from x:
+        # nothing activation-sized is materialised
+        return BNSource(self._x3(), self.mu, self.inv_sigma, relu_beta=self.beta)
 
 
 class PaperUnit(Unit):

@@ -26,6 +26,7 @@ import types
 import numpy as np
 import pytest
 
+from npapprox.kernels.bn import bn_stats
 from npapprox import Tensor, nn, ops
 from npapprox.policy import (PARAM, STAT, UNIT, ApproxForward, BNReLUUnit, Exact, Generic,
                              Naive, Paper, storage_policy)
@@ -47,11 +48,13 @@ def unpack_codes(packed, n, bits):
 
 def bn_forward(x, gamma, beta, eps=1e-5):
     """y = gamma * (x - mu) / sigma + beta, in float32 (batch statistics, biased variance);
-    returns y (N, C, H, W) and 1/sigma (C,)."""
+    returns y (N, C, H, W) and 1/sigma (C,). The statistics are the engine's own
+    (``kernels.bn.bn_stats``, checked against a float64 oracle in test_bn.py): the
+    reductions' last bits depend on the summation order; everything after them is
+    rebuilt here independently, bit for bit."""
     n, c = x.shape[:2]
     x3 = x.reshape(n, c, -1)
-    mu = x3.mean(axis=(0, 2))
-    var = ((x3 - mu[:, None]) ** 2).mean(axis=(0, 2))
+    mu, var = bn_stats(x3)
     inv_sigma = (F32(1) / np.sqrt(var + F32(eps))).astype(F32)
     y = (x3 - mu[:, None]) * (gamma * inv_sigma)[:, None] + beta[:, None]
     return y.reshape(x.shape).astype(F32), inv_sigma

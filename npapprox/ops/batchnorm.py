@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..backend import array_module
 from ..function import Function
 from ..policy import ACTIVATION, PARAM, STAT, UNIT, BNReLUUnit
-from ..storage import bn_affine
+from ..kernels.bn import BNSource, bn_apply, bn_backward, bn_stats
 from ._checks import as_tensor, check_float, check_rank
 
 
@@ -30,28 +30,29 @@ class BatchNorm2d(Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, **options):
-        y, mu, inv_sigma = _normalize(ctx, x, gamma, beta, **options)
+        y, _, mu, inv_sigma = _normalize(ctx, x, gamma, beta, **options)
         ctx.save(x=x, gamma=gamma, mu=mu, inv_sigma=inv_sigma)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, gamma, mu, inv_sigma = ctx.restore("x", "gamma", "mu", "inv_sigma")
-        n, c = x.shape[:2]
-        xhat = (x.reshape(n, c, -1) - mu[:, None]) * inv_sigma[:, None]     # (N, C, HW)
-        return _bn_backward(ctx, gy, xhat, gamma, inv_sigma)
+        return _backward(ctx, gy, BNSource(_as3(x), mu, inv_sigma), gamma, inv_sigma)
+
+
+def _as3(a):
+    """(N, C, H, W) -> (N, C, H*W), the layout of the BN kernels."""
+    return a.reshape(a.shape[0], a.shape[1], -1)
 
 
 def _normalize(ctx, x, gamma, beta, *, running_mean=None, running_var=None, use_batch_stats=True,
-               update_running=True, momentum=0.1, eps=1e-5):
-    """BN forward shared by both ops: y (N,C,H,W), mu (C,), inv_sigma (C,)."""
+               update_running=True, momentum=0.1, eps=1e-5, relu=False):
+    """BN forward shared by both ops -> y (N,C,H,W), h = relu(y) or None, mu (C,), inv_sigma (C,)."""
     n, c, h, w = x.shape
-    x3 = x.reshape(n, c, h * w)                                  # (N, C, HW)
+    x3 = _as3(x)                                                 # (N, C, HW)
     if use_batch_stats:
         m = n * h * w
-        mu = x3.mean(axis=(0, 2))                                # (C,)
-        d = x3 - mu[:, None]
-        var = (d * d).mean(axis=(0, 2))                          # (C,) biased
+        mu, var = bn_stats(x3)                                   # (C,), biased variance
         if update_running and running_mean is not None:
             running_mean *= 1 - momentum
             running_mean += momentum * mu
@@ -59,28 +60,17 @@ def _normalize(ctx, x, gamma, beta, *, running_mean=None, running_var=None, use_
             running_var += momentum * var * (m / max(m - 1, 1))
     else:
         mu, var = running_mean.astype(x.dtype), running_var.astype(x.dtype)
-        d = x3 - mu[:, None]
     inv_sigma = (1.0 / array_module(x).sqrt(var + eps)).astype(x.dtype)   # (C,)
     ctx.use_batch_stats = use_batch_stats
-    return bn_affine(d, inv_sigma, gamma, beta).reshape(x.shape), mu, inv_sigma
+    y, h = bn_apply(x3, mu, gamma * inv_sigma, beta, want_h=relu)
+    return y.reshape(x.shape), (h.reshape(x.shape) if relu else None), mu, inv_sigma
 
 
-def _bn_backward(ctx, gy, xhat, gamma, inv_sigma):
-    """Gradients (gx, ggamma, gbeta) from gy (N,C,H,W) and xhat (N,C,HW)."""
-    n, c, h, w = gy.shape
-    gy3 = gy.reshape(n, c, h * w)                                # (N, C, HW)
-    gbeta = gy3.sum(axis=(0, 2))
-    ggamma = (gy3 * xhat).sum(axis=(0, 2))
-    gx = None
-    if ctx.needs_input_grad[0]:
-        scale = (gamma * inv_sigma)[:, None]
-        if ctx.use_batch_stats:
-            m = n * h * w
-            gx = scale * (gy3 - (gbeta / m)[:, None] - xhat * (ggamma / m)[:, None])
-        else:
-            gx = scale * gy3
-        gx = gx.reshape(gy.shape)
-    return gx, ggamma, gbeta
+def _backward(ctx, gy, source, gamma, inv_sigma):
+    """(gx, ggamma, gbeta) of either op: ``kernels.bn.bn_backward`` on (N, C, HW) views."""
+    gx, ggamma, gbeta = bn_backward(_as3(gy), source, gamma, inv_sigma, batch_stats=ctx.use_batch_stats,
+                                    need_gx=ctx.needs_input_grad[0])
+    return (None if gx is None else gx.reshape(gy.shape)), ggamma, gbeta
 
 
 class BatchNormReLU(Function):
@@ -95,16 +85,14 @@ class BatchNormReLU(Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, **options):
-        y, mu, inv_sigma = _normalize(ctx, x, gamma, beta, **options)
+        y, h, mu, inv_sigma = _normalize(ctx, x, gamma, beta, relu=True, **options)
         ctx.save(unit=BNReLUUnit(x, y, mu, inv_sigma, gamma, beta), gamma=gamma, inv_sigma=inv_sigma)
-        return y * (y > 0)   # relu; +0.0 where y <= 0, as the rebuilt h
+        return h   # y * (y > 0), bit-identical to what the stored unit rebuilds
 
     @staticmethod
     def backward(ctx, gh):
         unit, gamma, inv_sigma = ctx.restore("unit", "gamma", "inv_sigma")
-        n, c = gh.shape[:2]
-        g = gh * unit.mask()
-        return _bn_backward(ctx, g, unit.xhat().reshape(n, c, -1), gamma, inv_sigma)
+        return _backward(ctx, gh, unit.bn_source(), gamma, inv_sigma)
 
 
 def batch_norm2d(x, gamma, beta, running_mean=None, running_var=None, *, use_batch_stats=True,
