@@ -12,12 +12,13 @@ Layout (row = one output position, columns ordered (p, q, c))::
   built without OpenMP). Each thread owns a scratch buffer holding one sample
   zero-padded and transposed to (H + 2*pad, W + 2*pad, C): in that layout the
   kw kernel offsets of one output position and one kernel row p are kw*C
-  *contiguous* values, so im2row is one memcpy per (i, j, p) and row2im one
-  vectorisable C-wide add per (p, q, i, j).
+  *contiguous* values, so im2row is one kw*C-wide copy per (i, j, p) and
+  row2im one kw*C-wide add per (i, j, p), both inline vectorised loops.
 * Each sample reads and writes a disjoint part of the output, so the
   accumulation in row2im is race-free and its order does not depend on the
   thread count: each gx element starts from +0.0 and receives its
-  contributions in increasing (p, q) order, exactly like the reference.
+  contributions in increasing (i, j) order, which for one gx element is
+  decreasing (p, q) order, exactly like the reference.
 
 Compiler directives (boundscheck=False, wraparound=False, cdivision=True, ...)
 and flags (-O3 -ffp-contract=off, OpenMP) are set once, in setup.py.
@@ -52,7 +53,7 @@ def im2row(const floating[:, :, :, ::1] x,    # IN:  (N, C, H, W)
     cdef Py_ssize_t OH = (H + 2 * pad - kh) // stride + 1
     cdef Py_ssize_t OW = (W + 2 * pad - kw) // stride + 1
     cdef Py_ssize_t Hp = H + 2 * pad, Wp = W + 2 * pad, K = kh * kw * C
-    cdef Py_ssize_t n, c, h, w, i, j, p
+    cdef Py_ssize_t n, c, h, w, i, j, p, k
     cdef floating* t
     cdef floating* dst
     cdef const floating* src
@@ -78,8 +79,9 @@ def im2row(const floating[:, :, :, ::1] x,    # IN:  (N, C, H, W)
                     for j in range(OW):
                         dst = &rows[(n * OH + i) * OW + j, 0]
                         for p in range(kh):
-                            memcpy(dst + p * kw * C, t + ((i * stride + p) * Wp + j * stride) * C,
-                                   kw * C * sizeof(floating))
+                            src = t + ((i * stride + p) * Wp + j * stride) * C
+                            for k in range(kw * C):   # an inline loop: short copies, no call
+                                dst[p * kw * C + k] = src[k]
         free(t)
     if err:
         raise MemoryError("im2row scratch buffer")
@@ -88,13 +90,13 @@ def im2row(const floating[:, :, :, ::1] x,    # IN:  (N, C, H, W)
 def row2im(const floating[:, ::1] rows,       # IN:  (N*OH*OW, kh*kw*C)
            floating[:, :, :, ::1] gx,          # OUT: (N, C, H, W), fully overwritten
            Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t stride, Py_ssize_t pad):
-    """gx = 0; for p, q (in that order): gx[n, c, i*stride+p-pad, j*stride+q-pad] += rows[...]."""
+    """gx = 0; for p, q (decreasing): gx[n, c, i*stride+p-pad, j*stride+q-pad] += rows[...]."""
     cdef Py_ssize_t N = gx.shape[0], C = gx.shape[1], H = gx.shape[2], W = gx.shape[3]
     _check(N, C, H, W, kh, kw, stride, pad, rows.shape[0], rows.shape[1])
     cdef Py_ssize_t OH = (H + 2 * pad - kh) // stride + 1
     cdef Py_ssize_t OW = (W + 2 * pad - kw) // stride + 1
     cdef Py_ssize_t Hp = H + 2 * pad, Wp = W + 2 * pad
-    cdef Py_ssize_t n, c, h, w, i, j, p, q
+    cdef Py_ssize_t n, c, h, w, i, j, p, k
     cdef floating* t
     cdef floating* dst
     cdef const floating* src
@@ -109,14 +111,13 @@ def row2im(const floating[:, ::1] rows,       # IN:  (N*OH*OW, kh*kw*C)
         for n in prange(N, schedule="static"):   # every thread must reach the prange
             if t != NULL:
                 memset(t, 0, Hp * Wp * C * sizeof(floating))
-                for p in range(kh):
-                    for q in range(kw):
-                        for i in range(OH):
-                            for j in range(OW):
-                                src = &rows[(n * OH + i) * OW + j, (p * kw + q) * C]
-                                dst = t + ((i * stride + p) * Wp + j * stride + q) * C
-                                for c in range(C):
-                                    dst[c] = dst[c] + src[c]
+                for i in range(OH):
+                    for j in range(OW):
+                        for p in range(kh):
+                            src = &rows[(n * OH + i) * OW + j, p * kw * C]
+                            dst = t + ((i * stride + p) * Wp + j * stride) * C
+                            for k in range(kw * C):   # the window row's kw*C values are contiguous
+                                dst[k] = dst[k] + src[k]
                 for c in range(C):
                     for h in range(H):
                         src = t + ((h + pad) * Wp + pad) * C + c

@@ -24,7 +24,7 @@ Two implementations, bit-identical to each other:
   vectorised over N and C with a Python loop over the kernel offsets (p, q).
 
 ``row2im`` is a sum, so bit-identity needs a fixed summation order: both start
-from zeros and add the contributions to each ``x`` position in increasing
+from zeros and add the contributions to each ``x`` position in decreasing
 ``(p, q)`` order (p outer, q inner).
 
 Set ``NPAPPROX_REFERENCE_KERNELS=1`` in the environment (read once, at import)
@@ -144,13 +144,16 @@ def row2im_reference(rows, x_shape, kh, kw, stride, pad, out=None):
     Naive formula::
 
         gx = zeros(x_shape)
-        for p, q (p outer, q inner), then n, i, j, c:
+        for p, q in *decreasing* order (p outer, q inner), then n, i, j, c:
             ih, iw = i*stride + p - pad, j*stride + q - pad
             if 0 <= ih < H and 0 <= iw < W:
                 gx[n, c, ih, iw] += rows[(n*OH + i)*OW + j, (p*kw + q)*C + c]
 
     Vectorised: accumulate into a zero padded channels-last buffer, one strided
-    slice per (p, q) in that order, then crop the padding away.
+    slice per (p, q) in that order, then crop the padding away. (Decreasing,
+    because the compiled kernel walks the output positions (i, j) in increasing
+    order, reading each row of ``rows`` once, and for a fixed x position a larger
+    i or j means a smaller p or q.)
     """
     xp = array_module(rows)
     N, C, H, W = (int(s) for s in x_shape)
@@ -163,8 +166,8 @@ def row2im_reference(rows, x_shape, kh, kw, stride, pad, out=None):
     rows6 = rows.reshape(shape6)
     OH, OW = shape6[1:3]
     hspan, wspan = stride * (OH - 1) + 1, stride * (OW - 1) + 1
-    for p in range(kh):
-        for q in range(kw):
+    for p in reversed(range(kh)):
+        for q in reversed(range(kw)):
             gpad[:, p:p + hspan:stride, q:q + wspan:stride] += rows6[:, :, :, p, q]
     gx = gpad[:, pad:pad + H, pad:pad + W].transpose(0, 3, 1, 2)
     if out is not None:

@@ -35,7 +35,7 @@ class Conv2d(Function):
     K = KH*KW*C, W2 = w moved to (F, KH, KW, C) and reshaped to (F, K), and
     Yr = R @ W2^T (B*OH*OW, F), the chunk's output with channels last (moved
     to NCHW by one transposing copy). Backward, per chunk, with gYr the output
-    gradient moved to (B*OH*OW, F): gW2 += gYr^T @ R, gR = gYr @ W2 ->
+    gradient moved to (B*OH*OW, F): gW2^T += R^T @ gYr, gR = gYr @ W2 ->
     row2im -> gx, and gb = sum gY. Tall products like these run much faster in
     OpenBLAS than one small product per sample (kernels/im2col.py).
     The input (not its rows) is what is saved: rows are rebuilt in backward, a
@@ -84,7 +84,7 @@ class Conv2d(Function):
         chunks = _chunks(n, L, w2.shape[1], gy.dtype.itemsize)
         rows_ws = xp.empty((chunks[0].stop * L, w2.shape[1]), dtype=gy.dtype)
         gyr_ws = xp.empty((chunks[0].stop * L, f), dtype=gy.dtype)
-        gw2 = xp.zeros(w2.shape, dtype=gy.dtype) if need_w else None
+        gw2t = xp.zeros(w2.shape[::-1], dtype=gy.dtype) if need_w else None   # (K, F)
         gx = xp.empty(x.shape, dtype=gy.dtype) if need_x else None
         for sl in chunks:
             m = (sl.stop - sl.start) * L
@@ -92,13 +92,13 @@ class Conv2d(Function):
             gyr.reshape(-1, L, f)[...] = gy3[sl].transpose(0, 2, 1)     # (B*L, F)
             if need_w:
                 rows = im2row(x[sl], kh, kw, s, pad, out=rows_ws[:m])   # (B*L, K)
-                gw2 += gyr.T @ rows
+                gw2t += rows.T @ gyr          # (K, F): faster in OpenBLAS than gyr.T @ rows
             if need_x:
                 grows = xp.matmul(gyr, w2, out=rows_ws[:m])             # (B*L, K)
                 row2im(grows, gx[sl].shape, kh, kw, s, pad, out=gx[sl])
         gw = None
-        if need_w:  # (F, KH, KW, C) -> (F, C, KH, KW)
-            gw = xp.ascontiguousarray(gw2.reshape(f, kh, kw, c).transpose(0, 3, 1, 2))
+        if need_w:  # (KH, KW, C, F) -> (F, C, KH, KW)
+            gw = xp.ascontiguousarray(gw2t.reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
         return gx, gw, gb
 
 
