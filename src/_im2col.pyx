@@ -8,8 +8,9 @@ Layout (row = one output position, columns ordered (p, q, c))::
 
 * float32 and float64 through the ``floating`` fused type, C-contiguous typed
   memoryviews, no GIL.
-* ``prange`` over samples with OpenMP (a serial loop when the extension was
-  built without OpenMP). Each thread owns a scratch buffer holding one sample
+* ``prange`` over samples with ``num_threads`` OpenMP threads (default 1: the
+  convolution runs whole chunks on each core, ``npapprox.parallel``; a serial
+  loop when the extension was built without OpenMP). Each thread owns a scratch buffer holding one sample
   zero-padded and transposed to (H + 2*pad, W + 2*pad, C): in that layout the
   kw kernel offsets of one output position and one kernel row p are kw*C
   *contiguous* values, so im2row is one kw*C-wide copy per (i, j, p) and
@@ -46,7 +47,7 @@ cdef _check(Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
 
 def im2row(const floating[:, :, :, ::1] x,    # IN:  (N, C, H, W)
            floating[:, ::1] rows,              # OUT: (N*OH*OW, kh*kw*C), fully overwritten
-           Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t stride, Py_ssize_t pad):
+           Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t stride, Py_ssize_t pad, int num_threads=1):
     """rows[(n*OH+i)*OW+j, (p*kw+q)*C+c] = xpad[n, c, i*stride+p, j*stride+q]."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     _check(N, C, H, W, kh, kw, stride, pad, rows.shape[0], rows.shape[1])
@@ -61,7 +62,9 @@ def im2row(const floating[:, :, :, ::1] x,    # IN:  (N, C, H, W)
     cdef int* failed = &err        # written through a pointer: shared, not thread-private
     if rows.shape[0] == 0 or K == 0:
         return
-    with nogil, parallel():
+    if num_threads < 1:
+        raise ValueError("num_threads must be >= 1")
+    with nogil, parallel(num_threads=num_threads):
         t = <floating*> malloc(Hp * Wp * C * sizeof(floating))   # one padded NHWC sample
         if t == NULL:
             failed[0] = 1
@@ -89,7 +92,7 @@ def im2row(const floating[:, :, :, ::1] x,    # IN:  (N, C, H, W)
 
 def row2im(const floating[:, ::1] rows,       # IN:  (N*OH*OW, kh*kw*C)
            floating[:, :, :, ::1] gx,          # OUT: (N, C, H, W), fully overwritten
-           Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t stride, Py_ssize_t pad):
+           Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t stride, Py_ssize_t pad, int num_threads=1):
     """gx = 0; for p, q (decreasing): gx[n, c, i*stride+p-pad, j*stride+q-pad] += rows[...]."""
     cdef Py_ssize_t N = gx.shape[0], C = gx.shape[1], H = gx.shape[2], W = gx.shape[3]
     _check(N, C, H, W, kh, kw, stride, pad, rows.shape[0], rows.shape[1])
@@ -104,7 +107,9 @@ def row2im(const floating[:, ::1] rows,       # IN:  (N*OH*OW, kh*kw*C)
     cdef int* failed = &err
     if gx.shape[0] == 0 or C * H * W == 0:
         return
-    with nogil, parallel():
+    if num_threads < 1:
+        raise ValueError("num_threads must be >= 1")
+    with nogil, parallel(num_threads=num_threads):
         t = <floating*> malloc(Hp * Wp * C * sizeof(floating))   # one padded NHWC gradient
         if t == NULL:
             failed[0] = 1

@@ -179,11 +179,12 @@ def row2im_reference(rows, x_shape, kh, kw, stride, pad, out=None):
 # --------------------------------------------------------------------------- #
 # Dispatch
 # --------------------------------------------------------------------------- #
-def im2row(x, kh, kw, stride, pad, out=None):
+def im2row(x, kh, kw, stride, pad, out=None, threads=1):
     """``(N, C, H, W) -> (N*OH*OW, kh*kw*C)``; see the module docstring for the layout.
 
     ``out``, when given, must be a C-contiguous array of that shape and of
-    ``x``'s dtype; it is filled and returned.
+    ``x``'s dtype; it is filled and returned. ``threads``: OpenMP threads of
+    the compiled kernel (samples split between them; same bytes for any count).
     """
     kh, kw, stride, pad = int(kh), int(kw), int(stride), int(pad)
     if not _use_compiled(x):
@@ -195,15 +196,15 @@ def im2row(x, kh, kw, stride, pad, out=None):
     else:
         _check_out(out, shape, x.dtype)
     if out.size:
-        _compiled.im2row(x, out, kh, kw, stride, pad)
+        _compiled.im2row(x, out, kh, kw, stride, pad, threads)
     return out
 
 
-def row2im(rows, x_shape, kh, kw, stride, pad, out=None):
+def row2im(rows, x_shape, kh, kw, stride, pad, out=None, threads=1):
     """Adjoint of :func:`im2row`: ``(N*OH*OW, kh*kw*C) -> x_shape = (N, C, H, W)``.
 
     ``out``, when given, must be a C-contiguous array of ``x_shape`` and of
-    ``rows``'s dtype; it is overwritten and returned."""
+    ``rows``'s dtype; it is overwritten and returned. ``threads`` as :func:`im2row`."""
     kh, kw, stride, pad = int(kh), int(kw), int(stride), int(pad)
     if not _use_compiled(rows):
         return row2im_reference(rows, x_shape, kh, kw, stride, pad, out=out)
@@ -218,5 +219,5 @@ def row2im(rows, x_shape, kh, kw, stride, pad, out=None):
         _check_out(out, (N, C, H, W), rows.dtype)
         gx = out
     if gx.size:
-        _compiled.row2im(rows, gx, kh, kw, stride, pad)
+        _compiled.row2im(rows, gx, kh, kw, stride, pad, threads)
     return gx

@@ -4,14 +4,15 @@ from __future__ import annotations
 from ..backend import array_module
 from ..function import Function
 from ..kernels.im2col import im2row, row2im
+from ..parallel import map_chunks
 from ..policy import ACTIVATION, PARAM
 from ._checks import as_tensor, check_float, check_positive_int, check_rank, out_size
 
 
-#: im2row rows are built for a few samples at a time, about this many bytes: the
-#: rows then stay in cache between im2row and the matrix product, instead of a
-#: 9x-activation-sized buffer going through main memory.
-CHUNK_BYTES = 4 << 20
+#: im2row rows are built for a few samples at a time, about this many bytes per
+#: worker: the rows then stay in that core's cache between im2row and the matrix
+#: product, instead of a 9x-activation-sized buffer going through main memory.
+CHUNK_BYTES = 2 << 20
 
 
 def _weight_rows(w):
@@ -37,7 +38,9 @@ class Conv2d(Function):
     to NCHW by one transposing copy). Backward, per chunk, with gYr the output
     gradient moved to (B*OH*OW, F): gW2^T += R^T @ gYr, gR = gYr @ W2 ->
     row2im -> gx, and gb = sum gY. Tall products like these run much faster in
-    OpenBLAS than one small product per sample (kernels/im2col.py).
+    OpenBLAS than one small product per sample (kernels/im2col.py). On the CPU
+    the chunks run on all cores at once, whole chunks per core
+    (``npapprox.parallel``).
     The input (not its rows) is what is saved: rows are rebuilt in backward, a
     few samples at a time, so the ledger counts one activation-sized tensor and
     the rows never exist for the whole batch.
@@ -56,13 +59,17 @@ class Conv2d(Function):
         w2 = _weight_rows(w)                                      # (F, K)
         y = xp.empty((n, f, L), dtype=x.dtype)
         chunks = _chunks(n, L, w2.shape[1], x.dtype.itemsize)
-        rows_ws = xp.empty((chunks[0].stop * L, w2.shape[1]), dtype=x.dtype)
-        yr_ws = xp.empty((chunks[0].stop * L, f), dtype=x.dtype)
-        for sl in chunks:
-            m = (sl.stop - sl.start) * L
-            rows = im2row(x[sl], kh, kw, stride, padding, out=rows_ws[:m])   # (B*L, K)
-            yr = xp.matmul(rows, w2.T, out=yr_ws[:m])                     # (B*L, F)
-            y[sl] = yr.reshape(-1, L, f).transpose(0, 2, 1)               # (B, F, L)
+
+        def work(my_chunks):                                      # one worker's chunks
+            rows_ws = xp.empty((chunks[0].stop * L, w2.shape[1]), dtype=x.dtype)
+            yr_ws = xp.empty((chunks[0].stop * L, f), dtype=x.dtype)
+            for sl in my_chunks:
+                m = (sl.stop - sl.start) * L
+                rows = im2row(x[sl], kh, kw, stride, padding, out=rows_ws[:m])   # (B*L, K)
+                yr = xp.matmul(rows, w2.T, out=yr_ws[:m])                     # (B*L, F)
+                y[sl] = yr.reshape(-1, L, f).transpose(0, 2, 1)               # (B, F, L)
+
+        map_chunks(work, chunks, xp)
         if b is not None:
             y += b.reshape(1, f, 1)
         ctx.save(x=x, w=w)
@@ -82,22 +89,30 @@ class Conv2d(Function):
         gb = gy3.sum(axis=(0, 2)) if need_b else None
         w2 = _weight_rows(w)                                      # (F, K)
         chunks = _chunks(n, L, w2.shape[1], gy.dtype.itemsize)
-        rows_ws = xp.empty((chunks[0].stop * L, w2.shape[1]), dtype=gy.dtype)
-        gyr_ws = xp.empty((chunks[0].stop * L, f), dtype=gy.dtype)
-        gw2t = xp.zeros(w2.shape[::-1], dtype=gy.dtype) if need_w else None   # (K, F)
         gx = xp.empty(x.shape, dtype=gy.dtype) if need_x else None
-        for sl in chunks:
-            m = (sl.stop - sl.start) * L
-            gyr = gyr_ws[:m]
-            gyr.reshape(-1, L, f)[...] = gy3[sl].transpose(0, 2, 1)     # (B*L, F)
-            if need_w:
-                rows = im2row(x[sl], kh, kw, s, pad, out=rows_ws[:m])   # (B*L, K)
-                gw2t += rows.T @ gyr          # (K, F): faster in OpenBLAS than gyr.T @ rows
-            if need_x:
-                grows = xp.matmul(gyr, w2, out=rows_ws[:m])             # (B*L, K)
-                row2im(grows, gx[sl].shape, kh, kw, s, pad, out=gx[sl])
+
+        def work(my_chunks):                                      # one worker's chunks -> its gW2^T
+            rows_ws = xp.empty((chunks[0].stop * L, w2.shape[1]), dtype=gy.dtype)
+            gyr_ws = xp.empty((chunks[0].stop * L, f), dtype=gy.dtype)
+            gw2t = xp.zeros(w2.shape[::-1], dtype=gy.dtype) if need_w else None   # (K, F)
+            for sl in my_chunks:
+                m = (sl.stop - sl.start) * L
+                gyr = gyr_ws[:m]
+                gyr.reshape(-1, L, f)[...] = gy3[sl].transpose(0, 2, 1)     # (B*L, F)
+                if need_w:
+                    rows = im2row(x[sl], kh, kw, s, pad, out=rows_ws[:m])   # (B*L, K)
+                    gw2t += rows.T @ gyr      # (K, F): faster in OpenBLAS than gyr.T @ rows
+                if need_x:
+                    grows = xp.matmul(gyr, w2, out=rows_ws[:m])             # (B*L, K)
+                    row2im(grows, gx[sl].shape, kh, kw, s, pad, out=gx[sl])
+            return gw2t
+
+        partials = map_chunks(work, chunks, xp)
         gw = None
-        if need_w:  # (KH, KW, C, F) -> (F, C, KH, KW)
+        if need_w:  # sum the workers' partials in worker order; (KH, KW, C, F) -> (F, C, KH, KW)
+            gw2t = partials[0]
+            for part in partials[1:]:
+                gw2t += part
             gw = xp.ascontiguousarray(gw2t.reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
         return gx, gw, gb
 

@@ -1,0 +1,63 @@
+"""Chunk-level parallelism for the convolution's CPU path.
+
+A convolution works on chunks of a few samples (``ops.conv``): im2row, one
+tall GEMM, a transposing copy, row2im -- each call only a few hundred
+microseconds long. Splitting every such call over the cores (OpenBLAS's
+threads for the GEMM, OpenMP's for the Cython kernels) pays a hand-over between
+two thread pools per call and leaves cores idle at the end of each. Here each
+core instead takes whole chunks, with single-threaded kernels, so a chunk's
+rows also stay in that core's own cache: a 3x3 conv forward+backward at batch
+128 ran 29% / 19% / 11% faster at 16 / 32 / 64 channels on 2 cores.
+
+The number of workers is the number of threads NumPy's BLAS may use (read with
+threadpoolctl at each call, so ``threadpoolctl.threadpool_limits`` applies);
+while the workers run, BLAS is held to one thread. Chunks are dealt to the
+workers round-robin and results come back in worker order, so a run is
+deterministic for a given worker count.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+try:
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # pragma: no cover - a dependency; without it convolutions run serially
+    ThreadpoolController = None
+
+_lock = threading.Lock()          # one parallel region at a time changes BLAS's thread count
+_blas = None                      # threadpoolctl controller of NumPy's BLAS, made on first use
+_pool: ThreadPoolExecutor | None = None
+
+
+def _blas_controller():
+    global _blas
+    if _blas is None and ThreadpoolController is not None:
+        _blas = ThreadpoolController().select(user_api="blas")
+    return _blas
+
+
+def workers() -> int:
+    """How many chunks run at once: the BLAS thread count (1: serial)."""
+    blas = _blas_controller()
+    if blas is None or not blas.lib_controllers:
+        return 1
+    return max(1, min(lib.num_threads for lib in blas.lib_controllers))
+
+
+def map_chunks(fn, chunks: list, xp=np) -> list:
+    """``[fn(chunks[k::W]) for k in range(W)]``, the W calls running in parallel
+    on NumPy arrays (W = ``workers()``), serially otherwise (CuPy, one core)."""
+    n = min(workers(), len(chunks)) if xp is np else 1
+    if n <= 1:
+        return [fn(chunks)]
+    global _pool
+    with _lock:
+        if _pool is None or _pool._max_workers < n - 1:
+            _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="npapprox-conv")
+        with _blas_controller().limit(limits=1):
+            futures = [_pool.submit(fn, chunks[k::n]) for k in range(1, n)]
+            first = fn(chunks[0::n])                  # the calling thread is worker 0
+            return [first] + [f.result() for f in futures]
