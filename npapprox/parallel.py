@@ -18,7 +18,7 @@ deterministic for a given worker count.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -49,7 +49,8 @@ def workers() -> int:
 
 def map_chunks(fn, chunks: list, xp=np) -> list:
     """``[fn(chunks[k::W]) for k in range(W)]``, the W calls running in parallel
-    on NumPy arrays (W = ``workers()``), serially otherwise (CuPy, one core)."""
+    on NumPy arrays (W = ``workers()``), serially otherwise (CuPy, one core).
+    Not reentrant: ``fn`` must not call ``map_chunks``."""
     n = min(workers(), len(chunks)) if xp is np else 1
     if n <= 1:
         return [fn(chunks)]
@@ -59,5 +60,8 @@ def map_chunks(fn, chunks: list, xp=np) -> list:
             _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="npapprox-conv")
         with _blas_controller().limit(limits=1):
             futures = [_pool.submit(fn, chunks[k::n]) for k in range(1, n)]
-            first = fn(chunks[0::n])                  # the calling thread is worker 0
+            try:
+                first = fn(chunks[0::n])              # the calling thread is worker 0
+            finally:
+                wait(futures)                         # none still runs when BLAS gets its threads back
             return [first] + [f.result() for f in futures]
