@@ -1,0 +1,79 @@
+"""npapprox.parallel: whole chunks per core, BLAS held to one thread meanwhile."""
+import threading
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+import npapprox as na
+from npapprox import parallel
+
+
+def _blas_threads():
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+def test_chunks_dealt_round_robin_results_in_worker_order():
+    with threadpool_limits(2, user_api="blas"):
+        assert parallel.workers() == 2
+        seen = []
+        out = parallel.map_chunks(lambda cs: (seen.append(threading.get_ident()), list(cs))[1], list(range(7)))
+    assert out == [[0, 2, 4, 6], [1, 3, 5]]
+    assert len(set(seen)) == 2 and threading.get_ident() in seen   # the caller is worker 0
+
+
+def test_blas_held_to_one_thread_inside_and_restored_after():
+    with threadpool_limits(2, user_api="blas"):
+        inside = parallel.map_chunks(lambda cs: _blas_threads(), [0, 1])
+        assert inside == [[1], [1]] and _blas_threads() == [2]
+
+
+def test_one_blas_thread_means_serial():
+    with threadpool_limits(1, user_api="blas"):
+        assert parallel.workers() == 1
+        assert parallel.map_chunks(lambda cs: list(cs), [0, 1, 2]) == [[0, 1, 2]]
+    assert parallel.map_chunks(lambda cs: list(cs), [5]) == [[5]]   # one chunk: nothing to share
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_failing_worker_raises_after_every_worker_finished(failing):
+    done = []
+
+    def fn(cs):
+        if cs[0] == failing:
+            raise RuntimeError("boom")
+        done.append(cs[0])
+        return cs
+
+    with threadpool_limits(2, user_api="blas"):
+        with pytest.raises(RuntimeError, match="boom"):
+            parallel.map_chunks(fn, [0, 1])
+        assert done == [1 - failing] and _blas_threads() == [2]
+
+
+def test_conv_parallel_equals_serial():
+    """Each chunk is computed the same way whichever core runs it: y and gx are
+    bit-identical to a serial run; gw adds the workers' partial sums, so it
+    agrees to rounding."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 8, 12, 12)).astype(np.float32)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    gy = rng.standard_normal((40, 16, 6, 6)).astype(np.float32)
+
+    def run():
+        xt, wt = na.Tensor(x, requires_grad=True), na.Tensor(w, requires_grad=True)
+        y = na.ops.conv2d(xt, wt, stride=2, padding=1)
+        y.backward(gy)
+        return y.data, xt.grad, wt.grad
+
+    from npapprox.ops import conv
+    old, conv.CHUNK_BYTES = conv.CHUNK_BYTES, 4096          # many chunks
+    try:
+        with threadpool_limits(2, user_api="blas"):
+            par = run()
+        with threadpool_limits(1, user_api="blas"):
+            ser = run()
+    finally:
+        conv.CHUNK_BYTES = old
+    assert np.array_equal(par[0], ser[0]) and np.array_equal(par[1], ser[1])
+    np.testing.assert_allclose(par[2], ser[2], rtol=1e-5, atol=1e-4)
