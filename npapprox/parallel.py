@@ -39,8 +39,10 @@ def _blas_controller():
     return _blas
 
 
-def workers() -> int:
-    """How many chunks run at once: the BLAS thread count (1: serial)."""
+def workers(xp=np) -> int:
+    """How many chunks run at once: the BLAS thread count on NumPy arrays (1: serial)."""
+    if xp is not np:
+        return 1
     blas = _blas_controller()
     if blas is None or not blas.lib_controllers:
         return 1
@@ -51,7 +53,7 @@ def map_chunks(fn, chunks: list, xp=np) -> list:
     """``[fn(chunks[k::W]) for k in range(W)]``, the W calls running in parallel
     on NumPy arrays (W = ``workers()``), serially otherwise (CuPy, one core).
     Not reentrant: ``fn`` must not call ``map_chunks``."""
-    n = min(workers(), len(chunks)) if xp is np else 1
+    n = min(workers(xp), len(chunks))
     if n <= 1:
         return [fn(chunks)]
     global _pool

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..backend import array_module
 from ..function import Function
 from ..kernels.im2col import im2row, row2im
-from ..parallel import map_chunks
+from ..parallel import map_chunks, workers
 from ..policy import ACTIVATION, PARAM
 from ._checks import as_tensor, check_float, check_positive_int, check_rank, out_size
 
@@ -20,9 +20,11 @@ def _weight_rows(w):
     return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
 
 
-def _chunks(n, rows_per_sample, k, itemsize):
-    """Batch slices whose im2row rows ``(B*OH*OW, k)`` take about CHUNK_BYTES."""
+def _chunks(n, rows_per_sample, k, itemsize, xp):
+    """Batch slices whose im2row rows ``(B*OH*OW, k)`` take about CHUNK_BYTES,
+    and at least one per worker (``npapprox.parallel``) when the batch allows."""
     step = max(1, CHUNK_BYTES // max(1, rows_per_sample * k * itemsize))
+    step = min(step, -(-n // workers(xp)))
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
@@ -58,7 +60,7 @@ class Conv2d(Function):
         L = oh * ow
         w2 = _weight_rows(w)                                      # (F, K)
         y = xp.empty((n, f, L), dtype=x.dtype)
-        chunks = _chunks(n, L, w2.shape[1], x.dtype.itemsize)
+        chunks = _chunks(n, L, w2.shape[1], x.dtype.itemsize, xp)
 
         def work(my_chunks):                                      # one worker's chunks
             rows_ws = xp.empty((chunks[0].stop * L, w2.shape[1]), dtype=x.dtype)
@@ -88,7 +90,7 @@ class Conv2d(Function):
         gy3 = gy.reshape(n, f, L)                                 # (N, F, L)
         gb = gy3.sum(axis=(0, 2)) if need_b else None
         w2 = _weight_rows(w)                                      # (F, K)
-        chunks = _chunks(n, L, w2.shape[1], gy.dtype.itemsize)
+        chunks = _chunks(n, L, w2.shape[1], gy.dtype.itemsize, xp)
         gx = xp.empty(x.shape, dtype=gy.dtype) if need_x else None
 
         def work(my_chunks):                                      # one worker's chunks -> its gW2^T
