@@ -28,8 +28,10 @@ except ImportError:  # pragma: no cover - a dependency; without it convolutions 
     ThreadpoolController = None
 
 _lock = threading.Lock()          # one parallel region at a time changes BLAS's thread count
-_blas = None                      # threadpoolctl controller of NumPy's BLAS, made on first use
+_blas = None                      # threadpoolctl controller of the BLAS libraries loaded at first
+#                                   use (NumPy's among them: npapprox imports NumPy first)
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 
 def _blas_controller():
@@ -56,10 +58,11 @@ def map_chunks(fn, chunks: list, xp=np) -> list:
     n = min(workers(xp), len(chunks))
     if n <= 1:
         return [fn(chunks)]
-    global _pool
+    global _pool, _pool_size
     with _lock:
-        if _pool is None or _pool._max_workers < n - 1:
+        if _pool_size < n - 1:                        # threads for workers 1 .. n-1
             _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="npapprox-conv")
+            _pool_size = n - 1
         with _blas_controller().limit(limits=1):
             futures = [_pool.submit(fn, chunks[k::n]) for k in range(1, n)]
             try:
