@@ -7,7 +7,8 @@ threads for the GEMM, OpenMP's for the Cython kernels) pays a hand-over between
 two thread pools per call and leaves cores idle at the end of each. Here each
 core instead takes whole chunks, with single-threaded kernels, so a chunk's
 rows also stay in that core's own cache: a 3x3 conv forward+backward at batch
-128 ran 29% / 19% / 11% faster at 16 / 32 / 64 channels on 2 cores.
+128 ran 29% / 19% / 11% faster at 16 / 32 / 64 channels on 2 cores (one
+side-by-side measurement during development; see docs/architecture.md).
 
 The number of workers is the number of threads NumPy's BLAS may use (read with
 threadpoolctl at each call, so ``threadpoolctl.threadpool_limits`` applies);
