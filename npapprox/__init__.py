@@ -11,6 +11,12 @@ import os
 # the extensions load libgomp; an explicit user setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from ._malloc import reuse_freed_memory  # noqa: E402
+
+# Freed activation-sized blocks stay in the heap for the next array instead of
+# page-faulting back in (glibc only; NPAPPROX_MALLOC=default opts out; _malloc.py).
+reuse_freed_memory()
+
 from . import nn, ops, optim  # noqa: E402
 from .function import Context, Function  # noqa: E402
 from .policy import ApproxForward, Exact, Generic, Naive, Paper, Policy, current_policy, storage_policy  # noqa: E402
