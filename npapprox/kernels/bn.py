@@ -105,7 +105,7 @@ def bn_backward(gy3, source: BNSource, gamma, inv_sigma, *, batch_stats=True, ne
     if _use_compiled(gy3, src, mu, s_inv, scale):
         gy3, src = np.ascontiguousarray(gy3), np.ascontiguousarray(src)
         mode = 2 if mask is not None else 1 if relu_beta is not None else 0
-        m8 = np.ascontiguousarray(mask).reshape(gy3.shape).view(np.uint8) if mode == 2 else None
+        m8 = np.ascontiguousarray(mask, dtype=bool).reshape(gy3.shape).view(np.uint8) if mode == 2 else None
         beta = np.ascontiguousarray(relu_beta, dtype=dtype) if mode == 1 else scale
         gx = np.empty_like(gy3) if need_gx else None
         ggamma, gbeta = np.empty(c), np.empty(c)
