@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import array_module
-from .kernels.bn import BNSource, bn_apply
+from .kernels.bn import BNSource, as_ncm, bn_apply
 
 
 class Stored:
@@ -127,8 +127,7 @@ class Unit(Stored):
 
     def bn_source(self) -> BNSource:
         """The rebuilt xhat and mask, as ``kernels.bn.bn_backward`` takes them."""
-        n, c = self.shape[:2]
-        return BNSource(self.xhat().reshape(n, c, -1), mask=self.mask())
+        return BNSource(as_ncm(self.xhat()), mask=self.mask())
 
 
 class ExactUnit(Unit):
@@ -148,15 +147,11 @@ class ExactUnit(Unit):
     payload_nbytes = property(lambda self: int(self.x.nbytes))
     meta_nbytes = property(lambda self: int(self.mu.nbytes))
 
-    def _x3(self):
-        n, c = self.shape[:2]
-        return self.x.reshape(n, c, -1)
-
     def _apply(self, **want):
-        return bn_apply(self._x3(), self.mu, self.gamma * self.inv_sigma, self.beta, **want)
+        return bn_apply(as_ncm(self.x), self.mu, self.gamma * self.inv_sigma, self.beta, **want)
 
     def xhat(self):
-        return ((self._x3() - self.mu[:, None]) * self.inv_sigma[:, None]).reshape(self.shape)
+        return ((as_ncm(self.x) - self.mu[:, None]) * self.inv_sigma[:, None]).reshape(self.shape)
 
     def pre_relu(self):
         """y = gamma * xhat + beta, bit-identical to the forward's."""
@@ -171,7 +166,7 @@ class ExactUnit(Unit):
     def bn_source(self) -> BNSource:
         # xhat and the mask are rebuilt inside the fused backward pass from x:
         # nothing activation-sized is materialised
-        return BNSource(self._x3(), self.mu, self.inv_sigma, relu_beta=self.beta)
+        return BNSource(as_ncm(self.x), self.mu, self.inv_sigma, relu_beta=self.beta)
 
 
 class PaperUnit(Unit):
@@ -234,10 +229,9 @@ class GenericUnit(Unit):
 
     def xhat(self):
         xp = array_module(self.gamma)
-        n, c = self.shape[:2]
         g = self.gamma.astype(self.dtype)
         safe = xp.where(g == 0, 1, g)
-        y3 = self.y.restore().reshape(n, c, -1)
+        y3 = as_ncm(self.y.restore())
         xhat = xp.where((g == 0)[:, None], 0, (y3 - self.beta[:, None]) / safe[:, None])
         return xhat.astype(self.dtype, copy=False).reshape(self.shape)
 

@@ -29,7 +29,7 @@ try:  # built by ``pip install .`` / ``pip install -e .`` from src/_bn.pyx
 except ImportError:  # pragma: no cover - only when the package was not built
     _compiled = None
 
-__all__ = ["BNSource", "bn_stats", "bn_apply", "bn_backward", "compiled_available"]
+__all__ = ["BNSource", "as_ncm", "bn_stats", "bn_apply", "bn_backward", "compiled_available"]
 
 _COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -46,6 +46,11 @@ class BNSource(NamedTuple):
     inv_sigma: object = None
     mask: object = None
     relu_beta: object = None
+
+
+def as_ncm(a):
+    """(N, C, H, W) -> (N, C, H*W), the layout of these passes (a view when it can be)."""
+    return a.reshape(a.shape[0], a.shape[1], -1)
 
 
 def compiled_available() -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..backend import array_module
 from ..function import Function
 from ..policy import ACTIVATION, PARAM, STAT, UNIT, BNReLUUnit
-from ..kernels.bn import BNSource, bn_apply, bn_backward, bn_stats
+from ..kernels.bn import BNSource, as_ncm, bn_apply, bn_backward, bn_stats
 from ._checks import as_tensor, check_float, check_rank
 
 
@@ -37,19 +37,14 @@ class BatchNorm2d(Function):
     @staticmethod
     def backward(ctx, gy):
         x, gamma, mu, inv_sigma = ctx.restore("x", "gamma", "mu", "inv_sigma")
-        return _backward(ctx, gy, BNSource(_as3(x), mu, inv_sigma), gamma, inv_sigma)
-
-
-def _as3(a):
-    """(N, C, H, W) -> (N, C, H*W), the layout of the BN kernels."""
-    return a.reshape(a.shape[0], a.shape[1], -1)
+        return _backward(ctx, gy, BNSource(as_ncm(x), mu, inv_sigma), gamma, inv_sigma)
 
 
 def _normalize(ctx, x, gamma, beta, *, running_mean=None, running_var=None, use_batch_stats=True,
                update_running=True, momentum=0.1, eps=1e-5, relu=False):
     """BN forward shared by both ops -> y (N,C,H,W), h = relu(y) or None, mu (C,), inv_sigma (C,)."""
     n, c, h, w = x.shape
-    x3 = _as3(x)                                                 # (N, C, HW)
+    x3 = as_ncm(x)                                               # (N, C, HW)
     if use_batch_stats:
         m = n * h * w
         mu, var = bn_stats(x3)                                   # (C,), biased variance
@@ -68,7 +63,7 @@ def _normalize(ctx, x, gamma, beta, *, running_mean=None, running_var=None, use_
 
 def _backward(ctx, gy, source, gamma, inv_sigma):
     """(gx, ggamma, gbeta) of either op: ``kernels.bn.bn_backward`` on (N, C, HW) views."""
-    gx, ggamma, gbeta = bn_backward(_as3(gy), source, gamma, inv_sigma, batch_stats=ctx.use_batch_stats,
+    gx, ggamma, gbeta = bn_backward(as_ncm(gy), source, gamma, inv_sigma, batch_stats=ctx.use_batch_stats,
                                     need_gx=ctx.needs_input_grad[0])
     return (None if gx is None else gx.reshape(gy.shape)), ggamma, gbeta
 
