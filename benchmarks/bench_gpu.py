@@ -99,6 +99,7 @@ def _same(dev, host):
 def bench_kernels(cp, args):
     import npapprox.kernels as K
     from npapprox.kernels import cpu, gpu
+    from npapprox.quant import paper_params
 
     shape = tuple(int(v) for v in args.shape.split(","))
     N, C = shape[:2]
@@ -131,18 +132,14 @@ def bench_kernels(cp, args):
               flush=True)
 
     for bits in (8, 4):
-        nb = 2 ** bits
-        D = 6.0 / nb
-        b = beta.astype(np.float64) / np.abs(gamma.astype(np.float64))
-        s = np.clip(nb / 2 - np.floor(b / D), 1, nb - 1).astype(np.int32)
-        k = (1.0 / (D * np.abs(gamma.astype(np.float64)))).astype(np.float32)
-        step = (D * np.abs(gamma.astype(np.float64))).astype(np.float32)
+        p = paper_params(gamma, beta, bits)                      # what the Paper policy passes
+        k, s, step, off = p["k"], p["s"], p["h_step"], p["h_off"]
         host_packed, host_nf = cpu.paper_pack(y_host, k, s, bits)
-        host_dec = cpu.paper_decode(host_packed, shape, s, step, beta, bits, True)
-        dk, ds, dstep, dbeta = (cp.asarray(a) for a in (k, s, step, beta))
+        host_dec = cpu.paper_decode(host_packed, shape, s, step, off, bits, True)
+        dk, ds, dstep, doff = (cp.asarray(a) for a in (k, s, step, off))
         packed, nf = K.paper_pack(y, dk, ds, bits)
         ok_pack = _same(packed, host_packed) and nf == host_nf
-        ok_dec = _same(K.paper_decode(packed, shape, ds, dstep, dbeta, bits, True), host_dec)
+        ok_dec = _same(K.paper_decode(packed, shape, ds, dstep, doff, bits, True), host_dec)
         pout = cp.empty_like(packed)
         bad = cp.empty_like(packed)
         yf = y.reshape(-1)
@@ -151,10 +148,10 @@ def bench_kernels(cp, args):
                                np.int32(bits), pout, bad), ok_pack)
         row(f"paper K={bits} pack", "call", lambda: K.paper_pack(y, dk, ds, bits), ok_pack)
         row(f"paper K={bits} decode+relu", "kernel",
-            lambda: run.launch("npx_paper_decode", n, packed, ds, dstep, dbeta, np.int64(n), np.int64(C),
+            lambda: run.launch("npx_paper_decode", n, packed, ds, dstep, doff, np.int64(n), np.int64(C),
                                np.int64(hw), np.int32(bits), np.int32(1), fout), ok_dec)
         row(f"paper K={bits} decode+relu", "call",
-            lambda: K.paper_decode(packed, shape, ds, dstep, dbeta, bits, True), ok_dec)
+            lambda: K.paper_decode(packed, shape, ds, dstep, doff, bits, True), ok_dec)
 
     for stochastic in (False, True):
         host = cpu.generic_pack(y_host, 4, 256, stochastic, 12345)

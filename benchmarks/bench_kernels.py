@@ -89,6 +89,7 @@ def main(argv=None):
         sys.exit("npapprox._quant is not built: pip install -e . first")
     from npapprox import _quant
     from npapprox.kernels import cpu
+    from npapprox.quant import paper_params
 
     try:
         from threadpoolctl import threadpool_info, threadpool_limits
@@ -146,12 +147,8 @@ def main(argv=None):
         #           fresh pages from the OS for a large array, i.e. page faults and zeroing;
         # "reference": the NumPy reference (the contract, not meant to be fast).
         def paper_rows(bits):
-            nb = 2 ** bits
-            D = 6.0 / nb
-            b = beta.astype(np.float64) / np.abs(gamma.astype(np.float64))
-            s = np.clip(nb / 2 - np.floor(b / D), 1, nb - 1).astype(np.int32)
-            k = (1.0 / (D * np.abs(gamma.astype(np.float64)))).astype(np.float32)
-            step = (D * np.abs(gamma.astype(np.float64))).astype(np.float32)
+            p = paper_params(gamma, beta, bits)                  # what the Paper policy passes
+            k, s, step, off = p["k"], p["s"], p["h_step"], p["h_off"]
             packed, _ = cpu.paper_pack(y, k, s, bits)
             pout = np.empty_like(packed)
             g = bench(f"paper K={bits} pack", "kernel",
@@ -164,16 +161,16 @@ def main(argv=None):
             if not args.no_reference:
                 bench(f"paper K={bits} pack", "reference", lambda: R.paper_pack(y, k, s, bits), args.ref_repeats)
             g = bench(f"paper K={bits} decode+relu", "kernel",
-                      lambda: _quant.paper_decode(packed, s, step, beta, bits, C, hw, True, fout), args.repeats)
+                      lambda: _quant.paper_decode(packed, s, step, off, bits, C, hw, True, fout), args.repeats)
             if bits == 4:
                 verdicts.append((size, "decode", "kernel", g / read_bw))
             g = bench(f"paper K={bits} decode+relu", "cython",
-                      lambda: cpu.paper_decode(packed, shape, s, step, beta, bits, True), args.repeats)
+                      lambda: cpu.paper_decode(packed, shape, s, step, off, bits, True), args.repeats)
             if bits == 4:
                 verdicts.append((size, "decode", "cython", g / read_bw))
             if not args.no_reference:
                 bench(f"paper K={bits} decode+relu", "reference",
-                      lambda: R.paper_decode(packed, shape, s, step, beta, bits, True), args.ref_repeats)
+                      lambda: R.paper_decode(packed, shape, s, step, off, bits, True), args.ref_repeats)
 
         def generic_rows():
             packed, lo, scale, _ = cpu.generic_pack(y, 4, 256, False, 0)
