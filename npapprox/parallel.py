@@ -13,8 +13,10 @@ side-by-side measurement during development; see docs/architecture.md).
 The number of workers is the number of threads NumPy's BLAS may use (read with
 threadpoolctl at each call, so ``threadpoolctl.threadpool_limits`` applies);
 while the workers run, BLAS is held to one thread. Chunks are dealt to the
-workers round-robin and results come back in worker order, so a run is
-deterministic for a given worker count.
+workers round-robin (``deal``) and results come back in worker order (``run``),
+so a run is deterministic for a given worker count. The caller allocates every
+worker's buffers before ``run``, so a measured peak does not depend on when
+each thread happens to start.
 """
 from __future__ import annotations
 
@@ -52,22 +54,30 @@ def workers(xp=np) -> int:
     return max(1, min(lib.num_threads for lib in blas.lib_controllers))
 
 
-def map_chunks(fn, chunks: list, xp=np) -> list:
-    """``[fn(chunks[k::W]) for k in range(W)]``, the W calls running in parallel
-    on NumPy arrays (W = ``workers()``), serially otherwise (CuPy, one core).
-    Not reentrant: ``fn`` must not call ``map_chunks``."""
-    n = min(workers(xp), len(chunks))
+def deal(chunks: list, xp=np) -> list:
+    """``chunks`` dealt round-robin to ``min(workers(xp), len(chunks))`` workers:
+    one list of chunks per worker (a single list on CuPy arrays or one core)."""
+    n = max(1, min(workers(xp), len(chunks)))
+    return [chunks[k::n] for k in range(n)]
+
+
+def run(fn, n: int) -> list:
+    """``[fn(0), ..., fn(n-1)]``, the calls running in parallel (the calling
+    thread runs ``fn(0)``) with BLAS held to one thread; ``n = len(deal(...))``.
+    Not reentrant: ``fn`` must not call ``run``."""
     if n <= 1:
-        return [fn(chunks)]
+        return [fn(0)]
     global _pool, _pool_size
     with _lock:
         if _pool_size < n - 1:                        # threads for workers 1 .. n-1
+            if _pool is not None:
+                _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="npapprox-conv")
             _pool_size = n - 1
         with _blas_controller().limit(limits=1):
-            futures = [_pool.submit(fn, chunks[k::n]) for k in range(1, n)]
+            futures = [_pool.submit(fn, k) for k in range(1, n)]
             try:
-                first = fn(chunks[0::n])              # the calling thread is worker 0
+                first = fn(0)
             finally:
                 wait(futures)                         # none still runs when BLAS gets its threads back
             return [first] + [f.result() for f in futures]

@@ -16,16 +16,17 @@ def _blas_threads():
 def test_chunks_dealt_round_robin_results_in_worker_order():
     with threadpool_limits(2, user_api="blas"):
         assert parallel.workers() == 2
+        shares = parallel.deal(list(range(7)))
         seen = []
-        out = parallel.map_chunks(lambda cs: (seen.append(threading.get_ident()), list(cs))[1], list(range(7)))
-    assert out == [[0, 2, 4, 6], [1, 3, 5]]
+        out = parallel.run(lambda k: (seen.append(threading.get_ident()), shares[k])[1], len(shares))
+    assert shares == out == [[0, 2, 4, 6], [1, 3, 5]]
     assert len(set(seen)) == 2 and threading.get_ident() in seen   # the caller is worker 0
 
 
 def test_blas_held_to_one_thread_inside_and_restored_after():
     with threadpool_limits(2, user_api="blas"):   # every BLAS loaded (NumPy's, maybe SciPy's, ...)
         before = _blas_threads()
-        inside = parallel.map_chunks(lambda cs: _blas_threads(), [0, 1])
+        inside = parallel.run(lambda k: _blas_threads(), 2)
         assert len(inside) == 2 and all(t == 1 for ts in inside for t in ts)
         assert _blas_threads() == before == [2] * len(before)
 
@@ -33,23 +34,24 @@ def test_blas_held_to_one_thread_inside_and_restored_after():
 def test_one_blas_thread_means_serial():
     with threadpool_limits(1, user_api="blas"):
         assert parallel.workers() == 1
-        assert parallel.map_chunks(lambda cs: list(cs), [0, 1, 2]) == [[0, 1, 2]]
-    assert parallel.map_chunks(lambda cs: list(cs), [5]) == [[5]]   # one chunk: nothing to share
+        assert parallel.deal([0, 1, 2]) == [[0, 1, 2]]
+    assert parallel.deal([5]) == [[5]]                    # one chunk: nothing to share
+    assert parallel.run(lambda k: threading.get_ident(), 1) == [threading.get_ident()]
 
 
 @pytest.mark.parametrize("failing", [0, 1])
 def test_a_failing_worker_raises_after_every_worker_finished(failing):
     done = []
 
-    def fn(cs):
-        if cs[0] == failing:
+    def fn(k):
+        if k == failing:
             raise RuntimeError("boom")
-        done.append(cs[0])
-        return cs
+        done.append(k)
+        return k
 
     with threadpool_limits(2, user_api="blas"):
         with pytest.raises(RuntimeError, match="boom"):
-            parallel.map_chunks(fn, [0, 1])
+            parallel.run(fn, 2)
         assert done == [1 - failing] and set(_blas_threads()) == {2}
 
 
@@ -79,3 +81,47 @@ def test_conv_parallel_equals_serial():
         conv.CHUNK_BYTES = old
     assert np.array_equal(par[0], ser[0]) and np.array_equal(par[1], ser[1])
     np.testing.assert_allclose(par[2], ser[2], rtol=1e-5, atol=1e-4)
+
+
+def test_measured_peak_does_not_depend_on_when_workers_start(monkeypatch):
+    """Every worker's buffers exist before any worker runs: a worker that starts
+    late (here: after worker 0 returned) does not lower the measured peak."""
+    import tracemalloc
+
+    from npapprox.ops import conv
+    rng = np.random.default_rng(0)
+    x = na.Tensor(rng.standard_normal((32, 16, 16, 16)).astype(np.float32), requires_grad=True)
+    w = na.Tensor(rng.standard_normal((16, 16, 3, 3)).astype(np.float32), requires_grad=True)
+    gy = rng.standard_normal((32, 16, 16, 16)).astype(np.float32)
+
+    def peaks():
+        out = []
+        for step in ("forward", "backward"):
+            tracemalloc.start()
+            if step == "forward":
+                y = na.ops.conv2d(x, w, padding=1)
+            else:
+                y.backward(gy)
+            out.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+        return out
+
+    done = threading.Event()
+
+    def late(fn, n):   # worker k > 0 starts only once worker 0 has returned
+        def wrapped(k):
+            if k:
+                done.wait()
+            out = fn(k)
+            if k == 0:
+                done.set()
+            return out
+        done.clear()
+        return parallel.run(wrapped, n)
+
+    with threadpool_limits(2, user_api="blas"):
+        normal = peaks()
+        monkeypatch.setattr(conv, "run", late)
+        delayed = peaks()
+    workspace = 16 * 16 * 144 * 4        # one sample's rows: each worker holds several
+    assert all(abs(a - b) < workspace for a, b in zip(normal, delayed)), (normal, delayed)

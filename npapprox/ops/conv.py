@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..backend import array_module
 from ..function import Function
 from ..kernels.im2col import im2row, row2im
-from ..parallel import map_chunks, workers
+from ..parallel import deal, run, workers
 from ..policy import ACTIVATION, PARAM
 from ._checks import as_tensor, check_float, check_positive_int, check_rank, out_size
 
@@ -20,12 +20,15 @@ def _weight_rows(w):
     return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
 
 
-def _chunks(n, rows_per_sample, k, itemsize, xp):
-    """Batch slices whose im2row rows ``(B*OH*OW, k)`` take about CHUNK_BYTES,
-    and at least one per worker (``npapprox.parallel``) when the batch allows."""
+def _plan(n, rows_per_sample, k, itemsize, xp):
+    """Batch slices whose im2row rows ``(B*OH*OW, k)`` take about CHUNK_BYTES, at
+    least one per worker when the batch allows, dealt to the workers
+    (``npapprox.parallel``) -> (one list of slices per worker, rows of the
+    largest chunk: the first)."""
     step = max(1, CHUNK_BYTES // max(1, rows_per_sample * k * itemsize))
     step = min(step, -(-n // workers(xp)))
-    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+    shares = deal([slice(i, min(n, i + step)) for i in range(0, n, step)], xp)
+    return shares, min(step, n) * rows_per_sample
 
 
 class Conv2d(Function):
@@ -60,18 +63,19 @@ class Conv2d(Function):
         L = oh * ow
         w2 = _weight_rows(w)                                      # (F, K)
         y = xp.empty((n, f, L), dtype=x.dtype)
-        chunks = _chunks(n, L, w2.shape[1], x.dtype.itemsize, xp)
+        shares, m_max = _plan(n, L, w2.shape[1], x.dtype.itemsize, xp)
+        # every worker's buffers, made before any worker starts (a deterministic peak)
+        rows_ws = [xp.empty((m_max, w2.shape[1]), dtype=x.dtype) for _ in shares]
+        yr_ws = [xp.empty((m_max, f), dtype=x.dtype) for _ in shares]
 
-        def work(my_chunks):                                      # one worker's chunks
-            rows_ws = xp.empty((chunks[0].stop * L, w2.shape[1]), dtype=x.dtype)
-            yr_ws = xp.empty((chunks[0].stop * L, f), dtype=x.dtype)
-            for sl in my_chunks:
+        def work(k):                                              # worker k's chunks
+            for sl in shares[k]:
                 m = (sl.stop - sl.start) * L
-                rows = im2row(x[sl], kh, kw, stride, padding, out=rows_ws[:m])   # (B*L, K)
-                yr = xp.matmul(rows, w2.T, out=yr_ws[:m])                     # (B*L, F)
+                r = im2row(x[sl], kh, kw, stride, padding, out=rows_ws[k][:m])   # (B*L, K)
+                yr = xp.matmul(r, w2.T, out=yr_ws[k][:m])                     # (B*L, F)
                 y[sl] = yr.reshape(-1, L, f).transpose(0, 2, 1)               # (B, F, L)
 
-        map_chunks(work, chunks, xp)
+        run(work, len(shares))
         if b is not None:
             y += b.reshape(1, f, 1)
         ctx.save(x=x, w=w)
@@ -90,32 +94,32 @@ class Conv2d(Function):
         gy3 = gy.reshape(n, f, L)                                 # (N, F, L)
         gb = gy3.sum(axis=(0, 2)) if need_b else None
         w2 = _weight_rows(w)                                      # (F, K)
-        chunks = _chunks(n, L, w2.shape[1], gy.dtype.itemsize, xp)
+        shares, m_max = _plan(n, L, w2.shape[1], gy.dtype.itemsize, xp)
         gx = xp.empty(x.shape, dtype=gy.dtype) if need_x else None
+        # every worker's buffers, made before any worker starts (a deterministic peak)
+        rows_ws = [xp.empty((m_max, w2.shape[1]), dtype=gy.dtype) for _ in shares]
+        gyr_ws = [xp.empty((m_max, f), dtype=gy.dtype) for _ in shares]
+        gw2t = [xp.zeros(w2.shape[::-1], dtype=gy.dtype) for _ in shares] if need_w else None   # (K, F)
+        prod = [xp.empty(w2.shape[::-1], dtype=gy.dtype) for _ in shares] if need_w else None
 
-        def work(my_chunks):                                      # one worker's chunks -> its gW2^T
-            rows_ws = xp.empty((chunks[0].stop * L, w2.shape[1]), dtype=gy.dtype)
-            gyr_ws = xp.empty((chunks[0].stop * L, f), dtype=gy.dtype)
-            gw2t = xp.zeros(w2.shape[::-1], dtype=gy.dtype) if need_w else None   # (K, F)
-            for sl in my_chunks:
+        def work(k):                                              # worker k's chunks -> gw2t[k]
+            for sl in shares[k]:
                 m = (sl.stop - sl.start) * L
-                gyr = gyr_ws[:m]
-                gyr.reshape(-1, L, f)[...] = gy3[sl].transpose(0, 2, 1)     # (B*L, F)
+                gyr = gyr_ws[k][:m]
+                gyr.reshape(-1, L, f)[...] = gy3[sl].transpose(0, 2, 1)        # (B*L, F)
                 if need_w:
-                    rows = im2row(x[sl], kh, kw, s, pad, out=rows_ws[:m])   # (B*L, K)
-                    gw2t += rows.T @ gyr      # (K, F): faster in OpenBLAS than gyr.T @ rows
+                    r = im2row(x[sl], kh, kw, s, pad, out=rows_ws[k][:m])      # (B*L, K)
+                    gw2t[k] += xp.matmul(r.T, gyr, out=prod[k])  # (K, F): faster than gyr.T @ r
                 if need_x:
-                    grows = xp.matmul(gyr, w2, out=rows_ws[:m])             # (B*L, K)
+                    grows = xp.matmul(gyr, w2, out=rows_ws[k][:m])             # (B*L, K)
                     row2im(grows, gx[sl].shape, kh, kw, s, pad, out=gx[sl])
-            return gw2t
 
-        partials = map_chunks(work, chunks, xp)
+        run(work, len(shares))
         gw = None
         if need_w:  # sum the workers' partials in worker order; (KH, KW, C, F) -> (F, C, KH, KW)
-            gw2t = partials[0]
-            for part in partials[1:]:
-                gw2t += part
-            gw = xp.ascontiguousarray(gw2t.reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
+            for part in gw2t[1:]:
+                gw2t[0] += part
+            gw = xp.ascontiguousarray(gw2t[0].reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
         return gx, gw, gb
 
 
