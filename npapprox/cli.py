@@ -19,6 +19,7 @@ from pathlib import Path
 from .backend import DeviceError
 from .nn.zoo import MODEL_NAMES
 from .policy import POLICY_HELP
+from .runfolder import check_out
 
 DEFAULT_POLICIES = "exact,paper8,paper4,naive4"
 
@@ -97,11 +98,13 @@ def _config(args, policy, seed, out):
 
 def _train(args) -> int:
     from .policy import policy_from_name  # noqa: PLC0415
-    from .train import NonFiniteLoss, Trainer  # noqa: PLC0415
+    from .train import Interrupted, NonFiniteLoss, Trainer  # noqa: PLC0415
 
     policy_from_name(args.policy)  # fail early on a bad name
+    if args.out:
+        check_out(args.out)
     cfg = _config(args, args.policy, args.seed, args.out)
-    trainer = Trainer(cfg, progress=not args.quiet)
+    trainer = Trainer(cfg, progress=not args.quiet, overwrite=args.overwrite)
     if args.resume:
         trainer.resume()
         print(f"resumed from iteration {trainer.iteration} of {trainer.total}")
@@ -114,6 +117,10 @@ def _train(args) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except Interrupted:
+        if cfg.out:
+            print("continue with the same command and --resume", file=sys.stderr)
+        raise
     return 0
 
 
@@ -121,23 +128,25 @@ def _compare(args) -> int:
     from . import compare  # noqa: PLC0415
     from .policy import policy_from_name  # noqa: PLC0415
 
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    policies = compare.unique([p.strip() for p in args.policies.split(",") if p.strip()], "--policies")
     for p in policies:
         policy_from_name(p)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    out = Path(args.out)
+    seeds = compare.unique([int(s) for s in args.seeds.split(",")], "--seeds")
+    out = check_out(args.out)
+    compare.start(out, policies, seeds)
     runs = {}
-    for policy in policies:
-        for seed in seeds:
-            cfg = _config(args, policy, seed, str(out / policy / f"seed{seed}"))
+    for seed in seeds:               # the policies take turns within each seed: load drift spreads over all
+        for policy in policies:
+            cfg = _config(args, policy, seed, str(out / compare.run_folder(policy, seed)))
             print(f"== {policy}, seed {seed}", flush=True)
             runs[(policy, seed)] = compare.run_one(cfg, progress=not args.quiet)
-    table = compare.summarize(runs, policies, seeds)
+    heading = compare.title(cfg)
+    table = compare.summarize(runs, policies, seeds, heading)
     print()
     print(table)
     (out / "results.md").write_text(table + "\n")
     compare.write_csv(runs, out / "results.csv")
-    written = compare.plot(runs, policies, seeds, out)
+    written = compare.plot(runs, policies, seeds, out, heading)
     print(f"\nresults: {out / 'results.md'}, {out / 'results.csv'}"
           + (f"; plots: {', '.join(str(p) for p in written)}" if written else
              "; plots skipped (pip install 'npapprox[plot]' for matplotlib)"))
@@ -150,6 +159,8 @@ def _memory(args) -> int:
     from .report import ledger, max_batch  # noqa: PLC0415
 
     policy = policy_from_name(args.policy)
+    if args.json:
+        check_out(args.json, "--json", file=True)
     nn.manual_seed(0)
     model = nn.build_model(args.model, num_classes=args.classes, in_channels=args.channels,
                            input_size=args.size, width=args.width)
@@ -180,6 +191,7 @@ def _study(args) -> int:
     policies = split(args.policies)
     for p in policies + split(args.opt_policies):
         policy_from_name(p)  # fail early on a bad name
+    check_out(args.out)
     cfg = study.StudyConfig(model=args.model, data=args.data, data_path=args.data_path, size=args.size,
                             width=args.width, batch_size=args.batch_size, policies=policies, repeats=args.repeats,
                             noise_batches=args.noise_batches, seed=args.seed, warmup=args.warmup, lr=args.lr,
@@ -203,8 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(t)
     t.add_argument("--policy", default="exact", help=POLICY_HELP)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default=None, help="output folder: metrics.jsonl, steps.jsonl, checkpoint.pkl")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pkl")
+    t.add_argument("--out", default=None, help="output folder: metrics.jsonl, steps.jsonl, checkpoint.safetensors "
+                   "(one run per folder)")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
+    again.add_argument("--overwrite", action="store_true", help="start again in OUT: remove the run there first")
 
     c = sub.add_parser("compare", help="train under several storage policies; table and plots")
     _run_options(c)
@@ -284,9 +299,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, DeviceError) as e:
         print(f"npapprox {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # the trainer has said what it wrote where
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)
 
 
 if __name__ == "__main__":

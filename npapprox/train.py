@@ -3,14 +3,18 @@
 ``Trainer(config).run()`` trains for a number of iterations (or epochs), with
 progress bars, evaluation on the test split after every epoch, a metrics log
 (``metrics.jsonl``: one line per epoch; ``steps.jsonl``: one line per
-iteration) and atomic checkpoints (``checkpoint.pkl``) in the output folder.
+iteration) and atomic checkpoints (``checkpoint.safetensors``, see
+``npapprox.checkpoint``) in the output folder, which holds one run
+(``npapprox.runfolder``).
 
 Reproducibility: the model is initialised from ``seed``; the batch order and
 augmentation of batch ``i`` of epoch ``e`` derive from ``(seed, e, i)`` alone
 (``data.batches``), and the checkpoint holds the model, the optimizer, the
 policy's noise counter and the iteration. So ``--resume`` after an
-interruption (Ctrl-C writes a checkpoint at the current iteration) continues
-bit for bit as the uninterrupted run would have (on the CPU).
+interruption (Ctrl-C or SIGTERM writes a checkpoint at the current iteration)
+continues bit for bit as the uninterrupted run would have (on the CPU). The logs
+are flushed to the disk before each checkpoint, so after a crash they reach at
+least as far as the checkpoint, and ``--resume`` cuts them back to it.
 
 A non-finite loss stops training with a clear message; the last checkpoint
 (written before the bad step) is kept.
@@ -19,8 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import pickle
 import signal
 import time
 import tracemalloc
@@ -28,14 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import nn, ops, optim
+from . import checkpoint, nn, ops, optim
 from .backend import to_device
 from .data import batches, load_dataset
 from .policy import policy_from_name, storage_policy
 from .report import ledger
+from .runfolder import CHECKPOINT, METRICS, STEPS, claim, read_jsonl, sync, write_jsonl
 from .tensor import Tensor, no_grad
 
-CHECKPOINT = "checkpoint.pkl"
+OPTIMIZER = "optimizer/"                 # array names: the model's own, then optimizer/<parameter>/<key>
 
 
 @dataclasses.dataclass
@@ -81,6 +84,14 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM (``signum``) after a clean step."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class _PeakProbe:
     """Peak memory of one step: tracemalloc on the CPU, CuPy's pool on the GPU."""
 
@@ -102,18 +113,15 @@ class _PeakProbe:
         return peak
 
 
-def _atomic_pickle(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class Trainer:
-    def __init__(self, config: TrainConfig, progress: bool = True, log=print):
+    """One run. ``overwrite``: a fresh run may replace another run's files in
+    ``out`` (otherwise it refuses them; ``resume()`` continues them). ``probe``:
+    called as ``probe(trainer)`` at each epoch end, its dict joins the epoch's row."""
+
+    def __init__(self, config: TrainConfig, progress: bool = True, log=print, overwrite: bool = False,
+                 probe=None):
         self.cfg, self.progress, self.log = config, progress, log
+        self.overwrite, self.probe, self.resumed, self._steps_log = overwrite, probe, False, None
         c = config
         self.data = load_dataset(c.data, path=c.data_path, size=c.size, normalize=c.normalize, seed=c.seed)
         nn.manual_seed(c.seed)
@@ -142,40 +150,79 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
 
     # --- state ---------------------------------------------------------------------
-    def state(self) -> dict:
-        return {"config": dataclasses.asdict(self.cfg), "iteration": self.iteration, "train_time": self.train_time,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "policy": self.policy.state_dict(), "history": self.history, "epoch_stats": self.epoch_stats}
+    def state(self) -> tuple[dict, dict]:
+        """``(arrays, meta)`` of a checkpoint: the model's parameters and buffers under
+        their own names, the optimizer's per-parameter state as
+        ``optimizer/<parameter>/<key>``; everything else (config, counters, history,
+        the optimizer's hyperparameters and step counts, the policy's counters) as JSON."""
+        arrays = self.model.state_dict()
+        opt = self.optimizer.state_dict()
+        names = [n for n, _ in self.model.named_parameters()]
+        for name, slots in zip(names, opt.pop("state")):
+            arrays.update((f"{OPTIMIZER}{name}/{k}", v) for k, v in slots.items())
+        meta = {"config": dataclasses.asdict(self.cfg), "iteration": self.iteration, "train_time": self.train_time,
+                "optimizer": opt, "policy": self.policy.state_dict(), "history": self.history,
+                "epoch_stats": self.epoch_stats}
+        return arrays, meta
 
     def save_checkpoint(self) -> None:
+        """Flush the logs, then write the checkpoint (atomically): after a crash the
+        logs reach at least as far as the checkpoint."""
         if self.out:
-            _atomic_pickle(self.state(), self.out / CHECKPOINT)
+            if self._steps_log:
+                sync(self._steps_log)
+            checkpoint.save(self.out / CHECKPOINT, *self.state())
 
     def resume(self) -> None:
-        """Load ``checkpoint.pkl`` from the output folder (its config must match)."""
+        """Load ``checkpoint.safetensors`` from the output folder (its config and its
+        arrays' names and shapes must match this run's) and cut the logs back to it."""
         path = self.out / CHECKPOINT if self.out else None
-        if path is None or not path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        with open(path, "rb") as f:
-            state = pickle.load(f)
-        saved = {k: v for k, v in state["config"].items() if k != "out"}
+        if path is None or not (path.exists() or path.is_symlink()):
+            raise FileNotFoundError(f"--resume: no checkpoint at {path} (to start this run again: --overwrite)")
+        arrays, meta = checkpoint.load(path)
+        try:
+            saved = {k: v for k, v in meta["config"].items() if k != "out"}
+            opt, history = meta["optimizer"], meta["history"]
+            iteration, train_time, epoch_stats = int(meta["iteration"]), float(meta["train_time"]), meta["epoch_stats"]
+            policy = meta["policy"]
+        except (KeyError, TypeError, AttributeError, ValueError):
+            raise checkpoint.CheckpointError(f"checkpoint {path}: its metadata lacks the run's state") from None
         mine = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "out"}
         changed = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if changed:
             raise ValueError(f"--resume: the checkpoint was made with other settings: "
                              + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in changed.items()))
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.policy.load_state_dict(state["policy"])
-        self.iteration, self.train_time, self.history = state["iteration"], state["train_time"], state["history"]
-        self.epoch_stats = state["epoch_stats"]
+        model = {k: v for k, v in arrays.items() if not k.startswith(OPTIMIZER)}
+        own = self.model.state_dict()
+        names = [n for n, _ in self.model.named_parameters()]
+        slots = [{k.rsplit("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{OPTIMIZER}{n}/")}
+                 for n in names]
+        known = {f"{OPTIMIZER}{n}/{k}" for n, s in zip(names, slots) for k in s}
+        foreign = sorted(set(model) ^ set(own)) + sorted(k for k in arrays if k.startswith(OPTIMIZER) and k not in known)
+        if foreign:
+            raise checkpoint.CheckpointError(f"checkpoint {path}: its arrays are not this model's "
+                                             f"({len(foreign)} names differ, e.g. {foreign[0]!r})")
+        for k, v in list(model.items()) + [(f"{OPTIMIZER}{n}/{key}", a) for n, s in zip(names, slots)
+                                           for key, a in s.items()]:
+            target = own[k if not k.startswith(OPTIMIZER) else k.split("/")[1]]
+            if v.shape != target.shape or v.dtype != target.dtype:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {path}: array {k!r} is {v.dtype}{list(v.shape)}, this model's is "
+                    f"{target.dtype}{list(target.shape)}")
+        try:
+            hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in opt["hyper"].items()}   # JSON: lists
+            self.optimizer.load_state_dict({**opt, "hyper": hyper, "state": slots})
+            self.policy.load_state_dict(policy)
+        except (KeyError, TypeError, ValueError) as e:
+            raise checkpoint.CheckpointError(f"checkpoint {path}: {e}") from None
+        self.model.load_state_dict(model)
+        self.iteration, self.train_time, self.history, self.epoch_stats = iteration, train_time, history, epoch_stats
+        self.resumed = True
         # the logs may run past the checkpoint (a crash after it): cut them back to it
-        steps = self.out / "steps.jsonl"
+        steps = self.out / STEPS
         if steps.exists():
-            kept = [line for line in steps.read_text().splitlines()
-                    if line and json.loads(line)["iteration"] <= self.iteration]
-            steps.write_text("".join(line + "\n" for line in kept))
-        (self.out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in self.history))
+            write_jsonl(steps, [r for r in read_jsonl(steps, repair=True) if r["iteration"] <= self.iteration])
+        write_jsonl(self.out / METRICS, self.history)
 
     # --- one step, evaluation ------------------------------------------------------
     def step(self, xb, yb) -> tuple[float, int]:
@@ -218,21 +265,26 @@ class Trainer:
     def run(self) -> dict:
         """Train to the configured length; returns the last epoch's metrics row.
 
-        Ctrl-C is deferred to the end of the current step, then a checkpoint is
-        written and KeyboardInterrupt re-raised, so a resumed run sees a
-        consistent state."""
+        A new run first claims its output folder (``runfolder.claim``). Ctrl-C
+        (SIGINT) and SIGTERM are deferred to the end of the current step, then a
+        checkpoint is written (with ``out``) and ``Interrupted`` raised, so a
+        resumed run sees a consistent state."""
         from tqdm import tqdm  # noqa: PLC0415
 
         c, d = self.cfg, self.data
+        if self.out and not self.resumed:
+            claim(self.out, self.overwrite)
         stored = self.stored_bytes()
-        steps_log = open(self.out / "steps.jsonl", "a") if self.out else None
+        steps_log = self._steps_log = open(self.out / STEPS, "a") if self.out else None
         bar = tqdm(total=self.total, initial=self.iteration, unit="it", disable=not self.progress,
                    desc=f"{c.model} {c.policy}", dynamic_ncols=True, leave=False)
         interrupted = []
-        try:  # only the main thread may set a handler; elsewhere Ctrl-C is not deferred
-            previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-        except ValueError:
-            previous = None
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:  # only the main thread may set a handler; elsewhere the signal is not deferred
+                previous[signum] = signal.signal(signum, lambda n, _: interrupted.append(n))
+            except ValueError:
+                pass
         try:
             while self.iteration < self.total and not interrupted:
                 epoch, start = divmod(self.iteration, self.per_epoch)
@@ -268,17 +320,20 @@ class Trainer:
                                     img_s=f"{len(yb) / dt:.0f}", act=f"{stored / 2**20:.1f}MiB")
                 if acc["seen"] and (self.iteration % self.per_epoch == 0 or self.iteration >= self.total):
                     self._end_epoch(epoch, peak, stored)
+            if interrupted:
+                self.save_checkpoint()
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             bar.close()
             if steps_log:
                 steps_log.close()
+                self._steps_log = None
         if interrupted:
-            self.save_checkpoint()
-            self.log(f"interrupted at iteration {self.iteration}; checkpoint written"
-                     + (f" to {self.out / CHECKPOINT}; continue with --resume" if self.out else ""))
-            raise KeyboardInterrupt
+            name = signal.Signals(interrupted[0]).name
+            self.log(f"{name}: stopped at iteration {self.iteration} of {self.total}; "
+                     + (f"checkpoint written to {self.out / CHECKPOINT}" if self.out else "nothing saved (no --out)"))
+            raise Interrupted(interrupted[0])
         return self.history[-1] if self.history else {}
 
     def _end_epoch(self, epoch, peak, stored) -> None:
@@ -289,10 +344,13 @@ class Trainer:
                "test_loss": test_loss, "test_acc": test_acc, "stored_bytes": stored,
                "peak_bytes": peak,
                "images_per_s": acc["timed_images"] / acc["timed"] if acc["timed"] else None}
+        if self.probe:
+            row.update(self.probe(self))
         self.history.append(row)
         if self.out:
-            with open(self.out / "metrics.jsonl", "a") as f:
+            with open(self.out / METRICS, "a") as f:
                 f.write(json.dumps(row) + "\n")
+                sync(f)
         peak_text = f"{peak / 2**20:.1f} MiB" if peak is not None else "-"
         self.log(f"epoch {epoch + 1:>3}  it {self.iteration:>6}  loss {row['train_loss']:.4f}  "
                  f"train acc {row['train_acc']:.3f}  test acc {test_acc:.3f}  "

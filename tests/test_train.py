@@ -4,14 +4,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import re
 import signal
 
 import numpy as np
 import pytest
 
-from npapprox import cli
+from npapprox import checkpoint, cli
 from npapprox.backend import gpu_available
 from npapprox.report import measure_peak
 from npapprox.train import CHECKPOINT, NonFiniteLoss, Trainer, TrainConfig
@@ -71,8 +70,7 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         first.run()
     assert first.iteration == 23
-    with open(tmp_path / "cut" / CHECKPOINT, "rb") as f:
-        assert pickle.load(f)["iteration"] == 23
+    assert checkpoint.load(tmp_path / "cut" / CHECKPOINT)[1]["iteration"] == 23
 
     with open(tmp_path / "cut" / "steps.jsonl", "a") as f:   # as if a crash had followed steps
         f.write(json.dumps({"iteration": 24, "loss": 9.0, "time": 0.0}) + "\n")   # that no checkpoint kept
@@ -116,10 +114,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     t.step = poisoned
     with pytest.raises(NonFiniteLoss, match="loss is nan"):
         t.run()
-    with open(tmp_path / "nan" / CHECKPOINT, "rb") as f:
-        state = pickle.load(f)
-    assert state["iteration"] == t.per_epoch                 # the end of the first epoch
-    assert all(np.isfinite(v).all() for v in state["model"].values())
+    arrays, meta = checkpoint.load(tmp_path / "nan" / CHECKPOINT)
+    assert meta["iteration"] == t.per_epoch                  # the end of the first epoch
+    assert all(np.isfinite(v).all() for v in arrays.values())
 
 
 # --------------------------------------------------------------------------- #
