@@ -88,7 +88,7 @@ def load(path) -> tuple[dict, dict]:
         blob = path.read_bytes()
     except FileNotFoundError:
         raise
-    except OSError as e:
+    except OSError as e:  # a folder, a FIFO, no permission
         raise fail(f"cannot be read ({e.strerror})") from None
     if len(blob) < 8:
         raise fail(f"is empty or truncated ({len(blob)} bytes)")
@@ -106,13 +106,10 @@ def load(path) -> tuple[dict, dict]:
     if info.get("version") != VERSION:
         raise fail(f"has format version {info.get('version')!r}; this npapprox reads version {VERSION}")
     data = memoryview(blob)[8 + n:]
-    expected = info.pop("sha256", None)
-    if _digest({**header, "__metadata__": info}, data) != expected:
-        raise fail("is damaged (checksum mismatch)")
-    arrays, end = {}, 0
+    table, end = [], 0
     try:
         entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-    except (KeyError, TypeError, IndexError):
+    except (KeyError, TypeError, IndexError, AttributeError):
         raise fail("has a malformed array table") from None
     for name, entry in entries:
         try:
@@ -123,9 +120,18 @@ def load(path) -> tuple[dict, dict]:
             raise fail(f"array {name!r} has a malformed entry") from None
         if begin != end or stop - begin != dtype.itemsize * int(np.prod(shape)):
             raise fail(f"array {name!r} does not match its offsets")
-        arrays[name] = np.frombuffer(data[begin:stop], dtype).reshape(shape).astype(dtype.newbyteorder("="))
+        table.append((name, dtype, shape, begin, stop))
         end = stop
     if end != len(data):
-        raise fail(f"holds {len(data) - end} bytes after its last array")
-    arrays = {name: arrays[name] for name in header}                 # the written order
-    return arrays, json.loads(info["meta"])
+        raise fail(f"is truncated ({end} bytes of arrays expected, {len(data)} found)" if end > len(data) else
+                   f"holds {len(data) - end} bytes after its last array")
+    expected = info.pop("sha256", None)
+    if _digest({**header, "__metadata__": info}, data) != expected:
+        raise fail("is damaged (checksum mismatch)")
+    arrays = {name: np.frombuffer(data[begin:stop], dtype).reshape(shape).astype(dtype.newbyteorder("="))
+              for name, dtype, shape, begin, stop in table}
+    try:
+        meta = json.loads(info["meta"])
+    except (KeyError, TypeError, ValueError):
+        raise fail("has no readable metadata") from None
+    return {name: arrays[name] for name in header}, meta      # in the written order
