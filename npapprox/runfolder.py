@@ -54,7 +54,10 @@ def claim(folder, overwrite: bool = False) -> None:
         raise ValueError(f"{folder} already holds a run ({', '.join(p.name for p in found)}): continue it with "
                          "--resume, or replace it with --overwrite")
     for p in found:
-        p.unlink()
+        try:
+            p.unlink()
+        except OSError as e:                           # a folder in the file's place, no permission
+            raise ValueError(f"--overwrite: cannot remove {p} ({e.strerror})") from None
 
 
 def read_jsonl(path, repair: bool = False) -> list:

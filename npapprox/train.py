@@ -176,8 +176,10 @@ class Trainer:
     def resume(self) -> None:
         """Load ``checkpoint.safetensors`` from the output folder (its config and its
         arrays' names and shapes must match this run's) and cut the logs back to it."""
-        path = self.out / CHECKPOINT if self.out else None
-        if path is None or not (path.exists() or path.is_symlink()):
+        if self.out is None:
+            raise ValueError("--resume needs --out: the folder of the run to continue")
+        path = self.out / CHECKPOINT
+        if not (path.exists() or path.is_symlink()):
             raise FileNotFoundError(f"--resume: no checkpoint at {path} (to start this run again: --overwrite)")
         arrays, meta = checkpoint.load(path)
         try:
@@ -221,7 +223,10 @@ class Trainer:
         # the logs may run past the checkpoint (a crash after it): cut them back to it
         steps = self.out / STEPS
         if steps.exists():
-            write_jsonl(steps, [r for r in read_jsonl(steps, repair=True) if r["iteration"] <= self.iteration])
+            rows = read_jsonl(steps, repair=True)
+            if not all(isinstance(r, dict) and isinstance(r.get("iteration"), int) for r in rows):
+                raise ValueError(f"{steps} holds a line without an iteration: not this run's log")
+            write_jsonl(steps, [r for r in rows if r["iteration"] <= self.iteration])
         write_jsonl(self.out / METRICS, self.history)
 
     # --- one step, evaluation ------------------------------------------------------
