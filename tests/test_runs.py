@@ -97,6 +97,18 @@ def test_a_trainers_checkpoint_names_its_arrays_as_the_model_does(tmp_path):
         list(t.model.parameters()))
 
 
+def test_torch_reads_a_trainers_checkpoint_by_parameter_name(tmp_path, torch):
+    """What a PyTorch bridge needs: safetensors.torch loads the file, names and values as the model's."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    cfg = TrainConfig(model="resnet8", width=4, batch_size=256, iterations=1, out=str(tmp_path / "r"))
+    t = Trainer(cfg, progress=False, log=lambda *_: None)
+    t.run()
+    tensors = load_file(str(tmp_path / "r" / CHECKPOINT))
+    for name, p in t.model.named_parameters():
+        assert tensors[name].dtype == torch.float32 and np.array_equal(tensors[name].numpy(), p.data), name
+
+
 def test_plain_safetensors_and_pickles_are_refused_without_running_them(tmp_path, capsys):
     from safetensors.numpy import save_file  # noqa: PLC0415
 
