@@ -194,23 +194,23 @@ class Trainer:
         if changed:
             raise ValueError(f"--resume: the checkpoint was made with other settings: "
                              + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in changed.items()))
-        model = {k: v for k, v in arrays.items() if not k.startswith(OPTIMIZER)}
-        own = self.model.state_dict()
-        names = [n for n, _ in self.model.named_parameters()]
-        slots = [{k.rsplit("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{OPTIMIZER}{n}/")}
-                 for n in names]
-        known = {f"{OPTIMIZER}{n}/{k}" for n, s in zip(names, slots) for k in s}
-        foreign = sorted(set(model) ^ set(own)) + sorted(k for k in arrays if k.startswith(OPTIMIZER) and k not in known)
+        own, names = self.model.state_dict(), [n for n, _ in self.model.named_parameters()]
+
+        def expected(k):  # this model's array for the name k (optimizer/<parameter>/<key>: the parameter's)
+            return own.get(k) if not k.startswith(OPTIMIZER) else \
+                own.get(next((n for n in names if k.startswith(f"{OPTIMIZER}{n}/")), ""))
+
+        foreign = sorted(set(own) - set(arrays)) + [k for k in arrays if expected(k) is None]
         if foreign:
             raise checkpoint.CheckpointError(f"checkpoint {path}: its arrays are not this model's "
                                              f"({len(foreign)} names differ, e.g. {foreign[0]!r})")
-        for k, v in list(model.items()) + [(f"{OPTIMIZER}{n}/{key}", a) for n, s in zip(names, slots)
-                                           for key, a in s.items()]:
-            target = own[k if not k.startswith(OPTIMIZER) else k.split("/")[1]]
-            if v.shape != target.shape or v.dtype != target.dtype:
-                raise checkpoint.CheckpointError(
-                    f"checkpoint {path}: array {k!r} is {v.dtype}{list(v.shape)}, this model's is "
-                    f"{target.dtype}{list(target.shape)}")
+        for k, v in arrays.items():
+            if v.shape != expected(k).shape or v.dtype != expected(k).dtype:
+                raise checkpoint.CheckpointError(f"checkpoint {path}: array {k!r} is {v.dtype}{list(v.shape)}, "
+                                                 f"this model's is {expected(k).dtype}{list(expected(k).shape)}")
+        model = {k: v for k, v in arrays.items() if not k.startswith(OPTIMIZER)}
+        slots = [{k.rsplit("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{OPTIMIZER}{n}/")}
+                 for n in names]
         try:
             hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in opt["hyper"].items()}   # JSON: lists
             self.optimizer.load_state_dict({**opt, "hyper": hyper, "state": slots})
