@@ -19,7 +19,7 @@ from pathlib import Path
 from .backend import DeviceError
 from .nn.zoo import MODEL_NAMES
 from .policy import POLICY_HELP
-from .runfolder import check_out
+from .runfolder import check_out, claim
 
 DEFAULT_POLICIES = "exact,paper8,paper4,naive4"
 
@@ -103,6 +103,8 @@ def _train(args) -> int:
     policy_from_name(args.policy)  # fail early on a bad name
     if args.out:
         check_out(args.out)
+        if not args.resume:  # before any work (the trainer checks again when it starts)
+            claim(args.out, args.overwrite)
     cfg = _config(args, args.policy, args.seed, args.out)
     trainer = Trainer(cfg, progress=not args.quiet, overwrite=args.overwrite)
     if args.resume:
@@ -226,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated ({POLICY_HELP})")
     c.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; several give mean and spread "
                    "(default 0,1,2)")
-    c.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+    c.add_argument("--out", default="runs/compare", help="output folder (default runs/compare); it holds one "
+                   "comparison, which a new one replaces")
 
     m = sub.add_parser("memory", help="the ledger and the largest batch under a memory budget")
     m.add_argument("--model", default="resnet56", help=f"one of {', '.join(MODEL_NAMES)} (default resnet56)")
