@@ -141,7 +141,12 @@ def _compare(args) -> int:
         for policy in policies:
             cfg = _config(args, policy, seed, str(out / compare.run_folder(policy, seed)))
             print(f"== {policy}, seed {seed}", flush=True)
-            runs[(policy, seed)] = compare.run_one(cfg, progress=not args.quiet)
+            try:
+                runs[(policy, seed)] = compare.run_one(cfg, progress=not args.quiet)
+            except KeyboardInterrupt:
+                print(f"comparison stopped: no table; compare has no --resume (running it again into {out} "
+                      "replaces this partial comparison)", file=sys.stderr)
+                raise
     heading = compare.title(cfg)
     table = compare.summarize(runs, policies, seeds, heading)
     print()
