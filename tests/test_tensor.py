@@ -447,3 +447,25 @@ def test_grad_mode_and_module_stack_are_per_thread():
     assert not seen["a_in"].requires_grad and seen["a_in"]._ctx is None
     assert seen["b_rec"].requires_grad and seen["b_rec"]._ctx is not None
     assert npapprox.tensor.is_grad_enabled()
+
+
+def test_conv_worker_threads_store_under_the_callers_policy():
+    # the conv's chunks run on worker threads (npapprox.parallel), which have their own
+    # (default) policy stack: what is stored must still follow the caller's policy
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+    from npapprox import parallel  # noqa: PLC0415
+    from npapprox.storage import GenericPacked  # noqa: PLC0415
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    results = []
+    for threads in (2, 1):
+        xt = Tensor(x, requires_grad=True)
+        with threadpool_limits(threads, user_api="blas"), storage_policy(npapprox.Generic(4)):
+            assert parallel.workers() == threads
+            y = ops.conv2d(ops.tanh(xt), w, padding=1)
+            assert isinstance(y._ctx.saved["x"], GenericPacked)
+            ops.sum_all(y).backward()
+        results.append((y.data.tobytes(), xt.grad.tobytes()))
+    assert results[0] == results[1]
