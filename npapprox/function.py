@@ -19,18 +19,36 @@ everything it held, so memory is freed as backward walks.
 """
 from __future__ import annotations
 
+import threading
+
 from .policy import KINDS, Policy, current_policy
 from .tensor import Tensor, is_grad_enabled
 
 
-#: the modules whose forward is running (innermost last); ops record the innermost
-MODULE_STACK: list = []
+class _ModuleStack(threading.local):
+    """The modules whose forward is running in this thread (innermost last)."""
+
+    def __init__(self):
+        self.modules = []
+
+    def append(self, module) -> None:
+        self.modules.append(module)
+
+    def pop(self):
+        return self.modules.pop()
+
+    def innermost(self):
+        return self.modules[-1] if self.modules else None
+
+
+#: ops record the innermost module of their own thread
+MODULE_STACK = _ModuleStack()
 
 
 class Context:
     def __init__(self, fn: type, policy: Policy, recording: bool, inputs: tuple):
         self.fn = fn
-        self.module = MODULE_STACK[-1] if MODULE_STACK else None
+        self.module = MODULE_STACK.innermost()
         self.policy = policy
         self.recording = recording
         self.inputs = inputs  # positional arguments of apply; dropped once forward returns

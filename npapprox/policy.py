@@ -37,6 +37,7 @@ policy                 forward propagates           backward uses
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -51,6 +52,11 @@ PARAM = "param"
 STAT = "stat"
 INDEX = "index"
 KINDS = (ACTIVATION, UNIT, PARAM, STAT, INDEX)
+
+#: the largest generic group. A group larger than the tensor is one group of all
+#: its values, so a larger bound buys nothing; this one keeps the kernels' 64-bit
+#: index arithmetic (n + group - 1, ...) far from overflow.
+MAX_GROUP = 2**31 - 1
 
 
 class BNReLUUnit(NamedTuple):
@@ -145,8 +151,8 @@ class Generic(Policy):
 
     def __init__(self, bits: int = 8, group: int = 256, stochastic: bool = False, seed: int = 0):
         self.bits = quant.check_bits(bits)
-        if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1:
-            raise ValueError(f"group must be a positive integer, got {group!r}")
+        if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or not 1 <= group <= MAX_GROUP:
+            raise ValueError(f"group must be an integer in [1, {MAX_GROUP}], got {group!r}")
         self.group, self.stochastic, self.seed = int(group), bool(stochastic), int(seed)
         self._counter = 0
 
@@ -264,11 +270,20 @@ class ApproxForward(Paper):
         return f"ApproxForward(bits={self.bits})"
 
 
-_stack: list[Policy] = [Exact()]
+class _PolicyStack(threading.local):
+    """The policies of the ``storage_policy`` blocks open in this thread (innermost
+    last): each thread starts from ``Exact()`` and never sees another's blocks."""
+
+    def __init__(self):
+        self.policies: list[Policy] = [Exact()]
+
+
+_stack = _PolicyStack()
 
 
 def current_policy() -> Policy:
-    return _stack[-1]
+    """The storage policy in force in the calling thread."""
+    return _stack.policies[-1]
 
 
 @contextlib.contextmanager
@@ -276,11 +291,11 @@ def storage_policy(policy: Policy):
     """Use ``policy`` for every op recorded inside the ``with`` block."""
     if not isinstance(policy, Policy):
         raise TypeError(f"storage_policy expects a Policy instance, got {type(policy).__name__}")
-    _stack.append(policy)
+    _stack.policies.append(policy)
     try:
         yield policy
     finally:
-        _stack.pop()
+        _stack.policies.pop()
 
 
 POLICY_HELP = ("exact | paperK | naiveK | approxK (approximate forward, exact backward) | genericK "

@@ -8,13 +8,23 @@ produced by a recorded op, the op's ``Context`` (``_ctx``). ``backward()``:
 2. walks it from the output back, calling each op's ``backward`` once with the
    sum of the gradients of all its consumers (fan-out accumulates by ``+``,
    never in place);
+3. releases each node's saved state right after its backward, and drops the
+   node's incoming gradient, so memory falls as the walk proceeds.
 
 The graph links Contexts (``ctx.parents``: the producing Context of each input,
 or the leaf Tensor), not the intermediate Tensors: an activation is kept alive
 only by what the ops saved of it, so what a storage policy saves is what the
 graph costs.
-3. releases each node's saved state right after its backward, and drops the
-   node's incoming gradient, so memory falls as the walk proceeds.
+
+Backward runs once per graph. A walk that would reach a node an earlier walk
+already released (two losses sharing a sub-graph, each with its own
+``backward()``) is refused before any gradient is added, whatever the shared
+ops saved: a released node has no links left, so it could only drop the
+gradient silently. (PyTorch still walks nodes that saved nothing, such as an
+add; here the rule does not depend on what an op saves.) Backpropagate the sum
+of the losses instead.
+
+The grad mode (``no_grad``) is per thread, like the storage policy stack.
 
 Gradients are never modified in place, so an array may safely be handed to
 several parents.
@@ -22,27 +32,31 @@ several parents.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 
 from .backend import array_module, to_device
 
-_grad_enabled = True
+class _GradMode(threading.local):
+    enabled = True          # each thread starts with recording on
+
+
+_grad_mode = _GradMode()
 
 
 def is_grad_enabled() -> bool:
-    return _grad_enabled
+    return _grad_mode.enabled
 
 
 @contextlib.contextmanager
 def no_grad():
-    """Inside this block ops record nothing and save nothing."""
-    global _grad_enabled
-    previous, _grad_enabled = _grad_enabled, False
+    """Inside this block ops record nothing and save nothing (in this thread)."""
+    previous, _grad_mode.enabled = _grad_mode.enabled, False
     try:
         yield
     finally:
-        _grad_enabled = previous
+        _grad_mode.enabled = previous
 
 
 class Tensor:
@@ -105,13 +119,14 @@ class Tensor:
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad "
                                "(made under no_grad, or from inputs that need no gradient)")
-        if self._ctx is not None and self._ctx.released:
-            raise RuntimeError("this graph was already backpropagated and its saved state freed")
-
         if self._ctx is None:  # a leaf: d(self)/d(self) = 1
             self.grad = grad if self.grad is None else self.grad + grad
             return
         order = _topological_order(self._ctx)
+        if any(ctx.released for ctx in order):  # before any gradient is added: all or nothing
+            raise RuntimeError("this graph (or a part it shares with an earlier backward) was already "
+                               "backpropagated and its saved state freed; call backward() once, on the "
+                               "sum of the losses")
         grads = {id(self._ctx): grad}
         while order:
             ctx = order.pop()  # popping drops the walk's reference: a finished node can go

@@ -224,3 +224,114 @@ def test_shape_errors():
                      np.empty((2, 3, 5), np.float32), None)
     with pytest.raises(ValueError):
         _bn.bn_backward(x, x, *(np.zeros(3, np.float32),) * 4, None, 2, True, None, np.empty(3), np.empty(3))
+
+
+# --------------------------------------------------------------------------- #
+# Scale invariance up to float32's range (the variance of values around 1e30 is 1e60)
+# --------------------------------------------------------------------------- #
+def _bn_oracle64(x, gamma, beta, r, eps=1e-5):
+    """Training-mode BN in float64 from the formulas, y and the gradients of sum(y * r)."""
+    x64, r64 = x.astype(np.float64), r.astype(np.float64)
+    mu = x64.mean(axis=(0, 2, 3), keepdims=True)
+    var = ((x64 - mu) ** 2).mean(axis=(0, 2, 3), keepdims=True)
+    xhat = (x64 - mu) / np.sqrt(var + eps)
+    g4 = gamma.astype(np.float64)[None, :, None, None]
+    y = g4 * xhat + beta.astype(np.float64)[None, :, None, None]
+    m = x.shape[0] * x.shape[2] * x.shape[3]
+    gbeta, ggamma = r64.sum(axis=(0, 2, 3)), (r64 * xhat).sum(axis=(0, 2, 3))
+    gx = g4 / np.sqrt(var + eps) * (r64 - gbeta[None, :, None, None] / m - xhat * ggamma[None, :, None, None] / m)
+    return y, gx, ggamma, gbeta
+
+
+def _bn_op(x, gamma, beta, r, relu, rm=None, rv=None):
+    from npapprox import Tensor, ops  # noqa: PLC0415
+    xt, gt, bt = (Tensor(a, requires_grad=True) for a in (x, gamma, beta))
+    y = ops.batch_norm2d(xt, gt, bt, rm, rv, relu=relu)
+    ops.sum_all(ops.mul(y, Tensor(r))).backward()
+    return y.data, xt.grad, gt.grad, bt.grad
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+@pytest.mark.parametrize("magnitude", [1e6, 1e30, 1e36])
+def test_training_bn_is_scale_invariant_up_to_the_float32_range(impl, magnitude):
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((4, 3, 5, 5)) + rng.standard_normal((1, 3, 1, 1))).astype(np.float32)
+    big = (x * np.float32(magnitude)).astype(np.float32)
+    gamma, beta = np.float32([1.5, -0.7, 0.3]), np.float32([0.2, 0.0, -1.0])
+    r = rng.standard_normal(x.shape).astype(np.float32)
+    use_reference(impl == "reference")
+    for relu in (False, True):
+        rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+        y, gx, gg, gb = _bn_op(big, gamma, beta, r, relu, rm, rv)
+        y1, gx1, gg1, gb1 = _bn_op(x, gamma, beta, r, relu)
+        oy, ogx, ogg, ogb = _bn_oracle64(big, gamma, beta, r * (1 if not relu else (y1 > 0)))
+        if relu:
+            oy = np.maximum(oy, 0)
+        # the float64 oracle of the very input, and BN(x): same up to float32 rounding and eps
+        np.testing.assert_allclose(y, oy, rtol=1e-5, atol=1e-5 * np.abs(oy).max())
+        np.testing.assert_allclose(y, y1, rtol=1e-4, atol=1e-4 * np.abs(y1).max())
+        for got, want, one in ((gg, ogg, gg1), (gb, ogb, gb1)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+            np.testing.assert_allclose(got, one, rtol=1e-4, atol=1e-4 * np.abs(one).max())
+        assert gx.dtype == np.float32 and np.all(np.isfinite(gx)) and np.abs(gx).max() > 0
+        gscale = np.abs(gamma).max() / np.sqrt(((big.astype(np.float64) - big.mean(axis=(0, 2, 3), keepdims=True,
+                                                dtype=np.float64)) ** 2).mean(axis=(0, 2, 3))).min()
+        np.testing.assert_allclose(gx, ogx, rtol=1e-3, atol=1e-4 * gscale * np.abs(r).max())
+        if magnitude > 1e19:   # var(x * 1e30) = 1e60 does not fit float32: inf, as in PyTorch
+            assert np.all(np.isinf(rv)) and np.all(np.isfinite(rm))
+        else:
+            assert np.all(np.isfinite(rv))
+
+
+def test_bn_of_huge_values_against_torch_float64(torch):
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((3, 2, 4, 4)) * 1e30).astype(np.float32)
+    gamma, beta, r = np.float32([0.5, 2.0]), np.float32([1.0, -1.0]), rng.standard_normal(x.shape).astype(np.float32)
+    y, gx, gg, gb = _bn_op(x, gamma, beta, r, relu=False)
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    gt, bt = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (gamma, beta))
+    yt = torch.nn.functional.batch_norm(xt, None, None, gt, bt, training=True, eps=1e-5)
+    (yt * torch.tensor(r, dtype=torch.float64)).sum().backward()
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gg, gt.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gb, bt.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-3, atol=1e-4 * np.abs(xt.grad.numpy()).max())
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e6, 1e12, 1e20, 1e37])
+def test_reference_stats_keep_their_bytes_and_finish_like_the_kernels(magnitude):
+    """Below 2^32 the reference's statistics are today's NumPy expressions bit for bit; the
+    power-of-two scaling above it is exact, so it too reproduces them wherever they do not
+    overflow. Compiled and reference agree with a float64 oracle at every magnitude."""
+    rng = np.random.default_rng(9)
+    x = ((rng.standard_normal((6, 4, 33)) + 2) * magnitude).astype(np.float32)
+    with reference():
+        mu, var, inv = B.bn_batch_stats(x, 1e-5)
+    with np.errstate(over="ignore"):
+        d = x - x.mean(axis=(0, 2))[:, None]
+        plain_var = (d * d).mean(axis=(0, 2))
+    if np.all(np.isfinite(plain_var)):
+        assert np.array_equal(_bits(mu), _bits(x.mean(axis=(0, 2)))) and np.array_equal(_bits(var), _bits(plain_var))
+        assert np.array_equal(_bits(inv), _bits((1 / np.sqrt(plain_var + 1e-5)).astype(np.float32)))
+    mu64, var64 = _stats64(x)
+    cmu, cvar, cinv = B.bn_batch_stats(x, 1e-5)
+    for m, v, i in ((mu, var, inv), (cmu, cvar, cinv)):
+        np.testing.assert_allclose(m, mu64, rtol=1e-5)
+        np.testing.assert_allclose(i, 1 / np.sqrt(var64 + 1e-5), rtol=1e-5)
+        with np.errstate(over="ignore"):
+            np.testing.assert_allclose(v, var64.astype(np.float32), rtol=1e-5)   # inf where it overflows
+
+
+def test_empty_batch():
+    x = np.zeros((0, 3, 4), np.float32)
+    for impl in ("compiled", "reference"):
+        use_reference(impl == "reference")
+        with pytest.raises(ValueError, match="at least one value"):
+            B.bn_stats(x)
+        gx, gg, gb = B.bn_backward(x, B.BNSource(x, np.zeros(3, np.float32), np.ones(3, np.float32)),
+                                   np.ones(3, np.float32), np.ones(3, np.float32))
+        assert gx.shape == x.shape and np.array_equal(gg, np.zeros(3)) and np.array_equal(gb, np.zeros(3))
+        assert gg.dtype == gb.dtype == np.float32
+        y, h = B.bn_apply(x, *(np.ones(3, np.float32),) * 3, want_h=True)
+        assert y.shape == h.shape == x.shape
+    assert B.as_ncm(np.zeros((0, 3, 2, 2))).shape == (0, 3, 4)

@@ -1,8 +1,10 @@
 """The backward walk: fan-out accumulation, no_grad, freeing saved state, deep graphs,
-double backward, detach, Context.save's declaration check."""
+double backward (also through a shared sub-graph), detach, Context.save's declaration
+check, per-thread policy / grad mode / module stacks."""
 from __future__ import annotations
 
 import gc
+import threading
 import tracemalloc
 
 import numpy as np
@@ -273,6 +275,43 @@ def test_backward_twice_is_a_clear_error():
         loss.backward()
 
 
+# a shared op (the first four save nothing) and d(sum of its output)/dx, by hand
+SHARED_SAVE_NOTHING = {
+    "add": (lambda x: ops.add(x, Tensor(np.full(x.shape, 0.5))), lambda x: np.ones_like(x)),
+    "scale": (lambda x: ops.mul(x, 2.0), lambda x: np.full_like(x, 2.0)),
+    "reshape": (lambda x: ops.reshape(x, (-1,)), lambda x: np.ones_like(x)),
+    "pad": (lambda x: ops.pad_channels(x, 1, 2), lambda x: np.ones_like(x)),
+    "tanh (saves its output)": (ops.tanh, lambda x: 1 - np.tanh(x) ** 2),
+}
+
+
+@pytest.mark.parametrize("name", list(SHARED_SAVE_NOTHING))
+def test_second_backward_through_a_shared_subgraph_is_refused_whole(name):
+    # two losses share `shared`; the second backward must not drop the gradient through
+    # it silently (a released node has no links), nor add its own branch's part first
+    shared_op, d_shared = SHARED_SAVE_NOTHING[name]
+    x = Tensor(np.random.default_rng(0).standard_normal((2, 3, 2, 2)), requires_grad=True)
+    shared = shared_op(x)
+    loss1 = ops.sum_all(shared)
+    loss2 = ops.add(ops.sum_all(ops.mul(shared, 3.0)), ops.sum_all(ops.mul(x, 5.0)))
+    loss1.backward()
+    np.testing.assert_allclose(x.grad, d_shared(x.data), rtol=1e-12)
+    before = x.grad.copy()
+    with pytest.raises(RuntimeError, match="already backpropagated.*sum of the losses"):
+        loss2.backward()
+    np.testing.assert_array_equal(x.grad, before)   # nothing added, not even loss2's own branch
+
+
+@pytest.mark.parametrize("name", list(SHARED_SAVE_NOTHING))
+def test_one_backward_of_the_summed_losses_accumulates_both(name):
+    shared_op, d_shared = SHARED_SAVE_NOTHING[name]
+    x = Tensor(np.random.default_rng(1).standard_normal((2, 3, 2, 2)), requires_grad=True)
+    shared = shared_op(x)
+    loss = ops.add(ops.sum_all(shared), ops.add(ops.sum_all(ops.mul(shared, 3.0)), ops.sum_all(ops.mul(x, 5.0))))
+    loss.backward()
+    np.testing.assert_allclose(x.grad, 4 * d_shared(x.data) + 5, rtol=1e-12)
+
+
 def test_restore_after_release_is_a_clear_error():
     x = Tensor(np.ones(3), requires_grad=True)
     y = ops.tanh(x)
@@ -316,3 +355,117 @@ def test_tensor_basics():
     assert r.shape == (3, 2) and t.reshape((6,)).shape == (6,)
     np.testing.assert_array_equal((t - t).data, np.zeros((2, 3)))
     assert float(t.sum().data) == 15.0
+
+
+# --------------------------------------------------------------------------- #
+# Policy stack, grad mode and module stack are per thread
+# --------------------------------------------------------------------------- #
+def _in_threads(*bodies):
+    """Run each body in its own thread; re-raise the first failure here."""
+    errors = []
+
+    def guard(body):
+        try:
+            body()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=guard, args=(b,)) for b in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+def test_policy_stack_is_per_thread():
+    x = Tensor(np.ones((2, 3)), requires_grad=True)
+    exact, paper = Exact(), npapprox.Paper(4)
+    step = threading.Barrier(2, timeout=30)
+    seen = {}
+
+    def a():
+        with storage_policy(exact):
+            step.wait()                           # 1: both blocks are open now
+            seen["a1"] = ops.tanh(x)._ctx.policy
+            step.wait()                           # 2: b leaves its block
+            step.wait()                           # 3
+            seen["a2"] = ops.tanh(x)._ctx.policy
+        seen["a_after"] = npapprox.current_policy()
+
+    def b():
+        step.wait()                               # 1: a is inside Exact()
+        seen["b0"] = npapprox.current_policy()    # not a's
+        with storage_policy(paper):
+            seen["b1"] = ops.tanh(x)._ctx.policy
+            step.wait()                           # 2
+        step.wait()                               # 3: a records after b's block closed
+
+    with storage_policy(npapprox.Generic(8)):     # the main thread's block is seen by neither
+        _in_threads(a, b)
+        assert isinstance(npapprox.current_policy(), npapprox.Generic)
+    assert seen["a1"] is exact and seen["a2"] is exact and seen["b1"] is paper
+    assert type(seen["b0"]) is Exact and seen["b0"] is not exact     # b's own default
+    assert type(seen["a_after"]) is Exact and seen["a_after"] is not exact
+
+
+def test_grad_mode_and_module_stack_are_per_thread():
+    x = Tensor(np.ones(3), requires_grad=True)
+    step = threading.Barrier(2, timeout=30)
+    seen = {}
+
+    class Waits(npapprox.nn.Module):
+        def forward(self, t):
+            step.wait()                           # 1: b runs inside this forward
+            step.wait()                           # 2
+            return ops.tanh(t)
+
+    waits = Waits()
+
+    def a():
+        with no_grad():
+            seen["a_in"] = ops.tanh(x)
+            step.wait()                           # 3: b records while a is in no_grad
+            step.wait()                           # 4
+
+    def b():
+        step.wait()                               # 1: a's module forward is running
+        seen["b_module"] = ops.tanh(x)._ctx.module
+        step.wait()                               # 2
+        step.wait()                               # 3
+        seen["b_rec"] = ops.tanh(x)
+        step.wait()                               # 4
+
+    def a_module_then_no_grad():
+        seen["a_module"] = waits(x)._ctx.module
+        a()
+
+    _in_threads(a_module_then_no_grad, b)
+    assert seen["a_module"] is waits and seen["b_module"] is None
+    assert not seen["a_in"].requires_grad and seen["a_in"]._ctx is None
+    assert seen["b_rec"].requires_grad and seen["b_rec"]._ctx is not None
+    assert npapprox.tensor.is_grad_enabled()
+
+
+def test_conv_worker_threads_store_under_the_callers_policy():
+    # the conv's chunks run on worker threads (npapprox.parallel), which have their own
+    # (default) policy stack: what is stored must still follow the caller's policy
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+    from npapprox import parallel  # noqa: PLC0415
+    from npapprox.storage import GenericPacked  # noqa: PLC0415
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    results = []
+    for threads in (2, 1):
+        xt = Tensor(x, requires_grad=True)
+        with threadpool_limits(threads, user_api="blas"), storage_policy(npapprox.Generic(4)):
+            assert parallel.workers() == threads
+            y = ops.conv2d(ops.tanh(xt), w, padding=1)
+            assert isinstance(y._ctx.saved["x"], GenericPacked)
+            ops.sum_all(y).backward()
+        results.append((y.data.tobytes(), xt.grad.tobytes()))
+    assert results[0] == results[1]

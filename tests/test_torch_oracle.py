@@ -235,6 +235,58 @@ def test_max_pool2d_default_stride_equals_kernel(torch):
     compare(torch, lambda x: ops.max_pool2d(x, 2), lambda x: torch.nn.functional.max_pool2d(x, 2), [x], (0,))
 
 
+def _special_pool_input(rng, shape, all_minus_inf):
+    """Small integers (many ties), NaN, -inf and +inf; or -inf everywhere."""
+    x = rng.integers(-2, 3, shape).astype(np.float32)
+    u = rng.random(shape)
+    x[u < 0.15] = np.nan
+    x[(u >= 0.15) & (u < 0.4)] = -np.inf
+    x[(u >= 0.4) & (u < 0.45)] = np.inf
+    if all_minus_inf:
+        x[:] = -np.inf
+    return x
+
+
+@settings(max_examples=60)
+@given(case=pool_cases(padded=True), all_minus_inf=st.booleans())
+@example(case=dict(n=1, c=1, h=1, w=4, k=3, stride=1, pad=1, seed=0), all_minus_inf=True)
+@example(case=dict(n=1, c=2, h=4, w=4, k=2, stride=2, pad=1, seed=5), all_minus_inf=False)
+def test_max_pool2d_nan_ties_and_infinite_windows(torch, case, all_minus_inf):
+    """PyTorch's rule: NaN wins (the last NaN of a window, its gradient too), ties go to
+    the first maximum, an all -inf window sends its gradient to its first position
+    inside the input (never to the padding); a NaN / inf output gradient reaches only
+    its window's argmax."""
+    rng = np.random.default_rng(case["seed"])
+    x = _special_pool_input(rng, (case["n"], case["c"], case["h"], case["w"]), all_minus_inf)
+    k, s, p = case["k"], case["stride"], case["pad"]
+    xt = Tensor(x.copy(), requires_grad=True)
+    y = ops.max_pool2d(xt, k, s, p)
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    gy.flat[::7] = np.inf
+    y.backward(gy)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.nn.functional.max_pool2d(tx, k, s, p)
+    ty.backward(torch.tensor(gy))
+    assert np.array_equal(y.data, ty.detach().numpy(), equal_nan=True)
+    # where each output's gradient went (sums of overlapping windows may round in another order)
+    np.testing.assert_allclose(xt.grad, tx.grad.numpy(), rtol=1e-6, atol=0, equal_nan=True)
+
+
+def test_relu_at_nan_inf_and_zero(torch):
+    # torch.relu's backward: the gradient passes where the output is NaN, and nothing passes where
+    # it is <= 0 (not even a NaN or inf output gradient)
+    x = f32([np.nan, -1, 2, 0, -0.0, np.inf, -np.inf, 1e-45, -1e-45])
+    gy = f32([3, np.nan, 3, np.inf, 3, -2, 3, -4, np.nan])
+    xt = Tensor(x.copy(), requires_grad=True)
+    y = ops.relu(xt)
+    y.backward(gy)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.relu(tx)
+    ty.backward(torch.tensor(gy))
+    assert np.array_equal(y.data, ty.detach().numpy(), equal_nan=True)
+    assert np.array_equal(xt.grad, tx.grad.numpy(), equal_nan=True)
+
+
 @FEW
 @given(shape=st.tuples(DIMS, DIMS, DIMS, DIMS), seed=SEEDS)
 def test_global_avg_pool2d(torch, shape, seed):

@@ -11,7 +11,13 @@ Contract between the two: element-wise outputs (``y``, ``h``, ``gx`` given the
 same per-channel constants) are bit-identical; reductions (``mu``, ``var``,
 ``ggamma``, ``gbeta``) are summed in float64 by the kernels and in the array's
 precision by the reference, so they agree to rounding (tests compare both with a
-float64 oracle). Within one backend every recomputation uses the same
+float64 oracle). Both hand the variance on in float64 and finish the statistics
+with the same code (``bn_batch_stats``), so BN stays scale-invariant up to the
+dtype's range: the variance of float32 values around 1e30 (1e60) does not fit
+float32, but 1/sigma does. The reference gets its float64 variance without
+overflow by dividing a channel whose largest |x| exceeds 2^(maxexp/4) (2^32 for
+float32) by a power of two first (exact, so no bytes change for any channel
+below that bound). Within one backend every recomputation uses the same
 implementation as the forward, so a rebuilt ``h`` or ReLU mask is bit-identical
 to the forward's.
 """
@@ -29,7 +35,8 @@ try:  # built by ``pip install .`` / ``pip install -e .`` from src/_bn.pyx
 except ImportError:  # pragma: no cover - only when the package was not built
     _compiled = None
 
-__all__ = ["BNSource", "as_ncm", "bn_stats", "bn_apply", "bn_backward", "compiled_available"]
+__all__ = ["BNSource", "as_ncm", "bn_stats", "bn_batch_stats", "inv_sigma_of", "bn_apply", "bn_backward",
+           "compiled_available"]
 
 _COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -49,8 +56,9 @@ class BNSource(NamedTuple):
 
 
 def as_ncm(a):
-    """(N, C, H, W) -> (N, C, H*W), the layout of these passes (a view when it can be)."""
-    return a.reshape(a.shape[0], a.shape[1], -1)
+    """(N, C, H, W) -> (N, C, H*W), the layout of these passes (a view when it can be;
+    the last size is spelt out, as -1 is ambiguous for an empty batch)."""
+    return a.reshape(a.shape[0], a.shape[1], int(np.prod(a.shape[2:], dtype=np.int64)))
 
 
 def compiled_available() -> bool:
@@ -63,17 +71,55 @@ def _use_compiled(*arrays) -> bool:
             and all(isinstance(a, np.ndarray) for a in arrays) and arrays[0].dtype in _COMPILED_DTYPES)
 
 
-def bn_stats(x3):
-    """Per-channel mean and biased variance of ``x3 (N, C, M)`` over N and M
-    (two passes: the variance is the mean of squared deviations)."""
-    if _use_compiled(x3):
+def _moments(x3):
+    """Per-channel mean (in x3's dtype) and biased variance (float64) of ``x3 (N, C, M)``
+    over N and M (two passes: the variance is the mean of squared deviations)."""
+    if x3.shape[0] * x3.shape[2] == 0:
+        raise ValueError("batch statistics need at least one value per channel")
+    if _use_compiled(x3):                                        # float64 sums: no overflow
         x3 = np.ascontiguousarray(x3)
         mean, var = np.empty(x3.shape[1]), np.empty(x3.shape[1])
         _compiled.bn_stats(x3, mean, var)
-        return mean.astype(x3.dtype), var.astype(x3.dtype)
-    mu = x3.mean(axis=(0, 2))
-    d = x3 - mu[:, None]
-    return mu, (d * d).mean(axis=(0, 2))
+        return mean.astype(x3.dtype), var
+    xp = array_module(x3)
+    # a: 1, or a power of two bringing the channel's max |x| into [1, 2), where its
+    # squared deviations cannot overflow; dividing by it is exact (powers of two)
+    amax = xp.maximum(x3.max(axis=(0, 2)), -x3.min(axis=(0, 2)))
+    big = xp.isfinite(amax) & (amax > 2.0 ** (np.finfo(x3.dtype).maxexp // 4))
+    a = xp.where(big, xp.ldexp(xp.ones_like(amax), xp.frexp(amax)[1] - 1), 1).astype(x3.dtype)
+    xs = x3 / a[:, None]
+    mu = xs.mean(axis=(0, 2))
+    d = xs - mu[:, None]
+    return mu * a, (d * d).mean(axis=(0, 2)).astype(np.float64) * a.astype(np.float64) ** 2
+
+
+def _in_dtype(var64, dtype):
+    """The variance in ``dtype``: inf where it exceeds the dtype's range."""
+    with np.errstate(over="ignore"):
+        return var64.astype(dtype)
+
+
+def inv_sigma_of(var, eps):
+    """1/sigma = 1 / sqrt(var + eps), (C,), in var's dtype."""
+    return (1.0 / array_module(var).sqrt(var + eps)).astype(var.dtype)
+
+
+def bn_stats(x3):
+    """Per-channel mean and biased variance of ``x3 (N, C, M)`` over N and M, in x3's
+    dtype (the variance is inf where it exceeds the dtype's range)."""
+    mu, var64 = _moments(x3)
+    return mu, _in_dtype(var64, x3.dtype)
+
+
+def bn_batch_stats(x3, eps):
+    """``bn_stats`` and ``inv_sigma = 1/sqrt(var + eps)``, (C,) each, in x3's dtype.
+    Where the variance overflows the dtype, 1/sigma comes from the float64 variance
+    (finite down to 1/sigma ~ 1e-38 in float32); elsewhere it is ``inv_sigma_of(var)``."""
+    mu, var64 = _moments(x3)
+    var = _in_dtype(var64, x3.dtype)
+    xp = array_module(var)
+    wide = xp.isinf(var) & xp.isfinite(var64)
+    return mu, var, xp.where(wide, inv_sigma_of(var64, eps).astype(x3.dtype), inv_sigma_of(var, eps))
 
 
 def bn_apply(x3, mu, scale, beta, *, want_y=True, want_h=False):
@@ -100,10 +146,12 @@ def bn_backward(gy3, source: BNSource, gamma, inv_sigma, *, batch_stats=True, ne
         gx     = gamma*inv_sigma * g                                   running statistics
 
     ``inv_sigma`` is the op's (the scale of the forward); ``source.inv_sigma``
-    only turns ``src`` into xhat."""
+    only turns ``src`` into xhat. An empty batch gives an empty gx and zero sums."""
     xp = array_module(gy3)
     src, mu, s_inv, mask, relu_beta = source
     dtype, c = gy3.dtype, gy3.shape[1]
+    if gy3.size == 0:
+        return (xp.empty_like(gy3) if need_gx else None), xp.zeros(c, dtype), xp.zeros(c, dtype)
     scale = gamma * inv_sigma                                    # as the forward computed it
     if mu is None:                                               # src is xhat already: (xhat - 0) * 1
         mu, s_inv = xp.zeros(c, dtype), xp.ones(c, dtype)

@@ -10,7 +10,9 @@ from ._checks import as_tensor, check_float
 
 
 class ReLU(Function):
-    """y = max(x, 0);  gx = gy * [y > 0].  Saves its output (the mask is y > 0)."""
+    """y = max(x, 0) (NaN stays NaN);  gx = 0 where y <= 0, else gy.  Saves its output.
+    As PyTorch: the gradient passes where y is NaN, and nothing (not even a NaN
+    or inf gy) passes where y <= 0."""
 
     SAVES = {"y": ACTIVATION}
 
@@ -23,7 +25,7 @@ class ReLU(Function):
     @staticmethod
     def backward(ctx, gy):
         y = ctx.restore("y")
-        return gy * (y > 0)
+        return array_module(gy).where(y <= 0, 0, gy)
 
 
 class Sigmoid(Function):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..backend import array_module
 from ..function import Function
 from ..policy import ACTIVATION, PARAM, STAT, UNIT, BNReLUUnit
-from ..kernels.bn import BNSource, as_ncm, bn_apply, bn_backward, bn_stats
+from ..kernels.bn import BNSource, as_ncm, bn_apply, bn_backward, bn_batch_stats, inv_sigma_of
 from ._checks import as_tensor, check_float, check_rank
 
 
@@ -24,6 +24,12 @@ class BatchNorm2d(Function):
 
     ``update_running`` updates running_mean / running_var in place
     (momentum as in PyTorch; the running variance uses the unbiased estimate).
+
+    The statistics keep BN scale-invariant up to the dtype's range (x around 1e30
+    in float32 gives the same y as x; ``kernels.bn.bn_batch_stats``); a variance
+    beyond the dtype's range makes the running variance inf, as in PyTorch.
+    An empty batch (N = 0) gives an empty output, zero gamma / beta gradients and
+    leaves the running statistics alone, as in PyTorch.
     """
 
     SAVES = {"x": ACTIVATION, "gamma": PARAM, "mu": STAT, "inv_sigma": STAT}
@@ -45,17 +51,20 @@ def _normalize(ctx, x, gamma, beta, *, running_mean=None, running_var=None, use_
     """BN forward shared by both ops -> y (N,C,H,W), h = relu(y) or None, mu (C,), inv_sigma (C,)."""
     n, c, h, w = x.shape
     x3 = as_ncm(x)                                               # (N, C, HW)
-    if use_batch_stats:
-        m = n * h * w
-        mu, var = bn_stats(x3)                                   # (C,), biased variance
+    m = n * h * w
+    if use_batch_stats and m == 0:                               # nothing to normalise or learn from
+        xp = array_module(x)
+        mu, inv_sigma = xp.zeros(c, x.dtype), xp.ones(c, x.dtype)
+    elif use_batch_stats:
+        mu, var, inv_sigma = bn_batch_stats(x3, eps)             # (C,), biased variance, 1/sigma
         if update_running and running_mean is not None:
             running_mean *= 1 - momentum
             running_mean += momentum * mu
             running_var *= 1 - momentum
             running_var += momentum * var * (m / max(m - 1, 1))
     else:
-        mu, var = running_mean.astype(x.dtype), running_var.astype(x.dtype)
-    inv_sigma = (1.0 / array_module(x).sqrt(var + eps)).astype(x.dtype)   # (C,)
+        inv_sigma = inv_sigma_of(running_var.astype(x.dtype), eps)   # (C,)
+        mu = running_mean.astype(x.dtype)
     ctx.use_batch_stats = use_batch_stats
     y, h = bn_apply(x3, mu, gamma * inv_sigma, beta, want_h=relu)
     return y.reshape(x.shape), (h.reshape(x.shape) if relu else None), mu, inv_sigma
@@ -106,7 +115,7 @@ def batch_norm2d(x, gamma, beta, running_mean=None, running_var=None, *, use_bat
                              f"for an input with {c} channels")
     if not use_batch_stats and (running_mean is None or running_var is None):
         raise ValueError("batch_norm2d: evaluation with running statistics needs running_mean and running_var")
-    if use_batch_stats and x.shape[0] * x.shape[2] * x.shape[3] < 2:
+    if use_batch_stats and x.shape[0] * x.shape[2] * x.shape[3] == 1:   # empty is fine (empty out)
         raise ValueError(f"batch_norm2d: batch statistics need more than one value per channel, "
                          f"got input shape {tuple(x.shape)}")
     op = BatchNormReLU if relu else BatchNorm2d

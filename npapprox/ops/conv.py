@@ -17,7 +17,8 @@ CHUNK_BYTES = 2 << 20
 
 def _weight_rows(w):
     """w (F, C, KH, KW) -> W2 (F, KH*KW*C): the column order of im2row's rows."""
-    return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+    f, c, kh, kw = w.shape
+    return w.transpose(0, 2, 3, 1).reshape(f, kh * kw * c)
 
 
 def _plan(n, rows_per_sample, k, itemsize, xp):
@@ -26,7 +27,7 @@ def _plan(n, rows_per_sample, k, itemsize, xp):
     (``npapprox.parallel``) -> (one list of slices per worker, rows of the
     largest chunk: the first)."""
     step = max(1, CHUNK_BYTES // max(1, rows_per_sample * k * itemsize))
-    step = min(step, -(-n // workers(xp)))
+    step = max(1, min(step, -(-n // workers(xp))))              # an empty batch: no chunks
     shares = deal([slice(i, min(n, i + step)) for i in range(0, n, step)], xp)
     return shares, min(step, n) * rows_per_sample
 
@@ -73,7 +74,7 @@ class Conv2d(Function):
                 m = (sl.stop - sl.start) * L
                 r = im2row(x[sl], kh, kw, stride, padding, out=rows_ws[k][:m])   # (B*L, K)
                 yr = xp.matmul(r, w2.T, out=yr_ws[k][:m])                     # (B*L, F)
-                y[sl] = yr.reshape(-1, L, f).transpose(0, 2, 1)               # (B, F, L)
+                y[sl] = yr.reshape(m // L, L, f).transpose(0, 2, 1)           # (B, F, L)
 
         run(work, len(shares))
         if b is not None:
@@ -106,7 +107,7 @@ class Conv2d(Function):
             for sl in shares[k]:
                 m = (sl.stop - sl.start) * L
                 gyr = gyr_ws[k][:m]
-                gyr.reshape(-1, L, f)[...] = gy3[sl].transpose(0, 2, 1)        # (B*L, F)
+                gyr.reshape(m // L, L, f)[...] = gy3[sl].transpose(0, 2, 1)    # (B*L, F)
                 if need_w:
                     r = im2row(x[sl], kh, kw, s, pad, out=rows_ws[k][:m])      # (B*L, K)
                     gw2t[k] += xp.matmul(r.T, gyr, out=prod[k])  # (K, F): faster than gyr.T @ r

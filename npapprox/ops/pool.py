@@ -48,8 +48,13 @@ class AvgPool2d(Function):
 
 class MaxPool2d(Function):
     """y[n,c,i,j] = max_{p,q < k} xpad[n,c,i*s+p,j*s+q]  (xpad padded with -inf);
-    the gradient goes to the first maximal position of each window.
-    Saves the argmax offset p*k+q per output (uint8), not x."""
+    the gradient goes to the window position ``argmax`` that PyTorch picks: the
+    positions are visited in row-major order starting from y = -inf at the
+    window's first position inside the input, and a position is taken when it
+    is larger than y or NaN. So the first maximum wins a tie, the last NaN wins
+    (y is NaN when the window holds one), and a window of -inf (padding
+    included) sends its gradient to its first position inside the input, never
+    to the padding. Saves the argmax offset p*k+q per output (uint8), not x."""
 
     SAVES = {"argmax": INDEX}
 
@@ -64,15 +69,18 @@ class MaxPool2d(Function):
             xpad[:, :, padding:padding + h, padding:padding + w] = x
         else:
             xpad = x
-        y = xpad[_window(0, 0, stride, oh, ow)].copy()
-        argmax = xp.zeros(y.shape, dtype=xp.uint8)
+        y = xp.full((n, c, oh, ow), -xp.inf, dtype=x.dtype)
+        # the first position inside the input of window (i, j): row max(0, pad - i*s), same for columns
+        p0 = xp.maximum(padding - stride * xp.arange(oh), 0)
+        q0 = xp.maximum(padding - stride * xp.arange(ow), 0)
+        argmax = xp.broadcast_to((p0[:, None] * kernel + q0[None, :]).astype(xp.uint8), y.shape)
         for p in range(kernel):
             for q in range(kernel):
                 v = xpad[_window(p, q, stride, oh, ow)]
-                better = v > y                      # strict: the first maximum wins
+                better = (v > y) | xp.isnan(v)
                 y = xp.where(better, v, y)
-                argmax[better] = p * kernel + q
-        ctx.save(argmax=argmax)
+                argmax = xp.where(better, xp.uint8(p * kernel + q), argmax)
+        ctx.save(argmax=xp.ascontiguousarray(argmax))   # a broadcast view if no position ever won
         ctx.kernel, ctx.stride, ctx.padding, ctx.x_shape = kernel, stride, padding, x.shape
         return y
 
@@ -85,8 +93,8 @@ class MaxPool2d(Function):
         oh, ow = gy.shape[2:]
         gxpad = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=gy.dtype)
         for p in range(k):
-            for q in range(k):
-                gxpad[_window(p, q, s, oh, ow)] += gy * (argmax == p * k + q)
+            for q in range(k):       # where, not gy * mask: a NaN / inf gy reaches its argmax only
+                gxpad[_window(p, q, s, oh, ow)] += xp.where(argmax == p * k + q, gy, 0)
         return gxpad[:, :, pad:pad + h, pad:pad + w]
 
 

@@ -81,7 +81,7 @@ def reshape(x, shape):
 def flatten(x):
     """(N, ...) -> (N, prod(...))."""
     x = as_tensor(x, "x")
-    return reshape(x, (x.shape[0], -1))
+    return reshape(x, (x.shape[0], math.prod(x.shape[1:])))   # not -1: ambiguous for an empty batch
 
 
 def pad_channels(x, before: int, after: int):
