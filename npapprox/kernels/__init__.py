@@ -63,10 +63,10 @@ def _impl(a):
     """The module that serves array ``a``: ``cpu`` (NumPy), ``gpu`` (CuPy) or ``reference``."""
     if _switch._force_reference:
         return reference
-    if isinstance(a, np.ndarray):
-        return reference if _cpu is None else _cpu
     if on_gpu(a):
         return _gpu
+    if isinstance(a, np.ndarray):
+        return reference if _cpu is None else _cpu
     return reference
 
 

@@ -36,7 +36,7 @@ import os
 
 import numpy as np
 
-from npapprox.backend import array_module
+from npapprox.backend import array_module, on_gpu
 
 try:  # built by ``pip install .`` / ``pip install -e .`` from src/_im2col.pyx
     from npapprox import _im2col as _compiled
@@ -87,7 +87,7 @@ def _check_geometry(H, W, kh, kw, stride, pad):
 
 def _use_compiled(a) -> bool:
     return (_compiled is not None and not _force_reference
-            and isinstance(a, np.ndarray) and a.dtype in _COMPILED_DTYPES)
+            and isinstance(a, np.ndarray) and not on_gpu(a) and a.dtype in _COMPILED_DTYPES)
 
 
 def _check_out(out, shape, dtype):

@@ -71,7 +71,7 @@ class MaxPool2d(Function):
                 v = xpad[_window(p, q, stride, oh, ow)]
                 better = v > y                      # strict: the first maximum wins
                 y = xp.where(better, v, y)
-                argmax[better] = p * kernel + q
+                argmax = xp.where(better, xp.uint8(p * kernel + q), argmax)   # no boolean-mask write: no GPU sync
         ctx.save(argmax=argmax)
         ctx.kernel, ctx.stride, ctx.padding, ctx.x_shape = kernel, stride, padding, x.shape
         return y
