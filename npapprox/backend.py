@@ -156,7 +156,7 @@ def to_device(x, device: str):
             return x
         status = gpu_status()
         if not status.available:
-            raise DeviceError(f"device 'gpu' is not usable: {status.reason}")
+            raise DeviceError(f"device 'gpu' needs CuPy and a usable CUDA GPU: {status.reason}")
         return _cupy.asarray(x)
     raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
 
