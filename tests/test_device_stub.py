@@ -349,3 +349,13 @@ def test_peak_probe_removes_the_gpu_memory_hook_when_the_step_raises(device, mon
     monkeypatch.setattr(backend, "gpu_memory_peak", Hook)
     _failing_run(_trainer("exact"), monkeypatch)
     assert events == ["enter", "exit"]
+
+
+def test_the_gpu_extra_brings_nvrtc_and_the_cuda_headers():
+    """CuPy 14 compiles every kernel with NVRTC and the CUDA runtime headers; its [ctk]
+    extra installs them (cuda-toolkit[cudart,nvrtc,...]) -- without it gpu_available()
+    would be False on a machine with a GPU ("Failed to find CUDA headers")."""
+    import tomllib  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+    meta = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert meta["project"]["optional-dependencies"]["gpu"] == ["cupy-cuda13x[ctk]"]
