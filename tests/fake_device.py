@@ -14,7 +14,6 @@ device arrays; the CUDA kernels then run through a launcher given by the test
 from __future__ import annotations
 
 import collections
-import contextlib
 import traceback
 import types
 
@@ -175,9 +174,3 @@ def install(monkeypatch) -> FakeCupy:
     _DEVICE.entered = _DEVICE.active = 0
     return fake
 
-
-@contextlib.contextmanager
-def counting():
-    """``with counting() as syncs:`` -- the Counter of syncs inside the block."""
-    reset()
-    yield SYNCS
