@@ -240,6 +240,25 @@ def test_a_training_step_reads_back_twice_plus_once_per_paper_unit(device, monke
     assert np.isfinite(value) and 0 <= right <= 32 and checks.pending() == 0
 
 
+def test_paper_parameters_of_device_gamma_are_the_host_bytes(device):
+    """Computed on the host (CuPy's float64 -> float32 casts would flush the subnormal
+    k / h_step of extreme gamma): one read-back of gamma and beta, one upload."""
+    from npapprox.quant import paper_params  # noqa: PLC0415
+    gamma = np.float32([1e-38, 3e-39, -1e-45, 1e38, 1.0, 0.0, -2.0])
+    beta = np.float32([1e-38, -1e-39, 0.0, 1e38, 2.5, 1.0, 0.5])
+    for bits in (1, 4, 8):
+        host = paper_params(gamma, beta, bits)
+        assert ((host["h_step"] > 0) & (host["h_step"] < np.finfo(F32).tiny)).any()       # subnormals kept
+        dg, db = device.asarray(gamma), device.asarray(beta)
+        FD.reset()
+        got = paper_params(dg, db, bits)
+        assert FD.total() == 1 and FD.UPLOADS[0] == 1, (dict(FD.SYNCS), FD.UPLOADS)
+        assert set(got) == set(host)
+        for key, v in host.items():
+            assert isinstance(got[key], FD.DeviceArray) and got[key].dtype == v.dtype
+            assert np.asarray(got[key]).tobytes() == v.tobytes(), key
+
+
 def test_max_pool_argmax_has_no_boolean_mask_write(device):
     from npapprox import ops  # noqa: PLC0415
     from npapprox.tensor import Tensor  # noqa: PLC0415
