@@ -197,6 +197,27 @@ def test_device_kernels_accept_views_and_host_parameters(cp):
     assert _same(got[0], ref[0]) and got[1] == ref[1]
 
 
+def test_device_decoded_nan_is_the_canonical_quiet_nan(cp):
+    """The GPU's arithmetic writes 0x7fffffff for a NaN result; the decoders write the
+    contract's 0x7fc00000 (NaN lo / scale / step / off with any payload, 0 * inf, inf - inf)."""
+    pats = np.uint32([0x7fc00000, 0x7fc00001, 0xffc00000, 0x7f800001, 0xffffffff, 0x7fffffff]).view(F32)
+    lo = np.concatenate([pats, np.ones(pats.size, F32), np.float32([1.0, -3e38])])
+    scale = np.concatenate([np.ones(pats.size, F32), pats, np.float32([np.inf, np.inf])])
+    packed = R.pack_bits(np.tile(np.arange(4, dtype=np.uint8), lo.size), 4)
+    d = cp.asarray
+    assert _same(K.generic_decode(d(packed), d(lo), d(scale), 4, 4, (4 * lo.size,)),
+                 R.generic_decode(packed, lo, scale, 4, 4, (4 * lo.size,)))
+    C = 2 * pats.size + 1
+    step = np.concatenate([pats, np.ones(pats.size, F32), np.float32([np.inf])])
+    off = np.concatenate([np.zeros(pats.size, F32), pats, np.float32([-np.inf])])
+    s = np.full(C, 2, np.int32)
+    packed = R.pack_bits(np.tile(np.arange(4, dtype=np.uint8), C), 2)
+    for relu in (False, True):
+        ref = R.paper_decode(packed, (1, C, 4), s, step, off, 2, relu)
+        assert set(ref.view(np.uint32)[np.isnan(ref)].tolist()) == {0x7fc00000}
+        assert _same(K.paper_decode(d(packed), (1, C, 4), d(s), d(step), d(off), 2, relu), ref)
+
+
 def test_reference_on_cupy_arrays_matches_away_from_subnormals(cp):
     """The forced reference on CuPy arrays gives the same bytes for inputs whose
     arithmetic stays in the normal range (CuPy's own kernels flush subnormals)."""
