@@ -38,7 +38,7 @@ class GpuStatus(NamedTuple):
 
 _cupy = None
 _cupy_tried = False
-_cupy_error: str | None = None       # why ``import cupy`` failed (None: it did not, or not tried)
+_cupy_error: Exception | None = None  # why ``import cupy`` failed (None: it did not, or not tried)
 _gpu_state: GpuStatus | None = None  # the cached result of gpu_status()
 
 
@@ -62,7 +62,7 @@ def _try_cupy():
         try:
             _cupy = _import_quietly("cupy")  # the one import of cupy in the package
         except Exception as e:  # ImportError, or a CUDA library that fails to load: kept for the messages
-            _cupy, _cupy_error = None, _describe(e)
+            _cupy, _cupy_error = None, e
     return _cupy
 
 
@@ -95,7 +95,7 @@ def gpu_status() -> GpuStatus:
                 _gpu_state = GpuStatus(False, "not-installed", "CuPy is not installed: pip install 'npapprox[gpu]'")
             else:
                 _gpu_state = GpuStatus(False, "import-failed", f"CuPy is installed but import cupy failed: "
-                                                               f"{_cupy_error}")
+                                                               f"{_describe(_cupy_error)}")
         else:
             try:
                 count = cp.cuda.runtime.getDeviceCount()
@@ -127,7 +127,7 @@ def cupy():
     kernels in ``npapprox.kernels.gpu``); a clear error when it is missing."""
     cp = _try_cupy()
     if cp is None:
-        raise DeviceError(f"this needs CuPy and a CUDA GPU: {gpu_status().reason}")
+        raise DeviceError(f"this needs CuPy and a CUDA GPU: {gpu_status().reason}") from _cupy_error
     return cp
 
 
@@ -156,7 +156,7 @@ def to_device(x, device: str):
             return x
         status = gpu_status()
         if not status.available:
-            raise DeviceError(f"device 'gpu' needs CuPy and a usable CUDA GPU: {status.reason}")
+            raise DeviceError(f"device 'gpu' needs CuPy and a usable CUDA GPU: {status.reason}") from _cupy_error
         return _cupy.asarray(x)
     raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
 

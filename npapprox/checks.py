@@ -10,7 +10,8 @@ CPU the count is a host integer and :func:`nonfinite` raises at once.
 
 So on the GPU a diverged forward pass is reported at the end of the backward that
 follows it (its gradients are then garbage, but no optimizer step has used them),
-with the same message as on the CPU.
+with the same message as on the CPU. Counts of a forward pass that no backward
+follows are read at the next flush (or once ``MAX_PENDING`` of them wait).
 """
 from __future__ import annotations
 

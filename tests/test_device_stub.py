@@ -62,8 +62,9 @@ def test_cupy_that_fails_to_import_is_reported_not_swallowed(fresh_backend, tmp_
     assert (status.available, status.kind, status.broken) == (False, "import-failed", True)
     assert "libcudart.so.13: cannot open shared object file" in status.reason and "OSError" in status.reason
     assert not backend.gpu_available()
-    with pytest.raises(backend.DeviceError, match="libcudart.so.13"):
+    with pytest.raises(backend.DeviceError, match="libcudart.so.13") as info:
         backend.cupy()
+    assert isinstance(info.value.__cause__, OSError)                 # the import's exception, kept
     with pytest.raises(backend.DeviceError, match="needs CuPy.*libcudart.so.13"):
         backend.to_device(np.zeros(3, F32), "gpu")
     # the error --device gpu gives: one line, exit status 2, with the reason

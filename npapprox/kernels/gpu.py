@@ -292,6 +292,6 @@ def unpack_bits(packed, n, bits):
 
 
 def counter_uniform(n, seed, xp=None):
-    """See :func:`npapprox.kernels.reference.counter_uniform` (CuPy array out; ``xp`` is ignored)."""
-    with _device_of(n):
-        return counter_uniform_with(_launcher(), n, seed)
+    """See :func:`npapprox.kernels.reference.counter_uniform` (CuPy array out, on the current
+    device; ``xp`` is ignored)."""
+    return counter_uniform_with(_launcher(), n, seed)
