@@ -13,8 +13,8 @@ budget. Needs CuPy and a CUDA device; refuses (exit status 2) without one.
    the output for decode), median of the repeats, timed with CUDA events.
    ``kernel`` = the launches alone on preallocated outputs (``gpu.DeviceLauncher``);
    ``call`` = the public function (``npapprox.kernels``), which also allocates its
-   outputs and, for pack, sums the non-finite counts on the device and copies
-   the total to the host (one synchronisation); the generic pack (three kernels:
+   outputs and, for pack, sums the non-finite counts on the device (the total
+   stays there: no synchronisation); the generic pack (three kernels:
    partial min/max, per-group parameters, encoding) is timed as a call only. Reference: the device's copy
    bandwidth, ``cupy.copyto`` between two tensors of that size, reported as
    source bytes / time (like benchmarks/bench_kernels.py; the DRAM traffic is
@@ -252,10 +252,10 @@ def bench_max_batch(cp, args, policies):
 
 def main(argv=None):
     args = _parse(argv)
-    from npapprox.backend import gpu_available
-    if not gpu_available():
-        print("bench_gpu: no CUDA device visible to CuPy (needs `pip install \"npapprox[gpu]\"` on a machine "
-              "with an NVIDIA GPU and driver). Nothing was measured.", file=sys.stderr)
+    from npapprox.backend import gpu_status
+    status = gpu_status()
+    if not status.available:
+        print(f"bench_gpu: no usable CUDA device ({status.reason}). Nothing was measured.", file=sys.stderr)
         return 2
     from npapprox.backend import cupy
 

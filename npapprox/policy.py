@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import quant
+from . import checks, quant
 from .backend import array_module
 from .storage import ExactUnit, Full, GenericPacked, GenericUnit, PaperUnit, ParamRef, Stored, Unit, UnitRef
 
@@ -72,10 +72,12 @@ class BNReLUUnit(NamedTuple):
     beta: object
 
 
-def _check_finite(n_nonfinite: int, ctx, name: str) -> None:
-    if n_nonfinite:
-        raise FloatingPointError(f"{ctx.fn.__name__}: {n_nonfinite} non-finite value(s) in the activation "
-                                 f"{name!r}; K-bit storage refuses NaN/inf (the forward pass diverged)")
+def _check_finite(n_nonfinite, ctx, name: str) -> None:
+    """Refuse NaN/inf: at once for a host count, at the end of backward for a device
+    count (``npapprox.checks``: no read-back from the GPU per pack)."""
+    fn = ctx.fn.__name__
+    checks.nonfinite(n_nonfinite, lambda n: f"{fn}: {n} non-finite value(s) in the activation {name!r}; "
+                                            "K-bit storage refuses NaN/inf (the forward pass diverged)")
 
 
 class Policy:
@@ -171,9 +173,10 @@ class Generic(Policy):
         x = array if array.dtype == np.float32 else array.astype(np.float32)
         packed, lo, scale, bad = generic_pack(x, self.bits, self.group, self.stochastic, self._next_seed())
         _check_finite(bad, ctx, name)
-        if not bool(array_module(scale).isfinite(scale).all()):  # a range wider than float32's
-            raise FloatingPointError(f"{ctx.fn.__name__}: the activation {name!r} spans a range wider "
-                                     "than float32 can hold; K-bit storage refuses it")
+        xp, fn = array_module(scale), ctx.fn.__name__
+        checks.nonfinite(xp.count_nonzero(~xp.isfinite(scale)),  # a range wider than float32's
+                         lambda n: f"{fn}: the activation {name!r} spans a range wider than float32 can hold; "
+                                   "K-bit storage refuses it")
         return GenericPacked(packed, lo, scale, self.bits, self.group, array.shape, array.dtype)
 
     def store_activation(self, ctx, name, array):

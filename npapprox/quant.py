@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import array_module
+from .backend import array_module, to_device
 
 SUPPORTED_BITS = (1, 2, 4, 8)
 
@@ -52,13 +52,31 @@ def bin_width(bits: int) -> float:
     return 6.0 / (1 << bits)
 
 
+def _upload(params: dict, xp) -> dict:
+    """The (C,) arrays of ``params`` (4-byte dtypes) on the device, in one transfer."""
+    buf = xp.asarray(np.concatenate([np.ascontiguousarray(v).view(np.uint8) for v in params.values()]))
+    out, at = {}, 0
+    for key, v in params.items():
+        out[key] = buf[at:at + v.nbytes].view(v.dtype)
+        at += v.nbytes
+    return out
+
+
 def paper_params(gamma, beta, bits: int) -> dict:
     """Per-channel parameters of the BN window for one unit.
 
     Returns float32/int32 arrays of shape (C,): ``k`` (encode scale 1/(D|gamma|),
     0 where gamma == 0), ``s`` (first positive code), and the decode affine maps
-    ``h_step, h_off`` (for relu(y)) and ``x_step, x_off`` (for xhat)."""
+    ``h_step, h_off`` (for relu(y)) and ``x_step, x_off`` (for xhat).
+
+    Computed on the host, also for a model on the GPU (one read-back of gamma and
+    beta, one upload of the results): CuPy's float64 -> float32 casts flush a
+    subnormal ``k`` or ``h_step`` (extreme gamma) to zero, and ``s`` is valid by
+    construction here, so the kernels need not read it back to check it."""
     xp = array_module(gamma)
+    if xp is not np:
+        gb = to_device(xp.stack([xp.asarray(gamma, np.float64), xp.asarray(beta, np.float64)]), "cpu")
+        return _upload(paper_params(gb[0], gb[1], bits), xp)
     nb, d = 1 << bits, bin_width(bits)
     g = gamma.astype(np.float64)
     b = beta.astype(np.float64)

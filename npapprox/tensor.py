@@ -36,6 +36,7 @@ import threading
 
 import numpy as np
 
+from . import checks
 from .backend import array_module, to_device
 
 class _GradMode(threading.local):
@@ -109,11 +110,17 @@ class Tensor:
         if grad is None:
             if self.size != 1:
                 raise ValueError(f"backward() without a gradient needs a scalar, got shape {tuple(self.shape)}")
-            value = self.item()
-            if not np.isfinite(value):
-                raise FloatingPointError(f"the loss is not finite ({value}); backward refused. "
-                                         "Lower the learning rate or check the inputs.")
-            grad = array_module(self.data).ones_like(self.data)
+            xp = array_module(self.data)
+            if xp is np:
+                value = self.item()
+                if not np.isfinite(value):
+                    raise FloatingPointError(f"the loss is not finite ({value}); backward refused. "
+                                             "Lower the learning rate or check the inputs.")
+            else:  # on the GPU: checked on the device, reported by checks.flush() at the end
+                checks.nonfinite(xp.count_nonzero(~xp.isfinite(self.data)),
+                                 lambda n: "the loss is not finite; its gradients are garbage. "
+                                           "Lower the learning rate or check the inputs.")
+            grad = xp.ones_like(self.data)
         elif tuple(grad.shape) != tuple(self.shape):
             raise ValueError(f"gradient shape {tuple(grad.shape)} does not match tensor shape {tuple(self.shape)}")
         if not self.requires_grad:
@@ -145,6 +152,7 @@ class Tensor:
                         grads[key] = pg if key not in grads else grads[key] + pg
             ctx.release()
             del g
+        checks.flush()  # the GPU's pending non-finite counts: one read-back per backward
 
     # --- operators (thin wrappers over npapprox.ops) --------------------------
     def __add__(self, other):

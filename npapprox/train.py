@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, nn, ops, optim
-from .backend import to_device
+from .backend import array_module, to_device
 from .data import batches, load_dataset
 from .policy import policy_from_name, storage_policy
 from .report import ledger
@@ -234,15 +234,20 @@ class Trainer:
         self.optimizer.lr = self.schedule.lr_at(self.iteration)
         with storage_policy(self.policy):
             logits = self.model(Tensor(to_device(xb, self.cfg.device)))
-            loss = ops.cross_entropy(logits, to_device(yb, self.cfg.device))
-        value = loss.item()
-        if not np.isfinite(value):
-            raise NonFiniteLoss(f"iteration {self.iteration}: the loss is {value}; training stopped "
-                                f"(lower --lr?). The last good checkpoint is kept.")
+            loss = ops.cross_entropy(logits, yb)          # host labels: range-checked on the host
         self.optimizer.zero_grad()
-        loss.backward()
+        try:  # on the GPU, backward's own check of the loss is the step's one read-back before the update
+            loss.backward()
+        except FloatingPointError:
+            if np.isfinite(loss.item()):
+                raise
+            raise NonFiniteLoss(f"iteration {self.iteration}: the loss is {loss.item()}; training stopped "
+                                f"(lower --lr?). The last good checkpoint is kept.") from None
         self.optimizer.step()
-        return value, int((logits.numpy().argmax(axis=1) == yb).sum())
+        xp = array_module(logits.data)                    # loss and predictions: one read-back
+        host = to_device(xp.concatenate([logits.data.argmax(axis=1).astype(np.float64),
+                                         loss.data.reshape(1).astype(np.float64)]), "cpu")
+        return float(host[-1]), int((host[:-1] == yb).sum())
 
     def evaluate(self, batch_size: int = 500) -> tuple[float, float]:
         x, y = self.data.x_test, self.data.y_test
@@ -305,11 +310,13 @@ class Trainer:
                     if measure:
                         probe = _PeakProbe(c.device)
                     t0 = time.perf_counter()
-                    loss, right = self.step(xb, yb)
-                    dt = time.perf_counter() - t0
-                    if measure:
-                        peak = probe.stop()
-                    else:  # a traced step is slower: it is not counted in the wall-clock
+                    try:
+                        loss, right = self.step(xb, yb)
+                    finally:  # also when the step raises: no tracer or memory hook left behind
+                        dt = time.perf_counter() - t0
+                        if measure:
+                            peak = probe.stop()
+                    if not measure:  # a traced step is slower: it is not counted in the wall-clock
                         self.train_time += dt
                         acc["timed"] += dt
                         acc["timed_images"] += len(yb)

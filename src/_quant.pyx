@@ -201,7 +201,7 @@ cdef void _paper_decode_piece(const uint8_t* packed, const int32_t* s, const flo
     cdef Py_ssize_t b = a + PIECE if a + PIECE < n else n
     cdef Py_ssize_t e = a, end, plane, c, j, m
     cdef int sc
-    cdef float st, of, t, half = 0.5, zero = 0
+    cdef float st, of, t, r, half = 0.5, zero = 0, qnan = NAN
     cdef const uint8_t* cs
     cdef float* o
     if bits == 8:                            # K = 8: the bytes are the codes
@@ -228,11 +228,13 @@ cdef void _paper_decode_piece(const uint8_t* packed, const int32_t* s, const flo
             # if-convert a select on a value computed only for it, under -ftrapping-math).
             for j in range(m):
                 t = <float>(cs[j] - sc) + half
-                o[j] = t * (st if cs[j] >= sc else zero) + (of if cs[j] >= sc else zero)
+                r = t * (st if cs[j] >= sc else zero) + (of if cs[j] >= sc else zero)
+                o[j] = r if r == r else qnan     # every NaN is 0x7fc00000 (the contract)
         else:
             for j in range(m):
                 t = <float>(cs[j] - sc) + half
-                o[j] = t * st + of           # two float32 roundings (-ffp-contract=off)
+                r = t * st + of              # two float32 roundings (-ffp-contract=off)
+                o[j] = r if r == r else qnan
         e = end
 
 
@@ -414,7 +416,7 @@ cdef void _generic_decode_piece(const uint8_t* packed, const float* lo, const fl
     cdef Py_ssize_t a = p * PIECE
     cdef Py_ssize_t b = a + PIECE if a + PIECE < n else n
     cdef Py_ssize_t e = a, end, g, j, m
-    cdef float gl, gs
+    cdef float gl, gs, r, qnan = NAN
     cdef const uint8_t* cs
     cdef float* o
     if bits == 8:                            # K = 8: the bytes are the codes
@@ -433,7 +435,8 @@ cdef void _generic_decode_piece(const uint8_t* packed, const float* lo, const fl
         o = out + e
         m = end - e
         for j in range(m):
-            o[j] = gl + <float>cs[j] * gs     # two float32 roundings (-ffp-contract=off)
+            r = gl + <float>cs[j] * gs       # two float32 roundings (-ffp-contract=off)
+            o[j] = r if r == r else qnan     # every NaN is 0x7fc00000 (the contract)
         e = end
 
 

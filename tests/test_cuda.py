@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -429,7 +430,7 @@ PAPER_SHAPES = [(0, 3, 4, 4), (1, 1, 1, 1), (2, 3, 5, 7), (3, 5, 1, 3), (1, 2, 3
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("shape", PAPER_SHAPES, ids=str)
 def test_host_paper_bit_identical_edge_cases(host, bits, shape):
-    rng = np.random.default_rng(abs(hash((bits, shape, "cuda"))) % 2 ** 32)
+    rng = np.random.default_rng(zlib.crc32(repr((bits, shape, "cuda")).encode()))
     gamma, beta = TK.channel_params(rng, shape[1])
     y = TK.bn_output(rng, shape, gamma, beta, special=0.3, nonfinite=0.02)
     _check_paper_gb(host, y, gamma, beta, bits)
@@ -638,3 +639,49 @@ def test_host_wrappers_raise_the_reference_errors(host):
     with pytest.raises(ValueError, match="seed"):
         gpu.counter_uniform_with(host, 3, -1)
     assert host.launches == []                                  # checks run before any launch
+
+
+# NaN bit patterns: quiet with payloads, negative, signalling, all ones (what a GPU's arithmetic writes)
+NAN_PATTERNS = np.uint32([0x7fc00000, 0x7fc00001, 0xffc00000, 0x7f800001, 0xffffffff, 0x7fffffff]).view(F32)
+CANONICAL_NAN = 0x7fc00000
+
+
+def _nan_bits_are_canonical(out):
+    bits = np.ascontiguousarray(out).view(np.uint32).reshape(-1)
+    nan = np.isnan(out).reshape(-1)
+    return int(nan.sum()), sorted({hex(int(b)) for b in bits[nan]})
+
+
+def test_every_decoded_nan_is_the_canonical_quiet_nan(host):
+    """Decoders write 0x7fc00000 for every NaN, whatever made it: a NaN lo / scale / step / off
+    with any payload or sign, 0 * inf (x86 makes 0xffc00000), inf - inf. The host build
+    computes with x86 semantics, so without the canonicalisation the payloads would pass
+    through here (and a GPU would write 0x7fffffff): reference, Cython and CUDA all pinned."""
+    assert K.implementation(np.zeros(1, F32)) == "cpu"
+    m = NAN_PATTERNS.size
+    # generic: a NaN lo (each pattern), a NaN scale (each pattern), scale = inf (0 * inf at code 0)
+    lo = np.concatenate([NAN_PATTERNS, np.ones(m, F32), np.float32([1.0, -3e38])])
+    scale = np.concatenate([np.ones(m, F32), NAN_PATTERNS, np.float32([np.inf, np.inf])])
+    G = 4
+    codes = np.tile(np.arange(G, dtype=np.uint8), lo.size)
+    packed = R.pack_bits(codes, 4)
+    impls = {"reference": R.generic_decode, "cython": K.generic_decode,
+             "cuda (host)": lambda *a: gpu.generic_decode_with(host, *a)}
+    for name, decode in impls.items():
+        out = decode(packed, lo, scale, 4, G, (codes.size,))
+        assert _nan_bits_are_canonical(out) == (2 * m * G + 2, [hex(CANONICAL_NAN)]), name
+    # paper: NaN step / off (each pattern), step = inf with off = -inf (inf - inf for t > 0)
+    C = 2 * m + 1
+    step = np.concatenate([NAN_PATTERNS, np.ones(m, F32), np.float32([np.inf])])
+    off = np.concatenate([np.zeros(m, F32), NAN_PATTERNS, np.float32([-np.inf])])
+    s = np.full(C, 2, np.int32)
+    shape = (1, C, 4)
+    codes = np.tile(np.arange(4, dtype=np.uint8), C)                 # t = -1.5, -0.5, 0.5, 1.5
+    packed = R.pack_bits(codes, 2)
+    impls = {"reference": R.paper_decode, "cython": K.paper_decode,
+             "cuda (host)": lambda *a: gpu.paper_decode_with(host, *a)}
+    for relu in (False, True):
+        want = (2 * m * (2 if relu else 4) + 2, [hex(CANONICAL_NAN)])
+        for name, decode in impls.items():
+            out = decode(packed, shape, s, step, off, 2, relu)
+            assert _nan_bits_are_canonical(out) == want, (name, relu)

@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -173,7 +174,8 @@ def naive_paper_decode(codes, shape, s, step, off, relu):
             c = (i // hw) % C
             t = F32(int(code) - int(s[c])) + F32(0.5)
             val = F32(t * step[c]) + off[c]
-            out[i] = F32(0.0) if relu and code < s[c] else val
+            val = F32(0.0) if relu and code < s[c] else val
+            out[i] = val if val == val else F32(np.nan)   # every NaN is 0x7fc00000
     return out.reshape(shape)
 
 
@@ -222,7 +224,8 @@ def naive_generic_decode(codes, lo, scale, G, shape):
     out = np.empty(len(codes), np.float32)
     with np.errstate(all="ignore"):
         for i, code in enumerate(codes):
-            out[i] = lo[i // G] + F32(F32(int(code)) * scale[i // G])
+            v = lo[i // G] + F32(F32(int(code)) * scale[i // G])
+            out[i] = v if v == v else F32(np.nan)      # every NaN is 0x7fc00000
     return out.reshape(shape)
 
 
@@ -345,7 +348,7 @@ PAPER_SHAPES = [(0, 3, 4, 4), (1, 1, 1, 1), (2, 3, 5, 7), (3, 5, 1, 3), (1, 2, 3
 @pytest.mark.parametrize("shape", PAPER_SHAPES, ids=str)
 def test_compiled_paper_bit_identical_edge_cases(bits, shape):
     cpu = _cpu()
-    rng = np.random.default_rng(abs(hash((bits, shape))) % 2 ** 32)
+    rng = np.random.default_rng(zlib.crc32(repr((bits, shape)).encode()))
     gamma, beta = channel_params(rng, shape[1])
     y = bn_output(rng, shape, gamma, beta, special=0.3, nonfinite=0.02)
     _check_paper_parity(cpu, y, gamma, beta, bits)

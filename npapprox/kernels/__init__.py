@@ -63,10 +63,10 @@ def _impl(a):
     """The module that serves array ``a``: ``cpu`` (NumPy), ``gpu`` (CuPy) or ``reference``."""
     if _switch._force_reference:
         return reference
-    if isinstance(a, np.ndarray):
-        return reference if _cpu is None else _cpu
     if on_gpu(a):
         return _gpu
+    if isinstance(a, np.ndarray):
+        return reference if _cpu is None else _cpu
     return reference
 
 
@@ -77,7 +77,8 @@ def implementation(a) -> str:
 
 
 def paper_pack(y, k, s, bits):
-    """Paper scheme encode of float32 ``y`` ``(N, C, *spatial)`` -> ``(packed uint8, n_nonfinite)``."""
+    """Paper scheme encode of float32 ``y`` ``(N, C, *spatial)`` -> ``(packed uint8, n_nonfinite)``
+    (``n_nonfinite``: an integer; for CuPy arrays a 0-d device array, not read back)."""
     return _impl(y).paper_pack(y, k, s, bits)
 
 
@@ -92,7 +93,8 @@ def paper_mask(packed, shape, s, bits):
 
 
 def generic_pack(x, bits, group, stochastic=False, seed=0):
-    """Per-group min/max K-bit encode -> ``(packed, lo, scale, n_nonfinite)``."""
+    """Per-group min/max K-bit encode -> ``(packed, lo, scale, n_nonfinite)`` (``n_nonfinite``
+    as for :func:`paper_pack`)."""
     return _impl(x).generic_pack(x, bits, group, stochastic, seed)
 
 

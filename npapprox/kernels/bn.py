@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from npapprox.backend import array_module
+from npapprox.backend import array_module, on_gpu
 from npapprox.kernels import im2col as _switch            # holds the one reference switch
 
 try:  # built by ``pip install .`` / ``pip install -e .`` from src/_bn.pyx
@@ -68,7 +68,7 @@ def compiled_available() -> bool:
 
 def _use_compiled(*arrays) -> bool:
     return (_compiled is not None and not _switch._force_reference
-            and all(isinstance(a, np.ndarray) for a in arrays) and arrays[0].dtype in _COMPILED_DTYPES)
+            and all(isinstance(a, np.ndarray) and not on_gpu(a) for a in arrays) and arrays[0].dtype in _COMPILED_DTYPES)
 
 
 def _moments(x3):

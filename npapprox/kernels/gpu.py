@@ -20,6 +20,7 @@ against the ``.cu`` source).
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from importlib import resources
 
@@ -142,20 +143,20 @@ def _i64(v):
 
 def paper_pack_with(run, y, k, s, bits):
     xp = run.xp
-    y, k, s, bits, shape, C, hw = _ref.check_paper_pack(run.asarray(y), run.asarray(k), run.asarray(s), bits)
+    y, k, s, bits, shape, C, hw = _ref.check_paper_pack(run.asarray(y), run.asarray(k), s, bits)
     n = int(y.size)
     nbytes = _ref.packed_nbytes(n, bits)
     out = xp.empty(nbytes, dtype=np.uint8)
     bad = xp.empty(nbytes, dtype=np.uint8)           # non-finite values per byte, summed below
     run.launch("npx_paper_pack", nbytes, y.reshape(-1), k, s, _i64(n), _i64(C), _i64(hw), np.int32(bits),
                out, bad)
-    return out, int(bad.sum(dtype=np.int64)) if nbytes else 0
+    return out, bad.sum(dtype=np.int64) if nbytes else 0     # on the device: no read-back here
 
 
 def paper_decode_with(run, packed, shape, s, step, off, bits, relu=False):
     xp = run.xp
     packed, shape, C, hw, s, step, off, bits = _ref.check_paper_decode(
-        run.asarray(packed), shape, run.asarray(s), run.asarray(step), run.asarray(off), bits)
+        run.asarray(packed), shape, s, run.asarray(step), run.asarray(off), bits)
     out = xp.empty(shape, dtype=np.float32)
     n = int(out.size)
     run.launch("npx_paper_decode", n, packed, s, step, off, _i64(n), _i64(C), _i64(hw), np.int32(bits),
@@ -165,8 +166,7 @@ def paper_decode_with(run, packed, shape, s, step, off, bits, relu=False):
 
 def paper_mask_with(run, packed, shape, s, bits):
     xp = run.xp
-    packed, shape, C, hw, s, _, _, bits = _ref.check_paper_decode(run.asarray(packed), shape, run.asarray(s),
-                                                                  None, None, bits)
+    packed, shape, C, hw, s, _, _, bits = _ref.check_paper_decode(run.asarray(packed), shape, s, None, None, bits)
     out = xp.empty(shape, dtype=np.bool_)
     n = int(out.size)
     run.launch("npx_paper_mask", n, packed, s, _i64(n), _i64(C), _i64(hw), np.int32(bits),
@@ -198,7 +198,7 @@ def generic_pack_with(run, x, bits, group, stochastic=False, seed=0):
                lo, scale, inv, gbad)
     run.launch("npx_generic_encode", out.size, xf, lo, inv, _i64(n), _i64(G), np.int32(bits),
                np.int32(1 if stochastic else 0), np.uint32(seed), out)
-    return out, lo, scale, int(gbad.sum())
+    return out, lo, scale, gbad.sum()                # on the device: no read-back here
 
 
 def generic_decode_with(run, packed, lo, scale, bits, group, shape):
@@ -239,44 +239,59 @@ def counter_uniform_with(run, n, seed):
     return out
 
 
+def _device_of(a):
+    """``with a.device:`` for a CuPy array (its kernels launch, and its outputs are
+    allocated, on the device that holds it, not the current one); nothing otherwise."""
+    dev = getattr(a, "device", None)
+    return dev if hasattr(dev, "__enter__") else contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------- #
 # Public functions: the reference's names and signatures, CuPy arrays out
 # --------------------------------------------------------------------------- #
 def paper_pack(y, k, s, bits):
     """See :func:`npapprox.kernels.reference.paper_pack`. Returns ``(packed, n_nonfinite)``."""
-    return paper_pack_with(_launcher(), y, k, s, bits)
+    with _device_of(y):
+        return paper_pack_with(_launcher(), y, k, s, bits)
 
 
 def paper_decode(packed, shape, s, step, off, bits, relu=False):
     """See :func:`npapprox.kernels.reference.paper_decode`."""
-    return paper_decode_with(_launcher(), packed, shape, s, step, off, bits, relu)
+    with _device_of(packed):
+        return paper_decode_with(_launcher(), packed, shape, s, step, off, bits, relu)
 
 
 def paper_mask(packed, shape, s, bits):
     """See :func:`npapprox.kernels.reference.paper_mask`."""
-    return paper_mask_with(_launcher(), packed, shape, s, bits)
+    with _device_of(packed):
+        return paper_mask_with(_launcher(), packed, shape, s, bits)
 
 
 def generic_pack(x, bits, group, stochastic=False, seed=0):
     """See :func:`npapprox.kernels.reference.generic_pack`. Returns ``(packed, lo, scale, n_nonfinite)``."""
-    return generic_pack_with(_launcher(), x, bits, group, stochastic, seed)
+    with _device_of(x):
+        return generic_pack_with(_launcher(), x, bits, group, stochastic, seed)
 
 
 def generic_decode(packed, lo, scale, bits, group, shape):
     """See :func:`npapprox.kernels.reference.generic_decode`."""
-    return generic_decode_with(_launcher(), packed, lo, scale, bits, group, shape)
+    with _device_of(packed):
+        return generic_decode_with(_launcher(), packed, lo, scale, bits, group, shape)
 
 
 def pack_bits(codes, bits):
     """See :func:`npapprox.kernels.reference.pack_bits`."""
-    return pack_bits_with(_launcher(), codes, bits)
+    with _device_of(codes):
+        return pack_bits_with(_launcher(), codes, bits)
 
 
 def unpack_bits(packed, n, bits):
     """See :func:`npapprox.kernels.reference.unpack_bits`."""
-    return unpack_bits_with(_launcher(), packed, n, bits)
+    with _device_of(packed):
+        return unpack_bits_with(_launcher(), packed, n, bits)
 
 
 def counter_uniform(n, seed, xp=None):
-    """See :func:`npapprox.kernels.reference.counter_uniform` (CuPy array out; ``xp`` is ignored)."""
+    """See :func:`npapprox.kernels.reference.counter_uniform` (CuPy array out, on the current
+    device; ``xp`` is ignored)."""
     return counter_uniform_with(_launcher(), n, seed)

@@ -20,8 +20,9 @@ Two implementations, bit-identical to each other:
 
 * the compiled kernels in ``npapprox._im2col`` (``src/_im2col.pyx``), used for
   C-contiguous float32/float64 NumPy arrays when the extension imported;
-* the ``*_reference`` functions below: plain ``xp`` code (NumPy or CuPy),
-  vectorised over N and C with a Python loop over the kernel offsets (p, q).
+* the ``*_reference`` functions below: plain ``xp`` code (NumPy or CuPy), used
+  on the GPU: im2row is one strided copy, row2im a loop over the kernel
+  offsets (p, q) vectorised over N and C.
 
 ``row2im`` is a sum, so bit-identity needs a fixed summation order: both start
 from zeros and add the contributions to each ``x`` position in decreasing
@@ -36,7 +37,7 @@ import os
 
 import numpy as np
 
-from npapprox.backend import array_module
+from npapprox.backend import array_module, on_gpu
 
 try:  # built by ``pip install .`` / ``pip install -e .`` from src/_im2col.pyx
     from npapprox import _im2col as _compiled
@@ -87,7 +88,7 @@ def _check_geometry(H, W, kh, kw, stride, pad):
 
 def _use_compiled(a) -> bool:
     return (_compiled is not None and not _force_reference
-            and isinstance(a, np.ndarray) and a.dtype in _COMPILED_DTYPES)
+            and isinstance(a, np.ndarray) and not on_gpu(a) and a.dtype in _COMPILED_DTYPES)
 
 
 def _check_out(out, shape, dtype):
@@ -117,9 +118,10 @@ def im2row_reference(x, kh, kw, stride, pad, out=None):
             inside = 0 <= ih < H and 0 <= iw < W
             rows[(n*OH + i)*OW + j, (p*kw + q)*C + c] = x[n, c, ih, iw] if inside else 0
 
-    Vectorised: pad once and move channels last, then for each kernel offset
-    (p, q) copy the strided slice ``xpad[:, p::stride, q::stride, :]`` (``OH x
-    OW`` of it) into ``rows`` viewed as ``(N, OH, OW, kh, kw, C)``.
+    Vectorised: pad once and move channels last, then one strided copy: the
+    windows of ``xpad`` as a ``(N, OH, OW, kh, kw, C)`` view (strides
+    ``(sN, stride*sH, stride*sW, sH, sW, sC)``, no copy) into ``rows`` viewed
+    the same way (on CuPy: one kernel, whatever kh and kw).
     """
     xp = array_module(x)
     shape, shape6 = _rows_shape(x.shape, kh, kw, stride, pad)
@@ -129,12 +131,10 @@ def im2row_reference(x, kh, kw, stride, pad, out=None):
         _check_out(out, shape, x.dtype)
     xpad = xp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))) if pad else x
     xpad = xpad.transpose(0, 2, 3, 1)                    # (N, H+2pad, W+2pad, C)
-    rows6 = out.reshape(shape6)                          # a view: out is C-contiguous
-    OH, OW = shape6[1:3]
-    hspan, wspan = stride * (OH - 1) + 1, stride * (OW - 1) + 1
-    for p in range(kh):
-        for q in range(kw):
-            rows6[:, :, :, p, q] = xpad[:, p:p + hspan:stride, q:q + wspan:stride]
+    sn, sh, sw, sc = xpad.strides
+    windows = xp.lib.stride_tricks.as_strided(xpad, shape=shape6,
+                                              strides=(sn, stride * sh, stride * sw, sh, sw, sc))
+    out.reshape(shape6)[...] = windows                   # a view: out is C-contiguous
     return out
 
 

@@ -119,6 +119,13 @@ static __device__ __forceinline__ bool npx_positive(float v)
     return __float_as_uint(v) - 1u < 0x7f800000u;
 }
 
+/* Every NaN a kernel writes is the contract's quiet NaN: float arithmetic gives
+ * 0x7fffffff on the GPU and the input's payload (or 0xffc00000) on x86. */
+static __device__ __forceinline__ float npx_canonical_nan(float v)
+{
+    return (__float_as_uint(v) & 0x7fffffffu) > 0x7f800000u ? __uint_as_float(NPX_QNAN_BITS) : v;
+}
+
 /* ------------------------------------------------------------------------- */
 /* Index helpers, the code layout, the hash, order keys                       */
 /* ------------------------------------------------------------------------- */
@@ -262,7 +269,7 @@ extern "C" __global__ void npx_paper_decode(const unsigned char* __restrict__ pa
     float v = npx_add(npx_mul(t, step[c]), off[c]);         /* two roundings, no FMA */
     if (relu && code < sc)
         v = 0.0f;
-    out[i] = v;
+    out[i] = npx_canonical_nan(v);
 }
 
 /* One thread per element: out = code >= s (bool storage: 0 or 1). */
@@ -400,7 +407,7 @@ extern "C" __global__ void npx_generic_decode(const unsigned char* __restrict__ 
         return;
     const long long g = npx_idiv(i, G);
     const float code = __int2float_rn(npx_code_at(packed, i, bits));
-    out[i] = npx_add(lo[g], npx_mul(code, scale[g]));
+    out[i] = npx_canonical_nan(npx_add(lo[g], npx_mul(code, scale[g])));
 }
 
 /* ------------------------------------------------------------------------- */

@@ -22,6 +22,10 @@ Conventions shared by every function
   ``u`` becomes the *lower* bound (C: ``u = u > lo ? u : lo; u = u < hi ? u : hi``,
   CUDA: ``fminf(fmaxf(u, lo), hi)``). The contract does not otherwise say what a
   NaN encodes to; this makes it deterministic on every backend.
+* Every NaN a kernel writes is the quiet NaN ``0x7fc00000`` (``np.float32(np.nan)``):
+  float arithmetic that yields NaN gives a different pattern on each machine (x86
+  passes an input NaN's payload through and makes ``0xffc00000`` for ``0 * inf``,
+  NVIDIA GPUs make ``0x7fffffff``), so decoded values are canonicalised.
 
 Public functions: :func:`paper_pack`, :func:`paper_decode`, :func:`paper_mask`
 (the paper's "BN window" scheme), :func:`generic_pack`, :func:`generic_decode`
@@ -109,12 +113,16 @@ def _check_channel_param(xp, a, C, dtype, name):
 
 
 def _check_s(xp, s, C, bits):
-    s = _check_channel_param(xp, s, C, np.int32, "s")
-    nb = 1 << bits
-    if C and (int(s.min()) < 1 or int(s.max()) > nb - 1):
-        raise ValueError(f"s must lie in [1, {nb - 1}] for bits={bits}, got range "
-                         f"[{int(s.min())}, {int(s.max())}]")
-    return s
+    """``s`` as int32 ``(C,)`` of ``xp``. Its range is checked when it comes from the
+    host; a device ``s`` was checked where it was made (``quant.paper_params``
+    computes it on the host): reading it back here would stall the GPU at every call."""
+    if array_module(s) is np:
+        h = _check_channel_param(np, s, C, np.int32, "s")
+        nb = 1 << bits
+        if C and (int(h.min()) < 1 or int(h.max()) > nb - 1):
+            raise ValueError(f"s must lie in [1, {nb - 1}] for bits={bits}, got range "
+                             f"[{int(h.min())}, {int(h.max())}]")
+    return _check_channel_param(xp, s, C, np.int32, "s")
 
 
 def check_paper_pack(y, k, s, bits):
@@ -337,6 +345,7 @@ def paper_decode(packed, shape, s, step, off, bits, relu=False):
             t = float32(code - s[c]) + 0.5                # float32
             out = float32(t * step[c]) + off[c]           # two roundings, no FMA
             if relu and code < s[c]: out = +0.0
+            if isnan(out): out = NaN                      # the quiet NaN 0x7fc00000, whatever the payload
             out.flat[i] = out
     """
     xp = array_module(packed)
@@ -344,9 +353,11 @@ def paper_decode(packed, shape, s, step, off, bits, relu=False):
     codes = _codes_by_channel(packed, shape, C, hw, bits)
     s3 = s[None, :, None]
     t = (codes - s3).astype(np.float32) + _HALF
-    out = t * step[None, :, None] + off[None, :, None]
+    with np.errstate(all="ignore"):                       # inf / NaN parameters: defined below
+        out = t * step[None, :, None] + off[None, :, None]
     if relu:
         out = xp.where(codes < s3, _F0, out)
+    out = xp.where(xp.isnan(out), _NAN, out)                # every NaN is 0x7fc00000
     return xp.ascontiguousarray(out.reshape(shape), dtype=np.float32)
 
 
@@ -453,6 +464,7 @@ def generic_decode(packed, lo, scale, bits, group, shape):
         for i in range(n):
             g = i // group
             out.flat[i] = lo[g] + float32(float32(codes[i]) * scale[g])   # no FMA
+            if isnan(out.flat[i]): out.flat[i] = NaN                      # 0x7fc00000
 
     (``out == lo`` exactly when the group was constant: ``scale == 0``.)
     """
@@ -468,4 +480,5 @@ def generic_decode(packed, lo, scale, bits, group, shape):
     cg = cpad.reshape(ng, group)                            # (ngroups, group)
     with np.errstate(all="ignore"):                         # NaN groups (non-finite input)
         out = lo[:, None] + cg * scale[:, None]             # float32, two roundings
+    out = xp.where(xp.isnan(out), _NAN, out)                # every NaN is 0x7fc00000
     return xp.ascontiguousarray(out.reshape(-1)[:n].reshape(shape))

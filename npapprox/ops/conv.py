@@ -1,6 +1,8 @@
 """2-D convolution (cross-correlation, as in every deep-learning framework)."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..backend import array_module
 from ..function import Function
 from ..kernels.im2col import im2row, row2im
@@ -13,6 +15,10 @@ from ._checks import as_tensor, check_float, check_positive_int, check_rank, out
 #: worker: the rows then stay in that core's cache between im2row and the matrix
 #: product, instead of a 9x-activation-sized buffer going through main memory.
 CHUNK_BYTES = 2 << 20
+#: On the GPU the cache argument does not hold and every chunk costs a few kernel
+#: launches: a whole batch is one chunk (one im2row, one GEMM), up to this many
+#: bytes of rows (a bound on the workspace in device memory).
+GPU_CHUNK_BYTES = 1 << 30
 
 
 def _weight_rows(w):
@@ -22,11 +28,13 @@ def _weight_rows(w):
 
 
 def _plan(n, rows_per_sample, k, itemsize, xp):
-    """Batch slices whose im2row rows ``(B*OH*OW, k)`` take about CHUNK_BYTES, at
-    least one per worker when the batch allows, dealt to the workers
-    (``npapprox.parallel``) -> (one list of slices per worker, rows of the
-    largest chunk: the first)."""
-    step = max(1, CHUNK_BYTES // max(1, rows_per_sample * k * itemsize))
+    """Batch slices whose im2row rows ``(B*OH*OW, k)`` take about CHUNK_BYTES
+    (GPU_CHUNK_BYTES on the GPU), at least one per worker when the batch allows,
+    dealt to the workers (``npapprox.parallel``) -> (one list of slices per
+    worker, rows of the largest chunk: the first). A function of the shapes and
+    the backend only."""
+    budget = CHUNK_BYTES if xp is np else GPU_CHUNK_BYTES
+    step = max(1, budget // max(1, rows_per_sample * k * itemsize))
     step = max(1, min(step, -(-n // workers(xp))))              # an empty batch: no chunks
     shares = deal([slice(i, min(n, i + step)) for i in range(0, n, step)], xp)
     return shares, min(step, n) * rows_per_sample

@@ -1,7 +1,9 @@
 """Softmax cross-entropy, numerically stable, mean over the batch."""
 from __future__ import annotations
 
-from ..backend import array_module
+import numpy as np
+
+from ..backend import array_module, on_gpu, to_device
 from ..function import Function
 from ..policy import INDEX, STAT
 from ._checks import as_tensor, check_float, check_rank
@@ -43,12 +45,13 @@ def cross_entropy(logits, labels):
         raise ValueError(f"cross_entropy: needs at least one sample and one class, got logits {tuple(z.shape)}")
     t = labels.data if hasattr(labels, "requires_grad") else labels
     xp = array_module(z.data)
-    t = xp.asarray(t)
+    t = t if on_gpu(t) else np.asarray(t)       # host labels are checked on the host, then moved
     if t.ndim != 1 or t.shape[0] != z.shape[0]:
         raise ValueError(f"cross_entropy: labels must have shape ({z.shape[0]},), got {tuple(t.shape)}")
     if t.dtype.kind not in "iu":
         raise TypeError(f"cross_entropy: labels must be integers, got dtype {t.dtype}")
-    if t.size and (int(t.min()) < 0 or int(t.max()) >= z.shape[1]):
-        raise ValueError(f"cross_entropy: labels must lie in [0, {z.shape[1]}), "
-                         f"got range [{int(t.min())}, {int(t.max())}]")
-    return SoftmaxCrossEntropy.apply(z, t.astype(xp.int64, copy=False))
+    if t.size:
+        lo, hi = (int(v) for v in to_device(array_module(t).stack([t.min(), t.max()]), "cpu"))  # one read-back
+        if lo < 0 or hi >= z.shape[1]:
+            raise ValueError(f"cross_entropy: labels must lie in [0, {z.shape[1]}), got range [{lo}, {hi}]")
+    return SoftmaxCrossEntropy.apply(z, xp.asarray(t).astype(xp.int64, copy=False))

@@ -79,7 +79,7 @@ class MaxPool2d(Function):
                 v = xpad[_window(p, q, stride, oh, ow)]
                 better = (v > y) | xp.isnan(v)
                 y = xp.where(better, v, y)
-                argmax = xp.where(better, xp.uint8(p * kernel + q), argmax)
+                argmax = xp.where(better, xp.uint8(p * kernel + q), argmax)   # no boolean-mask write: no GPU sync
         ctx.save(argmax=xp.ascontiguousarray(argmax))   # a broadcast view if no position ever won
         ctx.kernel, ctx.stride, ctx.padding, ctx.x_shape = kernel, stride, padding, x.shape
         return y
