@@ -333,6 +333,8 @@ def _load(path, spec: CifarSpec, label_key: str, num_classes: int, names_key: st
         raise member_error(spec.meta_member, e) from None
     if len(x_train) == 0:
         raise member_error(spec.train_members[0], _Corrupt("holds no training images"))
+    if len(x_test) == 0:
+        raise member_error(spec.test_member, _Corrupt("holds no test images"))
     return CifarData(x_train, y_train, x_test, y_test, num_classes, class_names, str(where))
 
 
