@@ -285,6 +285,7 @@ def _validate(args) -> None:
         model, data, data_path, size, width, batch = (run.model, run.data, run.data_path, run.size, run.width,
                                                       run.batch_size)
         named = {"--policy": [args.policy]} if cmd == "train" else {"--policies": _split(args.policies)}
+        measured = list(named)
         if run.nesterov and (run.optimizer != "sgd" or not run.momentum):
             raise ValueError(f"--nesterov needs --optimizer sgd and --momentum > 0, got --optimizer {run.optimizer} "
                              f"--momentum {run.momentum}")
@@ -292,12 +293,14 @@ def _validate(args) -> None:
         model = args.model or ("resnet8" if args.experiment == "optimizers" else "resnet20")
         data, data_path, size, width, batch = args.data, args.data_path, args.size, args.width, args.batch_size
         named = {"--policies": ["exact"] + _split(args.policies), "--opt-policies": _split(args.opt_policies)}
+        measured = {"optimizers": ["--opt-policies"], "all": list(named)}.get(args.experiment, ["--policies"])
         if args.experiment in ("activations", "all") and not model.startswith("resnet"):
             raise ValueError(f"--experiment {args.experiment} swaps the activations of a ResNet; --model {model} "
                              f"is not one")
     else:
         model, data, data_path, size, width, batch = args.model, None, None, args.size, args.width, args.batch
         named = {"--policy": [args.policy]}
+        measured = list(named)
     policies = {}
     for option, names in named.items():
         for name in names:
@@ -317,12 +320,10 @@ def _validate(args) -> None:
         if data == "digits" and data_path is not None:
             raise ValueError("--data-path is for --data cifar10 and cifar100; the digits data are embedded")
         if data != "digits" and data_path is None:
-            from .data.cifar import _URL, CIFAR10, CIFAR100  # noqa: PLC0415
+            from .data.cifar import CIFAR10, CIFAR100  # noqa: PLC0415
 
             spec = CIFAR10 if data == "cifar10" else CIFAR100
-            raise ValueError(f"{source} needs --data-path: the {spec.archive} archive (MD5 {spec.archive_md5}, "
-                             f"from {_URL}), the folder holding it, or the extracted {spec.folder} folder; "
-                             f"nothing is downloaded")
+            raise ValueError(f"{source} needs --data-path: {spec.accepted}; nothing is downloaded")
         if size is not None and size < native:
             raise ValueError(f"--size {size} is smaller than the {native}x{native} {data} images (they are padded "
                              f"to --size, never shrunk)")
@@ -332,7 +333,8 @@ def _validate(args) -> None:
         raise ValueError(f"--size {size}: {model} needs a size divisible by {divisor} (e.g. --size {fit})"
                          if size else f"{model} needs images whose size is divisible by {divisor} and the {data} "
                          f"images are {native}x{native}: give --size {fit}")
-    _check_memory(model, list(policies.values()), classes=classes, channels=channels, size=size or native,
+    used = {name: policies[name] for option in measured for name in named[option]}
+    _check_memory(model, list(used.values()), classes=classes, channels=channels, size=size or native,
                   width=width, batch=batch, batch_option=what, gpu=getattr(args, "device", "cpu") == "gpu",
                   training=cmd != "memory")
     budget = getattr(args, "budget", None)
@@ -352,14 +354,16 @@ def _check_memory(model, policies, *, classes, channels, size, width, batch, bat
     from . import limits  # noqa: PLC0415
     from .report import footprint  # noqa: PLC0415
 
-    params, per_image = max(footprint(model, p, num_classes=classes, in_channels=channels, size=size, width=width)
-                            for p in policies)
     avail, copies = limits.available_memory(), 2 if training else 1
     fmt = limits.fmt_bytes
-    if copies * params > avail:
-        raise ValueError(f"{f'--width {width}: ' if width else ''}{model} has {params // 4:,} parameters: "
-                         f"{fmt(copies * params)}{' with their gradients' if training else ''}, more than the "
-                         f"{fmt(avail)} of memory available")
+    per_image = 0
+    for policy in policies:
+        params, stored = footprint(model, policy, num_classes=classes, in_channels=channels, size=size, width=width)
+        if copies * params > avail:
+            raise ValueError(f"{f'--width {width}: ' if width else ''}{model} has {params // 4:,} parameters: "
+                             f"{fmt(copies * params)}{' with their gradients' if training else ''}, more than the "
+                             f"{fmt(avail)} of memory available")
+        per_image = max(per_image, stored)
     need = copies * params + batch * per_image
     if not gpu and need > avail:
         raise ValueError(f"{batch_option} {batch} of {channels}x{size}x{size} images: {model} keeps about "

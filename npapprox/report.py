@@ -222,10 +222,10 @@ def footprint(name: str, policy: Policy, *, num_classes: int = 10, in_channels: 
               width: int | None = None) -> tuple[int, int]:
     """``(parameter bytes, activation bytes stored per image)`` of model ``name``
     (``nn.build_model``) on ``size`` x ``size`` inputs under ``policy``, without
-    building it at that size or width. Ledgers of a batch of 2 at the two smallest
-    sizes the model takes above 4, r and 2r, fit the stored bytes per image as
-    a + b size^2 (the feature maps grow as size^2; what follows the global pool
-    does not). Stored bytes grow linearly with the width and parameters
+    building it at that size or width. The bytes one more image adds (ledgers of
+    batches of 4 and 2, so what a batch stores once is left out) at the two
+    smallest sizes the model takes above 4, r and 2r, are fitted as a + b size^2
+    (the feature maps grow as size^2; what follows the global pool does not). Stored bytes grow linearly with the width and parameters
     quadratically (exactly so where channel counts are multiples of the width):
     widths above 24 are extrapolated from models of width 8, 16 and 24."""
     from .nn import build_model, input_divisor  # noqa: PLC0415
@@ -237,8 +237,11 @@ def footprint(name: str, policy: Policy, *, num_classes: int = 10, in_channels: 
     def measure(w):
         """(parameter bytes, stored bytes per image at `size`) at width w."""
         model = build_model(name, num_classes=num_classes, in_channels=in_channels, input_size=ref, width=w)
-        per_image = [ledger(model, rng.standard_normal((2, in_channels, s, s), dtype=np.float32),
-                            np.arange(2) % num_classes, policy).activation_stored / 2 for s in (ref, 2 * ref)]
+
+        def stored(n, s):
+            x = rng.standard_normal((n, in_channels, s, s), dtype=np.float32)
+            return ledger(model, x, np.arange(n) % num_classes, policy).activation_stored
+        per_image = [(stored(4, s) - stored(2, s)) / 2 for s in (ref, 2 * ref)]
         b = (per_image[1] - per_image[0]) / (3 * ref * ref)
         return sum(p.data.nbytes for p in model.parameters()), per_image[0] + b * (size * size - ref * ref)
 

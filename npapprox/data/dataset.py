@@ -178,9 +178,7 @@ def load_dataset(name: str, path=None, size: int | None = None, normalize: str =
             from .cifar import CIFAR10, CIFAR100  # noqa: PLC0415
 
             spec = CIFAR10 if key == "cifar10" else CIFAR100
-            raise ValueError(f"{key} needs path=: the {spec.archive} archive (MD5 {spec.archive_md5}, "
-                             f"from https://www.cs.toronto.edu/~kriz/cifar.html), the folder holding it, "
-                             f"or the extracted {spec.folder} folder; nothing is downloaded")
+            raise ValueError(f"{key} needs path=: {spec.accepted}; nothing is downloaded")
         raw = (load_cifar10(path, verify=verify) if key == "cifar10"
                else load_cifar100(path, label_mode=label_mode, verify=verify))
         x_tr, y_tr, x_te, y_te = raw.x_train, raw.y_train, raw.x_test, raw.y_test
