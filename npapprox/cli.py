@@ -47,6 +47,12 @@ def _positive_int(text):
     return _number(text, int, lambda v: v >= 1, "an integer >= 1")
 
 
+def _int_to(top):
+    """An integer from 1 to ``top`` (a model's input channels or classes: the
+    models are built at that size before any check)."""
+    return lambda text: _number(text, int, lambda v: 1 <= v <= top, f"an integer from 1 to {top}")
+
+
 def _natural(text):
     return _number(text, int, lambda v: v >= 0, "an integer >= 0")
 
@@ -336,7 +342,10 @@ def _validate(args) -> None:
     used = {name: policies[name] for option in measured for name in named[option]}
     _check_memory(model, list(used.values()), classes=classes, channels=channels, size=size or native,
                   width=width, batch=batch, batch_option=what, gpu=getattr(args, "device", "cpu") == "gpu",
-                  training=cmd != "memory")
+                  optimizer_state=cmd in ("train", "compare") and (run.optimizer != "sgd" or run.momentum > 0))
+    if cmd == "memory" and args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
+        raise ValueError(f"--json {args.json}: " + ("is a folder; give a file name" if Path(args.json).is_dir()
+                                                    else f"the folder {Path(args.json).parent} does not exist"))
     budget = getattr(args, "budget", None)
     if budget:
         from .limits import available_memory, fmt_bytes  # noqa: PLC0415
@@ -346,23 +355,25 @@ def _validate(args) -> None:
                              f"available (the search measures batches up to the budget)")
 
 
-def _check_memory(model, policies, *, classes, channels, size, width, batch, batch_option, gpu, training) -> None:
-    """Refuse a model or batch that cannot fit in the memory available: parameters
-    (with their gradients when training) and the bytes one batch stores for
-    backward, predicted by ``report.footprint`` from small models. On the GPU the
-    parameters are checked (they are made on the host first), not the batch."""
+def _check_memory(model, policies, *, classes, channels, size, width, batch, batch_option, gpu,
+                  optimizer_state) -> None:
+    """Refuse a model or batch that cannot fit in the memory available. What the
+    end of a forward pass holds at least: the parameters (twice with an optimizer
+    state of one array per parameter, kept from the step before) and the bytes the
+    batch stores for backward, predicted by ``report.footprint`` from small
+    models. On the GPU only the parameters are checked (they are made on the host)."""
     from . import limits  # noqa: PLC0415
     from .report import footprint  # noqa: PLC0415
 
-    avail, copies = limits.available_memory(), 2 if training else 1
+    avail, copies = limits.available_memory(), 2 if optimizer_state else 1
     fmt = limits.fmt_bytes
     per_image = 0
     for policy in policies:
         params, stored = footprint(model, policy, num_classes=classes, in_channels=channels, size=size, width=width)
         if copies * params > avail:
             raise ValueError(f"{f'--width {width}: ' if width else ''}{model} has {params // 4:,} parameters: "
-                             f"{fmt(copies * params)}{' with their gradients' if training else ''}, more than the "
-                             f"{fmt(avail)} of memory available")
+                             f"{fmt(copies * params)}{' with the optimizer state' if copies > 1 else ''}, more "
+                             f"than the {fmt(avail)} of memory available")
         per_image = max(per_image, stored)
     need = copies * params + batch * per_image
     if not gpu and need > avail:
@@ -395,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default="resnet56", help=f"one of {', '.join(MODEL_NAMES)} (default resnet56)")
     m.add_argument("--width", type=_positive_int, default=None)
     m.add_argument("--size", type=_positive_int, default=32)
-    m.add_argument("--channels", type=_positive_int, default=3)
-    m.add_argument("--classes", type=_positive_int, default=10)
+    m.add_argument("--channels", type=_int_to(10_000), default=3)
+    m.add_argument("--classes", type=_int_to(100_000), default=10)
     m.add_argument("--policy", default="paper4", help=POLICY_HELP)
     m.add_argument("--batch", type=_positive_int, default=128, help="batch of the ledger (default 128)")
     m.add_argument("--budget", type=_bytes, default=None, help="e.g. 2GiB: search the largest batch whose "
@@ -449,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and e.filename:        # "[Errno 21] Is a directory: 'x'"
+        return f"{e.filename}: {e.strerror}"
     return " ".join(str(e).splitlines()) or type(e).__name__
 
 
@@ -467,7 +480,7 @@ def main(argv=None) -> int:
         if args.command == "study":
             return _study(args)
         return _memory(args)
-    except (ValueError, FileNotFoundError, DeviceError) as e:
+    except (ValueError, OSError, DeviceError) as e:
         print(f"npapprox {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except MemoryError as e:                # what the checks above did not foresee

@@ -92,6 +92,10 @@ BAD = {
     "study seeds": (["study", "--seeds", "1,,2"], ["--seeds"]),
     "study activations of a VGG": (["study", "--experiment", "activations", "--model", "vgg11", "--size", "32"],
                                    ["--model vgg11"]),
+    "too many classes": (["memory", "--classes", "100000000"], ["--classes", "from 1 to 100000"]),
+    "too many channels": (["memory", "--channels", "100000000"], ["--channels"]),
+    "json is a folder": (["memory", "--json", "/"], ["--json /", "folder"]),
+    "json in no folder": (["memory", "--json", "/nonexistent-npapprox/m.json"], ["--json", "does not exist"]),
     "budget zero": (["memory", "--budget", "0"], ["--budget"]),
     "budget words": (["memory", "--budget", "lots"], ["--budget", "'lots'"]),
     "budget overflow": (["memory", "--budget", "1e400"], ["--budget"]),
@@ -201,21 +205,25 @@ def test_a_size_that_cannot_fit_is_refused_up_front(case, capsys, memory_8gib):
     assert peak < 200 * 2 ** 20, f"refusing took {peak / 2**20:.0f} MiB"
 
 
-def test_the_memory_check_refuses_only_what_does_not_fit(monkeypatch, capsys):
-    """Against the real ledger of the full-size batch (built here, independently): a
-    machine with exactly that much memory runs the command; one with half is refused."""
-    argv = ["memory", "--model", "resnet20", "--width", "32", "--size", "16", "--channels", "1", "--batch", "48",
-            "--policy", "exact"]
+@pytest.mark.parametrize("command", ["memory", "train"])
+def test_the_memory_check_refuses_only_what_does_not_fit(command, monkeypatch, capsys, tmp_path):
+    """Against the real ledger of the full-size batch (built here, independently)
+    plus the parameters (twice for SGD with momentum: its buffer): a machine with
+    exactly that much memory runs the command; one with half of it is refused."""
+    shape = ["--model", "resnet20", "--width", "32", "--size", "16", "--policy", "exact"]
+    argv = (["memory", *shape, "--channels", "1", "--batch", "48"] if command == "memory" else
+            ["train", *shape, "--batch-size", "48", "--iterations", "1", "--quiet"])
     nn.manual_seed(0)
     model = nn.build_model("resnet20", num_classes=10, in_channels=1, input_size=16, width=32)
     x = np.random.default_rng(0).standard_normal((48, 1, 16, 16), dtype=np.float32)
-    need = ledger(model, x, np.arange(48) % 10, Exact()).activation_stored + \
-        sum(p.data.nbytes for p in model.parameters())
+    params = sum(p.data.nbytes for p in model.parameters())
+    need = ledger(model, x, np.arange(48) % 10, Exact()).activation_stored + params * (1 + (command == "train"))
     monkeypatch.setattr(limits, "available_memory", lambda: need)
+    monkeypatch.chdir(tmp_path)
     rc, out, err = run_cli(argv, capsys)
-    assert rc == 0 and "stored for backward" in out, err
+    assert rc == 0 and ("stored for backward" in out or "resnet20 on digits" in out), err
     monkeypatch.setattr(limits, "available_memory", lambda: need // 2)
-    assert_one_line_error(argv, capsys, "--batch 48", "more than")
+    assert_one_line_error(argv, capsys, "--batch 48" if command == "memory" else "--batch-size 48", "more than")
 
 
 @pytest.mark.parametrize("name, width, size, policy", [

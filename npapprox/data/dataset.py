@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..limits import available_memory, fmt_bytes
+from .. import limits
 from .augment import Augment
 from .cifar import load_cifar10, load_cifar100
 from .digits import RESIZE_MODES, digits_split, resize_images
@@ -187,11 +187,11 @@ def load_dataset(name: str, path=None, size: int | None = None, normalize: str =
     x_te, y_te = x_te[:max_test], y_te[:max_test]
     native = x_tr.shape[-1]
     if size is not None and int(size) != native:
-        need, avail = 4 * (len(x_tr) + len(x_te)) * x_tr.shape[1] * int(size) ** 2, available_memory()
+        need, avail = 4 * (len(x_tr) + len(x_te)) * x_tr.shape[1] * int(size) ** 2, limits.available_memory()
         if need > avail:
             raise ValueError(f"{len(x_tr) + len(x_te)} {key} images resized to {x_tr.shape[1]}x{size}x{size} "
-                             f"float32 would take {fmt_bytes(need)}, more than the {fmt_bytes(avail)} of memory "
-                             f"available")
+                             f"float32 would take {limits.fmt_bytes(need)}, more than the "
+                             f"{limits.fmt_bytes(avail)} of memory available")
         x_tr = resize_images(_to_unit(x_tr), size, resize)
         x_te = resize_images(_to_unit(x_te), size, resize)
     x_tr, x_te, stats = normalize_splits(x_tr, x_te, normalize)
