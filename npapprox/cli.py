@@ -281,32 +281,34 @@ def _validate(args) -> None:
     policy and model names, the data and --data-path, --size against the images
     and the model, and whether the model and a batch fit in memory (before
     anything large is allocated). Raises ValueError."""
-    from .data.dataset import NATIVE  # noqa: PLC0415
-    from .nn.zoo import input_divisor  # noqa: PLC0415
     from .policy import policy_from_name  # noqa: PLC0415
 
-    cmd = args.command
+    cmd, state = args.command, False
     if cmd in ("train", "compare"):
         run = _config(args, "exact", 0, None)                     # after --preset
-        model, data, data_path, size, width, batch = (run.model, run.data, run.data_path, run.size, run.width,
-                                                      run.batch_size)
+        model, data, size, width, batch = run.model, run.data, run.size, run.width, run.batch_size
         named = {"--policy": [args.policy]} if cmd == "train" else {"--policies": _split(args.policies)}
-        measured = list(named)
+        measured, state = list(named), run.optimizer != "sgd" or run.momentum > 0
         if run.nesterov and (run.optimizer != "sgd" or not run.momentum):
             raise ValueError(f"--nesterov needs --optimizer sgd and --momentum > 0, got --optimizer {run.optimizer} "
                              f"--momentum {run.momentum}")
+        source = f"--preset {args.preset} (on {data})" if args.preset and "data" not in args.typed else None
+        images = _check_images(model, data, run.data_path, size, source)
     elif cmd == "study":
         model = args.model or ("resnet8" if args.experiment == "optimizers" else "resnet20")
-        data, data_path, size, width, batch = args.data, args.data_path, args.size, args.width, args.batch_size
+        data, size, width, batch = args.data, args.size, args.width, args.batch_size
         named = {"--policies": ["exact"] + _split(args.policies), "--opt-policies": _split(args.opt_policies)}
         measured = {"optimizers": ["--opt-policies"], "all": list(named)}.get(args.experiment, ["--policies"])
         if args.experiment in ("activations", "all") and not model.startswith("resnet"):
             raise ValueError(f"--experiment {args.experiment} swaps the activations of a ResNet; --model {model} "
                              f"is not one")
+        images = _check_images(model, data, args.data_path, size)
     else:
-        model, data, data_path, size, width, batch = args.model, None, None, args.size, args.width, args.batch
+        model, size, width, batch = args.model, args.size, args.width, args.batch
         named = {"--policy": [args.policy]}
         measured = list(named)
+        _check_images(model, None, None, size)
+        images = (args.channels, size, args.classes)
     policies = {}
     for option, names in named.items():
         for name in names:
@@ -314,35 +316,11 @@ def _validate(args) -> None:
                 policies[name] = policy_from_name(name)
             except ValueError as e:
                 raise ValueError(f"{option}: {e}") from None
-    if model not in MODEL_NAMES:
-        raise ValueError(f"--model {model!r} is not a model; expected one of {', '.join(MODEL_NAMES)}")
-    if data is None:
-        channels, native, classes, what = args.channels, size, args.classes, "--batch"
-    else:
-        channels, native, classes = NATIVE[data]
-        what = "--batch-size"
-        source = f"--data {data}" if cmd == "study" or "data" in args.typed or not args.preset else \
-            f"--preset {args.preset} (on {data})"
-        if data == "digits" and data_path is not None:
-            raise ValueError("--data-path is for --data cifar10 and cifar100; the digits data are embedded")
-        if data != "digits" and data_path is None:
-            from .data.cifar import CIFAR10, CIFAR100  # noqa: PLC0415
-
-            spec = CIFAR10 if data == "cifar10" else CIFAR100
-            raise ValueError(f"{source} needs --data-path: {spec.accepted}; nothing is downloaded")
-        if size is not None and size < native:
-            raise ValueError(f"--size {size} is smaller than the {native}x{native} {data} images (they are padded "
-                             f"to --size, never shrunk)")
-    divisor = input_divisor(model)
-    if (size or native) % divisor:              # native: the images' own side when --size is not given
-        fit = divisor * -(-(size or native) // divisor)
-        raise ValueError(f"--size {size}: {model} needs a size divisible by {divisor} (e.g. --size {fit})"
-                         if size else f"{model} needs images whose size is divisible by {divisor} and the {data} "
-                         f"images are {native}x{native}: give --size {fit}")
-    used = {name: policies[name] for option in measured for name in named[option]}
-    _check_memory(model, list(used.values()), classes=classes, channels=channels, size=size or native,
-                  width=width, batch=batch, batch_option=what, gpu=getattr(args, "device", "cpu") == "gpu",
-                  optimizer_state=cmd in ("train", "compare") and (run.optimizer != "sgd" or run.momentum > 0))
+    channels, side, classes = images
+    _check_memory(model, [policies[name] for option in measured for name in named[option]], classes=classes,
+                  channels=channels, size=side, width=width, batch=batch,
+                  batch_option="--batch" if cmd == "memory" else "--batch-size",
+                  gpu=getattr(args, "device", "cpu") == "gpu", optimizer_state=state)
     if cmd == "memory" and args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
         raise ValueError(f"--json {args.json}: " + ("is a folder; give a file name" if Path(args.json).is_dir()
                                                     else f"the folder {Path(args.json).parent} does not exist"))
@@ -353,6 +331,35 @@ def _validate(args) -> None:
         if budget > (avail := available_memory()):
             raise ValueError(f"--budget {fmt_bytes(budget)} is more than the {fmt_bytes(avail)} of memory "
                              f"available (the search measures batches up to the budget)")
+
+
+def _check_images(model, data, data_path, size, source=None) -> tuple:
+    """``(channels, side, classes)`` of the images the model will see, after checking
+    --model, --data-path against --data (``source``: what chose the data, when not
+    --data), and --size against the images (padded, never shrunk) and the model."""
+    from .data.dataset import NATIVE  # noqa: PLC0415
+    from .nn.zoo import input_divisor  # noqa: PLC0415
+
+    if model not in MODEL_NAMES:
+        raise ValueError(f"--model {model!r} is not a model; expected one of {', '.join(MODEL_NAMES)}")
+    channels, native, classes = NATIVE[data] if data else (None, size, None)
+    if data == "digits" and data_path is not None:
+        raise ValueError("--data-path is for --data cifar10 and cifar100; the digits data are embedded")
+    if data in ("cifar10", "cifar100") and data_path is None:
+        from .data.cifar import CIFAR10, CIFAR100  # noqa: PLC0415
+
+        spec = CIFAR10 if data == "cifar10" else CIFAR100
+        raise ValueError(f"{source or f'--data {data}'} needs --data-path: {spec.accepted}; nothing is downloaded")
+    if size is not None and size < native:
+        raise ValueError(f"--size {size} is smaller than the {native}x{native} {data} images (they are padded "
+                         f"to --size, never shrunk)")
+    side, divisor = size or native, input_divisor(model)
+    if side % divisor:
+        fit = divisor * -(-side // divisor)
+        raise ValueError(f"--size {size}: {model} needs a size divisible by {divisor} (e.g. --size {fit})" if size
+                         else f"{model} needs images whose size is divisible by {divisor} and the {data} images "
+                         f"are {native}x{native}: give --size {fit}")
+    return channels, side, classes
 
 
 def _check_memory(model, policies, *, classes, channels, size, width, batch, batch_option, gpu,
