@@ -77,13 +77,15 @@ def _bytes(text):
 
 
 def _items(text, check=None):
-    """Checks a comma-separated list (no empty item; ``check`` on each) and returns
-    the text: the command splits it."""
+    """Checks a comma-separated list (no empty or repeated item; ``check`` on each)
+    and returns the text: the command splits it."""
     items = [t.strip() for t in text.split(",")]
     if not any(items):
         raise argparse.ArgumentTypeError("expected a comma-separated list, got nothing")
     if not all(items):
         raise argparse.ArgumentTypeError(f"{text!r} has an empty item")
+    if repeated := sorted({t for t in items if items.count(t) > 1}):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats {', '.join(repeated)}")
     for item in items if check else ():
         check(item)
     return text

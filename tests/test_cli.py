@@ -60,6 +60,8 @@ def memory_8gib(monkeypatch):
 BAD = {
     "empty policy list": (["compare", "--policies", "", "--iterations", "1"], ["--policies"]),
     "empty seed item": (["compare", "--seeds", "0,,1", "--iterations", "1"], ["--seeds", "'0,,1'"]),
+    "repeated seed": (["compare", "--seeds", "0,1,0", "--iterations", "1"], ["--seeds", "repeats 0"]),
+    "repeated policy": (["compare", "--policies", "exact,paper4,exact"], ["--policies", "repeats exact"]),
     "negative seed in list": (["compare", "--seeds", "0,-1", "--iterations", "1"], ["--seeds", ">= 0"]),
     "argparse range": (["train", "--epochs", "0"], ["--epochs", "(see npapprox train --help)"]),
     "argparse type": (["train", "--batch-size", "x"], ["--batch-size", "(see npapprox train --help)"]),
