@@ -178,8 +178,9 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
     bytes. The peak is piecewise linear in the batch: it is measured at two
     small batches, the line through them gives a candidate, which is measured;
     the line is refitted through the two largest measurements until a measured
-    candidate fits and the next one would not (at most 8 measurements).
-    Returns (batch, its measured peak)."""
+    candidate fits and the next one would not (at most 8 measurements). When
+    even 4 images exceed the budget, 3 and 2 are measured; a budget below the peak
+    of 2 images is a ValueError. Returns (batch, its measured peak)."""
     rng = np.random.default_rng(0)
     measured = {}
 
