@@ -226,9 +226,10 @@ def footprint(name: str, policy: Policy, *, num_classes: int = 10, in_channels: 
     building it at that size or width. The bytes one more image adds (ledgers of
     batches of 4 and 2, so what a batch stores once is left out) at the two
     smallest sizes the model takes above 4, r and 2r, are fitted as a + b size^2
-    (the feature maps grow as size^2; what follows the global pool does not). Stored bytes grow linearly with the width and parameters
-    quadratically (exactly so where channel counts are multiples of the width):
-    widths above 24 are extrapolated from models of width 8, 16 and 24."""
+    (the feature maps grow as size^2; what follows the global pool does not).
+    Stored bytes grow linearly with the width and parameters quadratically
+    (exactly so where channel counts are multiples of the width): widths above 24
+    are extrapolated from models of width 8, 16 and 24."""
     from .nn import build_model, input_divisor  # noqa: PLC0415
 
     d = input_divisor(name)
