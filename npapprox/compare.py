@@ -25,15 +25,6 @@ OUTPUTS = ("results.md", "results.csv") + PLOTS
 GRAD_KEYS = ("grad_rel_err", "grad_cosine")
 
 
-def unique(values: list, option: str, log=print) -> list:
-    """``values`` without repeats (a repeated policy or seed would count twice), with a note."""
-    kept = list(dict.fromkeys(values))
-    if len(kept) < len(values):
-        log(f"note: {option} lists {', '.join(str(v) for v in kept if values.count(v) > 1)} more than once; "
-            "each runs once")
-    return kept
-
-
 def run_folder(policy: str, seed: int) -> str:
     return f"{policy}/seed{seed}"
 

@@ -14,6 +14,10 @@ payload and metadata bytes. Totals are set against two baselines:
 ``measure_peak(model, x, labels, policy)`` measures the peak of traced host
 memory over forward + backward (tracemalloc; NumPy reports its buffers to it),
 or, for a model on the GPU, of the bytes in use in CuPy's memory pool.
+
+``footprint(name, policy, ...)`` predicts a model's parameter bytes and the
+bytes stored per image without building it at full size (size checks use it
+before allocating anything).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import numpy as np
 
 from . import ops
 from .backend import gpu_memory_peak, on_gpu
+from .limits import fmt_bytes
 from .policy import ACTIVATION, PARAM, UNIT, Policy, current_policy, storage_policy
 from .storage import Unit, UnitRef
 from .tensor import Tensor, _topological_order
@@ -145,7 +150,7 @@ def measure_peak(model, x, labels, policy: Policy | None = None) -> int:
     return int(peak)
 
 
-__all__ = ["Entry", "Ledger", "Unit", "UnitRef", "ledger", "measure_peak"]
+__all__ = ["Entry", "Ledger", "Unit", "UnitRef", "footprint", "ledger", "measure_peak"]
 
 
 def saves_table() -> str:
@@ -173,21 +178,26 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
     bytes. The peak is piecewise linear in the batch: it is measured at two
     small batches, the line through them gives a candidate, which is measured;
     the line is refitted through the two largest measurements until a measured
-    candidate fits and the next one would not (at most 8 measurements).
-    Returns (batch, its measured peak)."""
+    candidate fits and the next one would not (at most 8 measurements). When
+    even 4 images exceed the budget, 3 and 2 are measured; a budget below the peak
+    of 2 images is a ValueError. Returns (batch, its measured peak)."""
     rng = np.random.default_rng(0)
     measured = {}
 
     def peak(n):
         if n not in measured:
-            x = rng.standard_normal((n,) + tuple(input_shape)).astype(np.float32)
+            x = rng.standard_normal((n,) + tuple(input_shape), dtype=np.float32)
             measured[n] = measure_peak(model, x, rng.integers(0, num_classes, n), policy)
             if log:
                 log(f"  batch {n:>6}: measured peak {measured[n] / 2**20:9.1f} MiB")
         return measured[n]
 
-    if peak(4) > budget:
-        raise ValueError(f"even a batch of 4 needs {measured[4] / 2**20:.0f} MiB, over the budget")
+    if peak(4) > budget:                   # below the line's first point: the smallest batches
+        small = [n for n in (2, 3) if peak(n) <= budget]
+        if not small:
+            raise ValueError(f"even a batch of 2 needs a measured peak of {fmt_bytes(measured[2])}, "
+                             f"more than the budget of {fmt_bytes(budget)}")
+        return small[-1], measured[small[-1]]
     peak(16)
     for _ in range(6):
         fits = [n for n, p in measured.items() if p <= budget]
@@ -207,3 +217,41 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
         peak(guess)
     best = max(n for n, p in measured.items() if p <= budget)
     return best, measured[best]
+
+
+def footprint(name: str, policy: Policy, *, num_classes: int = 10, in_channels: int = 3, size: int = 32,
+              width: int | None = None) -> tuple[int, int]:
+    """``(parameter bytes, activation bytes stored per image)`` of model ``name``
+    (``nn.build_model``) on ``size`` x ``size`` inputs under ``policy``, without
+    building it at that size or width. The bytes one more image adds (ledgers of
+    batches of 4 and 2, so what a batch stores once is left out) at the two
+    smallest sizes the model takes above 4, r and 2r, are fitted as a + b size^2
+    (the feature maps grow as size^2; what follows the global pool does not).
+    Stored bytes grow linearly with the width and parameters quadratically
+    (exactly so where channel counts are multiples of the width): widths above 24
+    are extrapolated from models of width 8, 16 and 24."""
+    from .nn import build_model, input_divisor  # noqa: PLC0415
+
+    d = input_divisor(name)
+    ref = d * -(-5 // d)
+    rng = np.random.default_rng(0)
+
+    def measure(w):
+        """(parameter bytes, stored bytes per image at `size`) at width w."""
+        model = build_model(name, num_classes=num_classes, in_channels=in_channels, input_size=ref, width=w)
+
+        def stored(n, s):
+            x = rng.standard_normal((n, in_channels, s, s), dtype=np.float32)
+            return ledger(model, x, np.arange(n) % num_classes, policy).activation_stored
+        per_image = [(stored(4, s) - stored(2, s)) / 2 for s in (ref, 2 * ref)]
+        b = (per_image[1] - per_image[0]) / (3 * ref * ref)
+        return sum(p.data.nbytes for p in model.parameters()), per_image[0] + b * (size * size - ref * ref)
+
+    if width is None or width <= 24:
+        params, per_image = measure(width)
+    else:
+        (p8, a8), (p16, _), (p24, a24) = (measure(w) for w in (8, 16, 24))
+        t = (width - 16) / 8                # the parabola through the three parameter counts
+        params = p16 + t * (p24 - p8) / 2 + t * t * (p24 - 2 * p16 + p8) / 2
+        per_image = a8 + (a24 - a8) * (width - 8) / 16
+    return int(params), int(per_image)

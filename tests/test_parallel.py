@@ -23,7 +23,10 @@ def test_chunks_dealt_round_robin_results_in_worker_order():
     assert len(set(seen)) == 2 and threading.get_ident() in seen   # the caller is worker 0
 
 
-def test_blas_held_to_one_thread_inside_and_restored_after():
+def test_blas_held_to_one_thread_inside_and_restored_after(monkeypatch):
+    # parallel holds the BLAS libraries loaded at its first use; start afresh, so that one an earlier
+    # test loaded after that use (SciPy's, through scikit-learn) is among them
+    monkeypatch.setattr(parallel, "_blas", None)
     with threadpool_limits(2, user_api="blas"):   # every BLAS loaded (NumPy's, maybe SciPy's, ...)
         before = _blas_threads()
         inside = parallel.run(lambda k: _blas_threads(), 2)

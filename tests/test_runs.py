@@ -228,14 +228,17 @@ def test_compare_twice_in_one_folder_replaces_the_first(tmp_path, capsys):
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
-def test_compare_runs_a_repeated_policy_or_seed_once(tmp_path, capsys):
+@pytest.mark.parametrize("policies, seeds, option, repeated", [("paper4,exact,paper4", "0", "--policies", "paper4"),
+                                                                ("exact", "0,1,0", "--seeds", "0")])
+def test_compare_refuses_a_repeated_policy_or_seed(tmp_path, capsys, policies, seeds, option, repeated):
+    """A repeated policy or seed would count twice in the table: one line, before any work."""
     out = tmp_path / "cmp"
-    assert _compare(out, "paper4,paper4", "0,0", iterations=1) == 0
-    text = capsys.readouterr().out
-    assert "--policies lists paper4 more than once" in text and "--seeds lists 0 more than once" in text
-    assert text.count("== paper4, seed 0") == 1
-    assert (out / "results.csv").read_text().count("\n") == 2
-    assert "| paper4 |" in (out / "results.md").read_text() and "±" not in (out / "results.md").read_text()
+    with pytest.raises(SystemExit) as e:
+        _compare(out, policies, seeds, iterations=1)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and option in err and f"repeats {repeated}" in err
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------- #

@@ -64,6 +64,12 @@ class CifarSpec:
     def members(self) -> tuple:
         return (*self.train_members, self.test_member, self.meta_member)
 
+    @property
+    def accepted(self) -> str:
+        """What a path may name, for messages."""
+        return (f"the {self.archive} archive (MD5 {self.archive_md5}, from {_URL}), the folder holding it, "
+                f"or the extracted {self.folder} folder")
+
 
 CIFAR10 = CifarSpec(
     title="CIFAR-10", archive="cifar-10-python.tar.gz", archive_md5="c58f30108f718f92721af3b95e74349a",
@@ -132,8 +138,7 @@ def find_cifar(path, spec: CifarSpec) -> tuple[str, Path]:
     """Resolve ``path`` to ``("archive", file)`` or ``("folder", directory)``; raise
     :class:`FileNotFoundError` listing every place looked at otherwise."""
     if path is None:
-        raise ValueError(f"{spec.title} needs a path: the {spec.archive} archive (MD5 {spec.archive_md5}, "
-                         f"from {_URL}), the folder holding it, or the extracted {spec.folder} folder")
+        raise ValueError(f"{spec.title} needs a path: {spec.accepted}")
     p = Path(os.fspath(path)).expanduser()
     looked = []
     if p.is_file():
@@ -333,6 +338,8 @@ def _load(path, spec: CifarSpec, label_key: str, num_classes: int, names_key: st
         raise member_error(spec.meta_member, e) from None
     if len(x_train) == 0:
         raise member_error(spec.train_members[0], _Corrupt("holds no training images"))
+    if len(x_test) == 0:
+        raise member_error(spec.test_member, _Corrupt("holds no test images"))
     return CifarData(x_train, y_train, x_test, y_test, num_classes, class_names, str(where))
 
 

@@ -9,6 +9,7 @@ Normalisation (``normalize=``)
   * ``"none"``: pixels in [0, 1].
 
 Images are resized (``size=``) before normalisation; see :func:`npapprox.data.resize_images`.
+A size whose images would not fit in the memory available is refused before anything is allocated.
 """
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import limits
 from .augment import Augment
 from .cifar import load_cifar10, load_cifar100
 from .digits import RESIZE_MODES, digits_split, resize_images
 
-__all__ = ["DATASETS", "NORMALIZATIONS", "Dataset", "channel_normalize", "channel_stats",
+__all__ = ["DATASETS", "NATIVE", "NORMALIZATIONS", "Dataset", "channel_normalize", "channel_stats",
            "image_mean_normalize", "load_dataset", "normalize_splits"]
 
 DATASETS = ("digits", "cifar10", "cifar100")
 NORMALIZATIONS = ("image-mean", "channel", "none")
+NATIVE = {"digits": (1, 8, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100)}   # channels, side, classes
 _CHUNK = 4096                       # images per step when converting (bounds temporaries)
 
 
@@ -175,9 +178,7 @@ def load_dataset(name: str, path=None, size: int | None = None, normalize: str =
             from .cifar import CIFAR10, CIFAR100  # noqa: PLC0415
 
             spec = CIFAR10 if key == "cifar10" else CIFAR100
-            raise ValueError(f"{key} needs path=: the {spec.archive} archive (MD5 {spec.archive_md5}, "
-                             f"from https://www.cs.toronto.edu/~kriz/cifar.html), the folder holding it, "
-                             f"or the extracted {spec.folder} folder; nothing is downloaded")
+            raise ValueError(f"{key} needs path=: {spec.accepted}; nothing is downloaded")
         raw = (load_cifar10(path, verify=verify) if key == "cifar10"
                else load_cifar100(path, label_mode=label_mode, verify=verify))
         x_tr, y_tr, x_te, y_te = raw.x_train, raw.y_train, raw.x_test, raw.y_test
@@ -186,6 +187,11 @@ def load_dataset(name: str, path=None, size: int | None = None, normalize: str =
     x_te, y_te = x_te[:max_test], y_te[:max_test]
     native = x_tr.shape[-1]
     if size is not None and int(size) != native:
+        need, avail = 4 * (len(x_tr) + len(x_te)) * x_tr.shape[1] * int(size) ** 2, limits.available_memory()
+        if need > avail:
+            raise ValueError(f"{len(x_tr) + len(x_te)} {key} images resized to {x_tr.shape[1]}x{size}x{size} "
+                             f"float32 would take {limits.fmt_bytes(need)}, more than the "
+                             f"{limits.fmt_bytes(avail)} of memory available")
         x_tr = resize_images(_to_unit(x_tr), size, resize)
         x_te = resize_images(_to_unit(x_te), size, resize)
     x_tr, x_te, stats = normalize_splits(x_tr, x_te, normalize)

@@ -5,10 +5,10 @@ from .layers import (GELU, AvgPool2d, BatchNorm2d, Conv2d, Flatten, GlobalAvgPoo
 from .models import PreActBlock, PreActBottleneck, PreActResNet, preact_resnet20, preact_resnet164
 from .module import Module, Parameter, Sequential
 from .vgg import VGG, VGG_CONFIGS, vgg11, vgg16
-from .zoo import MODEL_NAMES, build_model
+from .zoo import MODEL_NAMES, build_model, input_divisor
 
 __all__ = ["GELU", "AvgPool2d", "BatchNorm2d", "Conv2d", "DenseBlock", "DenseLayer", "DenseNet", "Flatten",
            "GlobalAvgPool2d", "Identity", "Linear", "MODEL_NAMES", "MaxPool2d", "Module", "Parameter",
            "PreActBlock", "PreActBottleneck", "PreActResNet", "ReLU", "Sequential", "Sigmoid", "Tanh",
-           "Transition", "VGG", "VGG_CONFIGS", "build_model", "densenet_bc", "he_normal", "manual_seed",
-           "preact_resnet20", "preact_resnet164", "vgg11", "vgg16"]
+           "Transition", "VGG", "VGG_CONFIGS", "build_model", "densenet_bc", "he_normal", "input_divisor",
+           "manual_seed", "preact_resnet20", "preact_resnet164", "vgg11", "vgg16"]

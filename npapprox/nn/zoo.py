@@ -18,7 +18,7 @@ import numpy as np
 
 from .densenet import DenseNet
 from .models import PreActResNet
-from .vgg import VGG, _size_pair
+from .vgg import VGG, VGG_CONFIGS, _size_pair
 
 _RESNETS = {"resnet8": (8, "basic"), "resnet20": (20, "basic"), "resnet32": (32, "basic"),
             "resnet56": (56, "basic"), "resnet110": (110, "basic"), "resnet164": (164, "bottleneck")}
@@ -32,6 +32,15 @@ def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"build_model: {name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def input_divisor(name: str) -> int:
+    """What the input height and width of model ``name`` must be divisible by:
+    4 for ResNets and DenseNets (two stride-2 stages), 2^pools for VGGs."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    return 2 ** VGG_CONFIGS[key].count("M") if key in _VGGS else 4
 
 
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3, input_size=32, width: int | None = None,
