@@ -248,9 +248,9 @@ class FitWindow(Paper):
             window if window == np.inf else quant.check_window(window))
 
     def unit_params(self, u: BNReLUUnit) -> dict:
-        y3 = as_ncm(u.y)                                       # (N, C, HW)
-        if y3.shape[0] * y3.shape[2] == 0:
+        if u.y.size == 0:
             return super().unit_params(u)
+        y3 = as_ncm(u.y)                                       # (N, C, HW)
         with np.errstate(invalid="ignore"):                    # NaN: refused after packing
             return quant.fit_params(u.gamma, u.beta, y3.min(axis=(0, 2)), y3.max(axis=(0, 2)), self.bits,
                                     self.window)
