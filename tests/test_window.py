@@ -361,3 +361,18 @@ def test_policy_names():
     for bad in ("generic4-w3", "paper4-w0", "fit4s", "fit4-g8", "paper3-w4", "paper4-w"):
         with pytest.raises(ValueError, match="unknown storage policy"):
             policy_from_name(bad)
+
+
+@pytest.mark.skipif(not __import__("npapprox.backend", fromlist=["gpu_available"]).gpu_available(),
+                    reason="no CUDA device (needs CuPy and an NVIDIA GPU)")
+def test_new_windows_on_the_gpu_store_the_cpu_bytes():
+    from npapprox.backend import to_device
+    rng = np.random.default_rng(9)
+    gamma, beta = TK.channel_params(rng, 6)
+    y = TK.bn_output(rng, (4, 6, 5, 5), gamma, beta)
+    for policy in (Paper(4, window=4.5), FitWindow(8), FitWindow(2)):
+        a = policy.store_unit(CTX, "u", _unit(y, gamma, beta))
+        b = policy.store_unit(CTX, "u", _unit(*(to_device(v, "gpu") for v in (y, gamma, beta))))
+        assert TK._same(to_device(b.packed, "cpu"), a.packed) and TK._same(to_device(b.s, "cpu"), a.s)
+        for f in ("h", "xhat", "mask"):
+            assert TK._same(to_device(getattr(b, f)(), "cpu"), getattr(a, f)())
