@@ -234,29 +234,31 @@ class Paper(Policy):
 class FitWindow(Paper):
     """The paper's codes in a *fitted* window: per channel, the narrowest window
     of 2^K bins with ReLU's threshold on a bin edge that holds the batch's range
-    of y, cut to at most +-``window`` standard deviations around beta/gamma
-    (``quant.fit_params``; one min/max reduction over y per unit). The window
-    follows beta/gamma wherever it goes and the mask stays exact; the stored form
-    adds the bin width, one float32 per channel (``FitUnit``). ``window=None``:
-    ``quant.FIT_WINDOW[bits]`` (no cut at 8 bits: nothing clips)."""
+    of y, cut to at most ``window = (below, above)`` standard deviations around
+    beta/gamma (one number: both sides; ``quant.fit_params``; one min/max
+    reduction over y per unit). The window follows beta/gamma wherever it goes and
+    the mask stays exact; the stored form adds the bin width, one float32 per
+    channel (``FitUnit``). ``window=None``: ``quant.FIT_WINDOW[bits]`` (no cut at
+    8 bits: nothing clips)."""
 
     unit_form = FitUnit
 
-    def __init__(self, bits: int = 4, fallback: Policy | None = None, window: float | None = None):
+    def __init__(self, bits: int = 4, fallback: Policy | None = None, window=None):
         super().__init__(bits, fallback)
-        self.window = quant.FIT_WINDOW[self.bits] if window is None else (
-            window if window == np.inf else quant.check_window(window))
+        self.window = quant.check_fit_window(quant.FIT_WINDOW[self.bits] if window is None else window)
 
     def unit_params(self, u: BNReLUUnit) -> dict:
         if u.y.size == 0:
-            return super().unit_params(u)
+            return quant.paper_params(u.gamma, u.beta, self.bits)
         y3 = as_ncm(u.y)                                       # (N, C, HW)
         with np.errstate(invalid="ignore"):                    # NaN: refused after packing
             return quant.fit_params(u.gamma, u.beta, y3.min(axis=(0, 2)), y3.max(axis=(0, 2)), self.bits,
                                     self.window)
 
     def __repr__(self):
-        w = "" if self.window == quant.FIT_WINDOW[self.bits] else f", window={self.window:g}"
+        below, above = self.window
+        w = ("" if self.window == quant.FIT_WINDOW[self.bits] else
+             f", window={below:g}" if below == above else f", window=({below:g}, {above:g})")
         return f"FitWindow(bits={self.bits}{w})"
 
 
@@ -332,7 +334,7 @@ def storage_policy(policy: Policy):
 
 POLICY_HELP = ("exact | paperK | naiveK | approxK (approximate forward, exact backward), optionally -wW for "
                "a window of +-W standard deviations (default 3) | fitK (the window fitted to each batch's "
-               "range, optionally -wW: at most +-W) | genericK (nearest) | genericKs (stochastic), optionally -gG for the group size; "
+               "range, optionally -wW: cut at +-W) | genericK (nearest) | genericKs (stochastic), optionally -gG for the group size; "
                "K in 1, 2, 4, 8. Examples: paper4, paper8-w4, fit4, naive8, generic4s-g64")
 
 

@@ -56,10 +56,20 @@ def check_bits(bits) -> int:
 
 
 DEFAULT_WINDOW = 3.0
-#: FitWindow's widest half-width per K (inf: the batch's whole range). Measured
-#: (``npapprox study window``): at K <= 4 rounding dominates and a cut near the
-#: paper's 3 (2 at K <= 2) beats the whole range; at 8 bits clipping dominates.
-FIT_WINDOW = {1: 2.0, 2: 2.0, 4: 3.0, 8: float("inf")}
+#: FitWindow's cut per K: the window holds at most (b - below, b + above), in
+#: standard deviations (inf: the batch's whole range). Measured (docs/study.md):
+#: at K <= 4 rounding dominates and a cut beats the whole range, and the negative
+#: side (it only feeds xhat; h and the mask live on the positive side) can be cut
+#: much shorter; at 8 bits clipping dominates and nothing is cut.
+FIT_WINDOW = {1: (1.0, 2.5), 2: (1.0, 2.5), 4: (1.5, 3.5), 8: (float("inf"), float("inf"))}
+
+
+def check_fit_window(window) -> tuple:
+    """A cut ``(below, above)`` from one number (both sides) or a pair; each > 0, inf allowed."""
+    pair = tuple(window) if isinstance(window, (tuple, list)) else (window, window)
+    if len(pair) != 2:
+        raise ValueError(f"window must be a number or a pair (below, above), got {window!r}")
+    return tuple(w if w == np.inf else check_window(w) for w in pair)
 
 
 def check_window(window) -> float:
@@ -98,13 +108,14 @@ def paper_params(gamma, beta, bits: int, window: float = DEFAULT_WINDOW) -> dict
     return _window_params(gamma, beta, s, d)
 
 
-def fit_params(gamma, beta, ymin, ymax, bits: int, window: float = float("inf")) -> dict:
+def fit_params(gamma, beta, ymin, ymax, bits: int, window=(float("inf"), float("inf"))) -> dict:
     """Per-channel parameters of the *fitted* window (``policy.FitWindow``): the
     narrowest window of 2^K bins with ReLU's threshold on a bin edge that holds
     the batch's range ``[ymin, ymax]`` (per channel, of y), cut to at most
-    ``b +- window`` (``b = beta/|gamma|``, the mean of q; inf: no cut, nothing clips).
+    ``[b - below, b + above]`` (``window = (below, above)``, ``b = beta/|gamma|``, the
+    mean of q; inf: no cut, nothing clips).
 
-    With ``q = y/|gamma|``, ``qlo = max(ymin/|gamma|, b - W)``, ``qhi = min(ymax/|gamma|, b + W)``,
+    With ``q = y/|gamma|``, ``qlo = max(ymin/|gamma|, b - below)``, ``qhi = min(ymax/|gamma|, b + above)``,
     ``lo = max(-qlo, 0)``, ``hi = max(qhi, 0)``::
 
         D(s) = max(lo / s, hi / (NB - s))        s negative bins, NB - s positive ones
@@ -120,9 +131,9 @@ def fit_params(gamma, beta, ymin, ymax, bits: int, window: float = float("inf"))
     safe = xp.where(ag == 0, 1.0, ag)
     with np.errstate(all="ignore"):
         qlo, qhi = ymin.astype(np.float64) / safe, ymax.astype(np.float64) / safe
-        if window != np.inf:
-            b = beta_over_gamma(gamma, beta)
-            qlo, qhi = xp.maximum(qlo, b - window), xp.minimum(qhi, b + window)
+        below, above = check_fit_window(window)
+        b = beta_over_gamma(gamma, beta)
+        qlo, qhi = xp.maximum(qlo, b - below), xp.minimum(qhi, b + above)
         lo = xp.maximum(-qlo, 0.0)                                          # (C,)
         hi = xp.maximum(qhi, 0.0)
         n_neg = xp.arange(1, nb, dtype=np.float64)[:, None]                 # (NB-1, 1): candidate s

@@ -114,8 +114,8 @@ def table(rows) -> str:
     head = f"{'unit':<22} {'channels':>8} {'clipped':>9} {'max chan':>9} {'|b|>W':>6} {'max |b|':>8}  window"
     lines = [head, "-" * len(head)]
     for r in rows:
-        w = (("fitted" if r["window"] == np.inf else f"fitted, <= +-{r['window']:g}") if r.get("fitted")
-             else f"+-{r['window']:g}")
+        w = (("fitted" if min(r["window"]) == np.inf else "fitted, cut -{:g}/+{:g}".format(*r["window"]))
+             if r.get("fitted") else f"+-{r['window']:g}")
         lines.append(f"{r['module'][:22]:<22} {r['channels']:>8} {100 * r['clipped']:>8.3f}% "
                      f"{100 * r['max_channel_clipped']:>8.2f}% {r['outside']:>6} {r['max_abs_b']:>8.2f}  {w}")
     return "\n".join(lines)
@@ -137,10 +137,11 @@ class TrainingWatch(WindowMonitor):
         self.streak[name] = self.streak.get(name, 0) + 1 if bad else 0
         if self.streak[name] >= self.persist and name not in self.warned:
             self.warned.add(name)
+            beyond = ("" if row.get("fitted") else
+                      f", {row['outside']} of {row['channels']} channels with |beta/gamma| > {row['window']:g} "
+                      f"(max {row['max_abs_b']:.1f})")
             self.log(f"warning: unit {name} saturates its BN window ({row['policy']}) at {self.persist} "
-                     f"consecutive checks: {100 * row['clipped']:.2f}% of values clipped, {row['outside']} of "
-                     f"{row['channels']} channels with |beta/gamma| > {row['window']:g} "
-                     f"(max {row['max_abs_b']:.1f});"
+                     f"consecutive checks: {100 * row['clipped']:.2f}% of values clipped{beyond};"
                      " the rebuilt xhat is off there (a wider -wW window or fitK follows it)")
 
 
