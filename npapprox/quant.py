@@ -37,8 +37,9 @@ and at 8 bits that clipping, not the rounding, dominates the error.
 
 Fitted window (``fit_params``, the ``FitWindow`` policy): the same codes and
 kernels, but per channel the bin width D and ``s`` are fitted to the batch's own
-range of y (min / max per channel), so nothing clips and the window follows
-beta/gamma wherever it goes; D is stored as one float32 per channel.
+range of y (min / max per channel), cut per K (``FIT_WINDOW``; no cut at 8 bits,
+where nothing then clips), so the window follows beta/gamma wherever it goes; D
+is stored as one float32 per channel.
 """
 from __future__ import annotations
 
