@@ -334,8 +334,8 @@ def storage_policy(policy: Policy):
 
 POLICY_HELP = ("exact | paperK | naiveK | approxK (approximate forward, exact backward), optionally -wW for "
                "a window of +-W standard deviations (default 3) | fitK (the window fitted to each batch's "
-               "range, optionally -wW: cut at +-W) | genericK (nearest) | genericKs (stochastic), optionally -gG for the group size; "
-               "K in 1, 2, 4, 8. Examples: paper4, paper8-w4, fit4, naive8, generic4s-g64")
+               "range, optionally -wW: cut at +-W) | genericK (nearest) | genericKs (stochastic), optionally "
+               "-gG for the group size; K in 1, 2, 4, 8. Examples: paper4, paper8-w4, fit4, naive8, generic4s-g64")
 
 
 def policy_from_name(name: str, seed: int = 0) -> Policy:

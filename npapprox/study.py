@@ -995,10 +995,10 @@ def run_window(cfg: StudyConfig, log=print) -> dict:
     """Gradient error of fixed windows (+-W, ``paperK-wW``) and the fitted window (``fitK``)
     at initialisation and over exact training, on digits and on CIFAR-shaped random-ish data,
     over ``window_seeds``; then a short training run of ``window_train`` policies per seed."""
-    from .data import load_dataset  # noqa: PLC0415
-    from .train import Trainer, TrainConfig  # noqa: PLC0415
-    from .window import names_of  # noqa: PLC0415
     from . import nn  # noqa: PLC0415
+    from .data import load_dataset  # noqa: PLC0415
+    from .train import TrainConfig, Trainer  # noqa: PLC0415
+    from .window import names_of  # noqa: PLC0415
 
     out = Path(cfg.out) / "window"
     out.mkdir(parents=True, exist_ok=True)
