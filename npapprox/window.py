@@ -124,7 +124,8 @@ def table(rows) -> str:
 class TrainingWatch(WindowMonitor):
     """Warns (through ``log``) once per unit when it saturates at ``persist``
     consecutive checks: clips more than ``threshold`` of its values, or has a
-    channel with |beta/gamma| beyond the window."""
+    channel with |beta/gamma| beyond the window. A fitted window follows the data
+    and its cut clips by design: it never warns."""
 
     def __init__(self, names, log, every: int = 10, persist: int = 5, threshold: float = CLIP_WARN):
         super().__init__(names, every, keep=False)
@@ -133,15 +134,15 @@ class TrainingWatch(WindowMonitor):
 
     def checked(self, row) -> None:
         name = row["module"]
+        if row.get("fitted"):
+            return
         bad = row["clipped"] > self.threshold or row["outside"] > 0
         self.streak[name] = self.streak.get(name, 0) + 1 if bad else 0
         if self.streak[name] >= self.persist and name not in self.warned:
             self.warned.add(name)
-            beyond = ("" if row.get("fitted") else
-                      f", {row['outside']} of {row['channels']} channels with |beta/gamma| > {row['window']:g} "
-                      f"(max {row['max_abs_b']:.1f})")
             self.log(f"warning: unit {name} saturates its BN window ({row['policy']}) at {self.persist} "
-                     f"consecutive checks: {100 * row['clipped']:.2f}% of values clipped{beyond};"
+                     f"consecutive checks: {100 * row['clipped']:.2f}% of values clipped, {row['outside']} of "
+                     f"{row['channels']} channels with |beta/gamma| > {row['window']:g} (max {row['max_abs_b']:.1f});"
                      " the rebuilt xhat is off there (a wider -wW window or fitK follows it)")
 
 

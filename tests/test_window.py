@@ -347,6 +347,13 @@ def test_training_watch_warns_once_when_a_unit_saturates_persistently():
         if i < 4:                                             # checks at stores 0, 2, 4: the third warns
             assert said == []
     assert len(said) == 1 and "blocks.0.bn1" in said[0] and "|beta/gamma| > 3" in said[0]
+    # a fitted window follows beta/gamma (and its 4-bit cut clips by design): no warning
+    fit, heard = FitWindow(4), []
+    fit.monitor = TrainingWatch({id(module): "blocks.0.bn1"}, heard.append, every=1, persist=1)
+    y = (gamma[None, :, None, None] * xhat + bad_beta[None, :, None, None]).astype(F32)
+    for _ in range(3):
+        fit.store_unit(ctx, "u", _unit(y, gamma, bad_beta))
+    assert heard == [] and fit.monitor.latest["blocks.0.bn1"]["clipped"] > 0.01
 
 
 def test_trainer_attaches_the_watch():
