@@ -29,6 +29,7 @@ policy                 forward propagates           backward uses
 =====================  ==========================  =============================
 ``Exact()``            exact values                 exact values (float32 stored)
 ``Paper(K)``           exact values                 K-bit BN-window codes per unit
+``FitWindow(K)``       exact values                 the same, window fitted per batch
 ``Generic(K, ...)``    exact values                 per-group K-bit codes
 ``Naive(K)``           decoded K-bit values         the same decoded values
 ``ApproxForward(K)``   decoded K-bit values         exact values of that forward
@@ -44,7 +45,8 @@ import numpy as np
 
 from . import checks, quant
 from .backend import array_module
-from .storage import ExactUnit, Full, GenericPacked, GenericUnit, PaperUnit, ParamRef, Stored, Unit, UnitRef
+from .kernels.bn import as_ncm
+from .storage import ExactUnit, FitUnit, Full, GenericPacked, GenericUnit, PaperUnit, ParamRef, Stored, Unit, UnitRef
 
 ACTIVATION = "activation"
 UNIT = "unit"
@@ -194,20 +196,33 @@ class Generic(Policy):
 
 class Paper(Policy):
     """The paper's scheme: each BN -> ReLU unit stores K-bit BN-window codes
-    (``npapprox.quant``); activations no BN precedes use ``fallback``
-    (default: the generic quantizer with the same K, nearest rounding)."""
+    (``npapprox.quant``) in a window of +-``window`` batch standard deviations
+    (3: the paper's); activations no BN precedes use ``fallback`` (default: the
+    generic quantizer with the same K, nearest rounding). ``monitor``: an object
+    with ``record(ctx, unit, params, policy)`` told about every stored unit
+    (``npapprox.window.WindowMonitor``: the clipped fraction per unit)."""
 
-    def __init__(self, bits: int = 4, fallback: Policy | None = None):
+    unit_form = PaperUnit
+
+    def __init__(self, bits: int = 4, fallback: Policy | None = None, window: float = quant.DEFAULT_WINDOW):
         self.bits = quant.check_bits(bits)
+        self.window = quant.check_window(window)
         self.fallback = Generic(bits) if fallback is None else fallback
+        self.monitor = None
+
+    def unit_params(self, u: BNReLUUnit) -> dict:
+        """The per-channel window of one unit (``quant.paper_params``)."""
+        return quant.paper_params(u.gamma, u.beta, self.bits, self.window)
 
     def store_unit(self, ctx, name, u):
         from .kernels import paper_pack  # noqa: PLC0415
-        params = quant.paper_params(u.gamma, u.beta, self.bits)
+        params = self.unit_params(u)
         y = u.y if u.y.dtype == np.float32 else u.y.astype(np.float32)
         packed, bad = paper_pack(y, params["k"], params["s"], self.bits)
         _check_finite(bad, ctx, name)
-        return PaperUnit(packed, params, self.bits, u.y.shape, u.y.dtype)
+        if self.monitor is not None:
+            self.monitor.record(ctx, u, params, self)
+        return self.unit_form(packed, params, self.bits, u.y.shape, u.y.dtype)
 
     def store_activation(self, ctx, name, array):
         return self.fallback.store_activation(ctx, name, array)
@@ -218,8 +233,42 @@ class Paper(Policy):
     def load_state_dict(self, state: dict) -> None:
         self.fallback.load_state_dict(state["fallback"])
 
+    def _window_repr(self) -> str:
+        return "" if self.window == quant.DEFAULT_WINDOW else f", window={self.window:g}"
+
     def __repr__(self):
-        return f"Paper(bits={self.bits})"
+        return f"Paper(bits={self.bits}{self._window_repr()})"
+
+
+class FitWindow(Paper):
+    """The paper's codes in a *fitted* window: per channel, the narrowest window
+    of 2^K bins with ReLU's threshold on a bin edge that holds the batch's range
+    of y, cut to at most ``window = (below, above)`` standard deviations around
+    beta/gamma (one number: both sides; ``quant.fit_params``; one min/max
+    reduction over y per unit). The window follows beta/gamma wherever it goes and
+    the mask stays exact; the stored form adds the bin width, one float32 per
+    channel (``FitUnit``). ``window=None``: ``quant.FIT_WINDOW[bits]`` (no cut at
+    8 bits: nothing clips)."""
+
+    unit_form = FitUnit
+
+    def __init__(self, bits: int = 4, fallback: Policy | None = None, window=None):
+        super().__init__(bits, fallback)
+        self.window = quant.check_fit_window(quant.FIT_WINDOW[self.bits] if window is None else window)
+
+    def unit_params(self, u: BNReLUUnit) -> dict:
+        if u.y.size == 0:
+            return quant.paper_params(u.gamma, u.beta, self.bits)
+        y3 = as_ncm(u.y)                                       # (N, C, HW)
+        with np.errstate(invalid="ignore"):                    # NaN: refused after packing
+            return quant.fit_params(u.gamma, u.beta, y3.min(axis=(0, 2)), y3.max(axis=(0, 2)), self.bits,
+                                    self.window)
+
+    def __repr__(self):
+        below, above = self.window
+        w = ("" if self.window == quant.FIT_WINDOW[self.bits] else
+             f", window={below:g}" if below == above else f", window=({below:g}, {above:g})")
+        return f"FitWindow(bits={self.bits}{w})"
 
 
 class Naive(Paper):
@@ -239,7 +288,7 @@ class Naive(Paper):
         return y
 
     def __repr__(self):
-        return f"Naive(bits={self.bits})"
+        return f"Naive(bits={self.bits}{self._window_repr()})"
 
 
 class ApproxForward(Paper):
@@ -270,7 +319,7 @@ class ApproxForward(Paper):
         return y
 
     def __repr__(self):
-        return f"ApproxForward(bits={self.bits})"
+        return f"ApproxForward(bits={self.bits}{self._window_repr()})"
 
 
 class _PolicyStack(threading.local):
@@ -301,21 +350,28 @@ def storage_policy(policy: Policy):
         _stack.policies.pop()
 
 
-POLICY_HELP = ("exact | paperK | naiveK | approxK (approximate forward, exact backward) | genericK "
-               "(nearest) | genericKs (stochastic), optionally -gG for the group size; K in 1, 2, 4, 8. "
-               "Examples: paper4, naive8, generic4s-g64")
+POLICY_HELP = ("exact | paperK | naiveK | approxK (approximate forward, exact backward), optionally -wW for "
+               "a window of +-W standard deviations (default 3) | fitK (the window fitted to each batch's "
+               "range, optionally -wW: cut at +-W) | genericK (nearest) | genericKs (stochastic), optionally "
+               "-gG for the group size; K in 1, 2, 4, 8. Examples: paper4, paper8-w4, fit4, naive8, generic4s-g64")
 
 
 def policy_from_name(name: str, seed: int = 0) -> Policy:
     """Build a policy from its short name (see ``POLICY_HELP``)."""
     import re  # noqa: PLC0415
 
-    m = re.fullmatch(r"(exact)|(paper|naive|approx|generic)([1248])(s?)(?:-g(\d+))?", name.strip().lower())
-    if m is None or (m.group(4) or m.group(5)) and m.group(2) != "generic":
+    m = re.fullmatch(r"(exact)|(paper|naive|approx|generic|fit)([1248])(s?)(?:-g(\d+))?(?:-w(\d+(?:\.\d+)?))?",
+                     name.strip().lower())
+    if (m is None or (m.group(4) or m.group(5)) and m.group(2) != "generic"
+            or m.group(6) and m.group(2) not in ("paper", "naive", "approx", "fit")
+            or m.group(6) and float(m.group(6)) <= 0):
         raise ValueError(f"unknown storage policy {name!r}; expected {POLICY_HELP}")
     if m.group(1):
         return Exact()
     kind, bits = m.group(2), int(m.group(3))
     if kind == "generic":
         return Generic(bits, group=int(m.group(5) or 256), stochastic=bool(m.group(4)), seed=seed)
-    return {"paper": Paper, "naive": Naive, "approx": ApproxForward}[kind](bits)
+    if kind == "fit":
+        return FitWindow(bits, window=float(m.group(6)) if m.group(6) else None)
+    window = float(m.group(6)) if m.group(6) else quant.DEFAULT_WINDOW
+    return {"paper": Paper, "naive": Naive, "approx": ApproxForward}[kind](bits, window=window)

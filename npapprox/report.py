@@ -57,6 +57,7 @@ class Entry:
 class Ledger:
     entries: list
     policy: str
+    windows: list | None = None      # per stored BN window: ``window.unit_row`` (clipped fraction, |beta/gamma|)
 
     @property
     def stored(self) -> int:
@@ -87,6 +88,10 @@ class Ledger:
                          f"{str(e.shape)[:18]:<18} {e.payload:>11,} {e.meta:>8,}  {e.policy}")
         lines.append("-" * len(head))
         lines.append(self.summary())
+        if self.windows:
+            from .window import table  # noqa: PLC0415
+            lines += ["", "BN windows: values clipped per unit, channels whose |beta/gamma| exceeds the window",
+                      table(self.windows)]
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -105,8 +110,9 @@ def ledger(model, x, labels=None, policy: Policy | None = None) -> Ledger:
     """Run one recorded forward pass under ``policy`` (default: the current one)
     and list every saved entry, in forward order."""
     policy = current_policy() if policy is None else policy
+    from .window import WindowMonitor, monitoring  # noqa: PLC0415
     names = {id(m): (n or type(m).__name__) for n, m in model.named_modules()}
-    with storage_policy(policy):
+    with storage_policy(policy), monitoring(policy, WindowMonitor(names)) as monitor:
         root = _forward_loss(model, x, labels)
     entries = []
     for ctx in (_topological_order(root._ctx) if root._ctx is not None else []):
@@ -116,7 +122,7 @@ def ledger(model, x, labels=None, policy: Policy | None = None) -> Ledger:
             entries.append(Entry(module, ctx.fn.__name__, name, kind, stored.form, stored.bits,
                                  tuple(stored.shape), stored.payload_nbytes, stored.meta_nbytes,
                                  repr(ctx.policy)))
-    return Ledger(entries, repr(policy))
+    return Ledger(entries, repr(policy), monitor.rows if monitor is not None else None)
 
 
 def measure_peak(model, x, labels, policy: Policy | None = None) -> int:

@@ -203,6 +203,16 @@ class PaperUnit(Unit):
         return paper_mask(self.packed, self.shape, self.s, self.bits)
 
 
+class FitUnit(PaperUnit):
+    """``PaperUnit`` in a fitted window (``policy.FitWindow``): the same codes and
+    decoding; the per-channel bin width ``d`` (float32) is metadata too."""
+
+    form = "fit"
+    __slots__ = ()
+
+    meta_nbytes = property(lambda self: int(self.s.nbytes + self.params["d"].nbytes))
+
+
 class GenericUnit(Unit):
     """A unit stored with the generic quantizer: per-group K-bit codes of y plus
     an exact 1-bit ReLU mask (the generic window does not put 0 on a bin edge)."""

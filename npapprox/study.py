@@ -38,7 +38,7 @@ each block, ..., 37 = the last BN, 38 = the classifier). A parameter's depth is
 its module's.
 
 ``python -m npapprox.cli study`` (``npapprox study``) runs the ready-made
-experiments: ``depth``, ``activations``, ``training``, ``optimizers``.
+experiments: ``depth``, ``activations``, ``training``, ``optimizers``, ``window``.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ from .tensor import Tensor
 DEFAULT_POLICIES = ("paper8", "paper4", "naive8", "naive4", "generic2", "generic4", "generic8",
                     "generic2s", "generic4s", "generic8s", "approx4")
 INPUT = "<input>"          # the key of the input gradient (``input_grad=True``)
-EXPERIMENTS = ("depth", "activations", "training", "optimizers")
+EXPERIMENTS = ("depth", "activations", "training", "optimizers", "window")
 
 
 # --------------------------------------------------------------------------- #
@@ -660,12 +660,18 @@ class StudyConfig:
     warmup: int = 0                     # exact SGD iterations before measuring (depth, activations)
     lr: float = 0.1                     # SGD learning rate of warm-up / ``training``
     activations: tuple = ("relu", "sigmoid", "tanh", "gelu")
-    iterations: int | None = None       # ``training``: 400; ``optimizers``: 200
+    iterations: int | None = None       # ``training``: 400; ``optimizers``: 200; ``window``: 50
     every: int = 50                     # ``training``: measure every N iterations
     optimizers: tuple = ("sgd:0.1", "adam:0.003", "rmsprop:0.001")   # name:lr
     opt_policies: tuple = ("exact", "paper4", "naive4")
     seeds: tuple = (0, 1)               # ``optimizers``
     systematic: bool = True             # ``depth``: also the error of the gradient averaged over M batches
+    window_bits: tuple = (2, 4, 8)      # ``window``: K of the windows measured
+    windows: tuple = (2, 3, 4, 6)       # ``window``: half-widths W of the fixed windows (paperK-wW)
+    window_data: tuple = ("digits", "random")   # ``window``: data sets ("random": ``cifar_like``)
+    window_seeds: tuple = (0, 1, 2)     # ``window``: seeds (model, batch, random data), the error bars
+    window_train: tuple = ("paper4", "fit4", "paper2", "fit2")   # ``window``: policies trained per seed
+    window_train_iterations: int | None = None   # ``window``: iterations of each training run (3 x iterations)
     out: str = "runs/study"
 
 
@@ -932,8 +938,221 @@ def optimizers_table(rows) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- #
+# The BN window: fixed windows of +-W against the fitted one
+# --------------------------------------------------------------------------- #
+def cifar_like(n_train: int = 512, n_test: int = 256, classes: int = 10, size: int = 32, seed: int = 0):
+    """CIFAR-shaped random-ish data (3 x size x size, ``classes`` classes): each class a
+    smooth random template (4x4 noise blown up), each image ``0.5 template + N(0, 1)``,
+    minus its own mean. Learnable, not trivial; what ``load_dataset`` returns, in the
+    attributes the study uses."""
+    import types  # noqa: PLC0415
+
+    rng = np.random.default_rng([seed, 0xC1FA])
+    cell = -(-size // 4)
+    templates = np.kron(rng.standard_normal((classes, 3, 4, 4)), np.ones((1, 1, cell, cell)))[..., :size, :size]
+
+    def draw(n):
+        y = rng.integers(0, classes, n)
+        x = 0.5 * templates[y] + rng.standard_normal((n, 3, size, size))
+        return (x - x.mean(axis=(1, 2, 3), keepdims=True)).astype(np.float32), y.astype(np.int64)
+
+    (x_train, y_train), (x_test, y_test) = draw(n_train), draw(n_test)
+    return types.SimpleNamespace(name="random", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+                                 num_classes=classes, in_channels=3, image_size=size)
+
+
+def window_policies(bits=(2, 4, 8), windows=(2, 3, 4, 6)) -> list:
+    """``paperK-wW`` for every K and W, then ``fitK``, K by K."""
+    return [p for k in bits for p in [f"paper{k}-w{w:g}" for w in windows] + [f"fit{k}"]]
+
+
+def _window_point(model, x, y, labels, names) -> tuple:
+    """Relative error and cosine (all parameters; and the input gradient) of each policy on
+    one batch, and the per-unit saturation rows (``window.unit_row``) of its forward pass."""
+    from .window import WindowMonitor, monitoring  # noqa: PLC0415
+
+    exact = gradients(model, x, y, Exact(), input_grad=True)
+    params = [n for n in exact if n != INPUT]
+    ex = np.sqrt(sum(_sumsq(exact[n]) for n in params))
+    rows, units = [], []
+    for label in labels:
+        policy, monitor = policy_from_name(label), WindowMonitor(names)
+        with monitoring(policy, monitor):
+            g = gradients(model, x, y, policy, input_grad=True)
+        diff = np.sqrt(sum(_sumsq(g[n] - exact[n]) for n in params))
+        dot = sum(float(np.dot(g[n].ravel(), exact[n].ravel())) for n in params)
+        gn = np.sqrt(sum(_sumsq(g[n]) for n in params))
+        units += [{"policy": label, **u} for u in monitor.rows]
+        rows.append({"policy": label, "rel_err": _ratio(diff, ex), "cosine": _ratio(dot, gn * ex),
+                     "input_rel_err": _ratio(np.sqrt(_sumsq(g[INPUT] - exact[INPUT])), np.sqrt(_sumsq(exact[INPUT]))),
+                     "clipped": float(np.mean([u["clipped"] for u in monitor.rows])) if monitor.rows else 0.0,
+                     "flagged_units": sum(u["outside"] > 0 for u in monitor.rows)})
+    return rows, units
+
+
+def run_window(cfg: StudyConfig, log=print) -> dict:
+    """Gradient error of fixed windows (+-W, ``paperK-wW``) and the fitted window (``fitK``)
+    at initialisation and over exact training, on digits and on CIFAR-shaped random-ish data,
+    over ``window_seeds``; then a short training run of ``window_train`` policies per seed."""
+    from . import nn  # noqa: PLC0415
+    from .data import load_dataset  # noqa: PLC0415
+    from .train import TrainConfig, Trainer  # noqa: PLC0415
+    from .window import names_of  # noqa: PLC0415
+
+    out = Path(cfg.out) / "window"
+    out.mkdir(parents=True, exist_ok=True)
+    labels = window_policies(cfg.window_bits, cfg.windows)
+    model_name, total = _model_name(cfg), _default(cfg.iterations, 50)
+    rows, units = [], []
+    for data_name in cfg.window_data:
+        for seed in cfg.window_seeds:
+            data = (cifar_like(seed=seed) if data_name == "random" else
+                    load_dataset(data_name, path=cfg.data_path, size=cfg.size, seed=seed))
+            nn.manual_seed(seed)
+            model = nn.build_model(model_name, num_classes=data.num_classes, in_channels=data.in_channels,
+                                   input_size=data.image_size, width=cfg.width)
+            names = names_of(model)
+
+            def checkpoint(it, since, data=data, model=model, names=names, seed=seed, data_name=data_name):
+                x, y = sample_batches(data.x_train, data.y_train, cfg.batch_size, 1, seed)[0]
+                point, point_units = _window_point(model, x, y, labels, names)
+                key = {"data": data_name, "seed": seed, "iteration": it}
+                rows.extend({**key, **r} for r in point)
+                units.extend({**key, **u} for u in point_units)
+                log(f"{data_name:<7} seed {seed} it {it:>4}: " + "  ".join(
+                    f"{r['policy']} {_fmt(r['rel_err'])}" for r in point))
+
+            train_exact(model, data, total, cfg.batch_size, seed, cfg.lr, every=cfg.every, on_checkpoint=checkpoint)
+    train_rows = []
+    for policy in cfg.window_train:
+        for seed in cfg.window_seeds:
+            t0 = time.perf_counter()
+            tc = TrainConfig(model=model_name, data="digits", data_path=None, size=cfg.size, width=cfg.width,
+                             policy=policy, optimizer="sgd", lr=cfg.lr, momentum=0.9, schedule="cosine", epochs=None,
+                             iterations=_default(cfg.window_train_iterations, 3 * total), batch_size=cfg.batch_size,
+                             seed=seed, out=None)
+            last = Trainer(tc, progress=False, log=lambda *_: None).run()
+            train_rows.append({"policy": policy, "seed": seed, "test_acc": last["test_acc"],
+                               "train_loss": last["train_loss"], "seconds": time.perf_counter() - t0})
+            log(f"train {policy:<8} seed {seed}: test acc {last['test_acc']:.4f}  train loss "
+                f"{last['train_loss']:.4f}")
+    table = window_table(rows, train_rows)
+    title = (f"{model_name}, batch {cfg.batch_size}: gradient error of the BN window "
+             f"(seeds {', '.join(map(str, cfg.window_seeds))})")
+    log(f"\n{title}\n")
+    log(table)
+    files = [_write_csv(out / "window.csv", rows), _write_csv(out / "units.csv", units)]
+    if train_rows:
+        files.append(_write_csv(out / "training.csv", train_rows))
+    (out / "window.json").write_text(json.dumps(_jsonable({"config": dataclasses.asdict(cfg), "rows": rows,
+                                                           "training": train_rows}), indent=1))
+    (out / "table.md").write_text(table + "\n")
+    files += [out / "window.json", out / "table.md"]
+    png = plot_window(rows, train_rows, out / "window.png", title)
+    return {"rows": rows, "units": units, "training": train_rows, "files": files + ([png] if png else []),
+            "title": title}
+
+
+def _mean_sd(values) -> str:
+    v = np.asarray(values, float)
+    return _fmt(v.mean()) + (f" ± {_fmt(v.std(ddof=1))}" if len(v) > 1 else "")
+
+
+def window_table(rows, train_rows=()) -> str:
+    """Relative gradient error (mean ± sd over seeds) per policy, data set, at the first and
+    last measured iteration; the fixed windows' mean clipped fraction; the training runs."""
+    datas = list(dict.fromkeys(r["data"] for r in rows))
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    first, last = min(r["iteration"] for r in rows), max(r["iteration"] for r in rows)
+    head = ["policy"] + [f"{d}, it {it}" for d in datas for it in dict.fromkeys((first, last))]
+    head += ["cosine (first)", "input-grad error (first)", "clipped (first)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in policies:
+        cells = [p]
+        for d in datas:
+            for it in dict.fromkeys((first, last)):
+                cells.append(_mean_sd([r["rel_err"] for r in rows if (r["policy"], r["data"], r["iteration"])
+                                       == (p, d, it)]))
+        sel = [r for r in rows if r["policy"] == p and r["iteration"] == first]
+        cells += [f"{np.mean([r['cosine'] for r in sel]):.5f}", _mean_sd([r["input_rel_err"] for r in sel]),
+                  f"{100 * np.mean([r['clipped'] for r in sel]):.3f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Entries: ||g - g_exact|| / ||g_exact|| over all parameters, mean ± sample sd over seeds (the "
+                 "seed draws the model, the batch and, for the random set, the data); clipped: fraction of the "
+                 "stored units' values outside the window, mean over units.")
+    if train_rows:
+        lines += ["", "| policy | test acc | final train loss |", "|---|---|---|"]
+        for p in dict.fromkeys(r["policy"] for r in train_rows):
+            sel = [r for r in train_rows if r["policy"] == p]
+            lines.append(f"| {p} | {_mean_sd([r['test_acc'] for r in sel])} | "
+                         f"{_mean_sd([r['train_loss'] for r in sel])} |")
+    return "\n".join(lines)
+
+
+def plot_window(rows, train_rows, path, title: str = "") -> Path | None:
+    """Per data set: relative error against W for each K (solid: first iteration, dashed:
+    last; bars: sd over seeds), the fitted window at the right; then the training runs."""
+    plt = _pyplot()
+    if plt is None or not rows:
+        return None
+    import re  # noqa: PLC0415
+
+    datas = list(dict.fromkeys(r["data"] for r in rows))
+    first, last = min(r["iteration"] for r in rows), max(r["iteration"] for r in rows)
+    fig, axes = plt.subplots(1, len(datas) + bool(train_rows), figsize=(5 * (len(datas) + bool(train_rows)), 4.2))
+    axes = np.atleast_1d(axes)
+    parsed = {p: re.fullmatch(r"(paper|fit)(\d)(?:-w([\d.]+))?", p) for p in dict.fromkeys(r["policy"] for r in rows)}
+    bits = sorted({int(m.group(2)) for m in parsed.values() if m})
+    ws = sorted({float(m.group(3)) for m in parsed.values() if m and m.group(3)})
+    fit_x = (max(ws) if ws else 0) + 2
+    for ax, d in zip(axes, datas):
+        for j, k in enumerate(bits):
+            for it, ls in ((first, "-"), (last, "--")):
+                pts = []
+                for p, m in parsed.items():
+                    if m and int(m.group(2)) == k:
+                        v = [r["rel_err"] for r in rows if (r["policy"], r["data"], r["iteration"]) == (p, d, it)]
+                        if v:
+                            pts.append((float(m.group(3)) if m.group(3) else fit_x, np.mean(v),
+                                        np.std(v, ddof=1) if len(v) > 1 else 0.0, m.group(1)))
+                fixed = sorted(p for p in pts if p[3] == "paper")
+                if fixed:
+                    ax.errorbar([p[0] for p in fixed], [p[1] for p in fixed], [p[2] for p in fixed], color=f"C{j}",
+                                linestyle=ls, marker="o", ms=4, capsize=2,
+                                label=f"K={k}, it {it}" if it == first or first != last else f"K={k}")
+                for p in pts:
+                    if p[3] == "fit":
+                        ax.errorbar([p[0]], [p[1]], [p[2]], color=f"C{j}", marker="*" if ls == "-" else "P",
+                                    ms=10, capsize=2)
+        ax.set_yscale("log")
+        ax.set_xticks(ws + [fit_x])
+        ax.set_xticklabels([f"{w:g}" for w in ws] + ["fitted"])
+        ax.set_xlabel("window half-width W (batch std devs); right: the fitted window")
+        ax.set_ylabel("relative gradient error")
+        ax.set_title(f"{d} (solid/star: it {first}, dashed/plus: it {last})", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    if train_rows:
+        ax = axes[-1]
+        pols = list(dict.fromkeys(r["policy"] for r in train_rows))
+        for i, p in enumerate(pols):
+            acc = [r["test_acc"] for r in train_rows if r["policy"] == p]
+            ax.bar(i, np.mean(acc), 0.6, color=f"C{i}", alpha=0.7)
+            ax.plot([i] * len(acc), acc, "k.", ms=5)
+        ax.set_xticks(range(len(pols)))
+        ax.set_xticklabels(pols)
+        accs = [r["test_acc"] for r in train_rows]
+        ax.set_ylim(max(0.0, min(accs) - 0.05), min(1.0, max(accs) + 0.02))
+        ax.set_ylabel("test accuracy (digits), dots: seeds")
+        ax.set_title("training with the approximate gradients", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+    return _save(plt, fig, path, title)
+
+
 RUNNERS = {"depth": run_depth, "activations": run_activations, "training": run_training,
-           "optimizers": run_optimizers}
+           "optimizers": run_optimizers, "window": run_window}
 
 
 def run(experiment: str, cfg: StudyConfig, log=print) -> dict:

@@ -37,6 +37,7 @@ from .policy import policy_from_name, storage_policy
 from .report import ledger
 from .runfolder import CHECKPOINT, METRICS, STEPS, claim, read_jsonl, sync, write_jsonl
 from .tensor import Tensor, no_grad
+from .window import watch_training
 
 OPTIMIZER = "optimizer/"                 # array names: the model's own, then optimizer/<parameter>/<key>
 
@@ -136,6 +137,7 @@ class Trainer:
             raise ValueError(f"device must be 'cpu' or 'gpu', got {c.device!r}")
         self.model.to(c.device)   # a clear error without CuPy; the optimizer state follows the parameters
         self.policy = policy_from_name(c.policy, seed=c.seed)
+        self.window_watch = watch_training(self.policy, self.model, self.log)   # warns when a BN window saturates
         self.per_epoch = -(-len(self.data.y_train) // c.batch_size)
         self.total = c.iterations if c.iterations is not None else c.epochs * self.per_epoch
         if self.total < 1:

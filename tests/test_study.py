@@ -350,6 +350,30 @@ def test_study_command(tmp_path, capsys, experiment, extra, files):
             ("sgd", "exact"), ("sgd", "paper4"), ("adam", "exact"), ("adam", "paper4")}
 
 
+def test_study_window_experiment(tmp_path, capsys):
+    """The window experiment (tiny): every fixed window and the fitted one, both data sets,
+    three seeds, measured at initialisation and after training; then the training runs."""
+    pytest.importorskip("matplotlib")
+    rc = cli.main(["study", "--experiment", "window", *TINY, "--iterations", "1", "--every", "1",
+                   "--out", str(tmp_path)])
+    assert rc == 0
+    assert "| paper8-w6 |" in capsys.readouterr().out
+    for f in ("window.csv", "units.csv", "training.csv", "window.json", "table.md", "window.png"):
+        assert (tmp_path / "window" / f).stat().st_size > 0, f
+    data = json.loads((tmp_path / "window" / "window.json").read_text())
+    rows = data["rows"]
+    assert {r["policy"] for r in rows} == set(S.window_policies())
+    assert {(r["data"], r["seed"], r["iteration"]) for r in rows} == {
+        (d, s, i) for d in ("digits", "random") for s in (0, 1, 2) for i in (0, 1)}
+    assert all(0 < r["rel_err"] < 2 and -1 <= r["cosine"] <= 1 for r in rows)
+    # the fitted 8-bit window clips nothing; the +-2 window clips the Gaussian-like tails
+    at = {(r["policy"], r["data"], r["seed"], r["iteration"]): r for r in rows}
+    assert all(at[("fit8", d, s, 0)]["clipped"] == 0 for d in ("digits", "random") for s in (0, 1, 2))
+    assert all(at[("paper8-w2", d, s, 0)]["clipped"] > 0.01 for d in ("digits", "random") for s in (0, 1, 2))
+    assert {(r["policy"], r["seed"]) for r in data["training"]} == {
+        (p, s) for p in ("paper4", "fit4", "paper2", "fit2") for s in (0, 1, 2)}
+
+
 def test_study_command_refuses_a_bad_policy(capsys):
     assert cli.main(["study", "--policies", "paper3"]) == 2
     assert "unknown storage policy" in capsys.readouterr().err
