@@ -61,16 +61,38 @@ def _child(fn, rank, world_size, addr, backend, timeout, threads, results, args)
         torch.set_num_threads(threads)
     if addr.startswith("tcp://127.0.0.1"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    joined = False
     try:
         torch.distributed.init_process_group(backend, init_method=addr, rank=rank, world_size=world_size,
                                              timeout=datetime.timedelta(seconds=timeout))
-        try:
-            out = fn(rank, world_size, *args)
-        finally:
-            torch.distributed.destroy_process_group()
-        results.put((rank, True, out))
+        joined = True
+        results.put((rank, True, fn(rank, world_size, *args), time.time()))
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent, named by rank
-        results.put((rank, False, traceback.format_exc()))
+        # reported before leaving the group: the other ranks fail only after this one did
+        results.put((rank, False, traceback.format_exc(), time.time()))
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _first_failure(results, first, procs, grace=1.0):
+    """The root failure: a rank that died without reporting (a crash), else the
+    earliest of ``first`` and the failures arriving within ``grace`` seconds (a
+    rank's failure makes the others fail after it)."""
+    failures, end = [first], time.monotonic() + grace
+    while time.monotonic() < end:
+        try:
+            item = results.get(timeout=max(0.0, end - time.monotonic()))
+        except queue.Empty:
+            break
+        if not item[1]:
+            failures.append(item)
+    reported = {f[0] for f in failures}
+    crashed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in reported]
+    if crashed:
+        return RankError(crashed[0], f"exit code {procs[crashed[0]].exitcode}")
+    rank, _, error, _ = min(failures, key=lambda f: f[3])
+    return RankError(rank, error)
 
 
 def launch(fn, nproc: int, *args, backend: str = "gloo", timeout: float = 60.0, deadline: float = 600.0,
@@ -92,12 +114,12 @@ def launch(fn, nproc: int, *args, backend: str = "gloo", timeout: float = 60.0, 
     try:
         while len(out) < nproc:
             try:
-                rank, ok, value = results.get(timeout=0.2)
+                item = results.get(timeout=0.2)
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in out]
                 if dead:
                     try:   # its error may still be on its way
-                        rank, ok, value = results.get(timeout=2.0)
+                        item = results.get(timeout=2.0)
                     except queue.Empty:
                         raise RankError(dead[0], f"exit code {procs[dead[0]].exitcode}") from None
                 elif time.monotonic() > end:
@@ -105,9 +127,9 @@ def launch(fn, nproc: int, *args, backend: str = "gloo", timeout: float = 60.0, 
                                        f"ranks without a result: {sorted(set(range(nproc)) - set(out))}") from None
                 else:
                     continue
-            if not ok:
-                raise RankError(rank, value)
-            out[rank] = value
+            if not item[1]:
+                raise _first_failure(results, item, procs)
+            out[item[0]] = item[2]
     finally:
         for p in procs:
             if p.is_alive():
