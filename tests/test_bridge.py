@@ -254,13 +254,14 @@ def _engine_grads(m, x, y, policy):
 
 def test_paper4_forward_is_torch_and_gradients_are_the_engines():
     """Forward logits: bit-identical to plain torch. Gradients: the engine's Paper(4)
-    gradients computed from the bridge's own codes (``Replay``) agree to 2e-4 of each
-    gradient's largest entry: what is left differs only by float32 rounding (torch's
+    gradients computed from the bridge's own codes (``Replay``) agree to 5e-5 of each
+    gradient's largest entry (measured: 6e-6): what is left differs only by float32 rounding (torch's
     1/sigma and BN sums against the engine's, convolution backward summation order
     over up to N*H*W = 8192 terms). The engine's *own* codes differ from the bridge's
     where torch's BN rounds y across a bin edge: counted (at most 1 in 10^5 codes,
     each off by one bin), and their effect on the gradients is bounded (5e-2 of the
-    largest entry: one bin, 0.375 sigma, at one position of a batch of 8)."""
+    largest entry, measured 2e-2 from 2 flips: one bin, 0.375 sigma, at one position of a
+    batch of 8 moves a small layer's weight gradient)."""
     m = _resnet20()
     x, y = _data(8)
     t = bridge.to_torch(m)
@@ -280,7 +281,7 @@ def test_paper4_forward_is_torch_and_gradients_are_the_engines():
     for name, g in grads.items():
         g = g.numpy()
         scale = np.abs(replay[name]).max()
-        np.testing.assert_allclose(g, replay[name], rtol=0, atol=2e-4 * scale, err_msg=name)
+        np.testing.assert_allclose(g, replay[name], rtol=0, atol=5e-5 * scale, err_msg=name)
         np.testing.assert_allclose(g, own[name], rtol=0, atol=5e-2 * scale, err_msg=name)
 
 

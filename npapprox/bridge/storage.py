@@ -3,8 +3,8 @@
 Inside ``storage_policy(policy)`` (the engine's policy objects, ``npapprox.policy``):
 
 * a BN -> ReLU unit in batch-statistics mode runs as one autograd Function,
-  ``BatchNormReLU``. Its forward is torch's own kernels (``native_batch_norm``
-  then ``relu``: bit-identical to ``F.relu(F.batch_norm(...))``); what it keeps
+  ``BatchNormReLU``. Its forward is torch's own kernels (the batch norm
+  ``F.batch_norm`` dispatches to, then ``relu``: bit-identical to ``F.relu(F.batch_norm(...))``); what it keeps
   is ``policy.store_unit(...)``, the engine's call on zero-copy array views of
   torch's ``y`` (``Paper``: K-bit codes + ``s`` per channel; ``Generic``: codes
   + a 1-bit mask), or, under an exact policy, ``TorchExactUnit`` (the BN input,
@@ -56,6 +56,7 @@ _stack: list = []            # policies in force, innermost last; empty: plain t
 _names: list = []            # names of the bridge modules whose forward runs
 _units: dict = {}            # id(unit output h) -> (weakref to h, its stored unit)
 _records: list = []          # lists collecting (Entry, stored) while ``record()`` runs
+_kept: dict = {}             # tensors kept as they are while recording (to count each once)
 
 #: outputs kept exactly: the loss's probabilities (the engine's SoftmaxCrossEntropy keeps p as STAT)
 EXACT_OUTPUTS = ("LogSoftmaxBackward0", "SoftmaxBackward0")
@@ -179,15 +180,25 @@ class Kept(Stored):
         return self.tensor
 
 
+def _bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps):
+    """torch's batch-norm forward as ``F.batch_norm`` dispatches it (native kernel on
+    the CPU, cuDNN where torch would use it) -> (y, mean, invstd, reserve, impl)."""
+    return torch.ops.aten._batch_norm_impl_index(x, gamma, beta, running_mean, running_var, True, momentum, eps,
+                                                 torch.backends.cudnn.enabled)
+
+
 class TorchExactUnit(Unit):
     """A unit under an exact policy: the BN input x in full precision plus the
-    batch mean (the engine's ``ExactUnit``), recomputed in backward by torch's own
-    kernels, so every gradient is bit-identical to plain torch's."""
+    batch mean (the engine's ``ExactUnit``). Backward recomputes y with the kernel
+    the forward used (``_bn_forward``; stand-in running statistics with momentum 0
+    where the forward had real ones, so the same path runs) and calls torch's own
+    backward, so every gradient is bit-identical to plain torch's."""
 
-    __slots__ = ("x", "mean", "invstd", "gamma", "beta", "eps")
+    __slots__ = ("x", "mean", "invstd", "gamma", "beta", "eps", "running", "reserve", "impl")
 
-    def __init__(self, x, mean, invstd, gamma, beta, eps):
+    def __init__(self, x, mean, invstd, gamma, beta, eps, running, reserve, impl):
         self.x, self.mean, self.invstd, self.gamma, self.beta, self.eps = x, mean, invstd, gamma, beta, eps
+        self.running, self.reserve, self.impl = running, reserve, impl
         self.shape, self.dtype = tuple(x.shape), x.dtype
 
     form = property(lambda self: str(self.dtype).removeprefix("torch."))
@@ -195,8 +206,11 @@ class TorchExactUnit(Unit):
     payload_nbytes = property(lambda self: self.x.numel() * self.x.element_size())
     meta_nbytes = property(lambda self: self.mean.numel() * self.mean.element_size())
 
+    def _stand_ins(self):
+        return (torch.zeros_like(self.mean), torch.ones_like(self.mean)) if self.running else (None, None)
+
     def _y(self):
-        return torch.native_batch_norm(self.x, self.gamma, self.beta, None, None, True, 0.0, self.eps)[0]
+        return _bn_forward(self.x, self.gamma, self.beta, *self._stand_ins(), 0.0, self.eps)[0]
 
     def h(self):
         return torch.relu(self._y())
@@ -204,8 +218,9 @@ class TorchExactUnit(Unit):
     def backward(self, gh, need):
         """(gx, ggamma, gbeta) as torch's autograd computes them for relu(batch_norm(x))."""
         g = torch.ops.aten.threshold_backward(gh, torch.relu(self._y()), 0)
-        return torch.ops.aten.native_batch_norm_backward(g, self.x, self.gamma, None, None, self.mean,
-                                                         self.invstd, True, self.eps, list(need))
+        return torch.ops.aten._batch_norm_impl_index_backward(
+            self.impl, self.x, g, self.gamma, *self._stand_ins(), self.mean, self.invstd, True, self.eps,
+            list(need), self.reserve)
 
 
 class Sized(Stored):
@@ -259,6 +274,8 @@ def record():
         yield out
     finally:
         _records.remove(out)
+        if not _records:
+            _kept.clear()
 
 
 def _note(op, name, kind, stored, policy):
@@ -317,9 +334,23 @@ def _classify(t, policy):
         return ACTIVATION, policy.store_activation(_op(f"saved output of {producer}"), "saved", as_array(t))
 
 
+class Alias(Kept):
+    """A tensor that an earlier save already keeps (torch saves the loss's
+    log-probabilities twice): the same memory, counted once."""
+
+    __slots__ = ()
+    form = "alias"
+    payload_nbytes = 0
+
+
 def _pack(t):
     policy = _stack[-1]
     kind, stored = _classify(t, policy)
+    if _records and type(stored) is Kept and not stored.param:
+        key = id(t) if t.is_meta else (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
+        if key in _kept:
+            stored = Alias(t)
+        _kept[key] = t
     _note("torch-saved", "-" if t.grad_fn is None else type(t.grad_fn).__name__, kind, stored, policy)
     return t.device, stored
 
@@ -333,9 +364,9 @@ def _unpack(packed):
 # --------------------------------------------------------------------------- #
 # the two autograd Functions
 # --------------------------------------------------------------------------- #
-def _store_unit(policy, x, y, mean, invstd, gamma, beta, eps):
+def _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running=False, reserve=None, impl=0):
     if _exact_units(policy):
-        return TorchExactUnit(x.detach(), mean, invstd, gamma.detach(), beta.detach(), eps)
+        return TorchExactUnit(x.detach(), mean, invstd, gamma.detach(), beta.detach(), eps, running, reserve, impl)
     if x.is_meta:
         return _sized_unit(policy, x)
     with kernel_stream(x):   # gamma, beta copied: the unit must not follow a later optimiser step
@@ -354,9 +385,9 @@ class BatchNormReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, running_mean, running_var, momentum, eps, policy):
-        y, mean, invstd = torch.native_batch_norm(x, gamma, beta, running_mean, running_var, True, momentum, eps)
+        y, mean, invstd, reserve, impl = _bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps)
         h = torch.relu(y)
-        ctx.unit = _store_unit(policy, x, y, mean, invstd, gamma, beta, eps)
+        ctx.unit = _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running_mean is not None, reserve, impl)
         ctx.gamma, ctx.invstd = gamma.detach(), invstd
         _note("BatchNormReLU", "unit", UNIT, ctx.unit, policy)
         _note("BatchNormReLU", "gamma", PARAM, Kept(gamma, param=True), policy)
@@ -423,6 +454,6 @@ def avg_pool2d(x, kernel: int, stride: int | None = None):
     return F.avg_pool2d(x, kernel, stride)
 
 
-__all__ = ["AvgPool", "BatchNormReLU", "EXACT_OUTPUTS", "Kept", "Sized", "TorchExactUnit", "as_array", "as_tensor",
+__all__ = ["Alias", "AvgPool", "BatchNormReLU", "EXACT_OUTPUTS", "Kept", "Sized", "TorchExactUnit", "as_array", "as_tensor",
            "avg_pool2d", "batch_norm", "check_policy", "current_policy", "kernel_stream", "ledger",
            "module_scope", "record", "storage_policy"]
