@@ -346,3 +346,29 @@ def test_unit_output_is_stored_once():
     refs = [e for e in L.entries if e.form == "ref:paper"]
     assert refs and all(e.payload == 0 for e in refs)
     assert {e.module.rsplit(".", 1)[-1] for e in refs} == {"conv1", "conv2", "proj"}
+
+
+@pytest.mark.parametrize("build", [
+    lambda: na.nn.VGG((8, "M", 16, "M"), input_size=8),
+    lambda: na.nn.VGG((8, "M", 16, "M"), input_size=8, exact_pool_units=False),
+    lambda: na.nn.densenet_bc(depth=10, growth_rate=4, input_size=8),
+    lambda: na.nn.build_model("resnet8", activation="tanh", shortcut="projection"),
+], ids=["vgg", "vgg-pool-units-k-bit", "densenet", "resnet8-tanh"])
+def test_other_models_keep_the_engines_activation_bytes(build):
+    """Activation bytes (real and shape-only) equal the engine's under Paper(4). Other
+    entries may differ: torch's max-pool keeps int64 indices and a reference to its
+    input, the engine a smaller argmax."""
+    na.nn.manual_seed(0)
+    m = build()
+    t = bridge.to_torch(m)
+    x, y = _data(4, size=8)
+    want = na.ledger(m, x, y, na.Paper(4)).activation_stored
+    assert bridge.ledger(t, torch.from_numpy(x), y, na.Paper(4)).activation_stored == want
+    assert bridge.ledger(t, torch.empty(x.shape, device="meta"), y, na.Paper(4)).activation_stored == want
+
+
+def test_cpu_tensors_reach_the_compiled_kernels_without_a_copy():
+    t = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    a = bstorage.as_array(t)
+    assert a.ctypes.data == t.data_ptr() and bstorage.as_tensor(a).data_ptr() == t.data_ptr()
+    assert kernels.implementation(a) == ("cpu" if kernels.compiled_available() else "reference")

@@ -147,24 +147,28 @@ def _train_worker(rank, world_size, module, batches, policy, lr):
     from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
 
     from .storage import storage_policy  # noqa: PLC0415
-    module = copy.deepcopy(module)   # tensors arrive in shared memory (torch's pickling): own a copy
-    model = DistributedDataParallel(module)
+    nccl = torch.distributed.get_backend() == "nccl"
+    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}") if nccl else torch.device("cpu")
+    # tensors arrive in shared memory (torch's pickling): each rank trains its own copy
+    module = copy.deepcopy(module).to(device)
+    model = DistributedDataParallel(module, device_ids=[device.index] if nccl else None)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     snapshots = []
     for x, y in batches:
-        x, y = shard(torch.as_tensor(x), rank, world_size), shard(torch.as_tensor(y), rank, world_size)
+        x, y = (shard(torch.as_tensor(a), rank, world_size).to(device) for a in (x, y))
         opt.zero_grad()
         with storage_policy(policy):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()                       # DDP averages the gradients over the ranks
         opt.step()
-        snapshots.append({n: p.detach().numpy().copy() for n, p in module.named_parameters()})
+        snapshots.append({n: p.detach().cpu().numpy().copy() for n, p in module.named_parameters()})
     return snapshots
 
 
 def train(module, batches, policy, nproc: int = 2, lr: float = 0.1, **launch_options) -> list:
     """Train ``module`` with SGD on ``batches`` ((x, labels) pairs, whole batches:
-    each rank takes its ``shard``) under ``policy``, in ``nproc`` processes.
+    each rank takes its ``shard``) under ``policy``, in ``nproc`` processes (with
+    ``backend="nccl"``: rank r on GPU r).
     Returns, per rank, the parameters (NumPy, by name) after every step."""
     batches = [(np.asarray(x), np.asarray(y)) for x, y in batches]
     return launch(_train_worker, nproc, module, batches, policy, lr, **launch_options)

@@ -45,6 +45,7 @@ import weakref
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..kernels.bn import as_ncm, bn_backward
 from ..kernels.reference import num_groups, packed_nbytes
@@ -290,7 +291,10 @@ def ledger(module, x, labels=None, policy: Policy | None = None) -> Ledger:
     """One recorded forward of ``module`` on ``x`` (and the cross-entropy loss when
     ``labels`` are given) under ``policy`` (default: the one in force, else
     ``Exact()``); every saved entry, as ``npapprox.report.ledger`` lists them (same
-    ``Entry``/``Ledger`` classes, same totals). ``x`` on the ``meta`` device runs a
+    ``Entry``/``Ledger`` classes, same totals; like it, a training-mode forward
+    updates the running statistics). Entries the hooks record name the op that
+    produced the saved tensor; a tensor saved twice counts once (form ``alias``).
+    ``x`` on the ``meta`` device runs a
     shape-only pass on a meta copy of ``module`` (nothing computed: cheap for any size)."""
     from ..policy import Exact  # noqa: PLC0415
     policy = (current_policy() or Exact()) if policy is None else policy
@@ -357,6 +361,8 @@ def _pack(t):
 
 def _unpack(packed):
     device, stored = packed
+    if device.type != "cuda":
+        return as_tensor(stored.restore())
     with kernel_stream(torch.empty(0, device=device)):
         return as_tensor(stored.restore())
 
@@ -397,6 +403,7 @@ class BatchNormReLU(torch.autograd.Function):
         return h
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gh):
         unit, ctx.unit = ctx.unit, None       # freed as backward walks
         if unit is None:
