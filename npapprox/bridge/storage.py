@@ -13,19 +13,15 @@ Inside ``storage_policy(policy)`` (the engine's policy objects, ``npapprox.polic
   xhat and the exact mask rebuilt from the codes.
 * every other tensor an op saves goes through ``saved_tensors_hooks``:
 
-  ==========================================  ========  ==============================
-  saved tensor                                kind      kept as
-  ==========================================  ========  ==============================
-  a unit's output h (the next conv's input)   ACTIVATION ``UnitRef``: rebuilt from the
-                                                        unit's codes, 0 bytes
-  integer tensor (max-pool indices, labels)    INDEX     the tensor
-  fewer than 2 dims (statistics, scalars)     STAT      the tensor
-  leaf: a parameter (or a view of one)         PARAM     the tensor (0 bytes: the model's)
-  leaf: the network input                     ACTIVATION the tensor (exact, as the engine)
-  softmax / log-softmax output (the loss)     STAT      the tensor (the engine's loss keeps p)
-  any other float32/float64 tensor            ACTIVATION ``policy.store_activation`` (Paper:
-                                                        its fallback, generic K-bit)
-  ==========================================  ========  ==============================
+    saved tensor, in the order checked         kind        kept as
+    a unit's output h (the next conv's input)  ACTIVATION  ``UnitRef``: rebuilt from the unit, 0 bytes
+    an integer tensor (indices, labels)        INDEX       the tensor
+    a parameter (leaf needing grad, or a view) PARAM       the tensor (0 bytes: the model's)
+    fewer than 2 dims (statistics, scalars)    STAT        the tensor
+    another leaf (the network input)           ACTIVATION  the tensor (exact, as in the engine)
+    a softmax / log-softmax output (the loss)  STAT        the tensor (the engine's loss keeps p)
+    any other float32 / float64 tensor         ACTIVATION  ``policy.store_activation`` (Paper:
+                                                           its fallback, generic K-bit)
 
 * a non-overlapping average pool (the ResNets' pad shortcut, DenseNet's
   transitions) runs as ``AvgPool`` (torch's forward, a backward that needs no
@@ -49,7 +45,17 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels.bn import as_ncm, bn_backward
 from ..kernels.reference import num_groups, packed_nbytes
-from ..policy import ACTIVATION, INDEX, PARAM, STAT, UNIT, BNReLUUnit, Generic, Paper, Policy
+from ..policy import (
+    ACTIVATION,
+    INDEX,
+    PARAM,
+    STAT,
+    UNIT,
+    BNReLUUnit,
+    Generic,
+    Paper,
+    Policy,
+)
 from ..report import Entry, Ledger
 from ..storage import Stored, Unit, UnitRef
 
@@ -325,10 +331,12 @@ def _classify(t, policy):
     base = t._base if t._is_view() else t
     if not t.is_floating_point():
         return INDEX, Kept(t)
+    if base.grad_fn is None and base.requires_grad:
+        return PARAM, Kept(t, param=True)
     if t.dim() < 2:
         return STAT, Kept(t)
     if base.grad_fn is None:
-        return (PARAM, Kept(t, param=True)) if base.requires_grad else (ACTIVATION, Kept(t))
+        return ACTIVATION, Kept(t)
     producer = type(t.grad_fn).__name__
     if producer in EXACT_OUTPUTS or t.dtype not in (torch.float32, torch.float64) or _exact_activations(policy):
         return (STAT if producer in EXACT_OUTPUTS else ACTIVATION), Kept(t)
