@@ -372,3 +372,26 @@ def test_cpu_tensors_reach_the_compiled_kernels_without_a_copy():
     a = bstorage.as_array(t)
     assert a.ctypes.data == t.data_ptr() and bstorage.as_tensor(a).data_ptr() == t.data_ptr()
     assert kernels.implementation(a) == ("cpu" if kernels.compiled_available() else "reference")
+
+
+def _alive_units():
+    import gc  # noqa: PLC0415
+    gc.collect()
+    return sum(type(o) is PaperUnit for o in gc.get_objects())
+
+
+def test_units_are_freed_as_backward_walks_and_no_grad_keeps_none():
+    t = bridge.to_torch(_resnet20())
+    x, y = _data(2, size=8)
+    before = _alive_units()
+    with bridge.storage_policy(na.Paper(4)):
+        loss = F.cross_entropy(t(torch.from_numpy(x)), torch.from_numpy(y))
+    assert _alive_units() - before == 18            # one per unit but the exact last one
+    loss.backward()
+    assert _alive_units() - before == 0             # the graph (loss) is alive, its codes are not
+    with pytest.raises(RuntimeError, match="already freed|backward through the graph a second time"):
+        loss.backward()
+    del loss
+    with torch.no_grad(), bridge.storage_policy(na.Paper(4)):
+        t(torch.from_numpy(x))
+    assert _alive_units() - before == 0
