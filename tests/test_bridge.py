@@ -136,6 +136,10 @@ def test_policies_the_bridge_cannot_apply(policy, match):
     with pytest.raises(TypeError, match="expects an npapprox Policy"):
         with bridge.storage_policy("paper4"):
             pass
+    bn = bridge.to_torch(na.nn.BatchNorm2d(3, relu=True)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"Paper\(bits=4\) stores float32 or float64 activations, got torch.bfloat16"):
+        with bridge.storage_policy(na.Paper(4)):
+            bn(torch.ones(2, 3, 2, 2, dtype=torch.bfloat16, requires_grad=True))
 
 
 @pytest.mark.parametrize("policy", [na.Paper(4), na.Generic(4, group=64)], ids=repr)

@@ -381,6 +381,9 @@ def _unpack(packed):
 def _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running=False, reserve=None, impl=0):
     if _exact_units(policy):
         return TorchExactUnit(x.detach(), mean, invstd, gamma.detach(), beta.detach(), eps, running, reserve, impl)
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"npapprox.bridge: {policy!r} stores float32 or float64 activations, got {x.dtype} "
+                         "(use Exact() for other dtypes)")
     if x.is_meta:
         return _sized_unit(policy, x)
     with kernel_stream(x):   # gamma, beta copied: the unit must not follow a later optimiser step
