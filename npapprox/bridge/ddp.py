@@ -1,15 +1,19 @@
 """Multi-process data parallel training with torch's DistributedDataParallel.
 
-``launch(fn, nproc, *args)`` starts ``nproc`` processes (spawn), joins them in one
+``launch(fn, nproc, *args)`` starts ``nproc`` processes (spawn: a script that
+calls it needs the ``if __name__ == "__main__":`` guard), joins them in one
 process group (gloo on the CPU, NCCL when ``backend="nccl"``) at
 ``tcp://127.0.0.1:<free port>``, runs ``fn(rank, world_size, *args)`` in each and
 returns the ranks' results in rank order. Tensors in ``args`` reach the children
 in shared memory (torch's pickling): a worker that changes them copies them first.
-Every wait is bounded: the group's
-collectives time out after ``timeout`` seconds, and the parent watches the
-children; as soon as one fails (an exception, or an exit without a result) the
-others are stopped and ``RankError`` names the rank and carries its error. A run
-that outlives ``deadline`` seconds is stopped the same way (``TimeoutError``).
+
+Every wait is bounded: the group's collectives time out after ``timeout``
+seconds, and the parent watches the children. When a rank fails (an exception,
+reported before it leaves the group, or a crash), the others are stopped and
+``RankError`` names the rank that failed first (a crashed rank, else the
+earliest report: the others' "connection closed" errors follow from it) and
+carries its traceback. A run that outlives ``deadline`` seconds is stopped the
+same way (``TimeoutError``).
 
 ``train(module, batches, policy, ...)`` is the ready-made worker: each rank
 trains a copy of ``module`` (a bridge module, ``npapprox.bridge.to_torch``)
