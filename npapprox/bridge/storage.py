@@ -3,14 +3,15 @@
 Inside ``storage_policy(policy)`` (the engine's policy objects, ``npapprox.policy``):
 
 * a BN -> ReLU unit in batch-statistics mode runs as one autograd Function,
-  ``BatchNormReLU``. Its forward is torch's own kernels (the batch norm
-  ``F.batch_norm`` dispatches to, then ``relu``: bit-identical to ``F.relu(F.batch_norm(...))``); what it keeps
-  is ``policy.store_unit(...)``, the engine's call on zero-copy array views of
-  torch's ``y`` (``Paper``: K-bit codes + ``s`` per channel; ``Generic``: codes
-  + a 1-bit mask), or, under an exact policy, ``TorchExactUnit`` (the BN input,
-  recomputed with torch's kernels in backward, so gradients are bit-identical
-  to plain torch). Its backward is the engine's ``kernels.bn.bn_backward`` with
-  xhat and the exact mask rebuilt from the codes.
+  ``BatchNormReLU``. Its forward is torch's own: the batch-norm kernel that
+  ``F.batch_norm`` dispatches to, then ``relu`` (bit-identical to
+  ``F.relu(F.batch_norm(...))``). What it keeps is ``policy.store_unit(...)``,
+  the engine's own call, on zero-copy array views of torch's ``y`` (``Paper``:
+  K-bit codes + ``s`` per channel; ``Generic``: codes + a 1-bit mask); its
+  backward is the engine's ``kernels.bn.bn_backward`` with the exact mask and
+  xhat rebuilt from the codes. Under an exact policy it keeps
+  ``TorchExactUnit`` (the BN input), recomputes y and runs torch's own backward,
+  so gradients are bit-identical to plain torch's.
 * every other tensor an op saves goes through ``saved_tensors_hooks``:
 
     saved tensor, in the order checked         kind        kept as
