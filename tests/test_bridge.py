@@ -399,3 +399,35 @@ def test_units_are_freed_as_backward_walks_and_no_grad_keeps_none():
     with torch.no_grad(), bridge.storage_policy(na.Paper(4)):
         t(torch.from_numpy(x))
     assert _alive_units() - before == 0
+
+
+def test_eval_mode_unit_under_paper4_is_the_engines():
+    """A unit with running statistics (eval mode, gradients on): forward bit-identical
+    to torch's eval BN + ReLU; codes, 1/sigma and the gradients of x, gamma, beta
+    equal the engine's (BN's backward without the batch terms, the same kernel)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 8, 6, 6)).astype(np.float32)
+    gh = rng.standard_normal(x.shape).astype(np.float32)
+    m = na.nn.BatchNorm2d(8, relu=True)
+    m.weight.data[...] = rng.uniform(-1, 1.5, 8)
+    m.bias.data[...] = 0.3 * rng.standard_normal(8)
+    m.running_mean[...] = 0.2 * rng.standard_normal(8)
+    m.running_var[...] = rng.uniform(0.5, 2, 8)
+    m.eval()
+    t = bridge.to_torch(m)
+    assert not t.training
+    xt = torch.from_numpy(x).requires_grad_()
+    with bstorage.record() as saved, bridge.storage_policy(na.Paper(4)):
+        h = t(xt)
+    h.backward(torch.from_numpy(gh))
+    assert torch.equal(h, F.relu(F.batch_norm(torch.from_numpy(x), t.running_mean, t.running_var, t.weight, t.bias)))
+    xe = Tensor(x, requires_grad=True)
+    with na.storage_policy(na.Paper(4)):
+        he = m(xe)
+    unit = next(s for _, s in saved if isinstance(s, PaperUnit))
+    inv_sigma = next(s for e, s in saved if e.name == "inv_sigma").tensor.numpy()
+    assert unit.packed.tobytes() == he._ctx.saved["unit"].packed.tobytes()
+    assert np.array_equal(inv_sigma, he._ctx.saved["inv_sigma"].restore())
+    he.backward(gh)
+    for got, want in ((xt.grad, xe.grad), (t.weight.grad, m.weight.grad), (t.bias.grad, m.bias.grad)):
+        assert np.array_equal(got.numpy(), want)

@@ -393,17 +393,24 @@ def _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running=False, res
 
 
 class BatchNormReLU(torch.autograd.Function):
-    """h = relu(y), y = gamma * (x - mu) / sigma + beta, batch statistics over
-    (N, H, W); x (N, C, H, W), gamma, beta (C,). Running statistics (when given)
-    are updated in place, as ``F.batch_norm`` does.
+    """h = relu(y), y = gamma * (x - mu) / sigma + beta; x (N, C, H, W), gamma,
+    beta (C,). ``batch``: mu, sigma are the batch statistics over (N, H, W), and
+    the running statistics (when given) are updated in place, as ``F.batch_norm``
+    does; otherwise (a K-bit policy in eval mode) mu, sigma^2 are the running
+    statistics, and BN's backward drops the batch terms (``kernels.bn.bn_backward``).
 
     Keeps: one stored unit (``policy.store_unit``), gamma (a reference) and
     1/sigma (C floats). Backward: g = gh * [y > 0] (mask exact from the codes),
     then BN's backward with xhat rebuilt from the codes (``kernels.bn.bn_backward``)."""
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, running_mean, running_var, momentum, eps, policy):
-        y, mean, invstd, reserve, impl = _bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps)
+    def forward(ctx, x, gamma, beta, running_mean, running_var, momentum, eps, policy, batch=True):
+        if batch:
+            y, mean, invstd, reserve, impl = _bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps)
+        else:   # torch's eval forward; 1/sigma with the engine's bits (a test pins it)
+            y = F.batch_norm(x, running_mean, running_var, gamma, beta, training=False, eps=eps)
+            mean, invstd, reserve, impl = running_mean.clone(), torch.rsqrt(running_var + eps), None, 0
+        ctx.batch = batch
         h = torch.relu(y)
         ctx.unit = _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running_mean is not None, reserve, impl)
         ctx.gamma, ctx.invstd = gamma.detach(), invstd
@@ -426,10 +433,10 @@ class BatchNormReLU(torch.autograd.Function):
         else:
             with kernel_stream(gh):
                 gx, ggamma, gbeta = bn_backward(as_ncm(as_array(gh)), unit.bn_source(), as_array(ctx.gamma),
-                                                as_array(ctx.invstd), batch_stats=True, need_gx=need[0])
+                                                as_array(ctx.invstd), batch_stats=ctx.batch, need_gx=need[0])
             gx = None if gx is None else as_tensor(gx).reshape(gh.shape)
             ggamma, gbeta = as_tensor(ggamma), as_tensor(gbeta)
-        return gx, ggamma, gbeta, None, None, None, None, None
+        return gx, ggamma, gbeta, None, None, None, None, None, None
 
 
 class AvgPool(torch.autograd.Function):
@@ -460,8 +467,9 @@ def batch_norm(bn, x):
     """The forward of a bridge ``BatchNorm2d`` (see ``npapprox.nn.BatchNorm2d``)."""
     batch = bn.training or bn.eval_batch_stats
     running = (bn.running_mean, bn.running_var) if bn.training or not batch else (None, None)
-    if bn.relu and batch and _recording(x, bn.weight, bn.bias):
-        return BatchNormReLU.apply(x, bn.weight, bn.bias, *running, bn.momentum, bn.eps, _stack[-1])
+    # under an exact policy in eval mode plain torch already keeps what the engine keeps
+    if bn.relu and _recording(x, bn.weight, bn.bias) and (batch or not _exact_units(_stack[-1])):
+        return BatchNormReLU.apply(x, bn.weight, bn.bias, *running, bn.momentum, bn.eps, _stack[-1], batch)
     y = F.batch_norm(x, *running, bn.weight, bn.bias, training=batch, momentum=bn.momentum, eps=bn.eps)
     return F.relu(y) if bn.relu else y
 
