@@ -8,7 +8,8 @@ median (and min) step time and the ratio to plain torch, the bytes kept for
 backward (plain torch: every distinct saved storage, counted by a saved-tensor
 hook; the bridge: its ledger) and the measured peak of torch's allocator over
 the step (torch profiler memory events; the bridge's NumPy codes are not torch
-allocations: tracemalloc's peak is listed beside it).
+allocations: tracemalloc's peak is listed beside it). "ratio" compares medians,
+"min ratio" the fastest steps (less sensitive to other jobs on the machine).
 
     python benchmarks/bench_bridge.py [--batch 128] [--repeats 5] [--rounds 2] [--threads N]
 
@@ -120,7 +121,8 @@ def main(argv=None):
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     plain = statistics.median(runs["plain torch"][2])
-    head = (f"{'variant':<20} {'median ms':>10} {'min ms':>8} {'ratio':>6} {'saved for backward':>19} "
+    plain_min = min(runs["plain torch"][2])
+    head = (f"{'variant':<20} {'median ms':>10} {'min ms':>8} {'ratio':>6} {'min ratio':>9} {'saved for backward':>19} "
             f"{'torch peak':>11} {'NumPy peak':>11}")
     print(head)
     print("-" * len(head))
@@ -131,6 +133,7 @@ def main(argv=None):
         saved = plain_saved_bytes(model, x, y) if policy is None else bridge.ledger(model, meta, y, policy).stored
         peak, np_peak = measured_peak(model, opt, x, y, policy)
         print(f"{name:<20} {1e3 * med:>10.1f} {1e3 * min(times):>8.1f} {med / plain:>5.2f}x "
+              f"{min(times) / plain_min:>8.2f}x "
               f"{saved / 2**20:>15.1f} MiB {peak / 2**20:>7.1f} MiB {np_peak / 2**20:>7.1f} MiB")
 
 

@@ -75,6 +75,12 @@ def test_import_without_torch_names_the_extra(monkeypatch):
     assert "\n" not in msg and "pip install 'npapprox[torch]'" in msg
 
 
+def _plain(mod):
+    """A module's attributes other than parameters, sub-modules and buffers (policies by repr)."""
+    return {k: repr(v) for k, v in mod.__dict__.items()
+            if k != "_buffers" and k not in mod._buffers and not isinstance(v, (na.nn.Module, na.nn.Parameter))}
+
+
 @pytest.mark.parametrize("build", [
     lambda: na.nn.preact_resnet20(),
     lambda: na.nn.build_model("resnet20", shortcut="projection", activation="tanh", width=4),
@@ -97,6 +103,8 @@ def test_round_trip_and_forward(build):
     sd2 = back.state_dict()
     assert list(sd2) == list(sd) and all(np.array_equal(sd2[k], sd[k]) and sd2[k].dtype == sd[k].dtype for k in sd)
     assert [(n, type(x).__name__) for n, x in back.named_modules()] == [(n, type(x).__name__) for n, x in m.named_modules()]
+    assert [_plain(a) for _, a in back.named_modules()] == [_plain(b) for _, b in m.named_modules()]
+    assert any(mod.storage is not None for _, mod in back.named_modules())   # e.g. the exact last unit
     t2 = bridge.to_torch(build())            # other weights, then ours loaded by name
     t2.load_state_dict(bridge.arrays_to_state_dict(sd))
     assert all(torch.equal(v, torch.from_numpy(sd[k])) for k, v in t2.state_dict().items())
