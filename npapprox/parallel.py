@@ -20,6 +20,7 @@ each thread happens to start.
 """
 from __future__ import annotations
 
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -31,15 +32,17 @@ except ImportError:  # pragma: no cover - a dependency; without it convolutions 
     ThreadpoolController = None
 
 _lock = threading.Lock()          # one parallel region at a time changes BLAS's thread count
-_blas = None                      # threadpoolctl controller of the BLAS libraries loaded at first
-#                                   use (NumPy's among them: npapprox imports NumPy first)
+_blas = None                      # threadpoolctl controller of the BLAS libraries loaded (NumPy's,
+_blas_seen = -1                   # SciPy's once imported, ...): rescanned when len(sys.modules) changed
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 
 
 def _blas_controller():
-    global _blas
-    if _blas is None and ThreadpoolController is not None:
+    global _blas, _blas_seen
+    # a BLAS loaded after the first scan (SciPy's, by a later import) must be held to one thread too
+    if ThreadpoolController is not None and (_blas is None or len(sys.modules) != _blas_seen):
+        _blas_seen = len(sys.modules)
         _blas = ThreadpoolController().select(user_api="blas")
     return _blas
 

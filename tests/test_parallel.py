@@ -128,3 +128,15 @@ def test_measured_peak_does_not_depend_on_when_workers_start(monkeypatch):
         delayed = peaks()
     workspace = 16 * 16 * 144 * 4        # one sample's rows: each worker holds several
     assert all(abs(a - b) < workspace for a, b in zip(normal, delayed)), (normal, delayed)
+
+
+def test_a_blas_loaded_after_the_first_scan_is_found(monkeypatch):
+    """The BLAS libraries are rescanned once new modules were imported (SciPy's
+    OpenBLAS arrives with its import, after the first convolution scanned)."""
+    import sys
+    import types
+
+    monkeypatch.setattr(parallel, "_blas", parallel._blas_controller().select(user_api="none"))
+    assert parallel._blas_controller().lib_controllers == []           # nothing new imported: cached
+    monkeypatch.setitem(sys.modules, "_npapprox_test_new_module", types.ModuleType("m"))
+    assert parallel._blas_controller().lib_controllers                 # rescanned

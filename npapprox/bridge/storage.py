@@ -1,0 +1,486 @@
+"""Storage policies for PyTorch: what a torch forward keeps for backward.
+
+Inside ``storage_policy(policy)`` (the engine's policy objects, ``npapprox.policy``):
+
+* a BN -> ReLU unit in batch-statistics mode runs as one autograd Function,
+  ``BatchNormReLU``. Its forward is torch's own: the batch-norm kernel that
+  ``F.batch_norm`` dispatches to, then ``relu`` (bit-identical to
+  ``F.relu(F.batch_norm(...))``). What it keeps is ``policy.store_unit(...)``,
+  the engine's own call, on zero-copy array views of torch's ``y`` (``Paper``:
+  K-bit codes + ``s`` per channel; ``Generic``: codes + a 1-bit mask); its
+  backward is the engine's ``kernels.bn.bn_backward`` with the exact mask and
+  xhat rebuilt from the codes. Under an exact policy it keeps
+  ``TorchExactUnit`` (the BN input), recomputes y and runs torch's own backward,
+  so gradients are bit-identical to plain torch's.
+* every other tensor an op saves goes through ``saved_tensors_hooks``:
+
+    saved tensor, in the order checked         kind        kept as
+    a unit's output h (the next conv's input)  ACTIVATION  ``UnitRef``: rebuilt from the unit, 0 bytes
+    an integer tensor (indices, labels)        INDEX       the tensor
+    a parameter (leaf needing grad, or a view) PARAM       the tensor (0 bytes: the model's)
+    fewer than 2 dims (statistics, scalars)    STAT        the tensor
+    another leaf (the network input)           ACTIVATION  the tensor (exact, as in the engine)
+    a softmax / log-softmax output (the loss)  STAT        the tensor (the engine's loss keeps p)
+    any other float32 / float64 tensor         ACTIVATION  ``policy.store_activation`` (Paper:
+                                                           its fallback, generic K-bit)
+
+* a non-overlapping average pool (the ResNets' pad shortcut, DenseNet's
+  transitions) runs as ``AvgPool`` (torch's forward, a backward that needs no
+  saved input), as the engine's pool saves nothing.
+
+CPU tensors reach the Cython kernels as NumPy views (``Tensor.numpy()``), CUDA
+tensors the CUDA kernels as CuPy arrays through DLPack, on torch's current
+stream; both zero-copy. Tensors on the ``meta`` device give a shape-only pass
+(``Sized`` forms): the ledger of a large model without computing it.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+import weakref
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from ..kernels.bn import as_ncm, bn_backward
+from ..kernels.reference import num_groups, packed_nbytes
+from ..policy import (
+    ACTIVATION,
+    INDEX,
+    PARAM,
+    STAT,
+    UNIT,
+    BNReLUUnit,
+    Generic,
+    Paper,
+    Policy,
+)
+from ..report import Entry, Ledger
+from ..storage import Stored, Unit, UnitRef
+
+_stack: list = []            # policies in force, innermost last; empty: plain torch
+_names: list = []            # names of the bridge modules whose forward runs
+_units: dict = {}            # id(unit output h) -> (weakref to h, its stored unit)
+_records: list = []          # lists collecting (Entry, stored) while ``record()`` runs
+_kept: dict = {}             # tensors kept as they are while recording (to count each once)
+
+#: outputs kept exactly: the loss's probabilities (the engine's SoftmaxCrossEntropy keeps p as STAT)
+EXACT_OUTPUTS = ("LogSoftmaxBackward0", "SoftmaxBackward0")
+
+
+# --------------------------------------------------------------------------- #
+# zero-copy array views
+# --------------------------------------------------------------------------- #
+def as_array(t):
+    """The data of tensor ``t`` as a NumPy (CPU) or CuPy (CUDA, DLPack) array, no copy
+    when ``t`` is contiguous."""
+    t = t.detach()
+    t = t if t.is_contiguous() else t.contiguous()
+    if t.device.type == "cpu":
+        return t.numpy()
+    if t.device.type == "cuda":
+        from ..backend import cupy  # noqa: PLC0415
+        return cupy().from_dlpack(t)
+    raise ValueError(f"npapprox.bridge: K-bit storage runs on cpu or cuda tensors, not {t.device}")
+
+
+def as_tensor(a):
+    """An array (NumPy or CuPy) as a tensor sharing its memory; tensors pass through."""
+    if isinstance(a, torch.Tensor):
+        return a
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.from_dlpack(a)
+
+
+@contextlib.contextmanager
+def kernel_stream(t):
+    """CuPy kernels on ``t``'s device run on torch's current stream (no-op on the CPU)."""
+    if t.device.type != "cuda":
+        yield
+        return
+    from ..backend import cupy  # noqa: PLC0415
+    cp = cupy()
+    with cp.cuda.Device(t.device.index), cp.cuda.ExternalStream(torch.cuda.current_stream(t.device).cuda_stream):
+        yield
+
+
+def _op(name: str):
+    """The ``ctx`` the engine's policies take (they read ``ctx.fn.__name__`` for errors)."""
+    return types.SimpleNamespace(fn=types.SimpleNamespace(__name__=name))
+
+
+# --------------------------------------------------------------------------- #
+# policies
+# --------------------------------------------------------------------------- #
+def _exact_units(policy: Policy) -> bool:
+    return type(policy).store_unit is Policy.store_unit
+
+
+def _exact_activations(policy: Policy) -> bool:
+    return type(policy).store_activation is Policy.store_activation
+
+
+def check_policy(policy) -> Policy:
+    """``policy`` if the bridge can apply it; a clear error naming it otherwise."""
+    if not isinstance(policy, Policy):
+        raise TypeError(f"npapprox.bridge.storage_policy expects an npapprox Policy (Exact(), Paper(4), "
+                        f"Generic(4, ...)), got {type(policy).__name__}")
+    if policy.approximates_forward or not policy.share_units:
+        raise ValueError(f"npapprox.bridge cannot apply {policy!r}: it changes the forward pass (decoded "
+                         "activations propagate), and the bridge keeps torch's exact forward; use Exact(), "
+                         "Paper(K) or Generic(K, ...)")
+    if isinstance(policy, Paper):
+        check_policy(policy.fallback)
+    return policy
+
+
+def current_policy() -> Policy | None:
+    """The policy in force (None outside ``storage_policy``: plain torch)."""
+    return _stack[-1] if _stack else None
+
+
+@contextlib.contextmanager
+def storage_policy(policy: Policy):
+    """Every torch forward inside keeps for backward what the engine keeps under ``policy``."""
+    _stack.append(check_policy(policy))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield policy
+    finally:
+        _stack.pop()
+
+
+@contextlib.contextmanager
+def module_scope(module):
+    """Inside a bridge module's forward: its name (for the ledger) and its
+    ``storage`` override (as ``npapprox.nn.Module.storage``) in force."""
+    override = getattr(module, "storage", None)
+    _names.append(getattr(module, "_bridge_name", type(module).__name__))
+    pushed = bool(_stack) and override is not None
+    if pushed:
+        _stack.append(check_policy(override))
+    try:
+        yield
+    finally:
+        if pushed:
+            _stack.pop()
+        _names.pop()
+
+
+# --------------------------------------------------------------------------- #
+# stored forms the engine does not have: torch tensors, and sizes only
+# --------------------------------------------------------------------------- #
+class Kept(Stored):
+    """A torch tensor kept as it is (by reference, as torch would)."""
+
+    __slots__ = ("tensor", "param")
+
+    def __init__(self, t, param=False):
+        self.tensor, self.param = t, param
+        self.shape, self.dtype = tuple(t.shape), t.dtype
+
+    form = property(lambda self: "param" if self.param else str(self.dtype).removeprefix("torch."))
+    bits = property(lambda self: 8 * self.tensor.element_size())
+    payload_nbytes = property(lambda self: 0 if self.param else self.tensor.numel() * self.tensor.element_size())
+
+    def restore(self):
+        return self.tensor
+
+
+def _bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps):
+    """torch's batch-norm forward as ``F.batch_norm`` dispatches it (native kernel on
+    the CPU, cuDNN where torch would use it) -> (y, mean, invstd, reserve, impl)."""
+    return torch.ops.aten._batch_norm_impl_index(x, gamma, beta, running_mean, running_var, True, momentum, eps,
+                                                 torch.backends.cudnn.enabled)
+
+
+class TorchExactUnit(Unit):
+    """A unit under an exact policy: the BN input x in full precision plus the
+    batch mean (the engine's ``ExactUnit``). Backward recomputes y with the kernel
+    the forward used (``_bn_forward``; stand-in running statistics with momentum 0
+    where the forward had real ones, so the same path runs) and calls torch's own
+    backward, so every gradient is bit-identical to plain torch's."""
+
+    __slots__ = ("x", "mean", "invstd", "gamma", "beta", "eps", "running", "reserve", "impl")
+
+    def __init__(self, x, mean, invstd, gamma, beta, eps, running, reserve, impl):
+        self.x, self.mean, self.invstd, self.gamma, self.beta, self.eps = x, mean, invstd, gamma, beta, eps
+        self.running, self.reserve, self.impl = running, reserve, impl
+        self.shape, self.dtype = tuple(x.shape), x.dtype
+
+    form = property(lambda self: str(self.dtype).removeprefix("torch."))
+    bits = property(lambda self: 8 * self.x.element_size())
+    payload_nbytes = property(lambda self: self.x.numel() * self.x.element_size())
+    meta_nbytes = property(lambda self: self.mean.numel() * self.mean.element_size())
+
+    def _stand_ins(self):
+        return (torch.zeros_like(self.mean), torch.ones_like(self.mean)) if self.running else (None, None)
+
+    def _y(self):
+        return _bn_forward(self.x, self.gamma, self.beta, *self._stand_ins(), 0.0, self.eps)[0]
+
+    def h(self):
+        return torch.relu(self._y())
+
+    def backward(self, gh, need):
+        """(gx, ggamma, gbeta) as torch's autograd computes them for relu(batch_norm(x))."""
+        g = torch.ops.aten.threshold_backward(gh, torch.relu(self._y()), 0)
+        return torch.ops.aten._batch_norm_impl_index_backward(
+            self.impl, self.x, g, self.gamma, *self._stand_ins(), self.mean, self.invstd, True, self.eps,
+            list(need), self.reserve)
+
+
+class Sized(Stored):
+    """A stored form's sizes without its bytes (the shape-only pass on the meta device)."""
+
+    __slots__ = ("form", "bits", "payload", "meta")
+
+    def __init__(self, form, bits, shape, payload, meta=0):
+        self.form, self.bits, self.shape, self.dtype = form, bits, tuple(shape), None
+        self.payload, self.meta = int(payload), int(meta)
+
+    payload_nbytes = property(lambda self: self.payload)
+    meta_nbytes = property(lambda self: self.meta)
+
+    def restore(self):
+        raise RuntimeError("a shape-only (meta device) pass has no values to run backward on")
+
+
+def _sized_activation(policy: Policy, t) -> Sized:
+    n = t.numel()
+    while isinstance(policy, Paper):
+        policy = policy.fallback
+    if isinstance(policy, Generic):
+        return Sized("generic", policy.bits, t.shape, packed_nbytes(n, policy.bits), 8 * num_groups(n, policy.group))
+    if _exact_activations(policy):
+        return Sized(str(t.dtype).removeprefix("torch."), 8 * t.element_size(), t.shape, n * t.element_size())
+    raise ValueError(f"npapprox.bridge: no shape-only ledger for {policy!r}")
+
+
+def _sized_unit(policy: Policy, x) -> Sized:
+    n, c, size = x.numel(), x.shape[1], x.element_size()
+    if _exact_units(policy):
+        return Sized(str(x.dtype).removeprefix("torch."), 8 * size, x.shape, n * size, c * size)
+    if isinstance(policy, Paper):
+        return Sized("paper", policy.bits, x.shape, packed_nbytes(n, policy.bits), 4 * c)
+    if isinstance(policy, Generic):
+        return Sized("generic+mask", policy.bits + 1, x.shape,
+                     packed_nbytes(n, policy.bits) + packed_nbytes(n, 1), 8 * num_groups(n, policy.group))
+    raise ValueError(f"npapprox.bridge: no shape-only ledger for {policy!r}")
+
+
+# --------------------------------------------------------------------------- #
+# the ledger's view of what is saved
+# --------------------------------------------------------------------------- #
+@contextlib.contextmanager
+def record():
+    """Collect ``(Entry, stored form)`` for every save made inside (forward order)."""
+    out: list = []
+    _records.append(out)
+    try:
+        yield out
+    finally:
+        _records.remove(out)
+        if not _records:
+            _kept.clear()
+
+
+def _note(op, name, kind, stored, policy):
+    if _records:
+        e = Entry(_names[-1] if _names else "-", op, name, kind, stored.form, stored.bits, tuple(stored.shape),
+                  stored.payload_nbytes, stored.meta_nbytes, repr(policy))
+        for out in _records:
+            out.append((e, stored))
+
+
+def ledger(module, x, labels=None, policy: Policy | None = None) -> Ledger:
+    """One recorded forward of ``module`` on ``x`` (and the cross-entropy loss when
+    ``labels`` are given) under ``policy`` (default: the one in force, else
+    ``Exact()``); every saved entry, as ``npapprox.report.ledger`` lists them (same
+    ``Entry``/``Ledger`` classes, same totals; like it, a training-mode forward
+    updates the running statistics). Entries the hooks record name the op that
+    produced the saved tensor; a tensor saved twice counts once (form ``alias``).
+    ``x`` on the ``meta`` device runs a
+    shape-only pass on a meta copy of ``module`` (nothing computed: cheap for any size)."""
+    from ..policy import Exact  # noqa: PLC0415
+    policy = (current_policy() or Exact()) if policy is None else policy
+    if x.device.type == "meta":
+        import copy  # noqa: PLC0415
+        module = copy.deepcopy(module).to("meta")
+    with record() as saved, storage_policy(policy):
+        out = module(x)
+        if labels is not None:
+            labels = torch.as_tensor(labels, device=x.device)
+            F.cross_entropy(out, labels)
+    return Ledger([e for e, _ in saved], repr(policy))
+
+
+# --------------------------------------------------------------------------- #
+# saved-tensor hooks
+# --------------------------------------------------------------------------- #
+def _unit_of(t):
+    hit = _units.get(id(t))
+    return hit[1] if hit is not None and hit[0]() is t else None
+
+
+def _classify(t, policy):
+    """(kind, stored form) for a tensor an op saves (table in the module docstring)."""
+    unit = _unit_of(t)
+    if unit is not None:
+        return ACTIVATION, UnitRef(unit)
+    base = t._base if t._is_view() else t
+    if not t.is_floating_point():
+        return INDEX, Kept(t)
+    if base.grad_fn is None and base.requires_grad:
+        return PARAM, Kept(t, param=True)
+    if t.dim() < 2:
+        return STAT, Kept(t)
+    if base.grad_fn is None:
+        return ACTIVATION, Kept(t)
+    producer = type(t.grad_fn).__name__
+    if producer in EXACT_OUTPUTS or t.dtype not in (torch.float32, torch.float64) or _exact_activations(policy):
+        return (STAT if producer in EXACT_OUTPUTS else ACTIVATION), Kept(t)
+    if t.is_meta:
+        return ACTIVATION, _sized_activation(policy, t)
+    with kernel_stream(t):
+        return ACTIVATION, policy.store_activation(_op(f"saved output of {producer}"), "saved", as_array(t))
+
+
+class Alias(Kept):
+    """A tensor that an earlier save already keeps (torch saves the loss's
+    log-probabilities twice): the same memory, counted once."""
+
+    __slots__ = ()
+    form = "alias"
+    payload_nbytes = 0
+
+
+def _pack(t):
+    policy = _stack[-1]
+    kind, stored = _classify(t, policy)
+    if _records and type(stored) is Kept and not stored.param:
+        key = id(t) if t.is_meta else (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
+        if key in _kept:
+            stored = Alias(t)
+        _kept[key] = t
+    _note("torch-saved", "-" if t.grad_fn is None else type(t.grad_fn).__name__, kind, stored, policy)
+    return t.device, stored
+
+
+def _unpack(packed):
+    device, stored = packed
+    if device.type != "cuda":
+        return as_tensor(stored.restore())
+    with kernel_stream(torch.empty(0, device=device)):
+        return as_tensor(stored.restore())
+
+
+# --------------------------------------------------------------------------- #
+# the two autograd Functions
+# --------------------------------------------------------------------------- #
+def _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running=False, reserve=None, impl=0):
+    if _exact_units(policy):
+        return TorchExactUnit(x.detach(), mean, invstd, gamma.detach(), beta.detach(), eps, running, reserve, impl)
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"npapprox.bridge: {policy!r} stores float32 or float64 activations, got {x.dtype} "
+                         "(use Exact() for other dtypes)")
+    if x.is_meta:
+        return _sized_unit(policy, x)
+    with kernel_stream(x):   # gamma, beta copied: the unit must not follow a later optimiser step
+        u = BNReLUUnit(None, as_array(y), None, as_array(invstd), as_array(gamma).copy(), as_array(beta).copy())
+        return policy.store_unit(_op("BatchNormReLU"), "unit", u)
+
+
+class BatchNormReLU(torch.autograd.Function):
+    """h = relu(y), y = gamma * (x - mu) / sigma + beta; x (N, C, H, W), gamma,
+    beta (C,). ``batch``: mu, sigma are the batch statistics over (N, H, W), and
+    the running statistics (when given) are updated in place, as ``F.batch_norm``
+    does; otherwise (a K-bit policy in eval mode) mu, sigma^2 are the running
+    statistics, and BN's backward drops the batch terms (``kernels.bn.bn_backward``).
+
+    Keeps: one stored unit (``policy.store_unit``), gamma (a reference) and
+    1/sigma (C floats). Backward: g = gh * [y > 0] (mask exact from the codes),
+    then BN's backward with xhat rebuilt from the codes (``kernels.bn.bn_backward``)."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, running_mean, running_var, momentum, eps, policy, batch=True):
+        if batch:
+            y, mean, invstd, reserve, impl = _bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps)
+        else:   # torch's eval forward; 1/sigma with the engine's bits (a test pins it)
+            y = F.batch_norm(x, running_mean, running_var, gamma, beta, training=False, eps=eps)
+            mean, invstd, reserve, impl = running_mean.clone(), torch.rsqrt(running_var + eps), None, 0
+        ctx.batch = batch
+        h = torch.relu(y)
+        ctx.unit = _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running_mean is not None, reserve, impl)
+        ctx.gamma, ctx.invstd = gamma.detach(), invstd
+        _note("BatchNormReLU", "unit", UNIT, ctx.unit, policy)
+        _note("BatchNormReLU", "gamma", PARAM, Kept(gamma, param=True), policy)
+        _note("BatchNormReLU", "inv_sigma", STAT, Kept(invstd), policy)
+        key = id(h)
+        _units[key] = (weakref.ref(h, lambda _, k=key: _units.pop(k, None)), ctx.unit)
+        return h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gh):
+        unit, ctx.unit = ctx.unit, None       # freed as backward walks
+        if unit is None:
+            raise RuntimeError("BatchNormReLU: saved state was already freed (backward runs once per graph)")
+        need = ctx.needs_input_grad[:3]
+        if isinstance(unit, TorchExactUnit):
+            gx, ggamma, gbeta = unit.backward(gh.contiguous(), need)
+        else:
+            with kernel_stream(gh):
+                gx, ggamma, gbeta = bn_backward(as_ncm(as_array(gh)), unit.bn_source(), as_array(ctx.gamma),
+                                                as_array(ctx.invstd), batch_stats=ctx.batch, need_gx=need[0])
+            gx = None if gx is None else as_tensor(gx).reshape(gh.shape)
+            ggamma, gbeta = as_tensor(ggamma), as_tensor(gbeta)
+        return gx, ggamma, gbeta, None, None, None, None, None, None
+
+
+class AvgPool(torch.autograd.Function):
+    """y = average of each k x k block (stride k, no padding), x (N, C, H, W) ->
+    (N, C, H//k, W//k). Backward gx = gy / k^2 spread over its block (0 on rows or
+    columns the pool dropped): nothing saved, bit-identical to torch's."""
+
+    @staticmethod
+    def forward(ctx, x, k):
+        ctx.k, ctx.shape = k, x.shape
+        return F.avg_pool2d(x, k)
+
+    @staticmethod
+    def backward(ctx, gy):
+        k, (h, w) = ctx.k, ctx.shape[2:]
+        gx = (gy / (k * k)).repeat_interleave(k, 2).repeat_interleave(k, 3)
+        return F.pad(gx, (0, w - gx.shape[3], 0, h - gx.shape[2])), None
+
+
+# --------------------------------------------------------------------------- #
+# what the bridge modules call
+# --------------------------------------------------------------------------- #
+def _recording(*tensors) -> bool:
+    return bool(_stack) and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def batch_norm(bn, x):
+    """The forward of a bridge ``BatchNorm2d`` (see ``npapprox.nn.BatchNorm2d``)."""
+    batch = bn.training or bn.eval_batch_stats
+    running = (bn.running_mean, bn.running_var) if bn.training or not batch else (None, None)
+    # under an exact policy in eval mode plain torch already keeps what the engine keeps
+    if bn.relu and _recording(x, bn.weight, bn.bias) and (batch or not _exact_units(_stack[-1])):
+        return BatchNormReLU.apply(x, bn.weight, bn.bias, *running, bn.momentum, bn.eps, _stack[-1], batch)
+    y = F.batch_norm(x, *running, bn.weight, bn.bias, training=batch, momentum=bn.momentum, eps=bn.eps)
+    return F.relu(y) if bn.relu else y
+
+
+def avg_pool2d(x, kernel: int, stride: int | None = None):
+    stride = kernel if stride is None else stride
+    if stride == kernel and _recording(x):
+        return AvgPool.apply(x, kernel)
+    return F.avg_pool2d(x, kernel, stride)
+
+
+__all__ = ["Alias", "AvgPool", "BatchNormReLU", "EXACT_OUTPUTS", "Kept", "Sized", "TorchExactUnit", "as_array", "as_tensor",
+           "avg_pool2d", "batch_norm", "check_policy", "current_policy", "kernel_stream", "ledger",
+           "module_scope", "record", "storage_policy"]
