@@ -264,7 +264,7 @@ def test_statistics_match_their_definitions_and_the_noise_yardstick():
     same = S.minibatch_noise(model, [b1, b1, b1])
     assert all(v == 0 for v in same.sq_noise.values())
     # a stochastic policy's draws: bias and spread from the draws themselves
-    draws = [flat(S.gradients(model, *b1, pol)) for pol in S._draws("generic2s", 3, 0)]
+    draws = [flat(S.gradients(model, *b1, pol)) for pol in S.draws_of("generic2s", 3, 0)]
     mean = np.mean(draws, axis=0)
     row = _overall(st)["generic2s"]
     assert row["bias"] == pytest.approx(np.linalg.norm(mean - e) / np.linalg.norm(e), rel=1e-9)
