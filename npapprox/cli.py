@@ -101,7 +101,7 @@ def _name_list(text):
 
 
 def _activation_list(text):
-    from .nn.models import ACTIVATIONS  # noqa: PLC0415
+    from .nn.resnet import ACTIVATIONS  # noqa: PLC0415
 
     def check(name):
         if name not in ACTIVATIONS:
@@ -242,7 +242,7 @@ def _compare(args) -> int:
 def _memory(args) -> int:
     from . import nn  # noqa: PLC0415
     from .policy import policy_from_name  # noqa: PLC0415
-    from .report import ledger, max_batch  # noqa: PLC0415
+    from .ledger import ledger, max_batch  # noqa: PLC0415
 
     policy = policy_from_name(args.policy)
     nn.manual_seed(0)
@@ -390,10 +390,10 @@ def _check_memory(model, policies, *, classes, channels, size, width, batch, bat
     """Refuse a model or batch that cannot fit in the memory available. What the
     end of a forward pass holds at least: the parameters (twice with an optimizer
     state of one array per parameter, kept from the step before) and the bytes the
-    batch stores for backward, predicted by ``report.footprint`` from small
+    batch stores for backward, predicted by ``ledger.footprint`` from small
     models. On the GPU only the parameters are checked (they are made on the host)."""
     from . import limits  # noqa: PLC0415
-    from .report import footprint  # noqa: PLC0415
+    from .ledger import footprint  # noqa: PLC0415
 
     avail, copies = limits.available_memory(), 2 if optimizer_state else 1
     fmt = limits.fmt_bytes

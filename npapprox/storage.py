@@ -10,10 +10,25 @@ codes, references to a producer's codes) plug in beside them.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .backend import array_module
 from .kernels.bn import BNSource, as_ncm, bn_apply
+
+
+class BNReLUUnit(NamedTuple):
+    """What a BN -> ReLU op hands to ``ctx.save(unit=...)``: its input, its
+    pre-ReLU output y = gamma * xhat + beta and the statistics (all (N, C, H, W)
+    or (C,))."""
+
+    x: object
+    y: object
+    mu: object
+    inv_sigma: object
+    gamma: object
+    beta: object
 
 
 class Stored:

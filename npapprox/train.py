@@ -34,7 +34,7 @@ from . import checkpoint, nn, ops, optim
 from .backend import array_module, to_device
 from .data import batches, load_dataset
 from .policy import policy_from_name, storage_policy
-from .report import ledger
+from .ledger import ledger
 from .runfolder import CHECKPOINT, METRICS, STEPS, claim, read_jsonl, sync, write_jsonl
 from .tensor import Tensor, no_grad
 from .window import watch_training

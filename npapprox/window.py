@@ -9,7 +9,7 @@ channels where ``|beta/gamma|`` exceeds the window's half-width W: there the
 fixed window cannot follow the data at all (a fitted window always does, so
 ``FitWindow`` flags none).
 
-Uses: ``report.ledger`` adds the rows to the ledger; the study's ``window``
+Uses: ``ledger.ledger`` adds the rows to the ledger; the study's ``window``
 experiment writes them per policy; ``watch_training`` logs a warning when a
 unit saturates persistently during ``npapprox train``.
 """

@@ -19,7 +19,7 @@ import npapprox
 from npapprox import cli, limits, nn
 from npapprox.data import load_cifar10, load_dataset
 from npapprox.policy import Exact, Paper
-from npapprox.report import footprint, ledger, max_batch, measure_peak
+from npapprox.ledger import footprint, ledger, max_batch, measure_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2 ** 30

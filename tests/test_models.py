@@ -21,7 +21,7 @@ import pytest
 
 from npapprox import Tensor, nn, no_grad, ops
 from npapprox.policy import PARAM, STAT, UNIT, Exact, Generic, Paper, storage_policy
-from npapprox.report import ledger
+from npapprox.ledger import ledger
 
 from model_oracle import against_torch, close  # noqa: E402,F401  (tests/ is on sys.path)
 

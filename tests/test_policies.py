@@ -30,8 +30,8 @@ from npapprox.kernels.bn import bn_stats
 from npapprox import Tensor, nn, ops
 from npapprox.policy import (PARAM, STAT, UNIT, ApproxForward, BNReLUUnit, Exact, Generic,
                              Naive, Paper, storage_policy)
-from npapprox.report import ledger, measure_peak
-from npapprox.tensor import _topological_order
+from npapprox.ledger import ledger, measure_peak
+from npapprox.tensor import topological_order
 
 F32, F64 = np.float32, np.float64
 
@@ -674,7 +674,7 @@ def _stored_bytes(model, x, t, policy):
     with storage_policy(policy):
         led_root = ops.cross_entropy(model(Tensor(x)), t)
     chunks = []
-    for ctx in _topological_order(led_root._ctx):
+    for ctx in topological_order(led_root._ctx):
         for st in ctx.saved.values():
             packed = getattr(st, "packed", None)
             if packed is None:  # a GenericUnit: its codes of y

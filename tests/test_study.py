@@ -28,7 +28,7 @@ from test_policies import bn_forward, conv3x3_oracle, paper_oracle
 from npapprox import Tensor, cli, nn, ops
 from npapprox import study as S
 from npapprox.policy import Exact, Paper, storage_policy
-from npapprox.report import ledger
+from npapprox.ledger import ledger
 
 F32, F64 = np.float32, np.float64
 RNG = np.random.default_rng(20191208)

@@ -12,7 +12,7 @@ import pytest
 
 from npapprox import checkpoint, cli
 from npapprox.backend import gpu_available
-from npapprox.report import measure_peak
+from npapprox.ledger import measure_peak
 from npapprox.train import CHECKPOINT, NonFiniteLoss, Trainer, TrainConfig
 
 TINY = dict(model="resnet8", width=8, data="digits", batch_size=64, lr=0.1, schedule="cosine")

@@ -4,12 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
-from ..function import Function
+from ..function import ACTIVATION, PARAM, Function
 from ..kernels.im2col import im2row, row2im
 from ..parallel import deal, run, workers
-from ..policy import ACTIVATION, PARAM
-from ._checks import as_tensor, check_float, check_positive_int, check_rank, out_size
-
+from ..validate import as_tensor, check_float, check_positive_int, check_rank, out_size
 
 #: im2row rows are built for a few samples at a time, about this many bytes per
 #: worker: the rows then stay in that core's cache between im2row and the matrix

@@ -6,9 +6,8 @@ vectorised over (N, C, OH, OW) and works unchanged on CuPy arrays.
 from __future__ import annotations
 
 from ..backend import array_module
-from ..function import Function
-from ..policy import INDEX
-from ._checks import as_tensor, check_float, check_positive_int, check_rank, out_size
+from ..function import INDEX, Function
+from ..validate import as_tensor, check_float, check_positive_int, check_rank, out_size
 
 
 def _window(p, q, stride, oh, ow):

@@ -1,11 +1,11 @@
 """The study's figures (matplotlib, optional: each function returns None without it)."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 
+from ..policy import POLICIES, parse_policy_name
 from .stats import Study
 
 
@@ -19,20 +19,17 @@ def pyplot():
     return plt
 
 
-_FAMILY = (("paper", "Blues", "-"), ("naive", "Oranges", ":"), ("approx", "Reds", "-."),
-           ("generic", "Greens", "--"))
-
-
 def _family(label):
-
-    m = re.fullmatch(r"([a-z]+)(\d)(s?).*", label)
-    if m is None:
+    """(colormap, line style, shade) of a policy name: its family's registered style
+    (``policy.POLICIES``), stochastic names in purple, darker for more bits."""
+    try:
+        spec = parse_policy_name(label)
+    except ValueError:
         return "Greys", "-", 0.6
-    kind, bits, stoch = m.group(1), int(m.group(2)), bool(m.group(3))
-    cmap, ls = next(((c, l) for k, c, l in _FAMILY if k == kind), ("Greys", "-"))
-    if kind == "generic" and stoch:
+    cmap, ls = POLICIES[spec.family].style
+    if spec.stochastic:
         cmap, ls = "Purples", (0, (5, 1.5))
-    return cmap, ls, {1: 0.35, 2: 0.45, 4: 0.7, 8: 0.95}.get(bits, 0.6)
+    return cmap, ls, {1: 0.35, 2: 0.45, 4: 0.7, 8: 0.95}.get(spec.bits, 0.6)
 
 
 def line_style(plt, label):
@@ -179,20 +176,21 @@ def plot_window(rows, train_rows, path, title: str = "") -> Path | None:
     first, last = min(r["iteration"] for r in rows), max(r["iteration"] for r in rows)
     fig, axes = plt.subplots(1, len(datas) + bool(train_rows), figsize=(5 * (len(datas) + bool(train_rows)), 4.2))
     axes = np.atleast_1d(axes)
-    parsed = {p: re.fullmatch(r"(paper|fit)(\d)(?:-w([\d.]+))?", p) for p in dict.fromkeys(r["policy"] for r in rows)}
-    bits = sorted({int(m.group(2)) for m in parsed.values() if m})
-    ws = sorted({float(m.group(3)) for m in parsed.values() if m and m.group(3)})
+    parsed = {p: parse_policy_name(p) for p in dict.fromkeys(r["policy"] for r in rows)}
+    parsed = {p: s for p, s in parsed.items() if s.family in ("paper", "fit")}
+    bits = sorted({s.bits for s in parsed.values()})
+    ws = sorted({s.window for s in parsed.values() if s.window is not None})
     fit_x = (max(ws) if ws else 0) + 2
     for ax, d in zip(axes, datas):
         for j, k in enumerate(bits):
             for it, ls in ((first, "-"), (last, "--")):
                 pts = []
-                for p, m in parsed.items():
-                    if m and int(m.group(2)) == k:
+                for p, s in parsed.items():
+                    if s.bits == k:
                         v = [r["rel_err"] for r in rows if (r["policy"], r["data"], r["iteration"]) == (p, d, it)]
                         if v:
-                            pts.append((float(m.group(3)) if m.group(3) else fit_x, np.mean(v),
-                                        np.std(v, ddof=1) if len(v) > 1 else 0.0, m.group(1)))
+                            pts.append((s.window if s.window is not None else fit_x, np.mean(v),
+                                        np.std(v, ddof=1) if len(v) > 1 else 0.0, s.family))
                 fixed = sorted(p for p in pts if p[3] == "paper")
                 if fixed:
                     ax.errorbar([p[0] for p in fixed], [p[1] for p in fixed], [p[2] for p in fixed], color=f"C{j}",

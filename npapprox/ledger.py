@@ -31,7 +31,7 @@ from .backend import gpu_memory_peak, on_gpu
 from .limits import fmt_bytes
 from .policy import ACTIVATION, PARAM, UNIT, Policy, current_policy, storage_policy
 from .storage import Unit, UnitRef
-from .tensor import Tensor, _topological_order
+from .tensor import Tensor, topological_order
 
 
 @dataclass
@@ -115,7 +115,7 @@ def ledger(model, x, labels=None, policy: Policy | None = None) -> Ledger:
     with storage_policy(policy), monitoring(policy, WindowMonitor(names)) as monitor:
         root = _forward_loss(model, x, labels)
     entries = []
-    for ctx in (_topological_order(root._ctx) if root._ctx is not None else []):
+    for ctx in (topological_order(root._ctx) if root._ctx is not None else []):
         module = names.get(id(ctx.module), "-") if ctx.module is not None else "-"
         for name, stored in ctx.saved.items():
             kind = ctx.fn.SAVES[name]
