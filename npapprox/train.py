@@ -279,10 +279,9 @@ class Trainer:
 
     # --- the loops -----------------------------------------------------------------
     def fit(self, every: int | None = None, on_checkpoint=None) -> list:
-        """Train to the configured length without a run's bookkeeping (no output
-        folder, epoch rows, checkpoints or progress bar). ``on_checkpoint(i, losses)``
-        is called before iteration i for i = 0, every, 2 every, ... and after the
-        last, with the training losses since the previous call. Returns every loss."""
+        """Train to the configured length without a run's bookkeeping (folder, epoch rows,
+        checkpoints, progress). ``on_checkpoint(i, losses)``: before iteration i = 0, every,
+        2 every, ... and after the last, with the losses since its previous call."""
         c, d = self.cfg, self.data
         losses, since = [], []
         self.model.train()
