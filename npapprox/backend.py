@@ -1,7 +1,7 @@
 """The only module that imports CuPy.
 
 Everything else asks ``array_module(x)`` for the array namespace (``numpy`` or
-``cupy``) and writes ``xp.*`` code once for both backends (DESIGN.md property 7).
+``cupy``) and writes ``xp.*`` code once for both backends (docs/design.md property 7).
 CuPy is imported lazily, so a CPU-only install never pays for it.
 """
 from __future__ import annotations

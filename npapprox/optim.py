@@ -315,7 +315,7 @@ class StepSchedule(Schedule):
 
 
 class PaperSchedule(StepSchedule):
-    """The paper's CIFAR schedule (METHOD.md section 6): ``warmup_lr`` (0.01) for
+    """The paper's CIFAR schedule (docs/method.md section 6): ``warmup_lr`` (0.01) for
     the first ``warmup_iters`` (400) iterations, then ``base_lr`` (0.1), times
     ``gamma`` (0.1) from each milestone (32k, 48k) on; 64k iterations in all.
     ``PaperSchedule.scaled(total)`` keeps the same fractions for a shorter run."""

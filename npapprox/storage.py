@@ -1,6 +1,6 @@
 """Stored forms: what a policy keeps for one saved entry, and how it comes back.
 
-A stored form answers three questions the memory ledger asks (DESIGN.md
+A stored form answers three questions the memory ledger asks (docs/design.md
 property 1): which ``form`` it is, how many ``bits`` per value, how many bytes
 of ``payload`` and of ``meta``data it holds. ``restore()`` gives back an array
 of the saved shape and dtype.
@@ -263,7 +263,7 @@ class GenericUnit(Unit):
 
 class UnitRef(Stored):
     """A consumer's saved input that is a unit's output h: rebuilt from the
-    unit's stored form, so it costs nothing (DESIGN.md property 4)."""
+    unit's stored form, so it costs nothing (docs/design.md property 4)."""
 
     __slots__ = ("unit",)
 

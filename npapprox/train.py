@@ -70,7 +70,7 @@ class TrainConfig:
 
     @classmethod
     def paper(cls, **overrides) -> "TrainConfig":
-        """The paper's CIFAR protocol (METHOD.md section 6): ResNet-164, batch 128,
+        """The paper's CIFAR protocol (docs/method.md section 6): ResNet-164, batch 128,
         SGD momentum 0.9, weight decay 2e-4 on kernels, the piecewise schedule with
         warm-up over 64k iterations, pad-4 crop + flip, per-image mean, BN batch
         statistics at evaluation."""

@@ -1,6 +1,6 @@
 """Storage policies through the engine: the method's semantics against plain-NumPy oracles.
 
-Every expected value below is computed in this file from the formulas of METHOD.md
+Every expected value below is computed in this file from the formulas of docs/method.md
 sections 3-5 and the byte contract (npapprox/quant.py, npapprox/kernels/reference.py):
 codes, bin centres, the rebuilt h and xhat, and the exact backward formulas evaluated
 with them. The engine is never its own oracle.
@@ -9,7 +9,7 @@ with them. The engine is never its own oracle.
    the naive and approximate-forward baselines differ;
 2. Paper(K): a BN->ReLU unit read by a 3x3 conv and a strided 1x1 projection; each
    gradient equals the exact formula evaluated with the decoded approximation exactly
-   where METHOD.md section 3 says, exact elsewhere; and differs from exact where it must;
+   where docs/method.md section 3 says, exact elsewhere; and differs from exact where it must;
 3. the released code's defects are not repeated (exact masks for every gamma/beta,
    tiny positive y, y == 0; the first conv trains);
 4. the storage economy in the ledger, against byte counts computed from the shapes;

@@ -1,7 +1,7 @@
 """One entry point for every data set: :func:`load_dataset` returns a :class:`Dataset`.
 
 Normalisation (``normalize=``)
-  * ``"image-mean"`` (default, the paper, METHOD.md section 6): pixels scaled to [0, 1], then each
+  * ``"image-mean"`` (default, the paper, docs/method.md section 6): pixels scaled to [0, 1], then each
     image minus its own mean over all its pixels and channels.
   * ``"channel"``: pixels in [0, 1], then per channel ``(x - mean_c) / std_c`` with mean and
     (population) standard deviation over the *training* split's images and pixels, applied to both

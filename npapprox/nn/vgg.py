@@ -36,7 +36,7 @@ class VGG(Module):
     it as an ordinary activation (``Paper``: its fallback, generic K-bit).
     ``exact_pool_units=True`` (default) keeps every unit whose output feeds a
     max-pool in float32 (``storage = Exact()`` on that BN): the paper's released
-    code keeps max-pool units in full precision (METHOD.md section 3). Nothing in
+    code keeps max-pool units in full precision (docs/method.md section 3). Nothing in
     this engine requires it (the pool saves only its argmax, and the unit's mask
     and xhat come from its codes as everywhere else); ``False`` quantises them like
     every other unit. In VGG the last unit also feeds a pool, so it is covered by
