@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import time
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from ..train import TrainConfig, Trainer
 from .grads import DEFAULT_POLICIES, sample_batches
 from .plots import plot_activations, plot_depth, plot_optimizers, plot_training
 from .stats import study_gradients
-from .tables import activations_table, fmt, jsonable, optimizers_table, training_table, write_csv
+from .tables import activations_table, fmt, optimizers_table, training_table, write_results
 
 EXPERIMENTS = ("depth", "activations", "training", "optimizers", "window")
 
@@ -121,16 +121,9 @@ def run_activations(cfg: StudyConfig, log=print) -> dict:
     table = activations_table(rows)
     title = (f"{config_model(cfg)} on {cfg.data}, batch {cfg.batch_size}, activation in place of ReLU"
              + (f", after {cfg.warmup} exact SGD iterations" if cfg.warmup else ", at initialisation"))
-    log(f"\n{title}\n")
-    log(table)
-    files = [write_csv(out / "activations.csv", rows)]
-    (out / "activations.json").write_text(json.dumps(jsonable(
-        {"config": dataclasses.asdict(cfg), "rows": rows,
-         "per_layer": {a: s.layer_rows() for a, s in studies.items()}}), indent=1))
-    (out / "table.md").write_text(table + "\n")
-    files += [out / "activations.json", out / "table.md"]
-    png = plot_activations(rows, out / "activations.png", title)
-    return {"rows": rows, "studies": studies, "files": files + ([png] if png else []), "title": title}
+    files = write_results(out, "activations", cfg, title, table, rows, log, functools.partial(plot_activations, rows),
+                          per_layer={a: s.layer_rows() for a, s in studies.items()})
+    return {"rows": rows, "studies": studies, "files": files, "title": title}
 
 
 def run_training(cfg: StudyConfig, log=print) -> dict:
@@ -159,15 +152,22 @@ def run_training(cfg: StudyConfig, log=print) -> dict:
             for pt in points for r in pt["overall"]]
     table = training_table(points)
     title = f"{config_model(cfg)} on {cfg.data}, exact SGD training, batch {cfg.batch_size}"
-    log(f"\n{title}\n")
-    log(table)
-    files = [write_csv(out / "training.csv", rows)]
-    (out / "training.json").write_text(json.dumps(jsonable({"config": dataclasses.asdict(cfg), "rows": rows}),
-                                                  indent=1))
-    (out / "table.md").write_text(table + "\n")
-    files += [out / "training.json", out / "table.md"]
-    png = plot_training(points, out / "training.png", title)
-    return {"points": points, "rows": rows, "files": files + ([png] if png else []), "title": title}
+    files = write_results(out, "training", cfg, title, table, rows, log, functools.partial(plot_training, points))
+    return {"points": points, "rows": rows, "files": files, "title": title}
+
+
+def train_policy(cfg: StudyConfig, model: str, data: str, data_path, policy: str, seed: int, iterations: int,
+                 optimizer: str = "sgd", lr: float | None = None) -> dict:
+    """One ``Trainer`` run of ``model`` on ``data`` under ``policy`` (cosine schedule,
+    momentum 0.9 for SGD); its final test accuracy, training and test loss and seconds."""
+    t0 = time.perf_counter()
+    tc = TrainConfig(model=model, data=data, data_path=data_path, size=cfg.size,
+                     width=cfg.width, policy=policy, optimizer=optimizer, lr=cfg.lr if lr is None else lr,
+                     momentum=0.9 if optimizer == "sgd" else 0.0, schedule="cosine", epochs=None,
+                     iterations=iterations, batch_size=cfg.batch_size, seed=seed, out=None)
+    last = Trainer(tc, progress=False, log=lambda *_: None).run()
+    return {"test_acc": last["test_acc"], "train_loss": last["train_loss"], "test_loss": last["test_loss"],
+            "seconds": time.perf_counter() - t0}
 
 
 def _parse_optimizer(text):
@@ -188,26 +188,11 @@ def run_optimizers(cfg: StudyConfig, log=print) -> dict:
         opt, lr = _parse_optimizer(spec)
         for policy in cfg.opt_policies:
             for seed in cfg.seeds:
-                t0 = time.perf_counter()
-                tc = TrainConfig(model=model, data=cfg.data, data_path=cfg.data_path, size=cfg.size, width=cfg.width,
-                                 policy=policy, optimizer=opt, lr=lr, momentum=0.9 if opt == "sgd" else 0.0,
-                                 schedule="cosine", epochs=None, iterations=total, batch_size=cfg.batch_size,
-                                 seed=seed, out=None)
-                trainer = Trainer(tc, progress=False, log=lambda *_: None)
-                last = trainer.run()
-                rows.append({"optimizer": opt, "lr": lr, "policy": policy, "seed": seed,
-                             "test_acc": last["test_acc"], "train_loss": last["train_loss"],
-                             "test_loss": last["test_loss"], "seconds": time.perf_counter() - t0})
+                last = train_policy(cfg, model, cfg.data, cfg.data_path, policy, seed, total, opt, lr)
+                rows.append({"optimizer": opt, "lr": lr, "policy": policy, "seed": seed, **last})
                 log(f"{opt:<8} lr {lr:<6g} {policy:<8} seed {seed}: test acc {last['test_acc']:.4f}  "
                     f"train loss {last['train_loss']:.4f}  ({rows[-1]['seconds']:.1f} s)")
     table = optimizers_table(rows)
     title = f"{model} on {cfg.data}, {total} iterations of batch {cfg.batch_size}, cosine schedule"
-    log(f"\n{title}\n")
-    log(table)
-    files = [write_csv(out / "optimizers.csv", rows)]
-    (out / "optimizers.json").write_text(json.dumps(jsonable({"config": dataclasses.asdict(cfg), "rows": rows}),
-                                                    indent=1))
-    (out / "table.md").write_text(table + "\n")
-    files += [out / "optimizers.json", out / "table.md"]
-    png = plot_optimizers(rows, out / "optimizers.png", title)
-    return {"rows": rows, "files": files + ([png] if png else []), "title": title}
+    files = write_results(out, "optimizers", cfg, title, table, rows, log, functools.partial(plot_optimizers, rows))
+    return {"rows": rows, "files": files, "title": title}

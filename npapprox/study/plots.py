@@ -1,6 +1,7 @@
 """The study's figures (matplotlib, optional: each function returns None without it)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,16 @@ def pyplot():
     except ImportError:
         return None
     return plt
+
+
+def with_pyplot(plot):
+    """Decorator: ``plot(plt, *args)`` gets matplotlib's pyplot (Agg) as ``plt``;
+    without matplotlib the call returns None."""
+    @functools.wraps(plot)
+    def call(*args, **kwargs):
+        plt = pyplot()
+        return None if plt is None else plot(plt, *args, **kwargs)
+    return call
 
 
 def _family(label):
@@ -38,8 +49,11 @@ def line_style(plt, label):
     return {"color": plt.get_cmap(cmap)(shade), "linestyle": ls}
 
 
-def save_figure(plt, fig, path, title: str) -> Path:
-    """Title, layout, a 100-dpi PNG at ``path``; the figure is closed."""
+def save_figure(plt, fig, path, title: str, legend_beside=None) -> Path:
+    """Title, layout, a 100-dpi PNG at ``path``; the figure is closed. ``legend_beside``:
+    a panel whose legend goes to its right."""
+    if legend_beside is not None:
+        legend_beside.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -48,18 +62,27 @@ def save_figure(plt, fig, path, title: str) -> Path:
     return Path(path)
 
 
+def log_panel(ax, xlabel: str, ylabel: str | None = None, title: str | None = None) -> None:
+    """A panel with a log y axis, its labels and a light grid."""
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+
+
 def positive(values):
     """Zeros (an exactly stored layer) as gaps on a log axis."""
     return [v if v > 0 else np.nan for v in values]
 
 
-def plot_depth(study: Study, path, title: str = "", policies=None) -> Path | None:
+@with_pyplot
+def plot_depth(plt, study: Study, path, title: str = "", policies=None) -> Path | None:
     """Relative gradient error against layer depth, one line per policy: weight
     layers (conv, linear) and BN layers in two panels, with the minibatch noise
     (same units) as a grey band."""
-    plt = pyplot()
-    if plt is None:
-        return None
     policies = [p for p in (policies or study.policies) if p != "exact"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
     groups = (("conv / linear weights", lambda r: r["kind"] in ("Conv2d", "Linear")),
@@ -74,19 +97,15 @@ def plot_depth(study: Study, path, title: str = "", policies=None) -> Path | Non
         if rows:
             ax.plot([r["depth"] for r in rows], [r["noise"] for r in rows], color="0.4", lw=3, alpha=0.35,
                     label="SGD minibatch noise")
-        ax.set_yscale("log")
-        ax.set_xlabel("layer depth (forward order)")
-        ax.set_title(name)
-        ax.grid(True, which="major", alpha=0.3)
+        log_panel(ax, "layer depth (forward order)", title=name)
     axes[0].set_ylabel("||g - g_exact|| / ||g_exact||  (gaps: 0, stored exactly)")
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    return save_figure(plt, fig, path, title)
+    return save_figure(plt, fig, path, title, legend_beside=axes[1])
 
 
-def plot_training(points: list, path, title: str = "") -> Path | None:
+@with_pyplot
+def plot_training(plt, points: list, path, title: str = "") -> Path | None:
     """Overall relative error (and error / noise) against the training iteration."""
-    plt = pyplot()
-    if plt is None or not points:
+    if not points:
         return None
     policies = [p for p in points[0]["study"].policies if p != "exact"]
     its = [pt["iteration"] for pt in points]
@@ -102,18 +121,14 @@ def plot_training(points: list, path, title: str = "") -> Path | None:
         axes[0].plot(its, noise, color="0.4", lw=3, alpha=0.35, label="SGD minibatch noise")
         axes[1].axhline(1.0, color="0.4", lw=3, alpha=0.35)
     for ax, lab in zip(axes, ("||g - g_exact|| / ||g_exact||", "error / minibatch noise")):
-        ax.set_yscale("log")
-        ax.set_xlabel("training iteration (exact SGD)")
-        ax.set_ylabel(lab)
-        ax.grid(True, alpha=0.3)
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    return save_figure(plt, fig, path, title)
+        log_panel(ax, "training iteration (exact SGD)", lab)
+    return save_figure(plt, fig, path, title, legend_beside=axes[1])
 
 
-def plot_activations(rows: list, path, title: str = "") -> Path | None:
+@with_pyplot
+def plot_activations(plt, rows: list, path, title: str = "") -> Path | None:
     """Grouped bars: overall relative error per policy, one group per activation."""
-    plt = pyplot()
-    if plt is None or not rows:
+    if not rows:
         return None
     acts = list(dict.fromkeys(r["activation"] for r in rows))
     policies = [p for p in dict.fromkeys(r["policy"] for r in rows) if p != "exact"]
@@ -138,10 +153,10 @@ def plot_activations(rows: list, path, title: str = "") -> Path | None:
     return save_figure(plt, fig, path, "")
 
 
-def plot_optimizers(rows: list, path, title: str = "") -> Path | None:
+@with_pyplot
+def plot_optimizers(plt, rows: list, path, title: str = "") -> Path | None:
     """Final test accuracy per optimizer and policy (bars: mean over seeds; dots: seeds)."""
-    plt = pyplot()
-    if plt is None or not rows:
+    if not rows:
         return None
     opts = list(dict.fromkeys(r["optimizer"] for r in rows))
     policies = list(dict.fromkeys(r["policy"] for r in rows))
@@ -165,11 +180,11 @@ def plot_optimizers(rows: list, path, title: str = "") -> Path | None:
     return save_figure(plt, fig, path, title)
 
 
-def plot_window(rows, train_rows, path, title: str = "") -> Path | None:
+@with_pyplot
+def plot_window(plt, rows, train_rows, path, title: str = "") -> Path | None:
     """Per data set: relative error against W for each K (solid: first iteration, dashed:
     last; bars: sd over seeds), the fitted window at the right; then the training runs."""
-    plt = pyplot()
-    if plt is None or not rows:
+    if not rows:
         return None
 
     datas = list(dict.fromkeys(r["data"] for r in rows))

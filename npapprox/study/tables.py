@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,23 @@ def write_csv(path: Path, rows: list) -> Path:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def write_results(out: Path, name: str, cfg, title: str, table: str, rows: list, log, plot=None,
+                  csvs: dict | None = None, **more) -> list:
+    """Print ``title`` and ``table``; write ``{name}.csv`` (``rows``), one CSV per entry
+    of ``csvs`` (file name -> rows), ``{name}.json`` (the config, the rows and
+    ``more``), ``table.md`` and, with ``plot(path, title)``, ``{name}.png`` into
+    ``out``. Returns the paths written."""
+    log(f"\n{title}\n")
+    log(table)
+    files = [write_csv(out / f"{name}.csv", rows)]
+    files += [write_csv(out / f, r) for f, r in (csvs or {}).items()]
+    (out / f"{name}.json").write_text(json.dumps(jsonable({"config": dataclasses.asdict(cfg), "rows": rows, **more}),
+                                                 indent=1))
+    (out / "table.md").write_text(table + "\n")
+    png = plot(out / f"{name}.png", title) if plot is not None else None
+    return files + [out / f"{name}.json", out / "table.md"] + ([png] if png else [])
 
 
 def activations_table(rows) -> str:

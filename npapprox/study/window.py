@@ -1,9 +1,7 @@
 """The BN window experiment: fixed windows of +-W against the fitted one."""
 from __future__ import annotations
 
-import dataclasses
-import json
-import time
+import functools
 import types
 from pathlib import Path
 
@@ -12,12 +10,11 @@ import numpy as np
 from .. import nn
 from ..data import load_dataset
 from ..policy import Exact, policy_from_name
-from ..train import TrainConfig, Trainer
 from ..window import WindowMonitor, monitoring, names_of
-from .experiments import StudyConfig, config_model, exact_trainer, or_default
+from .experiments import StudyConfig, config_model, exact_trainer, or_default, train_policy
 from .grads import INPUT, gradients, sample_batches
 from .plots import plot_window
-from .tables import fmt, jsonable, ratio, sumsq, window_table, write_csv
+from .tables import fmt, ratio, sumsq, window_table, write_results
 
 
 def cifar_like(n_train: int = 512, n_test: int = 256, classes: int = 10, size: int = 32, seed: int = 0):
@@ -100,28 +97,16 @@ def run_window(cfg: StudyConfig, log=print) -> dict:
     train_rows = []
     for policy in cfg.window_train:
         for seed in cfg.window_seeds:
-            t0 = time.perf_counter()
-            tc = TrainConfig(model=model_name, data="digits", data_path=None, size=cfg.size, width=cfg.width,
-                             policy=policy, optimizer="sgd", lr=cfg.lr, momentum=0.9, schedule="cosine", epochs=None,
-                             iterations=or_default(cfg.window_train_iterations, 3 * total), batch_size=cfg.batch_size,
-                             seed=seed, out=None)
-            last = Trainer(tc, progress=False, log=lambda *_: None).run()
+            last = train_policy(cfg, model_name, "digits", None, policy, seed,
+                                or_default(cfg.window_train_iterations, 3 * total))
             train_rows.append({"policy": policy, "seed": seed, "test_acc": last["test_acc"],
-                               "train_loss": last["train_loss"], "seconds": time.perf_counter() - t0})
+                               "train_loss": last["train_loss"], "seconds": last["seconds"]})
             log(f"train {policy:<8} seed {seed}: test acc {last['test_acc']:.4f}  train loss "
                 f"{last['train_loss']:.4f}")
     table = window_table(rows, train_rows)
     title = (f"{model_name}, batch {cfg.batch_size}: gradient error of the BN window "
              f"(seeds {', '.join(map(str, cfg.window_seeds))})")
-    log(f"\n{title}\n")
-    log(table)
-    files = [write_csv(out / "window.csv", rows), write_csv(out / "units.csv", units)]
-    if train_rows:
-        files.append(write_csv(out / "training.csv", train_rows))
-    (out / "window.json").write_text(json.dumps(jsonable({"config": dataclasses.asdict(cfg), "rows": rows,
-                                                           "training": train_rows}), indent=1))
-    (out / "table.md").write_text(table + "\n")
-    files += [out / "window.json", out / "table.md"]
-    png = plot_window(rows, train_rows, out / "window.png", title)
-    return {"rows": rows, "units": units, "training": train_rows, "files": files + ([png] if png else []),
-            "title": title}
+    csvs = {"units.csv": units, **({"training.csv": train_rows} if train_rows else {})}
+    files = write_results(out, "window", cfg, title, table, rows, log, functools.partial(plot_window, rows, train_rows),
+                          csvs, training=train_rows)
+    return {"rows": rows, "units": units, "training": train_rows, "files": files, "title": title}
