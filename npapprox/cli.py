@@ -14,33 +14,24 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
+import numpy as np
+
+from . import __version__, compare, nn, study
 from .backend import DeviceError
-from .cli_options import (
-    activation_list,
-    byte_size,
-    check_args,
-    check_outputs,
-    int_to,
-    name_list,
-    natural,
-    nonnegative_float,
-    optimizer_list,
-    positive_float,
-    positive_int,
-    seed_list,
-    train_config,
-)
+from .cli_options import (activation_list, byte_size, check_args, check_outputs, int_to, name_list, natural,
+                          nonnegative_float, optimizer_list, positive_float, positive_int, seed_list, train_config)
+from .ledger import ledger, max_batch
 from .nn.zoo import MODEL_NAMES
-from .policy import POLICY_HELP
+from .policy import POLICY_HELP, policy_from_name
 from .runfolder import claim
+from .study import DEFAULT_POLICIES as STUDY_POLICIES
+from .train import Interrupted, NonFiniteLoss, Trainer
 
 DEFAULT_POLICIES = "exact,paper8,paper4,naive4"
 
 
 class _Parser(argparse.ArgumentParser):
     """A usage error is one line, the message and where to read more, not the usage block."""
-
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
@@ -85,8 +76,6 @@ def _typed(argv) -> set:
 
 
 def _train(args) -> int:
-    from .policy import policy_from_name  # noqa: PLC0415
-    from .train import Interrupted, NonFiniteLoss, Trainer  # noqa: PLC0415
 
     policy_from_name(args.policy)  # fail early on a bad name
     if args.out:
@@ -114,8 +103,6 @@ def _train(args) -> int:
 
 
 def _compare(args) -> int:
-    from . import compare  # noqa: PLC0415
-    from .policy import policy_from_name  # noqa: PLC0415
 
     policies = [p.strip() for p in args.policies.split(",")]     # items refused empty and repeated ones
     for p in policies:
@@ -148,15 +135,11 @@ def _compare(args) -> int:
 
 
 def _memory(args) -> int:
-    from . import nn  # noqa: PLC0415
-    from .ledger import ledger, max_batch  # noqa: PLC0415
-    from .policy import policy_from_name  # noqa: PLC0415
 
     policy = policy_from_name(args.policy)
     nn.manual_seed(0)
     model = nn.build_model(args.model, num_classes=args.classes, in_channels=args.channels,
                            input_size=args.size, width=args.width)
-    import numpy as np  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, args.channels, args.size, args.size), dtype=np.float32)
@@ -176,8 +159,6 @@ def _memory(args) -> int:
 
 
 def _study(args) -> int:
-    from . import study  # noqa: PLC0415
-    from .policy import policy_from_name  # noqa: PLC0415
 
     split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
     policies = split(args.policies)
@@ -234,7 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--verbose", action="store_true", help="every saved entry, not only the totals")
     m.add_argument("--json", default=None, help="also write the totals to this file")
 
-    from .study import DEFAULT_POLICIES as STUDY_POLICIES  # noqa: PLC0415
     from .study import EXPERIMENTS
     s = sub.add_parser("study", help="gradient-error study: approximate against exact gradients, with plots",
                        description="Measure each storage policy's gradient against the exact one (relative "

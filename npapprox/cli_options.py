@@ -8,8 +8,17 @@ import dataclasses
 import math
 import re
 
-from .nn.zoo import MODEL_NAMES
+from . import limits
+from .data.cifar import CIFAR10, CIFAR100
+from .data.dataset import NATIVE
+from .ledger import footprint
+from .limits import fmt_bytes
+from .nn.resnet import ACTIVATIONS
+from .nn.zoo import MODEL_NAMES, input_divisor
+from .optim import OPTIMIZER_NAMES
+from .policy import policy_from_name
 from .runfolder import check_out
+from .train import TrainConfig
 
 
 def number(text, kind, test, wanted):
@@ -80,7 +89,6 @@ def name_list(text):
 
 
 def activation_list(text):
-    from .nn.resnet import ACTIVATIONS  # noqa: PLC0415
 
     def check(name):
         if name not in ACTIVATIONS:
@@ -89,7 +97,6 @@ def activation_list(text):
 
 
 def optimizer_list(text):
-    from .optim import OPTIMIZER_NAMES  # noqa: PLC0415
 
     def check(item):
         name, colon, lr = item.partition(":")
@@ -122,8 +129,6 @@ def check_args(args) -> None:
     policy and model names, the data and --data-path, --size against the images
     and the model, and whether the model and a batch fit in memory (before
     anything large is allocated). Raises ValueError."""
-    from .policy import policy_from_name  # noqa: PLC0415
-
     cmd, state = args.command, False
     if cmd in ("train", "compare"):
         run = train_config(args, "exact", 0, None)                     # after --preset
@@ -164,9 +169,8 @@ def check_args(args) -> None:
                   gpu=getattr(args, "device", "cpu") == "gpu", optimizer_state=state)
     budget = getattr(args, "budget", None)
     if budget:
-        from .limits import available_memory, fmt_bytes  # noqa: PLC0415
 
-        if budget > (avail := available_memory()):
+        if budget > (avail := limits.available_memory()):
             raise ValueError(f"--budget {fmt_bytes(budget)} is more than the {fmt_bytes(avail)} of memory "
                              f"available (the search measures batches up to the budget)")
 
@@ -175,16 +179,12 @@ def check_images(model, data, data_path, size, source=None) -> tuple:
     """``(channels, side, classes)`` of the images the model will see, after checking
     --model, --data-path against --data (``source``: what chose the data, when not
     --data), and --size against the images (padded, never shrunk) and the model."""
-    from .data.dataset import NATIVE  # noqa: PLC0415
-    from .nn.zoo import input_divisor  # noqa: PLC0415
-
     if model not in MODEL_NAMES:
         raise ValueError(f"--model {model!r} is not a model; expected one of {', '.join(MODEL_NAMES)}")
     channels, native, classes = NATIVE[data] if data else (None, size, None)
     if data == "digits" and data_path is not None:
         raise ValueError("--data-path is for --data cifar10 and cifar100; the digits data are embedded")
     if data in ("cifar10", "cifar100") and data_path is None:
-        from .data.cifar import CIFAR10, CIFAR100  # noqa: PLC0415
 
         spec = CIFAR10 if data == "cifar10" else CIFAR100
         raise ValueError(f"{source or f'--data {data}'} needs --data-path: {spec.accepted}; nothing is downloaded")
@@ -207,9 +207,6 @@ def check_memory(model, policies, *, classes, channels, size, width, batch, batc
     state of one array per parameter, kept from the step before) and the bytes the
     batch stores for backward, predicted by ``ledger.footprint`` from small
     models. On the GPU only the parameters are checked (they are made on the host)."""
-    from . import limits  # noqa: PLC0415
-    from .ledger import footprint  # noqa: PLC0415
-
     avail, copies = limits.available_memory(), 2 if optimizer_state else 1
     fmt = limits.fmt_bytes
     per_image = 0
@@ -228,7 +225,6 @@ def check_memory(model, policies, *, classes, channels, size, width, batch, batc
 
 
 def train_config(args, policy, seed, out):
-    from .train import TrainConfig  # noqa: PLC0415
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields}

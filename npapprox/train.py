@@ -29,12 +29,13 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from . import checkpoint, nn, ops, optim
+from . import backend, checkpoint, nn, ops, optim
 from .backend import array_module, to_device
 from .data import batches, load_dataset
-from .policy import policy_from_name, storage_policy
 from .ledger import ledger
+from .policy import policy_from_name, storage_policy
 from .runfolder import CHECKPOINT, METRICS, STEPS, claim, read_jsonl, sync, write_jsonl
 from .tensor import Tensor, no_grad
 from .window import watch_training
@@ -99,8 +100,7 @@ class _PeakProbe:
     def __init__(self, device: str):
         self.device = device
         if device == "gpu":
-            from .backend import gpu_memory_peak  # noqa: PLC0415
-            self.gpu = gpu_memory_peak()
+            self.gpu = backend.gpu_memory_peak()
             self.tracker = self.gpu.__enter__()
         else:
             tracemalloc.start()
@@ -308,8 +308,6 @@ class Trainer:
         (SIGINT) and SIGTERM are deferred to the end of the current step, then a
         checkpoint is written (with ``out``) and ``Interrupted`` raised, so a
         resumed run sees a consistent state."""
-        from tqdm import tqdm  # noqa: PLC0415
-
         c, d = self.cfg, self.data
         if self.out and not self.resumed:
             claim(self.out, self.overwrite)

@@ -5,8 +5,6 @@ command, one run per folder, logs after kill -9 and torn lines, --out checked
 before work, SIGINT/SIGTERM, and what ``compare`` reports."""
 from __future__ import annotations
 
-import importlib
-
 import json
 import os
 import pickle
@@ -320,12 +318,10 @@ def _unwritable(tmp_path) -> Path:
 def test_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, command, where):
     import npapprox.study  # noqa: PLC0415
 
-    ledger_module = importlib.import_module("npapprox.ledger")   # npapprox.ledger is the function
-
     def no_work(*_, **__):
         raise AssertionError("work started before --out was checked")
 
-    for target, name in ((Trainer, "__init__"), (npapprox.study, "run"), (ledger_module, "ledger"),
+    for target, name in ((Trainer, "__init__"), (npapprox.study, "run"), (cli, "ledger"),
                          (nn, "build_model")):
         monkeypatch.setattr(target, name, no_work)
     (tmp_path / "file").write_text("x")

@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 
-from npapprox import checkpoint, cli
+from npapprox import checkpoint, cli, cli_options
 from npapprox.backend import gpu_available
 from npapprox.ledger import measure_peak
 from npapprox.train import CHECKPOINT, NonFiniteLoss, Trainer, TrainConfig
@@ -226,7 +226,7 @@ def test_preset_yields_only_to_options_the_user_typed():
     def config(argv):
         args = parse(argv)
         args.typed = cli._typed(argv)
-        return cli._config(args, "exact", 0, None)
+        return cli_options.train_config(args, "exact", 0, None)
 
     paper = config(["train", "--preset", "paper"])
     assert (paper.model, paper.iterations, paper.schedule, paper.batch_size) == ("resnet164", 64000, "paper", 128)
