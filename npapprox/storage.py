@@ -5,8 +5,10 @@ property 1): which ``form`` it is, how many ``bits`` per value, how many bytes
 of ``payload`` and of ``meta``data it holds. ``restore()`` gives back an array
 of the saved shape and dtype.
 
-Only the exact forms exist in the core engine; the approximate forms (K-bit
-codes, references to a producer's codes) plug in beside them.
+The forms: ``Full`` and ``ParamRef`` (exact), ``GenericPacked`` (per-group K-bit
+codes), the units of a BN -> ReLU op (``ExactUnit``, ``PaperUnit``, ``FitUnit``,
+``GenericUnit``: what ``BNReLUUnit`` is stored as) and ``UnitRef`` (a consumer's
+reference to its producer's unit).
 """
 from __future__ import annotations
 
