@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import re
 
 from . import limits
@@ -19,39 +18,41 @@ from .optim import OPTIMIZER_NAMES
 from .policy import policy_from_name
 from .runfolder import check_out
 from .train import TrainConfig
+from .validate import int_rule, is_int, is_number, number_rule
 
 
-def number(text, kind, test, wanted):
-    """``kind(text)`` if ``test`` holds for it, else argparse's one-line error."""
+def number(text, kind, ok, rule: str):
+    """``kind(text)`` if ``ok`` holds for it, else argparse's one-line error naming ``rule``
+    (the rules and tests are ``npapprox.validate``'s, shared with the Python API)."""
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
-    if not test(value):
-        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        raise argparse.ArgumentTypeError(f"expected {rule}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
     return value
 
 
 def positive_int(text):
-    return number(text, int, lambda v: v >= 1, "an integer >= 1")
+    return number(text, int, is_int, int_rule(1))
 
 
 def int_to(top):
     """An integer from 1 to ``top`` (a model's input channels or classes: the
     models are built at that size before any check)."""
-    return lambda text: number(text, int, lambda v: 1 <= v <= top, f"an integer from 1 to {top}")
+    return lambda text: number(text, int, lambda v: is_int(v, 1, top), int_rule(1, top))
 
 
 def natural(text):
-    return number(text, int, lambda v: v >= 0, "an integer >= 0")
+    return number(text, int, lambda v: is_int(v, 0), int_rule(0))
 
 
 def positive_float(text):
-    return number(text, float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+    return number(text, float, lambda v: is_number(v, lo=0, lo_open=True), number_rule(lo=0, lo_open=True))
 
 
 def nonnegative_float(text):
-    return number(text, float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+    return number(text, float, lambda v: is_number(v, lo=0), number_rule(lo=0))
 
 
 def byte_size(text):
@@ -65,7 +66,7 @@ def byte_size(text):
     return int(value)
 
 
-def items(text, check=None):
+def comma_list(text, check=None):
     """Checks a comma-separated list (no empty or repeated item; ``check`` on each)
     and returns the text: the command splits it."""
     items = [t.strip() for t in text.split(",")]
@@ -81,23 +82,21 @@ def items(text, check=None):
 
 
 def seed_list(text):
-    return items(text, natural)
+    return comma_list(text, natural)
 
 
 def name_list(text):
-    return items(text)
+    return comma_list(text)
 
 
 def activation_list(text):
-
     def check(name):
         if name not in ACTIVATIONS:
             raise argparse.ArgumentTypeError(f"unknown activation {name!r}; expected {', '.join(ACTIVATIONS)}")
-    return items(text, check)
+    return comma_list(text, check)
 
 
 def optimizer_list(text):
-
     def check(item):
         name, colon, lr = item.partition(":")
         if name.strip().lower() not in OPTIMIZER_NAMES:
@@ -108,7 +107,7 @@ def optimizer_list(text):
                 positive_float(lr)
         except argparse.ArgumentTypeError as e:
             raise argparse.ArgumentTypeError(f"learning rate in {item!r}: {e}") from None
-    return items(text, check)
+    return comma_list(text, check)
 
 
 def split_list(text) -> list:

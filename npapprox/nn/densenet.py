@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .. import ops
 from ..policy import Exact
-from ..validate import check_model_input, positive_int, size_pair
+from ..validate import check_count, check_model_input, check_size_pair
 from .layers import BatchNorm2d, Conv2d, Linear
 from .module import Module
 
@@ -99,10 +99,10 @@ class DenseNet(Module):
             examples = "10, 16, 40, 100, 190" if bottleneck else "7, 10, 40, 100"
             raise ValueError(f"a DenseNet with {'bottleneck' if bottleneck else 'plain'} layers has depth "
                              f"{per}n + 4 ({examples}), got {depth!r}")
-        growth_rate = positive_int("DenseNet", "growth_rate", growth_rate)
+        growth_rate = check_count("DenseNet", "growth_rate", growth_rate)
         if isinstance(compression, bool) or not isinstance(compression, (int, float)) or not 0 < compression <= 1:
             raise ValueError(f"DenseNet: compression must be in (0, 1], got {compression!r}")
-        self.input_size = size_pair("DenseNet", input_size)
+        self.input_size = check_size_pair("DenseNet", input_size)
         if self.input_size[0] % 4 or self.input_size[1] % 4:
             raise ValueError(f"DenseNet needs input height and width divisible by 4 (two 2x2 average-pooling "
                              f"transitions), got input_size {self.input_size} (pad or resize the images)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import ops
 from ..policy import Exact
-from ..validate import check_model_input, size_pair
+from ..validate import check_model_input, check_size_pair
 from .layers import BatchNorm2d, Conv2d, Linear, MaxPool2d
 from .module import Module, Sequential
 
@@ -61,7 +61,7 @@ class VGG(Module):
         if classifier not in ("avg", "flatten"):
             raise ValueError(f"VGG: classifier must be 'avg' or 'flatten', got {classifier!r}")
         self.in_channels, self.num_classes, self.classifier = in_channels, num_classes, classifier
-        self.input_size = size_pair("VGG", input_size)
+        self.input_size = check_size_pair("VGG", input_size)
         self.pools = sum(1 for v in config if v == "M")
         self.divisor = 2 ** self.pools
         if self.input_size[0] % self.divisor or self.input_size[1] % self.divisor:

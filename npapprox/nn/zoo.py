@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from ..validate import positive_int, size_pair
+from ..validate import check_count, check_size_pair
 from .densenet import DenseNet
 from .resnet import PreActResNet
 from .vgg import VGG, VGG_CONFIGS
@@ -103,11 +103,11 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, input_si
     ``options`` go to the constructor (e.g. ``exact_pool_units`` or
     ``classifier`` for VGG, ``compression`` for DenseNet, ``exact_last_unit``)."""
     key, entry = _entry(name)
-    num_classes = positive_int("build_model", "num_classes", num_classes)
-    in_channels = positive_int("build_model", "in_channels", in_channels)
+    num_classes = check_count("build_model", "num_classes", num_classes)
+    in_channels = check_count("build_model", "in_channels", in_channels)
     if width is not None:
-        width = positive_int("build_model", "width", width)
-    size = size_pair("build_model", input_size)
+        width = check_count("build_model", "width", width)
+    size = check_size_pair("build_model", input_size)
     if shortcut is not None and "shortcut" not in entry.takes:
         raise ValueError(f"build_model: shortcut applies to ResNets only, not to {key}")
     if activation is not None and activation != "relu" and "activation" not in entry.takes:
