@@ -61,6 +61,11 @@ def no_grad():
 
 
 class Tensor:
+    """An array (``data``: NumPy or CuPy) with its gradient (``grad``, filled by
+    ``backward``) and, for an op's output, the op's Context (``_ctx``: the graph
+    node; None for a leaf). ``+``, ``*``, ``-``, ``sum()`` and ``reshape()`` call
+    the ops of ``npapprox.ops``; ``backward()`` walks the graph from here."""
+
     __slots__ = ("data", "grad", "requires_grad", "_ctx", "__weakref__")
 
     def __init__(self, data, requires_grad: bool = False):
