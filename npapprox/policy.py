@@ -45,26 +45,14 @@ import numpy as np
 
 from . import checks, quant
 from .backend import array_module
-from .function import ACTIVATION, PARAM, UNIT
-from .function import INDEX as INDEX  # re-exported: kinds by their old home
-from .function import KINDS as KINDS
-from .function import STAT as STAT
-from .function import current_policy as current_policy  # re-exported
-from .function import storage_policy as storage_policy
+from .function import ACTIVATION, INDEX, KINDS, PARAM, STAT, UNIT, current_policy, storage_policy
 from .kernels.bn import as_ncm
-from .storage import (
-    BNReLUUnit,
-    ExactUnit,
-    FitUnit,
-    Full,
-    GenericPacked,
-    GenericUnit,
-    PaperUnit,
-    ParamRef,
-    Stored,
-    Unit,
-    UnitRef,
-)
+from .storage import (BNReLUUnit, ExactUnit, FitUnit, Full, GenericPacked, GenericUnit, PaperUnit, ParamRef, Stored,
+                      Unit, UnitRef)
+
+__all__ = ["ACTIVATION", "INDEX", "KINDS", "MAX_GROUP", "PARAM", "POLICIES", "POLICY_HELP", "STAT", "UNIT",
+           "ApproxForward", "Exact", "FitWindow", "Generic", "Naive", "Paper", "Policy", "PolicyName", "PolicySpec",
+           "current_policy", "parse_policy_name", "policy_from_name", "register_policy", "storage_policy"]
 
 #: the largest generic group. A group larger than the tensor is one group of all
 #: its values, so a larger bound buys nothing; this one keeps the kernels' 64-bit

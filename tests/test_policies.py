@@ -28,9 +28,10 @@ import pytest
 
 from npapprox.kernels.bn import bn_stats
 from npapprox import Tensor, nn, ops
-from npapprox.policy import (PARAM, STAT, UNIT, ApproxForward, BNReLUUnit, Exact, Generic,
-                             Naive, Paper, storage_policy)
+from npapprox.function import PARAM, STAT, UNIT
 from npapprox.ledger import ledger, measure_peak
+from npapprox.policy import ApproxForward, Exact, Generic, Naive, Paper, storage_policy
+from npapprox.storage import BNReLUUnit
 from npapprox.tensor import topological_order
 
 F32, F64 = np.float32, np.float64
