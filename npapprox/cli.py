@@ -21,7 +21,7 @@ from .backend import DeviceError
 from .cli_options import (activation_list, byte_size, check_args, check_outputs, int_to, name_list, natural,
                           nonnegative_float, optimizer_list, positive_float, positive_int, seed_list, train_config)
 from .ledger import ledger, max_batch
-from .nn.zoo import MODEL_NAMES
+from .nn.zoo import MODELS
 from .policy import POLICY_HELP, policy_from_name
 from .runfolder import claim
 from .study import DEFAULT_POLICIES as STUDY_POLICIES
@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _run_options(p):
-    p.add_argument("--model", default="resnet20", help=f"one of {', '.join(MODEL_NAMES)} (default resnet20)")
+    p.add_argument("--model", default="resnet20", help=f"one of {', '.join(MODELS)} (default resnet20)")
     p.add_argument("--width", type=positive_int, default=None, help="base width of the model")
     p.add_argument("--data", default="digits", choices=["digits", "cifar10", "cifar100"])
     p.add_argument("--data-path", default=None, help="CIFAR archive (.tar.gz) or its folder")
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "comparison, which a new one replaces")
 
     m = sub.add_parser("memory", help="the ledger and the largest batch under a memory budget")
-    m.add_argument("--model", default="resnet56", help=f"one of {', '.join(MODEL_NAMES)} (default resnet56)")
+    m.add_argument("--model", default="resnet56", help=f"one of {', '.join(MODELS)} (default resnet56)")
     m.add_argument("--width", type=positive_int, default=None)
     m.add_argument("--size", type=positive_int, default=32)
     m.add_argument("--channels", type=int_to(10_000), default=3)
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "activations (sigmoid/tanh/GELU in place of ReLU), training (error over exact training), "
                        "optimizers (SGD/Adam/RMSprop trained with approximate gradients). See docs/study.md.")
     s.add_argument("--experiment", default="depth", choices=list(EXPERIMENTS) + ["all"])
-    s.add_argument("--model", default=None, help=f"one of {', '.join(MODEL_NAMES)} (default resnet20; "
+    s.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)} (default resnet20; "
                    "resnet8 for optimizers)")
     s.add_argument("--width", type=positive_int, default=None, help="base width of the model")
     s.add_argument("--data", default="digits", choices=["digits", "cifar10", "cifar100"])

@@ -13,7 +13,7 @@ from .data.dataset import NATIVE
 from .ledger import footprint
 from .limits import fmt_bytes
 from .nn.resnet import ACTIVATIONS
-from .nn.zoo import MODEL_NAMES, input_divisor
+from .nn.zoo import MODELS, input_divisor
 from .optim import OPTIMIZER_NAMES
 from .policy import policy_from_name
 from .runfolder import check_out
@@ -178,8 +178,8 @@ def check_images(model, data, data_path, size, source=None) -> tuple:
     """``(channels, side, classes)`` of the images the model will see, after checking
     --model, --data-path against --data (``source``: what chose the data, when not
     --data), and --size against the images (padded, never shrunk) and the model."""
-    if model not in MODEL_NAMES:
-        raise ValueError(f"--model {model!r} is not a model; expected one of {', '.join(MODEL_NAMES)}")
+    if model not in MODELS:
+        raise ValueError(f"--model {model!r} is not a model; expected one of {', '.join(MODELS)}")
     channels, native, classes = NATIVE[data] if data else (None, size, None)
     if data == "digits" and data_path is not None:
         raise ValueError("--data-path is for --data cifar10 and cifar100; the digits data are embedded")

@@ -75,7 +75,7 @@ for _name in ("vgg11", "vgg16"):
 for _depth in (40, 100):
     register_model(f"densenet{_depth}", _densenet(_depth), 4)
 
-MODEL_NAMES = tuple(MODELS)
+MODEL_NAMES = tuple(MODELS)     # the models registered here (``MODELS`` also holds later registrations)
 
 
 def _entry(name) -> tuple[str, ModelEntry]:
@@ -93,7 +93,7 @@ def input_divisor(name: str) -> int:
 
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3, input_size=32, width: int | None = None,
                 shortcut: str | None = None, activation: str | None = None, **options):
-    """The model called ``name`` (one of ``MODEL_NAMES``) for ``num_classes``
+    """The model called ``name`` (a key of ``MODELS``) for ``num_classes``
     classes and inputs (N, in_channels, H, W), ``input_size`` = H = W or (H, W).
 
     ``width``: the network's base width (see the module docstring; None: the
