@@ -170,7 +170,7 @@ def erf(x):
             raise DeviceError(f"erf on the GPU needs cupyx.scipy.special, which failed to import: "
                               f"{_describe(e)}") from e
         return special.erf(x)
-    from scipy.special import erf as _erf  # noqa: PLC0415
+    from scipy.special import erf as _erf  # noqa: PLC0415 (SciPy loads only for GELU on the CPU)
     return _erf(x).astype(x.dtype, copy=False)
 
 

@@ -25,6 +25,7 @@ from .nn.zoo import MODELS
 from .policy import POLICY_HELP, policy_from_name
 from .runfolder import claim
 from .study import DEFAULT_POLICIES as STUDY_POLICIES
+from .study import EXPERIMENTS
 from .train import Interrupted, NonFiniteLoss, Trainer
 
 DEFAULT_POLICIES = "exact,paper8,paper4,naive4"
@@ -215,7 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--verbose", action="store_true", help="every saved entry, not only the totals")
     m.add_argument("--json", default=None, help="also write the totals to this file")
 
-    from .study import EXPERIMENTS
     s = sub.add_parser("study", help="gradient-error study: approximate against exact gradients, with plots",
                        description="Measure each storage policy's gradient against the exact one (relative "
                        "L2 error, cosine, bias of stochastic rounding) per parameter and layer depth, against "

@@ -147,9 +147,9 @@ def plot(runs, policies, seeds, out: Path, heading: str = "") -> list:
     """The PNGs of ``PLOTS`` in ``out``, titled ``heading``; returns their paths
     ([] without matplotlib)."""
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib  # noqa: PLC0415 (optional dependency: the plot extra)
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt  # noqa: PLC0415 (optional dependency)
     except ImportError:
         return []
     written = []
