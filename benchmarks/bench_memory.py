@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 import npapprox as na
-from npapprox.report import ledger, measure_peak
+from npapprox.ledger import ledger, measure_peak
 
 POLICIES = {
     "exact": lambda: na.Exact(),

@@ -20,7 +20,7 @@ reuse_freed_memory()
 from . import nn, ops, optim  # noqa: E402
 from .function import Context, Function  # noqa: E402
 from .policy import ApproxForward, Exact, Generic, Naive, Paper, Policy, current_policy, storage_policy  # noqa: E402
-from .report import ledger, measure_peak  # noqa: E402
+from .ledger import ledger, measure_peak  # noqa: E402
 from .tensor import Tensor, no_grad  # noqa: E402
 
 __version__ = "0.1.0"

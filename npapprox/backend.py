@@ -1,7 +1,7 @@
 """The only module that imports CuPy.
 
 Everything else asks ``array_module(x)`` for the array namespace (``numpy`` or
-``cupy``) and writes ``xp.*`` code once for both backends (DESIGN.md property 7).
+``cupy``) and writes ``xp.*`` code once for both backends (docs/design.md property 7).
 CuPy is imported lazily, so a CPU-only install never pays for it.
 """
 from __future__ import annotations
@@ -170,7 +170,7 @@ def erf(x):
             raise DeviceError(f"erf on the GPU needs cupyx.scipy.special, which failed to import: "
                               f"{_describe(e)}") from e
         return special.erf(x)
-    from scipy.special import erf as _erf  # noqa: PLC0415
+    from scipy.special import erf as _erf  # noqa: PLC0415 (SciPy loads only for GELU on the CPU)
     return _erf(x).astype(x.dtype, copy=False)
 
 

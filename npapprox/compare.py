@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .backend import to_device
 from .runfolder import STEPS, claim, read_jsonl
+from .study import study_gradients
+from .train import Trainer
 
 MARKER = "compare.json"
 PLOTS = ("loss_vs_iterations.png", "loss_vs_time.png", "test_accuracy.png", "gradient_error.png", "memory.png")
@@ -64,8 +67,6 @@ def gradient_probe(policy: str, batch_size: int):
     and the cosine of ``policy``'s gradient against the exact one, over all parameter
     gradients, on the first ``batch_size`` training images (the same batch every epoch)
     at the trainer's current weights (``study.study_gradients``; one draw)."""
-    from .backend import to_device  # noqa: PLC0415
-    from .study import study_gradients  # noqa: PLC0415
 
     def probe(trainer) -> dict:
         d = trainer.data
@@ -80,7 +81,6 @@ def gradient_probe(policy: str, batch_size: int):
 def run_one(cfg, progress: bool = True) -> dict:
     """Train one configuration (a fresh run in ``cfg.out``) with the gradient probe;
     returns its epoch history and per-step log."""
-    from .train import Trainer  # noqa: PLC0415
 
     trainer = Trainer(cfg, progress=progress, probe=gradient_probe(cfg.policy, cfg.batch_size))
     trainer.run()
@@ -147,9 +147,9 @@ def plot(runs, policies, seeds, out: Path, heading: str = "") -> list:
     """The PNGs of ``PLOTS`` in ``out``, titled ``heading``; returns their paths
     ([] without matplotlib)."""
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib  # noqa: PLC0415 (optional dependency: the plot extra)
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt  # noqa: PLC0415 (optional dependency)
     except ImportError:
         return []
     written = []

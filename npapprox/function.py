@@ -2,7 +2,7 @@
 
 An op is a ``Function`` subclass with
 
-* ``SAVES``: what it keeps for backward, name -> kind (see ``npapprox.policy``);
+* ``SAVES``: what it keeps for backward, name -> kind (the kinds below);
 * ``forward(ctx, *arrays, **options) -> array``;
 * ``backward(ctx, gy) -> tuple of arrays`` (one per positional input, ``None``
   where no gradient is needed).
@@ -16,13 +16,61 @@ returns a stored form; ``ctx.restore("name")`` gives the array back (exact or
 approximate, the op does not know). Plain Python attributes (shapes, strides)
 are set on ``ctx`` directly. After the node's backward, ``release()`` drops
 everything it held, so memory is freed as backward walks.
+
+The kinds of saved entries (``npapprox.policy`` says how each is stored):
+``ACTIVATION`` (activation-sized; the policy picks the form), ``UNIT`` (a BN ->
+ReLU unit, ``storage.BNReLUUnit``), ``PARAM`` (parameters, by reference),
+``STAT`` (small statistics, exact), ``INDEX`` (integer indices, exact).
+
+Each thread has a stack of storage policies (``storage_policy`` blocks) and of
+running modules (``Module.__call__``); an op records the innermost of each.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
-from .policy import KINDS, Policy, current_policy
 from .tensor import Tensor, is_grad_enabled
+
+ACTIVATION = "activation"
+UNIT = "unit"
+PARAM = "param"
+STAT = "stat"
+INDEX = "index"
+KINDS = (ACTIVATION, UNIT, PARAM, STAT, INDEX)
+
+
+class _PolicyStack(threading.local):
+    """The policies of the ``storage_policy`` blocks open in this thread (innermost
+    last) above its base ``Exact()``; a thread never sees another's blocks."""
+
+    def __init__(self):
+        self.policies = []
+
+
+_stack = _PolicyStack()
+
+
+def current_policy():
+    """The storage policy in force in the calling thread."""
+    policies = _stack.policies
+    if not policies:                           # the thread's base, made on first use
+        from .policy import Exact  # noqa: PLC0415 (policy imports the kinds from here)
+        policies.append(Exact())
+    return policies[-1]
+
+
+@contextlib.contextmanager
+def storage_policy(policy):
+    """Use ``policy`` (a ``policy.Policy``) for every op recorded inside the ``with`` block."""
+    from .policy import Policy  # noqa: PLC0415 (policy imports the kinds from here)
+    if not isinstance(policy, Policy):
+        raise TypeError(f"storage_policy expects a Policy instance, got {type(policy).__name__}")
+    _stack.policies.append(policy)
+    try:
+        yield policy
+    finally:
+        _stack.policies.pop()
 
 
 class _ModuleStack(threading.local):
@@ -46,7 +94,12 @@ MODULE_STACK = _ModuleStack()
 
 
 class Context:
-    def __init__(self, fn: type, policy: Policy, recording: bool, inputs: tuple):
+    """One op call's record: the op (``fn``), the policy and module in force, the
+    graph links (``parents``: per input, the producing Context, the leaf Tensor or
+    None) and the stored forms of what forward saved (``save`` / ``restore``).
+    Options forward computes for backward (shapes, strides) are set as attributes."""
+
+    def __init__(self, fn: type, policy, recording: bool, inputs: tuple):
         self.fn = fn
         self.module = MODULE_STACK.innermost()
         self.policy = policy
@@ -101,6 +154,10 @@ class Context:
 
 
 class Function:
+    """An op: subclasses declare ``SAVES`` and define ``forward(ctx, *arrays,
+    **options) -> array`` and ``backward(ctx, gy) -> tuple`` (one gradient or
+    None per positional input) on raw arrays; users call ``apply``."""
+
     SAVES: dict[str, str] = {}
 
     def __init_subclass__(cls, **kwargs):
@@ -119,6 +176,9 @@ class Function:
 
     @classmethod
     def apply(cls, *args, **options) -> Tensor:
+        """Run ``forward`` on the arrays of ``args`` (Tensors unwrapped) under the
+        current policy; the output Tensor links to the op's Context when grad is
+        enabled and some input requires grad, otherwise the Context is released."""
         record = is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
         policy = current_policy()
         ctx = Context(cls, policy, record, args)

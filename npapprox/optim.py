@@ -20,31 +20,13 @@ for the command line.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
 from .backend import array_module, on_gpu, to_device
+from .validate import check_int, check_number
 
 DECAYS = ("kernels", "all")
-
-
-def _number(owner: str, name: str, value, *, lo=None, lo_open=False, hi=None, hi_open=False) -> float:
-    """``value`` as a float, or a ValueError naming the argument and the allowed range."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and lo is not None:
-        ok = value > lo if lo_open else value >= lo
-    if ok and hi is not None:
-        ok = value < hi if hi_open else value <= hi
-    if not ok:
-        if lo == 0 and lo_open and hi is None:
-            rule = "positive"
-        else:
-            lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
-            hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
-            rule = "a finite number " + " and ".join(s for s in (lo_s, hi_s) if s)
-        raise ValueError(f"{owner}: {name} must be {rule}, got {value!r}")
-    return float(value)
 
 
 class Optimizer:
@@ -59,8 +41,8 @@ class Optimizer:
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, decay: str = "kernels"):
         name = type(self).__name__
-        self.lr = _number(name, "lr", lr, lo=0, lo_open=True)
-        self.weight_decay = _number(name, "weight_decay", weight_decay, lo=0)
+        self.lr = check_number(name, "lr", lr, lo=0, lo_open=True)
+        self.weight_decay = check_number(name, "weight_decay", weight_decay, lo=0)
         if decay not in DECAYS:
             raise ValueError(f"{name}: decay must be 'kernels' or 'all', got {decay!r}")
         self.decay = decay
@@ -154,7 +136,7 @@ class SGD(Optimizer):
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  nesterov: bool = False, decay: str = "kernels"):
         super().__init__(params, lr, weight_decay, decay)
-        self.momentum = _number("SGD", "momentum", momentum, lo=0)
+        self.momentum = check_number("SGD", "momentum", momentum, lo=0)
         self.nesterov = bool(nesterov)
 
     def _update(self, p, g, state, step):
@@ -181,8 +163,8 @@ class Adam(Optimizer):
         super().__init__(params, lr, weight_decay, decay)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Adam: betas must be a pair (beta1, beta2), got {betas!r}")
-        self.betas = tuple(_number("Adam", f"betas[{i}]", b, lo=0, hi=1, hi_open=True) for i, b in enumerate(betas))
-        self.eps = _number("Adam", "eps", eps, lo=0)
+        self.betas = tuple(check_number("Adam", f"betas[{i}]", b, lo=0, hi=1, hi_open=True) for i, b in enumerate(betas))
+        self.eps = check_number("Adam", "eps", eps, lo=0)
 
     def _update(self, p, g, state, step):
         b1, b2 = self.betas
@@ -209,9 +191,9 @@ class RMSprop(Optimizer):
     def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  momentum: float = 0.0, weight_decay: float = 0.0, decay: str = "kernels"):
         super().__init__(params, lr, weight_decay, decay)
-        self.alpha = _number("RMSprop", "alpha", alpha, lo=0, hi=1)
-        self.eps = _number("RMSprop", "eps", eps, lo=0)
-        self.momentum = _number("RMSprop", "momentum", momentum, lo=0)
+        self.alpha = check_number("RMSprop", "alpha", alpha, lo=0, hi=1)
+        self.eps = check_number("RMSprop", "eps", eps, lo=0)
+        self.momentum = check_number("RMSprop", "momentum", momentum, lo=0)
 
     def _update(self, p, g, state, step):
         xp = array_module(g)
@@ -251,24 +233,12 @@ def make_optimizer(name: str, params, lr: float, momentum: float = 0.9, weight_d
 # --------------------------------------------------------------------------- #
 # Learning-rate schedules
 # --------------------------------------------------------------------------- #
-def _iteration(owner: str, i) -> int:
-    if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
-        raise ValueError(f"{owner}.lr_at: the iteration must be an integer >= 0, got {i!r}")
-    return int(i)
-
-
-def _count(owner: str, name: str, value, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _milestones(owner: str, milestones) -> tuple:
     try:
         ms = tuple(milestones)
     except TypeError:
         raise ValueError(f"{owner}: milestones must be a sequence of iterations, got {milestones!r}") from None
-    ms = tuple(_count(owner, "each milestone", m, 1) for m in ms)
+    ms = tuple(check_int(owner, "each milestone", m, 1) for m in ms)
     if any(b <= a for a, b in zip(ms, ms[1:])):
         raise ValueError(f"{owner}: milestones must be strictly increasing, got {ms}")
     return ms
@@ -288,10 +258,10 @@ class ConstantSchedule(Schedule):
     """lr at every iteration."""
 
     def __init__(self, lr: float):
-        self.lr = _number("ConstantSchedule", "lr", lr, lo=0, lo_open=True)
+        self.lr = check_number("ConstantSchedule", "lr", lr, lo=0, lo_open=True)
 
     def lr_at(self, iteration):
-        _iteration("ConstantSchedule", iteration)
+        check_int("ConstantSchedule.lr_at", "the iteration", iteration, 0)
         return self.lr
 
     def __repr__(self):
@@ -302,12 +272,12 @@ class StepSchedule(Schedule):
     """base_lr * gamma^k, k = how many milestones are <= iteration."""
 
     def __init__(self, base_lr: float, milestones, gamma: float = 0.1):
-        self.base_lr = _number("StepSchedule", "base_lr", base_lr, lo=0, lo_open=True)
+        self.base_lr = check_number("StepSchedule", "base_lr", base_lr, lo=0, lo_open=True)
         self.milestones = _milestones("StepSchedule", milestones)
-        self.gamma = _number("StepSchedule", "gamma", gamma, lo=0, lo_open=True)
+        self.gamma = check_number("StepSchedule", "gamma", gamma, lo=0, lo_open=True)
 
     def lr_at(self, iteration):
-        i = _iteration(type(self).__name__, iteration)
+        i = check_int(f"{type(self).__name__}.lr_at", "the iteration", iteration, 0)
         return self.base_lr * self.gamma ** sum(1 for m in self.milestones if i >= m)
 
     def __repr__(self):
@@ -315,7 +285,7 @@ class StepSchedule(Schedule):
 
 
 class PaperSchedule(StepSchedule):
-    """The paper's CIFAR schedule (METHOD.md section 6): ``warmup_lr`` (0.01) for
+    """The paper's CIFAR schedule (docs/method.md section 6): ``warmup_lr`` (0.01) for
     the first ``warmup_iters`` (400) iterations, then ``base_lr`` (0.1), times
     ``gamma`` (0.1) from each milestone (32k, 48k) on; 64k iterations in all.
     ``PaperSchedule.scaled(total)`` keeps the same fractions for a shorter run."""
@@ -326,8 +296,8 @@ class PaperSchedule(StepSchedule):
     def __init__(self, base_lr: float = 0.1, warmup_lr: float = 0.01, warmup_iters: int = 400,
                  milestones=(32000, 48000), gamma: float = 0.1):
         super().__init__(base_lr, milestones, gamma)
-        self.warmup_lr = _number("PaperSchedule", "warmup_lr", warmup_lr, lo=0, lo_open=True)
-        self.warmup_iters = _count("PaperSchedule", "warmup_iters", warmup_iters)
+        self.warmup_lr = check_number("PaperSchedule", "warmup_lr", warmup_lr, lo=0, lo_open=True)
+        self.warmup_iters = check_int("PaperSchedule", "warmup_iters", warmup_iters, 0)
         if self.milestones and self.warmup_iters > self.milestones[0]:
             raise ValueError(f"PaperSchedule: the warm-up ({self.warmup_iters} iterations) must end "
                              f"by the first milestone ({self.milestones[0]})")
@@ -339,15 +309,15 @@ class PaperSchedule(StepSchedule):
         floor(total * 400/64000) iterations at ``warmup_lr`` (default base_lr / 10,
         the paper's ratio), milestones at floor(total/2) and floor(3 total/4).
         ``scaled(64000)`` is the paper's schedule."""
-        total = _count("PaperSchedule.scaled", "total_iters", total_iters, 1)
+        total = check_int("PaperSchedule.scaled", "total_iters", total_iters, 1)
         warmup = total * cls.PAPER_WARMUP // cls.PAPER_TOTAL
         milestones = tuple(m for m in (total // 2, 3 * total // 4) if m >= 1)
         milestones = tuple(sorted(set(milestones)))
-        base_lr = _number("PaperSchedule.scaled", "base_lr", base_lr, lo=0, lo_open=True)
+        base_lr = check_number("PaperSchedule.scaled", "base_lr", base_lr, lo=0, lo_open=True)
         return cls(base_lr, base_lr / 10 if warmup_lr is None else warmup_lr, warmup, milestones, gamma)
 
     def lr_at(self, iteration):
-        i = _iteration("PaperSchedule", iteration)
+        i = check_int("PaperSchedule.lr_at", "the iteration", iteration, 0)
         return self.warmup_lr if i < self.warmup_iters else super().lr_at(i)
 
     def __repr__(self):
@@ -361,16 +331,16 @@ class CosineSchedule(Schedule):
     lr = min_lr + (base_lr - min_lr) (1 + cos(pi t)) / 2; min_lr from ``total_iters`` on."""
 
     def __init__(self, base_lr: float, total_iters: int, warmup_iters: int = 0, min_lr: float = 0.0):
-        self.base_lr = _number("CosineSchedule", "base_lr", base_lr, lo=0, lo_open=True)
-        self.total_iters = _count("CosineSchedule", "total_iters", total_iters, 1)
-        self.warmup_iters = _count("CosineSchedule", "warmup_iters", warmup_iters)
+        self.base_lr = check_number("CosineSchedule", "base_lr", base_lr, lo=0, lo_open=True)
+        self.total_iters = check_int("CosineSchedule", "total_iters", total_iters, 1)
+        self.warmup_iters = check_int("CosineSchedule", "warmup_iters", warmup_iters, 0)
         if self.warmup_iters >= self.total_iters:
             raise ValueError(f"CosineSchedule: warmup_iters ({self.warmup_iters}) must be below "
                              f"total_iters ({self.total_iters})")
-        self.min_lr = _number("CosineSchedule", "min_lr", min_lr, lo=0, hi=self.base_lr)
+        self.min_lr = check_number("CosineSchedule", "min_lr", min_lr, lo=0, hi=self.base_lr)
 
     def lr_at(self, iteration):
-        i = _iteration("CosineSchedule", iteration)
+        i = check_int("CosineSchedule.lr_at", "the iteration", iteration, 0)
         if i < self.warmup_iters:
             return self.base_lr * (i + 1) / self.warmup_iters
         t = min(1.0, (i - self.warmup_iters) / (self.total_iters - self.warmup_iters))
@@ -392,7 +362,7 @@ def make_schedule(name: str, base_lr: float, total_iters: int) -> Schedule:
     key = name.lower() if isinstance(name, str) else name
     if key not in SCHEDULE_NAMES:
         raise ValueError(f"unknown schedule {name!r}; expected one of {', '.join(SCHEDULE_NAMES)}")
-    total = _count("make_schedule", "total_iters", total_iters, 1)
+    total = check_int("make_schedule", "total_iters", total_iters, 1)
     if key == "paper":
         return PaperSchedule.scaled(total, base_lr=base_lr)
     if key == "step":

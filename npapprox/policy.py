@@ -11,7 +11,8 @@ Choose one for a block of code, or per module (``module.storage = Exact()``)::
     with npapprox.storage_policy(npapprox.Paper(bits=4)):
         loss = ops.cross_entropy(model(x), y)
 
-Kinds of saved entries (declared per op):
+Kinds of saved entries (declared per op; defined with the op protocol in
+``npapprox.function``):
 
 * ``ACTIVATION``: activation-sized arrays; the policy decides their form. An
   input that is the output of a BN -> ReLU unit is stored as a reference to the
@@ -22,7 +23,7 @@ Kinds of saved entries (declared per op):
 * ``STAT``:       small per-channel or per-sample statistics, kept exactly.
 * ``INDEX``:      integer indices (max-pool argmax, class labels), kept exactly.
 
-Policies (METHOD.md sections 3 to 5):
+Policies (docs/method.md, sections 3 to 5):
 
 =====================  ==========================  =============================
 policy                 forward propagates           backward uses
@@ -37,41 +38,26 @@ policy                 forward propagates           backward uses
 """
 from __future__ import annotations
 
-import contextlib
-import threading
+import re
 from typing import NamedTuple
 
 import numpy as np
 
 from . import checks, quant
 from .backend import array_module
+from .function import ACTIVATION, INDEX, KINDS, PARAM, STAT, UNIT, current_policy, storage_policy
 from .kernels.bn import as_ncm
-from .storage import ExactUnit, FitUnit, Full, GenericPacked, GenericUnit, PaperUnit, ParamRef, Stored, Unit, UnitRef
+from .storage import (BNReLUUnit, ExactUnit, FitUnit, Full, GenericPacked, GenericUnit, PaperUnit, ParamRef, Stored,
+                      Unit, UnitRef)
 
-ACTIVATION = "activation"
-UNIT = "unit"
-PARAM = "param"
-STAT = "stat"
-INDEX = "index"
-KINDS = (ACTIVATION, UNIT, PARAM, STAT, INDEX)
+__all__ = ["ACTIVATION", "INDEX", "KINDS", "MAX_GROUP", "PARAM", "POLICIES", "POLICY_HELP", "STAT", "UNIT",
+           "ApproxForward", "Exact", "FitWindow", "Generic", "Naive", "Paper", "Policy", "PolicyName", "PolicySpec",
+           "current_policy", "parse_policy_name", "policy_from_name", "register_policy", "storage_policy"]
 
 #: the largest generic group. A group larger than the tensor is one group of all
 #: its values, so a larger bound buys nothing; this one keeps the kernels' 64-bit
 #: index arithmetic (n + group - 1, ...) far from overflow.
 MAX_GROUP = 2**31 - 1
-
-
-class BNReLUUnit(NamedTuple):
-    """What a BN -> ReLU op hands to ``ctx.save(unit=...)``: its input, its
-    pre-ReLU output y = gamma * xhat + beta and the statistics (all (N, C, H, W)
-    or (C,))."""
-
-    x: object
-    y: object
-    mu: object
-    inv_sigma: object
-    gamma: object
-    beta: object
 
 
 def _check_finite(n_nonfinite, ctx, name: str) -> None:
@@ -80,6 +66,30 @@ def _check_finite(n_nonfinite, ctx, name: str) -> None:
     fn = ctx.fn.__name__
     checks.nonfinite(n_nonfinite, lambda n: f"{fn}: {n} non-finite value(s) in the activation {name!r}; "
                                             "K-bit storage refuses NaN/inf (the forward pass diverged)")
+
+
+class PolicyName(NamedTuple):
+    """A registered family of policy names ``<name>[K][s][-gG][-wW]``: ``cls`` is
+    built from them; ``options`` holds the parts its names take (``K`` bits, ``s``
+    stochastic, ``g`` group, ``w`` window); ``style``: (matplotlib colormap, line
+    style) of the family in plots."""
+
+    cls: type
+    options: str
+    style: tuple
+
+
+#: name -> PolicyName, in registration order; ``policy_from_name``, the command
+#: line and the study's plots read it
+POLICIES: dict[str, PolicyName] = {}
+
+
+def register_policy(name: str, options: str = "K", style: tuple = ("Greys", "-")):
+    """Class decorator: ``policy_from_name`` builds the class from ``<name>...`` names."""
+    def register(cls):
+        POLICIES[name] = PolicyName(cls, options, style)
+        return cls
+    return register
 
 
 class Policy:
@@ -96,6 +106,11 @@ class Policy:
         return repr(self)
 
     def save(self, ctx, name: str, kind: str, value) -> Stored:
+        """The stored form of ``value``, saved by ``ctx``'s op under ``name`` as
+        ``kind`` (one of ``KINDS``): parameters by reference, a unit through
+        ``store_unit``, an activation as a reference to its producer's unit or
+        through ``store_activation`` (the network input stays exact), the rest
+        exact. ``ctx.restore(name)`` calls the form's ``restore()``."""
         if kind == PARAM:
             return ParamRef(value)
         if kind == UNIT:
@@ -143,10 +158,12 @@ def _producer_unit(tensor):
     return _unit_in(getattr(tensor, "_ctx", None))
 
 
+@register_policy("exact", options="")
 class Exact(Policy):
     """float32 stored: the paper's exact baseline (one float32 tensor per unit)."""
 
 
+@register_policy("generic", options="Ksg", style=("Greens", "--"))
 class Generic(Policy):
     """Per-group K-bit min/max quantizer for every activation (units: codes of y
     plus an exact 1-bit mask). ``stochastic=True`` rounds up with probability
@@ -194,6 +211,7 @@ class Generic(Policy):
         return f"Generic(bits={self.bits}, group={self.group}, {rounding})"
 
 
+@register_policy("paper", options="Kw", style=("Blues", "-"))
 class Paper(Policy):
     """The paper's scheme: each BN -> ReLU unit stores K-bit BN-window codes
     (``npapprox.quant``) in a window of +-``window`` batch standard deviations
@@ -240,6 +258,7 @@ class Paper(Policy):
         return f"Paper(bits={self.bits}{self._window_repr()})"
 
 
+@register_policy("fit", options="Kw")
 class FitWindow(Paper):
     """The paper's codes in a *fitted* window: per channel, the narrowest window
     of 2^K bins with ReLU's threshold on a bin edge that holds the batch's range
@@ -271,6 +290,7 @@ class FitWindow(Paper):
         return f"FitWindow(bits={self.bits}{w})"
 
 
+@register_policy("naive", options="Kw", style=("Oranges", ":"))
 class Naive(Paper):
     """Naive low precision: the decoded K-bit approximation is what the next layer
     receives *and* what backward uses, so errors accumulate through the depth.
@@ -291,6 +311,7 @@ class Naive(Paper):
         return f"Naive(bits={self.bits}{self._window_repr()})"
 
 
+@register_policy("approx", options="Kw", style=("Reds", "-."))
 class ApproxForward(Paper):
     """Approximate forward, exact backward (the reviewers' ablation): units (and
     ops that save their own output) propagate a decoded K-bit approximation, but
@@ -322,56 +343,40 @@ class ApproxForward(Paper):
         return f"ApproxForward(bits={self.bits}{self._window_repr()})"
 
 
-class _PolicyStack(threading.local):
-    """The policies of the ``storage_policy`` blocks open in this thread (innermost
-    last): each thread starts from ``Exact()`` and never sees another's blocks."""
-
-    def __init__(self):
-        self.policies: list[Policy] = [Exact()]
-
-
-_stack = _PolicyStack()
-
-
-def current_policy() -> Policy:
-    """The storage policy in force in the calling thread."""
-    return _stack.policies[-1]
-
-
-@contextlib.contextmanager
-def storage_policy(policy: Policy):
-    """Use ``policy`` for every op recorded inside the ``with`` block."""
-    if not isinstance(policy, Policy):
-        raise TypeError(f"storage_policy expects a Policy instance, got {type(policy).__name__}")
-    _stack.policies.append(policy)
-    try:
-        yield policy
-    finally:
-        _stack.policies.pop()
-
-
 POLICY_HELP = ("exact | paperK | naiveK | approxK (approximate forward, exact backward), optionally -wW for "
                "a window of +-W standard deviations (default 3) | fitK (the window fitted to each batch's "
                "range, optionally -wW: cut at +-W) | genericK (nearest) | genericKs (stochastic), optionally "
                "-gG for the group size; K in 1, 2, 4, 8. Examples: paper4, paper8-w4, fit4, naive8, generic4s-g64")
 
 
+class PolicySpec(NamedTuple):
+    """A parsed policy name: family (a ``POLICIES`` key), bits (None for exact),
+    stochastic, group and window (None: the class's default)."""
+
+    family: str
+    bits: int | None
+    stochastic: bool
+    group: int | None
+    window: float | None
+
+
+def parse_policy_name(name: str) -> PolicySpec:
+    """The parts of a policy name (see ``POLICY_HELP``), checked against ``POLICIES``."""
+    m = re.fullmatch(r"([a-z]+?)([1248]?)(s?)(?:-g(\d+))?(?:-w(\d+(?:\.\d+)?))?", str(name).strip().lower())
+    entry = POLICIES.get(m.group(1)) if m else None
+    if (entry is None or bool(m.group(2)) != ("K" in entry.options)
+            or any(m.group(i) and opt not in entry.options for i, opt in ((3, "s"), (4, "g"), (5, "w")))
+            or m.group(5) and float(m.group(5)) <= 0):
+        raise ValueError(f"unknown storage policy {name!r}; expected {POLICY_HELP}")
+    return PolicySpec(m.group(1), int(m.group(2)) if m.group(2) else None, bool(m.group(3)),
+                      int(m.group(4)) if m.group(4) else None, float(m.group(5)) if m.group(5) else None)
+
+
 def policy_from_name(name: str, seed: int = 0) -> Policy:
     """Build a policy from its short name (see ``POLICY_HELP``)."""
-    import re  # noqa: PLC0415
-
-    m = re.fullmatch(r"(exact)|(paper|naive|approx|generic|fit)([1248])(s?)(?:-g(\d+))?(?:-w(\d+(?:\.\d+)?))?",
-                     name.strip().lower())
-    if (m is None or (m.group(4) or m.group(5)) and m.group(2) != "generic"
-            or m.group(6) and m.group(2) not in ("paper", "naive", "approx", "fit")
-            or m.group(6) and float(m.group(6)) <= 0):
-        raise ValueError(f"unknown storage policy {name!r}; expected {POLICY_HELP}")
-    if m.group(1):
-        return Exact()
-    kind, bits = m.group(2), int(m.group(3))
-    if kind == "generic":
-        return Generic(bits, group=int(m.group(5) or 256), stochastic=bool(m.group(4)), seed=seed)
-    if kind == "fit":
-        return FitWindow(bits, window=float(m.group(6)) if m.group(6) else None)
-    window = float(m.group(6)) if m.group(6) else quant.DEFAULT_WINDOW
-    return {"paper": Paper, "naive": Naive, "approx": ApproxForward}[kind](bits, window=window)
+    spec = parse_policy_name(name)
+    options = POLICIES[spec.family].options
+    args = (spec.bits,) if "K" in options else ()
+    kwargs = {"stochastic": spec.stochastic, "seed": seed} if "s" in options else {}
+    kwargs.update({k: v for k, v in (("group", spec.group), ("window", spec.window)) if v is not None})
+    return POLICIES[spec.family].cls(*args, **kwargs)

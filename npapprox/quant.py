@@ -2,7 +2,7 @@
 the per-group parameters of the generic quantizer. The kernels
 (``npapprox.kernels``) apply them; this module decides them.
 
-Paper scheme (METHOD.md section 4), K bits, NB = 2^K bins of width D = 2W/NB in
+Paper scheme (docs/method.md section 4), K bits, NB = 2^K bins of width D = 2W/NB in
 units of the BN input's standard deviation (the window is +-W, W = 3 in the paper
 and by default; ``Paper(K, window=W)`` changes it). For one channel with BN output
 ``y = gamma * xhat + beta`` we quantize ``q = y / |gamma|`` (so ``y > 0 <=> q > 0``

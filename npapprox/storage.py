@@ -1,19 +1,36 @@
 """Stored forms: what a policy keeps for one saved entry, and how it comes back.
 
-A stored form answers three questions the memory ledger asks (DESIGN.md
+A stored form answers three questions the memory ledger asks (docs/design.md
 property 1): which ``form`` it is, how many ``bits`` per value, how many bytes
 of ``payload`` and of ``meta``data it holds. ``restore()`` gives back an array
 of the saved shape and dtype.
 
-Only the exact forms exist in the core engine; the approximate forms (K-bit
-codes, references to a producer's codes) plug in beside them.
+The forms: ``Full`` and ``ParamRef`` (exact), ``GenericPacked`` (per-group K-bit
+codes), the units of a BN -> ReLU op (``ExactUnit``, ``PaperUnit``, ``FitUnit``,
+``GenericUnit``: what ``BNReLUUnit`` is stored as) and ``UnitRef`` (a consumer's
+reference to its producer's unit).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
 from .backend import array_module
 from .kernels.bn import BNSource, as_ncm, bn_apply
+
+
+class BNReLUUnit(NamedTuple):
+    """What a BN -> ReLU op hands to ``ctx.save(unit=...)``: its input, its
+    pre-ReLU output y = gamma * xhat + beta and the statistics (all (N, C, H, W)
+    or (C,))."""
+
+    x: object
+    y: object
+    mu: object
+    inv_sigma: object
+    gamma: object
+    beta: object
 
 
 class Stored:
@@ -248,7 +265,7 @@ class GenericUnit(Unit):
 
 class UnitRef(Stored):
     """A consumer's saved input that is a unit's output h: rebuilt from the
-    unit's stored form, so it costs nothing (DESIGN.md property 4)."""
+    unit's stored form, so it costs nothing (docs/design.md property 4)."""
 
     __slots__ = ("unit",)
 

@@ -61,6 +61,11 @@ def no_grad():
 
 
 class Tensor:
+    """An array (``data``: NumPy or CuPy) with its gradient (``grad``, filled by
+    ``backward``) and, for an op's output, the op's Context (``_ctx``: the graph
+    node; None for a leaf). ``+``, ``*``, ``-``, ``sum()`` and ``reshape()`` call
+    the ops of ``npapprox.ops``; ``backward()`` walks the graph from here."""
+
     __slots__ = ("data", "grad", "requires_grad", "_ctx", "__weakref__")
 
     def __init__(self, data, requires_grad: bool = False):
@@ -129,7 +134,7 @@ class Tensor:
         if self._ctx is None:  # a leaf: d(self)/d(self) = 1
             self.grad = grad if self.grad is None else self.grad + grad
             return
-        order = _topological_order(self._ctx)
+        order = topological_order(self._ctx)
         if any(ctx.released for ctx in order):  # before any gradient is added: all or nothing
             raise RuntimeError("this graph (or a part it shares with an earlier backward) was already "
                                "backpropagated and its saved state freed; call backward() once, on the "
@@ -183,7 +188,7 @@ class Tensor:
         return reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
 
 
-def _topological_order(root) -> list:
+def topological_order(root) -> list:
     """The Contexts reachable from ``root`` (a Context), inputs before outputs
     (iterative post-order DFS over ``ctx.parents``; leaves are not listed)."""
     order, visited = [], set()

@@ -29,12 +29,13 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from . import checkpoint, nn, ops, optim
+from . import backend, checkpoint, nn, ops, optim
 from .backend import array_module, to_device
 from .data import batches, load_dataset
+from .ledger import ledger
 from .policy import policy_from_name, storage_policy
-from .report import ledger
 from .runfolder import CHECKPOINT, METRICS, STEPS, claim, read_jsonl, sync, write_jsonl
 from .tensor import Tensor, no_grad
 from .window import watch_training
@@ -70,7 +71,7 @@ class TrainConfig:
 
     @classmethod
     def paper(cls, **overrides) -> "TrainConfig":
-        """The paper's CIFAR protocol (METHOD.md section 6): ResNet-164, batch 128,
+        """The paper's CIFAR protocol (docs/method.md section 6): ResNet-164, batch 128,
         SGD momentum 0.9, weight decay 2e-4 on kernels, the piecewise schedule with
         warm-up over 64k iterations, pad-4 crop + flip, per-image mean, BN batch
         statistics at evaluation."""
@@ -99,8 +100,7 @@ class _PeakProbe:
     def __init__(self, device: str):
         self.device = device
         if device == "gpu":
-            from .backend import gpu_memory_peak  # noqa: PLC0415
-            self.gpu = gpu_memory_peak()
+            self.gpu = backend.gpu_memory_peak()
             self.tracker = self.gpu.__enter__()
         else:
             tracemalloc.start()
@@ -117,18 +117,22 @@ class _PeakProbe:
 class Trainer:
     """One run. ``overwrite``: a fresh run may replace another run's files in
     ``out`` (otherwise it refuses them; ``resume()`` continues them). ``probe``:
-    called as ``probe(trainer)`` at each epoch end, its dict joins the epoch's row."""
+    called as ``probe(trainer)`` at each epoch end, its dict joins the epoch's row.
+    ``model``, ``data``: train these instead of building them from the config (the
+    study trains the model it measures)."""
 
     def __init__(self, config: TrainConfig, progress: bool = True, log=print, overwrite: bool = False,
-                 probe=None):
+                 probe=None, model=None, data=None):
         self.cfg, self.progress, self.log = config, progress, log
         self.overwrite, self.probe, self.resumed, self._steps_log = overwrite, probe, False, None
         c = config
-        self.data = load_dataset(c.data, path=c.data_path, size=c.size, normalize=c.normalize, seed=c.seed)
-        nn.manual_seed(c.seed)
-        self.model = nn.build_model(c.model, num_classes=self.data.num_classes,
-                                    in_channels=self.data.in_channels, input_size=self.data.image_size,
-                                    width=c.width)
+        self.data = data if data is not None else load_dataset(c.data, path=c.data_path, size=c.size,
+                                                                normalize=c.normalize, seed=c.seed)
+        if model is None:
+            nn.manual_seed(c.seed)
+            model = nn.build_model(c.model, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
+                                   input_size=self.data.image_size, width=c.width)
+        self.model = model
         if c.eval_batch_stats:
             for _, m in self.model.named_modules():
                 if isinstance(m, nn.BatchNorm2d):
@@ -273,7 +277,30 @@ class Trainer:
         self.model.load_state_dict(state)
         return led.activation_stored
 
-    # --- the loop ------------------------------------------------------------------
+    # --- the loops -----------------------------------------------------------------
+    def fit(self, every: int | None = None, on_checkpoint=None) -> list:
+        """Train to the configured length without a run's bookkeeping (folder, epoch rows,
+        checkpoints, progress). ``on_checkpoint(i, losses)``: before iteration i = 0, every,
+        2 every, ... and after the last, with the losses since its previous call."""
+        c, d = self.cfg, self.data
+        losses, since = [], []
+        self.model.train()
+        while self.iteration < self.total:
+            epoch, start = divmod(self.iteration, self.per_epoch)
+            for xb, yb in batches(d.x_train, d.y_train, c.batch_size, seed=c.seed, epoch=epoch,
+                                  augment=c.augment, start=start):
+                if on_checkpoint is not None and every and self.iteration % every == 0:
+                    on_checkpoint(self.iteration, since)
+                    since = []
+                losses.append(self.step(xb, yb)[0])
+                since.append(losses[-1])
+                self.iteration += 1
+                if self.iteration >= self.total:
+                    break
+        if on_checkpoint is not None:
+            on_checkpoint(self.iteration, since)
+        return losses
+
     def run(self) -> dict:
         """Train to the configured length; returns the last epoch's metrics row.
 
@@ -281,8 +308,6 @@ class Trainer:
         (SIGINT) and SIGTERM are deferred to the end of the current step, then a
         checkpoint is written (with ``out``) and ``Interrupted`` raised, so a
         resumed run sees a consistent state."""
-        from tqdm import tqdm  # noqa: PLC0415
-
         c, d = self.cfg, self.data
         if self.out and not self.resumed:
             claim(self.out, self.overwrite)

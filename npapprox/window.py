@@ -9,7 +9,7 @@ channels where ``|beta/gamma|`` exceeds the window's half-width W: there the
 fixed window cannot follow the data at all (a fitted window always does, so
 ``FitWindow`` flags none).
 
-Uses: ``report.ledger`` adds the rows to the ledger; the study's ``window``
+Uses: ``ledger.ledger`` adds the rows to the ledger; the study's ``window``
 experiment writes them per policy; ``watch_training`` logs a warning when a
 unit saturates persistently during ``npapprox train``.
 """
@@ -22,6 +22,7 @@ import numpy as np
 from . import quant
 from .backend import to_device
 from .kernels.bn import as_ncm
+from .policy import FitWindow
 
 #: a checked unit saturates when it clips more than this fraction of its values ...
 CLIP_WARN = 0.01
@@ -73,7 +74,6 @@ class WindowMonitor:
         seen = self._seen[name] = self._seen.get(name, 0) + 1
         if (seen - 1) % self.every:
             return
-        from .policy import FitWindow  # noqa: PLC0415  (policy imports nothing from here)
         fitted = isinstance(policy, FitWindow)
         row = unit_row(name, u.y, params, policy.bits, policy.window)
         b = np.abs(np.asarray(to_device(quant.beta_over_gamma(u.gamma, u.beta), "cpu")))

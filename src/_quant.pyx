@@ -21,8 +21,8 @@ Organisation
   one). A tight loop encodes a segment into a per-thread buffer of codes (a stack
   array), which is then packed into bytes; decoding unpacks the piece into the
   buffer first. At K = 8 the codes are the bytes, so the buffer is skipped.
-* The tight loops are written to be vectorised by the C compiler at the
-  baseline ISA (SSE2 on x86-64; the build adds no -march): no libm call, ceil /
+* The tight loops are written to be vectorised by the C compiler at any ISA
+  (setup.py adds -march=native unless NPAPPROX_PORTABLE=1; SSE2 suffices): no libm call, ceil /
   floor of a value already clamped to a small range are an ``int`` conversion
   (truncation) plus a compare, clamps are ``a > b ? a : b`` (MAXPS / MINPS, and
   a NaN falls to the bound like fmaxf), and a value is never computed only to

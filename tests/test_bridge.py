@@ -15,9 +15,9 @@ from conftest import require_torch
 
 import npapprox as na
 from npapprox import Tensor, kernels, ops
-from npapprox.policy import BNReLUUnit
+from npapprox.storage import BNReLUUnit
 from npapprox.storage import GenericPacked, PaperUnit
-from npapprox.tensor import _topological_order
+from npapprox.tensor import topological_order
 
 torch = require_torch()
 F = torch.nn.functional
@@ -258,7 +258,7 @@ def _engine_grads(m, x, y, policy):
     m = copy.deepcopy(m)
     with na.storage_policy(policy):
         loss = ops.cross_entropy(m(x), y)
-    codes = [s for c in _topological_order(loss._ctx) for s in c.saved.values() if isinstance(s, PaperUnit)]
+    codes = [s for c in topological_order(loss._ctx) for s in c.saved.values() if isinstance(s, PaperUnit)]
     codes = [kernels.unpack_bits(u.packed, int(np.prod(u.shape)), u.bits) for u in codes]
     loss.backward()
     return {n: p.grad for n, p in m.named_parameters()}, codes

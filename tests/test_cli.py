@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 import npapprox
-from npapprox import cli, limits, nn
+from npapprox import cli, cli_options, limits, nn
 from npapprox.data import load_cifar10, load_dataset
 from npapprox.policy import Exact, Paper
-from npapprox.report import footprint, ledger, max_batch, measure_peak
+from npapprox.ledger import footprint, ledger, max_batch, measure_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2 ** 30
@@ -156,13 +156,13 @@ def test_help_has_no_markup():
     (" 3 gib ", 3 * GiB), ("1TiB", 2 ** 40), ("2.5e3", 2500),
 ])
 def test_budget_sizes_parse(text, expected):
-    assert cli._bytes(text) == expected
+    assert cli_options.byte_size(text) == expected
 
 
 @pytest.mark.parametrize("text", ["0", "0.5", "-1", "lots", "1e400", "5i", "GiB", "1 KiBB", "nan", "inf"])
 def test_budget_sizes_refused(text):
     with pytest.raises(argparse.ArgumentTypeError):
-        cli._bytes(text)
+        cli_options.byte_size(text)
 
 
 def test_the_process_prints_one_line_and_no_traceback(tmp_path):

@@ -31,7 +31,7 @@ from npapprox.backend import gpu_status, to_device
 from npapprox.kernels import reference as R
 from npapprox.optim import SGD
 from npapprox.policy import Exact, Generic, Paper, storage_policy
-from npapprox.report import ledger, measure_peak
+from npapprox.ledger import ledger, measure_peak
 from npapprox.tensor import Tensor
 
 # A machine without CuPy or without a device skips, saying why; CuPy installed but unusable (it does

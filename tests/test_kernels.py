@@ -549,7 +549,7 @@ def test_paper_properties(case):
 
 
 def test_paper_mask_pins_the_released_code_defects():
-    """METHOD.md section 4: the mask must not die for beta/gamma < -3, gamma <= 0, gamma ~ 0,
+    """docs/method.md section 4: the mask must not die for beta/gamma < -3, gamma <= 0, gamma ~ 0,
     nor send values in (0, 1e-6] to the negative side."""
     for bits in BITS:
         gamma = np.float32([1.0, 1.0, -1.0, 0.0, 1e-30, -1e-30, 1.0])

@@ -19,9 +19,9 @@ import math
 import numpy as np
 import pytest
 
-from npapprox import Tensor, nn, no_grad, ops
+from npapprox import Tensor, cli, nn, no_grad, ops
 from npapprox.policy import PARAM, STAT, UNIT, Exact, Generic, Paper, storage_policy
-from npapprox.report import ledger
+from npapprox.ledger import ledger
 
 from model_oracle import against_torch, close  # noqa: E402,F401  (tests/ is on sys.path)
 
@@ -389,3 +389,26 @@ def test_bad_inputs_give_clear_errors():
     avg = nn.VGG("vgg11", width_mult=1 / 16)   # the average-pool head takes any multiple of 32
     with no_grad():
         assert avg(_x((1, 3, 64, 32))).shape == (1, 10)
+
+
+def test_a_registered_model_is_built_by_name(capsys):
+    """``register_model`` is the one step: ``build_model``, ``input_divisor`` and the
+    command line's model list read ``nn.MODELS``."""
+    def build(num_classes, in_channels, size, width, **options):
+        return nn.Sequential(nn.GlobalAvgPool2d(), nn.Linear(in_channels, num_classes))
+
+    nn.register_model("tinypool", build, divisor=2)
+    try:
+        m = nn.build_model("TinyPool", num_classes=3, in_channels=2, input_size=4)
+        with no_grad():
+            assert m(np.ones((5, 2, 4, 4), np.float32)).shape == (5, 3)
+        assert nn.input_divisor("tinypool") == 2
+        with pytest.raises(ValueError, match="shortcut applies to ResNets only, not to tinypool"):
+            nn.build_model("tinypool", shortcut="pad")
+        with pytest.raises(SystemExit):
+            cli.main(["train", "--help"])
+        assert "tinypool" in capsys.readouterr().out
+    finally:
+        del nn.MODELS["tinypool"]
+    with pytest.raises(ValueError, match="unknown model 'tinypool'"):
+        nn.build_model("tinypool")

@@ -1,6 +1,8 @@
 """Modules, state dicts, BN train/eval behaviour, SGD against plain NumPy, end-to-end training."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -332,3 +334,23 @@ def test_module_utilities():
             def __init__(self):
                 self.x = 1
         Broken()
+
+
+def test_trace_modules_records_calls_in_order_inside_its_block_and_thread():
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    seq = nn.Sequential(a, b)
+    x = np.zeros((1, 3), np.float32)
+    with no_grad():
+        seq(x)                                        # before the block: not recorded
+        with nn.trace_modules() as called:
+            seq(x)
+            b(x)
+            with nn.trace_modules() as inner:
+                a(x)
+            worker = threading.Thread(target=seq, args=(x,))   # another thread's calls are its own
+            worker.start()
+            worker.join()
+        seq(x)                                        # after the block: not recorded
+    assert [id(m) for m in called] == [id(m) for m in (seq, a, b, b, a)]
+    assert [id(m) for m in inner] == [id(a)]
+    assert "forward" not in a.__dict__                # nothing patched on the instances

@@ -251,7 +251,7 @@ def approx(v):
 
 
 def test_paper_schedule_boundaries():
-    s = PaperSchedule()   # METHOD.md section 6
+    s = PaperSchedule()   # docs/method.md section 6
     expected = {0: 0.01, 399: 0.01, 400: 0.1, 31999: 0.1, 32000: 0.01, 47999: 0.01, 48000: 0.001, 63999: 0.001}
     for i, lr in expected.items():
         assert s.lr_at(i) == approx(lr), i

@@ -1,6 +1,6 @@
 """Storage policies through the engine: the method's semantics against plain-NumPy oracles.
 
-Every expected value below is computed in this file from the formulas of METHOD.md
+Every expected value below is computed in this file from the formulas of docs/method.md
 sections 3-5 and the byte contract (npapprox/quant.py, npapprox/kernels/reference.py):
 codes, bin centres, the rebuilt h and xhat, and the exact backward formulas evaluated
 with them. The engine is never its own oracle.
@@ -9,14 +9,15 @@ with them. The engine is never its own oracle.
    the naive and approximate-forward baselines differ;
 2. Paper(K): a BN->ReLU unit read by a 3x3 conv and a strided 1x1 projection; each
    gradient equals the exact formula evaluated with the decoded approximation exactly
-   where METHOD.md section 3 says, exact elsewhere; and differs from exact where it must;
+   where docs/method.md section 3 says, exact elsewhere; and differs from exact where it must;
 3. the released code's defects are not repeated (exact masks for every gamma/beta,
    tiny positive y, y == 0; the first conv trains);
 4. the storage economy in the ledger, against byte counts computed from the shapes;
 5. the generic quantizer through the engine (sigmoid / tanh / gelu / linear);
 6. Naive(K) propagates the decoded approximation and its error grows with depth;
 7. measured peak memory falls under Paper(4); non-finite activations raise;
-8. stochastic rounding: seeds change the bytes, the same seed reproduces them.
+8. stochastic rounding: seeds change the bytes, the same seed reproduces them;
+9. names: one registry builds every policy and gives its plot style.
 """
 from __future__ import annotations
 
@@ -28,10 +29,13 @@ import pytest
 
 from npapprox.kernels.bn import bn_stats
 from npapprox import Tensor, nn, ops
-from npapprox.policy import (PARAM, STAT, UNIT, ApproxForward, BNReLUUnit, Exact, Generic,
-                             Naive, Paper, storage_policy)
-from npapprox.report import ledger, measure_peak
-from npapprox.tensor import _topological_order
+from npapprox.function import PARAM, STAT, UNIT
+from npapprox.ledger import ledger, measure_peak
+from npapprox.policy import (POLICIES, ApproxForward, Exact, FitWindow, Generic, Naive, Paper, policy_from_name,
+                             register_policy, storage_policy)
+from npapprox.storage import BNReLUUnit
+from npapprox.study.plots import line_style
+from npapprox.tensor import topological_order
 
 F32, F64 = np.float32, np.float64
 
@@ -674,7 +678,7 @@ def _stored_bytes(model, x, t, policy):
     with storage_policy(policy):
         led_root = ops.cross_entropy(model(Tensor(x)), t)
     chunks = []
-    for ctx in _topological_order(led_root._ctx):
+    for ctx in topological_order(led_root._ctx):
         for st in ctx.saved.values():
             packed = getattr(st, "packed", None)
             if packed is None:  # a GenericUnit: its codes of y
@@ -710,3 +714,44 @@ def test_generic_refuses_a_range_wider_than_float32():
             ops.gelu(x * 1.0)                # GELU saves its input (not a leaf: leaves stay exact)
     with storage_policy(Generic(4)):
         ops.gelu(Tensor(np.array([[-3e37, 3e37, 1.0]], F32), requires_grad=True) * 1.0)  # finite range: fine
+
+
+# --------------------------------------------------------------------------- #
+# 9. Names: one registry
+# --------------------------------------------------------------------------- #
+def test_the_registry_builds_every_family_from_its_names():
+    assert {f: e.cls for f, e in POLICIES.items()} == {"exact": Exact, "generic": Generic, "paper": Paper,
+                                                       "fit": FitWindow, "naive": Naive, "approx": ApproxForward}
+    assert repr(policy_from_name("exact")) == "Exact()"
+    for family in ("paper", "fit", "naive", "approx", "generic"):
+        p = policy_from_name(f"{family}2", seed=7)
+        assert type(p) is POLICIES[family].cls and p.bits == 2
+    for family in ("paper", "fit", "naive", "approx"):
+        assert "window=2.5" in repr(policy_from_name(f"{family}4-w2.5"))
+    g = policy_from_name("generic8s-g64", seed=7)
+    assert (g.bits, g.group, g.stochastic, g.seed) == (8, 64, True, 7)
+    for bad in ("exact4", "paper", "paper4s", "generic4-w2", "approx4-g8", "generics", "bogus4", "paper16"):
+        with pytest.raises(ValueError, match="unknown storage policy"):
+            policy_from_name(bad)
+
+
+def test_a_registered_policy_is_built_by_name_and_drawn_in_its_style():
+    """Registering is the one step: ``policy_from_name`` (the command line's parser) and
+    the study's plots pick the new family up."""
+    @register_policy("halfexact", options="K", style=("Purples", ":"))
+    class HalfExact(Exact):
+        def __init__(self, bits):
+            self.bits = bits
+
+    fake_plt = types.SimpleNamespace(get_cmap=lambda cmap: (lambda shade: (cmap, shade)))
+    try:
+        p = policy_from_name("halfexact2")
+        assert type(p) is HalfExact and p.bits == 2
+        for bad in ("halfexact", "halfexact2-w3", "halfexact2s"):
+            with pytest.raises(ValueError, match="unknown storage policy"):
+                policy_from_name(bad)
+        assert line_style(fake_plt, "halfexact2") == {"color": ("Purples", 0.45), "linestyle": ":"}
+        assert line_style(fake_plt, "paper8") == {"color": ("Blues", 0.95), "linestyle": "-"}
+        assert line_style(fake_plt, "generic4s")["color"] == ("Purples", 0.7)     # stochastic: its own colour
+    finally:
+        del POLICIES["halfexact"]

@@ -316,13 +316,12 @@ def _unwritable(tmp_path) -> Path:
 @pytest.mark.parametrize("command", ["train", "compare", "study", "memory"])
 @pytest.mark.parametrize("where", ["a file", "under a file", "unwritable"])
 def test_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, command, where):
-    import npapprox.report  # noqa: PLC0415
     import npapprox.study  # noqa: PLC0415
 
     def no_work(*_, **__):
         raise AssertionError("work started before --out was checked")
 
-    for target, name in ((Trainer, "__init__"), (npapprox.study, "run"), (npapprox.report, "ledger"),
+    for target, name in ((Trainer, "__init__"), (npapprox.study, "run"), (cli, "ledger"),
                          (nn, "build_model")):
         monkeypatch.setattr(target, name, no_work)
     (tmp_path / "file").write_text("x")

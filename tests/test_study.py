@@ -28,7 +28,7 @@ from test_policies import bn_forward, conv3x3_oracle, paper_oracle
 from npapprox import Tensor, cli, nn, ops
 from npapprox import study as S
 from npapprox.policy import Exact, Paper, storage_policy
-from npapprox.report import ledger
+from npapprox.ledger import ledger
 
 F32, F64 = np.float32, np.float64
 RNG = np.random.default_rng(20191208)
@@ -264,7 +264,7 @@ def test_statistics_match_their_definitions_and_the_noise_yardstick():
     same = S.minibatch_noise(model, [b1, b1, b1])
     assert all(v == 0 for v in same.sq_noise.values())
     # a stochastic policy's draws: bias and spread from the draws themselves
-    draws = [flat(S.gradients(model, *b1, pol)) for pol in S._draws("generic2s", 3, 0)]
+    draws = [flat(S.gradients(model, *b1, pol)) for pol in S.draws_of("generic2s", 3, 0)]
     mean = np.mean(draws, axis=0)
     row = _overall(st)["generic2s"]
     assert row["bias"] == pytest.approx(np.linalg.norm(mean - e) / np.linalg.norm(e), rel=1e-9)

@@ -10,9 +10,9 @@ import signal
 import numpy as np
 import pytest
 
-from npapprox import checkpoint, cli
+from npapprox import checkpoint, cli, cli_options, nn
 from npapprox.backend import gpu_available
-from npapprox.report import measure_peak
+from npapprox.ledger import measure_peak
 from npapprox.train import CHECKPOINT, NonFiniteLoss, Trainer, TrainConfig
 
 TINY = dict(model="resnet8", width=8, data="digits", batch_size=64, lr=0.1, schedule="cosine")
@@ -226,7 +226,7 @@ def test_preset_yields_only_to_options_the_user_typed():
     def config(argv):
         args = parse(argv)
         args.typed = cli._typed(argv)
-        return cli._config(args, "exact", 0, None)
+        return cli_options.train_config(args, "exact", 0, None)
 
     paper = config(["train", "--preset", "paper"])
     assert (paper.model, paper.iterations, paper.schedule, paper.batch_size) == ("resnet164", 64000, "paper", 128)
@@ -234,3 +234,27 @@ def test_preset_yields_only_to_options_the_user_typed():
     assert (typed.model, typed.batch_size, typed.schedule) == ("resnet20", 64, "paper")
     plain = config(["train"])
     assert (plain.model, plain.schedule, plain.batch_size) == ("resnet20", "cosine", 64)
+
+
+def test_fit_trains_as_run_does_and_reports_at_its_checkpoints():
+    """``Trainer.fit`` (the study's training) takes the same steps as ``run``: the same
+    batches, learning rates and updates, so the same weights, bit for bit."""
+    cfg = TrainConfig(model="resnet8", data="digits", epochs=None, iterations=5, batch_size=64, width=4, out=None)
+    quiet = {"progress": False, "log": lambda *_: None}
+    ran = Trainer(cfg, **quiet)
+    ran.run()
+    fitted = Trainer(cfg, **quiet)
+    losses = fitted.fit()
+    assert len(losses) == 5 and all(np.isfinite(losses))
+    for (name, p), (_, q) in zip(ran.model.named_parameters(), fitted.model.named_parameters()):
+        assert np.array_equal(p.data, q.data), name
+    # a given model and data: checkpoints before iterations 0, 2, 4 and after the last
+    nn.manual_seed(cfg.seed)
+    model = nn.build_model("resnet8", num_classes=10, in_channels=1, input_size=8, width=4)
+    seen = []
+    given = Trainer(cfg, model=model, data=fitted.data, **quiet)
+    assert given.model is model and given.data is fitted.data
+    given.fit(2, lambda i, since: seen.append((i, len(since))))
+    assert seen == [(0, 0), (2, 2), (4, 2), (5, 1)]
+    for (name, p), (_, q) in zip(model.named_parameters(), fitted.model.named_parameters()):
+        assert np.array_equal(p.data, q.data), name

@@ -31,8 +31,9 @@ from npapprox import quant
 from npapprox.kernels import cpu as CPU
 from npapprox.kernels import gpu
 from npapprox.kernels import reference as R
-from npapprox.policy import BNReLUUnit, Exact, FitWindow, Paper, policy_from_name
-from npapprox.report import ledger
+from npapprox.policy import Exact, FitWindow, Paper, policy_from_name
+from npapprox.storage import BNReLUUnit
+from npapprox.ledger import ledger
 from npapprox.window import TrainingWatch, WindowMonitor, monitoring
 
 host_lib = TC.host_lib        # the host build of quant.cu (session fixture)

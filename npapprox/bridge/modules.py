@@ -75,7 +75,7 @@ ACTIVATIONS = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "ge
 
 
 def _unit(owner, bn, x):
-    """act(bn(x)), as ``npapprox.nn.models._unit``: the activation runs under the BN's override."""
+    """act(bn(x)), as ``npapprox.nn.resnet._unit``: the activation runs under the BN's override."""
     h = bn(x)
     if owner.activation == "relu":
         return h

@@ -46,19 +46,10 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels.bn import as_ncm, bn_backward
 from ..kernels.reference import num_groups, packed_nbytes
-from ..policy import (
-    ACTIVATION,
-    INDEX,
-    PARAM,
-    STAT,
-    UNIT,
-    BNReLUUnit,
-    Generic,
-    Paper,
-    Policy,
-)
-from ..report import Entry, Ledger
-from ..storage import Stored, Unit, UnitRef
+from ..function import ACTIVATION, INDEX, PARAM, STAT, UNIT
+from ..ledger import Entry, Ledger
+from ..policy import Generic, Paper, Policy
+from ..storage import BNReLUUnit, Stored, Unit, UnitRef
 
 _stack: list = []            # policies in force, innermost last; empty: plain torch
 _names: list = []            # names of the bridge modules whose forward runs
@@ -297,7 +288,7 @@ def _note(op, name, kind, stored, policy):
 def ledger(module, x, labels=None, policy: Policy | None = None) -> Ledger:
     """One recorded forward of ``module`` on ``x`` (and the cross-entropy loss when
     ``labels`` are given) under ``policy`` (default: the one in force, else
-    ``Exact()``); every saved entry, as ``npapprox.report.ledger`` lists them (same
+    ``Exact()``); every saved entry, as ``npapprox.ledger`` lists them (same
     ``Entry``/``Ledger`` classes, same totals; like it, a training-mode forward
     updates the running statistics). Entries the hooks record name the op that
     produced the saved tensor; a tensor saved twice counts once (form ``alias``).

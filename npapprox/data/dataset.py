@@ -1,7 +1,7 @@
 """One entry point for every data set: :func:`load_dataset` returns a :class:`Dataset`.
 
 Normalisation (``normalize=``)
-  * ``"image-mean"`` (default, the paper, METHOD.md section 6): pixels scaled to [0, 1], then each
+  * ``"image-mean"`` (default, the paper, docs/method.md section 6): pixels scaled to [0, 1], then each
     image minus its own mean over all its pixels and channels.
   * ``"channel"``: pixels in [0, 1], then per channel ``(x - mean_c) / std_c`` with mean and
     (population) standard deviation over the *training* split's images and pixels, applied to both
@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import limits
 from .augment import Augment
-from .cifar import load_cifar10, load_cifar100
+from .cifar import CIFAR10, CIFAR100, load_cifar10, load_cifar100
 from .digits import RESIZE_MODES, digits_split, resize_images
 
 __all__ = ["DATASETS", "NATIVE", "NORMALIZATIONS", "Dataset", "channel_normalize", "channel_stats",
@@ -175,8 +175,6 @@ def load_dataset(name: str, path=None, size: int | None = None, normalize: str =
         num_classes, names, source = 10, tuple(str(i) for i in range(10)), "sklearn.datasets.load_digits"
     else:
         if path is None:
-            from .cifar import CIFAR10, CIFAR100  # noqa: PLC0415
-
             spec = CIFAR10 if key == "cifar10" else CIFAR100
             raise ValueError(f"{key} needs path=: {spec.accepted}; nothing is downloaded")
         raw = (load_cifar10(path, verify=verify) if key == "cifar10"

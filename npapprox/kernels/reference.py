@@ -2,7 +2,7 @@
 
 This module *is* the byte contract of the storage kernels (docs/kernels.md has
 the same contract in prose). The Cython kernels (``npapprox._quant``, wrapped by
-``npapprox.kernels.cpu``) and the CUDA kernels to come must produce **identical
+``npapprox.kernels.cpu``) and the CUDA kernels (``kernels/quant.cu``) must produce **identical
 bytes** for every input; each docstring below gives the naive per-element loop
 that the vectorised code implements, and tests/test_kernels.py checks the
 vectorised code against such loops written independently in the test.

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from .. import ops
 from ..policy import Exact
+from ..validate import check_count, check_model_input, check_size_pair
 from .layers import BatchNorm2d, Conv2d, Linear
 from .module import Module
-from .vgg import _check_input, _size_pair
 
 
 class DenseLayer(Module):
@@ -99,11 +99,10 @@ class DenseNet(Module):
             examples = "10, 16, 40, 100, 190" if bottleneck else "7, 10, 40, 100"
             raise ValueError(f"a DenseNet with {'bottleneck' if bottleneck else 'plain'} layers has depth "
                              f"{per}n + 4 ({examples}), got {depth!r}")
-        if isinstance(growth_rate, bool) or not isinstance(growth_rate, int) or growth_rate < 1:
-            raise ValueError(f"DenseNet: growth_rate must be a positive integer, got {growth_rate!r}")
+        growth_rate = check_count("DenseNet", "growth_rate", growth_rate)
         if isinstance(compression, bool) or not isinstance(compression, (int, float)) or not 0 < compression <= 1:
             raise ValueError(f"DenseNet: compression must be in (0, 1], got {compression!r}")
-        self.input_size = _size_pair("DenseNet", input_size)
+        self.input_size = check_size_pair("DenseNet", input_size)
         if self.input_size[0] % 4 or self.input_size[1] % 4:
             raise ValueError(f"DenseNet needs input height and width divisible by 4 (two 2x2 average-pooling "
                              f"transitions), got input_size {self.input_size} (pad or resize the images)")
@@ -125,7 +124,7 @@ class DenseNet(Module):
         self.fc = Linear(c, num_classes)
 
     def forward(self, x):
-        x = _check_input(self, x, 4, "two 2x2 average-pooling transitions")
+        x = check_model_input(self, x, 4, "two 2x2 average-pooling transitions")
         h = self.trans1(self.block1(self.conv(x)))
         h = self.block3(self.trans2(self.block2(h)))
         return self.fc(ops.global_avg_pool2d(self.bn(h)))

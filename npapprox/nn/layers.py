@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from .. import ops
+from ..validate import check_count
 from .module import Module, Parameter
 
 _rng = np.random.default_rng(0)
@@ -31,8 +32,7 @@ class Conv2d(Module):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
                         ("kernel_size", kernel_size)):
-            if not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"Conv2d: {name} must be a positive integer, got {v!r}")
+            check_count("Conv2d", name, v)
         self.stride, self.padding = stride, padding
         fan_in = in_channels * kernel_size * kernel_size
         self.weight = Parameter(he_normal((out_channels, in_channels, kernel_size, kernel_size), fan_in))

@@ -1,6 +1,8 @@
 """Module, Parameter, Sequential: containers for parameters, buffers and sub-modules."""
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -20,6 +22,32 @@ class Parameter(Tensor):
         super().__init__(data, requires_grad=True)
 
 
+class _Traces(threading.local):
+    """The lists that ``trace_modules`` blocks open in this thread are filling."""
+
+    def __init__(self):
+        self.lists = []
+
+
+_traces = _Traces()
+
+
+@contextlib.contextmanager
+def trace_modules():
+    """Record every module called in this thread while the block runs, in call
+    order (a module called twice appears twice)::
+
+        with trace_modules() as called:
+            model(x)
+    """
+    called = []
+    _traces.lists.append(called)
+    try:
+        yield called
+    finally:
+        _traces.lists.remove(called)
+
+
 class Module:
     """Base class. Attributes that are Parameters, Modules or registered buffers
     are discovered in assignment order, which fixes ``state_dict`` key order."""
@@ -36,6 +64,8 @@ class Module:
         """forward(*args), with this module's storage policy override (if any)
         in force and the module recorded on every op it runs (for the ledger)."""
         MODULE_STACK.append(self)
+        for called in _traces.lists:
+            called.append(self)
         try:
             if self.storage is None:
                 return self.forward(*args)

@@ -2,10 +2,9 @@
 with BN as in the common CIFAR variants): a plain stack, no residual paths."""
 from __future__ import annotations
 
-import numpy as np
-
 from .. import ops
 from ..policy import Exact
+from ..validate import check_model_input, check_size_pair
 from .layers import BatchNorm2d, Conv2d, Linear, MaxPool2d
 from .module import Module, Sequential
 
@@ -17,26 +16,6 @@ VGG_CONFIGS = {
     "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
               512, 512, 512, 512, "M"),
 }
-
-
-def _size_pair(owner: str, input_size) -> tuple[int, int]:
-    """``input_size`` (an int or an (H, W) pair) as a pair of positive ints."""
-    pair = (input_size, input_size) if not isinstance(input_size, (tuple, list)) else tuple(input_size)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in pair):
-        raise ValueError(f"{owner}: input_size must be a positive int or an (H, W) pair, got {input_size!r}")
-    return int(pair[0]), int(pair[1])
-
-
-def _check_input(model, x, divisor: int, why: str):
-    """The input as a Tensor, or a clear error for a wrong rank, channel count or size."""
-    x = ops._checks.as_tensor(x, "x")
-    if x.ndim != 4 or x.shape[1] != model.in_channels:
-        raise ValueError(f"{type(model).__name__} expects input (N, {model.in_channels}, H, W), "
-                         f"got shape {tuple(x.shape)}")
-    if x.shape[2] % divisor or x.shape[3] % divisor:
-        raise ValueError(f"{type(model).__name__}: input height and width must be divisible by {divisor} "
-                         f"({why}), got {tuple(x.shape[2:])}")
-    return x
 
 
 class VGG(Module):
@@ -57,7 +36,7 @@ class VGG(Module):
     it as an ordinary activation (``Paper``: its fallback, generic K-bit).
     ``exact_pool_units=True`` (default) keeps every unit whose output feeds a
     max-pool in float32 (``storage = Exact()`` on that BN): the paper's released
-    code keeps max-pool units in full precision (METHOD.md section 3). Nothing in
+    code keeps max-pool units in full precision (docs/method.md section 3). Nothing in
     this engine requires it (the pool saves only its argmax, and the unit's mask
     and xhat come from its codes as everywhere else); ``False`` quantises them like
     every other unit. In VGG the last unit also feeds a pool, so it is covered by
@@ -82,7 +61,7 @@ class VGG(Module):
         if classifier not in ("avg", "flatten"):
             raise ValueError(f"VGG: classifier must be 'avg' or 'flatten', got {classifier!r}")
         self.in_channels, self.num_classes, self.classifier = in_channels, num_classes, classifier
-        self.input_size = _size_pair("VGG", input_size)
+        self.input_size = check_size_pair("VGG", input_size)
         self.pools = sum(1 for v in config if v == "M")
         self.divisor = 2 ** self.pools
         if self.input_size[0] % self.divisor or self.input_size[1] % self.divisor:
@@ -105,7 +84,7 @@ class VGG(Module):
         self.fc = Linear(cin if classifier == "avg" else cin * fh * fw, num_classes)
 
     def forward(self, x):
-        x = _check_input(self, x, self.divisor, f"{self.pools} 2x2 max-pools")
+        x = check_model_input(self, x, self.divisor, f"{self.pools} 2x2 max-pools")
         if self.classifier == "flatten" and tuple(x.shape[2:]) != self.input_size:
             raise ValueError(f"VGG with a flatten classifier was built for input size {self.input_size}, "
                              f"got {tuple(x.shape[2:])}")

@@ -4,9 +4,8 @@ from __future__ import annotations
 import math
 
 from ..backend import array_module, erf
-from ..function import Function
-from ..policy import ACTIVATION
-from ._checks import as_tensor, check_float
+from ..function import ACTIVATION, Function
+from ..validate import as_tensor, check_float
 
 
 class ReLU(Function):

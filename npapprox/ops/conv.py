@@ -4,12 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
-from ..function import Function
+from ..function import ACTIVATION, PARAM, Function
 from ..kernels.im2col import im2row, row2im
 from ..parallel import deal, run, workers
-from ..policy import ACTIVATION, PARAM
-from ._checks import as_tensor, check_float, check_positive_int, check_rank, out_size
-
+from ..validate import as_tensor, check_float, check_int, check_rank, out_size
 
 #: im2row rows are built for a few samples at a time, about this many bytes per
 #: worker: the rows then stay in that core's cache between im2row and the matrix
@@ -144,8 +142,8 @@ def conv2d(x, w, b=None, stride: int = 1, padding: int = 0):
                          f"(x {tuple(x.shape)}, w {tuple(w.shape)})")
     if b is not None and tuple(b.shape) != (w.shape[0],):
         raise ValueError(f"conv2d: bias shape {tuple(b.shape)} should be ({w.shape[0]},)")
-    stride = check_positive_int("conv2d", "stride", stride)
-    padding = check_positive_int("conv2d", "padding", padding, minimum=0)
+    stride = check_int("conv2d", "stride", stride)
+    padding = check_int("conv2d", "padding", padding, minimum=0)
     out_size("conv2d", x.shape[2], w.shape[2], stride, padding)
     out_size("conv2d", x.shape[3], w.shape[3], stride, padding)
     return Conv2d.apply(x, w, b, stride=stride, padding=padding)

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 from ..backend import array_module
-from ..function import Function
-from ..policy import ACTIVATION
+from ..function import ACTIVATION, Function
 from ..tensor import Tensor
-from ._checks import as_tensor
+from ..validate import as_tensor
 
 
 def _unbroadcast(g, shape):

@@ -1,9 +1,8 @@
 """Fully connected layer."""
 from __future__ import annotations
 
-from ..function import Function
-from ..policy import ACTIVATION, PARAM
-from ._checks import as_tensor, check_float, check_rank
+from ..function import ACTIVATION, PARAM, Function
+from ..validate import as_tensor, check_float, check_rank
 
 
 class Linear(Function):

@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module, on_gpu, to_device
-from ..function import Function
-from ..policy import INDEX, STAT
-from ._checks import as_tensor, check_float, check_rank
+from ..function import INDEX, STAT, Function
+from ..validate import as_tensor, check_float, check_rank
 
 
 class SoftmaxCrossEntropy(Function):

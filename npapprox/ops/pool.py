@@ -6,9 +6,8 @@ vectorised over (N, C, OH, OW) and works unchanged on CuPy arrays.
 from __future__ import annotations
 
 from ..backend import array_module
-from ..function import Function
-from ..policy import INDEX
-from ._checks import as_tensor, check_float, check_positive_int, check_rank, out_size
+from ..function import INDEX, Function
+from ..validate import as_tensor, check_float, check_int, check_rank, out_size
 
 
 def _window(p, q, stride, oh, ow):
@@ -119,9 +118,9 @@ def _pool_args(op, x, kernel, stride, padding):
     x = as_tensor(x, "x")
     check_rank(op, "x", x, 4, "(N, C, H, W)")
     check_float(op, x=x)
-    kernel = check_positive_int(op, "kernel", kernel)
-    stride = kernel if stride is None else check_positive_int(op, "stride", stride)
-    padding = check_positive_int(op, "padding", padding, minimum=0)
+    kernel = check_int(op, "kernel", kernel)
+    stride = kernel if stride is None else check_int(op, "stride", stride)
+    padding = check_int(op, "padding", padding, minimum=0)
     if padding > kernel // 2:
         raise ValueError(f"{op}: padding {padding} must be at most half the kernel ({kernel})")
     out_size(op, x.shape[2], kernel, stride, padding)

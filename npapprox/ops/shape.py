@@ -7,7 +7,7 @@ import numpy as np
 
 from ..backend import array_module
 from ..function import Function
-from ._checks import as_tensor, check_rank
+from ..validate import as_tensor, check_rank
 
 
 class Reshape(Function):

@@ -28,10 +28,13 @@ import numpy as np
 
 from . import ops
 from .backend import gpu_memory_peak, on_gpu
+from .function import Function
 from .limits import fmt_bytes
 from .policy import ACTIVATION, PARAM, UNIT, Policy, current_policy, storage_policy
 from .storage import Unit, UnitRef
-from .tensor import Tensor, _topological_order
+from .tensor import Tensor, topological_order
+from .window import WindowMonitor, monitoring
+from .window import table as window_table
 
 
 @dataclass
@@ -89,9 +92,8 @@ class Ledger:
         lines.append("-" * len(head))
         lines.append(self.summary())
         if self.windows:
-            from .window import table  # noqa: PLC0415
             lines += ["", "BN windows: values clipped per unit, channels whose |beta/gamma| exceeds the window",
-                      table(self.windows)]
+                      window_table(self.windows)]
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -110,12 +112,11 @@ def ledger(model, x, labels=None, policy: Policy | None = None) -> Ledger:
     """Run one recorded forward pass under ``policy`` (default: the current one)
     and list every saved entry, in forward order."""
     policy = current_policy() if policy is None else policy
-    from .window import WindowMonitor, monitoring  # noqa: PLC0415
     names = {id(m): (n or type(m).__name__) for n, m in model.named_modules()}
     with storage_policy(policy), monitoring(policy, WindowMonitor(names)) as monitor:
         root = _forward_loss(model, x, labels)
     entries = []
-    for ctx in (_topological_order(root._ctx) if root._ctx is not None else []):
+    for ctx in (topological_order(root._ctx) if root._ctx is not None else []):
         module = names.get(id(ctx.module), "-") if ctx.module is not None else "-"
         for name, stored in ctx.saved.items():
             kind = ctx.fn.SAVES[name]
@@ -162,9 +163,6 @@ __all__ = ["Entry", "Ledger", "Unit", "UnitRef", "footprint", "ledger", "measure
 def saves_table() -> str:
     """Markdown table of every op's ``SAVES`` declaration (docs/storage.md embeds
     it; a test keeps the two in step)."""
-    from . import ops  # noqa: F401,PLC0415  (imports every op module)
-    from .function import Function  # noqa: PLC0415
-
     def subclasses(cls):
         for sub in sorted(cls.__subclasses__(), key=lambda c: (c.__module__, c.__name__)):
             yield sub

@@ -5,9 +5,9 @@ import contextlib
 
 from .. import ops
 from ..policy import Exact, storage_policy
+from ..validate import check_model_input
 from .layers import BatchNorm2d, Conv2d, Linear
 from .module import Module, Sequential
-
 
 ACTIVATIONS = {"relu": ops.relu, "sigmoid": ops.sigmoid, "tanh": ops.tanh, "gelu": ops.gelu}
 
@@ -155,13 +155,7 @@ class PreActResNet(Module):
         self.fc = Linear(cin, num_classes)
 
     def forward(self, x):
-        x = ops._checks.as_tensor(x, "x")
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__} expects input (N, {self.in_channels}, H, W), "
-                             f"got shape {tuple(x.shape)}")
-        if x.shape[2] % 4 or x.shape[3] % 4:
-            raise ValueError(f"input height and width must be divisible by 4 (two stride-2 stages), "
-                             f"got {tuple(x.shape[2:])}")
+        x = check_model_input(self, x, 4, "two stride-2 stages")
         h = self.blocks(self.conv(x))
         return self.fc(ops.global_avg_pool2d(_unit(self, self.bn, h)))
 
