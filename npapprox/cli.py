@@ -149,7 +149,10 @@ def _run_options(p):
                    help="evaluate BN with batch statistics, as the paper's code")
     p.add_argument("--preset", choices=["paper"], help="the paper's CIFAR protocol (ResNet-164, 64k iterations); "
                                                         "explicit options still override it")
-    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="gpu needs CuPy (npapprox[gpu])")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu", "cuda"],
+                   help="gpu: the engine on CuPy (npapprox[gpu]); cuda: --engine torch on a GPU torch sees")
+    p.add_argument("--engine", default="npapprox", choices=["npapprox", "torch"],
+                   help="torch: the same run on a torch model through npapprox.bridge (npapprox[torch])")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -185,16 +188,18 @@ def _train(args) -> int:
         if not args.resume:  # before any work (the trainer checks again when it starts)
             claim(args.out, args.overwrite)
     cfg = _config(args, args.policy, args.seed, args.out)
-    trainer = Trainer(cfg, progress=not args.quiet, overwrite=args.overwrite)
-    if args.resume:
-        trainer.resume()
-        print(f"resumed from iteration {trainer.iteration} of {trainer.total}")
-    print(f"{cfg.model} on {cfg.data} ({len(trainer.data.y_train)} train / {len(trainer.data.y_test)} test, "
-          f"{trainer.data.image_size}x{trainer.data.image_size}x{trainer.data.in_channels}), policy {cfg.policy}, "
-          f"{cfg.optimizer} lr {cfg.lr} ({cfg.schedule}), {trainer.total} iterations of batch {cfg.batch_size}"
-          + (f", output {cfg.out}" if cfg.out else ""))
     try:
-        trainer.run()
+        if cfg.engine == "torch":   # one process, --nproc spawned ones, or one rank of torchrun
+            from .bridge.train import train as train_torch  # noqa: PLC0415
+            from .bridge.ddp import RankError  # noqa: PLC0415
+            try:
+                train_torch(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+            except RankError as e:
+                print(e.error.rstrip(), file=sys.stderr)
+                print(f"npapprox train: error: {e}", file=sys.stderr)
+                return 1
+        else:
+            Trainer(cfg, progress=not args.quiet, overwrite=args.overwrite).start(args.resume)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -320,6 +325,7 @@ def _validate(args) -> None:
                              f"--momentum {run.momentum}")
         source = f"--preset {args.preset} (on {data})" if args.preset and "data" not in args.typed else None
         images = _check_images(model, data, run.data_path, size, source)
+        _check_engine(run, list(named.values())[0])
     elif cmd == "study":
         model = args.model or ("resnet8" if args.experiment == "optimizers" else "resnet20")
         data, size, width, batch = args.data, args.size, args.width, args.batch_size
@@ -346,7 +352,7 @@ def _validate(args) -> None:
     _check_memory(model, [policies[name] for option in measured for name in named[option]], classes=classes,
                   channels=channels, size=side, width=width, batch=batch,
                   batch_option="--batch" if cmd == "memory" else "--batch-size",
-                  gpu=getattr(args, "device", "cpu") == "gpu", optimizer_state=state)
+                  gpu=getattr(args, "device", "cpu") in ("gpu", "cuda"), optimizer_state=state)
     budget = getattr(args, "budget", None)
     if budget:
         from .limits import available_memory, fmt_bytes  # noqa: PLC0415
@@ -354,6 +360,38 @@ def _validate(args) -> None:
         if budget > (avail := available_memory()):
             raise ValueError(f"--budget {fmt_bytes(budget)} is more than the {fmt_bytes(avail)} of memory "
                              f"available (the search measures batches up to the budget)")
+
+
+def _check_engine(run, policies) -> None:
+    """--engine, --nproc and --device together, before any process starts."""
+    if run.engine != "torch":
+        if run.nproc > 1:
+            raise ValueError(f"--nproc {run.nproc} needs --engine torch (data parallel through PyTorch's DDP)")
+        if run.device == "cuda":
+            raise ValueError("--device cuda needs --engine torch (the engine's own GPU device is --device gpu)")
+        return
+    import importlib.util  # noqa: PLC0415
+    if importlib.util.find_spec("torch") is None:
+        raise ValueError("--engine torch needs PyTorch: pip install 'npapprox[torch]'")
+    if run.device == "gpu":
+        raise ValueError("--engine torch runs on --device cpu or cuda (gpu is the engine's CuPy device)")
+    if run.nproc > run.batch_size:
+        raise ValueError(f"--nproc {run.nproc} is larger than --batch-size {run.batch_size}: a rank would "
+                         "have no images")
+    if run.batch_size % run.nproc:
+        raise ValueError(f"--batch-size {run.batch_size} is not divisible by --nproc {run.nproc}: every rank "
+                         "takes an equal shard of each batch")
+    from .bridge.storage import check_policy  # noqa: PLC0415
+    from .bridge.train import torch_device  # noqa: PLC0415
+    from .policy import policy_from_name  # noqa: PLC0415
+    for name in policies:
+        check_policy(policy_from_name(name))
+    torch_device(run.device)
+    if run.device == "cuda" and run.nproc > 1:
+        import torch  # noqa: PLC0415
+        if run.nproc > torch.cuda.device_count():
+            raise ValueError(f"--nproc {run.nproc} with --device cuda: torch sees {torch.cuda.device_count()} "
+                             "GPU(s), one per process")
 
 
 def _check_images(model, data, data_path, size, source=None) -> tuple:
@@ -423,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=_natural, default=0)
     t.add_argument("--out", default=None, help="output folder: metrics.jsonl, steps.jsonl, checkpoint.safetensors "
                    "(one run per folder)")
+    t.add_argument("--nproc", type=_positive_int, default=1, help="with --engine torch: train in NPROC local "
+                   "processes with DistributedDataParallel (gloo on cpu, NCCL on cuda), each on its shard of "
+                   "every batch; under torchrun leave it out")
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
     again.add_argument("--overwrite", action="store_true", help="start again in OUT: remove the run there first")
