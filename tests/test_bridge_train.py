@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -247,11 +249,18 @@ def _stopped_by_rank_1(rank, world_size, cfg, at):
 
 def test_two_processes_resume_bit_for_bit(tmp_path):
     """--nproc 2 on the CPU: a SIGTERM reaching rank 1 only stops both ranks after
-    the same step (rank 0 writes the checkpoint); resumed, the run ends with the
-    uninterrupted run's arrays and losses, bit for bit."""
+    the same step (rank 0 writes the checkpoint); resumed (--nproc 2, spawned), the
+    run ends with the arrays and losses of the uninterrupted run (launched by
+    torchrun), bit for bit."""
     kw = dict(policy="paper4", iterations=6, nproc=2, optimizer="sgd", momentum=0.9)
-    row = btrain.train(_cfg(tmp_path, "full", **kw), progress=False, timeout=60)
-    assert row["iteration"] == 6
+    # the uninterrupted run: the same command launched by torchrun (2 processes, one node, loopback)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "GLOO_SOCKET_IFNAME": "lo"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(ddp.free_port()), "-m", "npapprox",
+                           *ARGS, "--engine", "torch", "--policy", "paper4", "--iterations", "6", "--momentum", "0.9",
+                           "--out", str(tmp_path / "full")], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "engine torch x 2 processes" in done.stdout
     cut = _cfg(tmp_path, "cut", **kw)
     results = ddp.launch(_stopped_by_rank_1, 2, cut, 3, timeout=60, deadline=240)
     assert results == [("interrupted", signal.SIGTERM)] * 2

@@ -23,6 +23,7 @@ progress bar. BN statistics are per rank (each rank's shard), as in plain DDP.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
@@ -282,6 +283,7 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool 
             raise ValueError("--nproc starts its own processes; under torchrun, give torchrun --nproc-per-node")
         if cfg.batch_size % world:
             raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} torchrun processes")
+        cfg = dataclasses.replace(cfg, nproc=world)
         if world > 1:
             if backend == "nccl":
                 torch.cuda.set_device(local % torch.cuda.device_count())
