@@ -22,7 +22,7 @@ from npapprox import checkpoint, cli, optim
 torch = require_torch()
 from npapprox.bridge import ddp  # noqa: E402
 from npapprox.bridge import train as btrain  # noqa: E402
-from npapprox.train import CHECKPOINT, Trainer, TrainConfig, load_run, make_trainer  # noqa: E402
+from npapprox.train import CHECKPOINT, TrainConfig, Trainer, load_run, make_trainer  # noqa: E402
 
 TINY = dict(model="resnet8", width=4, data="digits", batch_size=16, lr=0.1, schedule="cosine", engine="torch")
 LR, WD = 0.05, 1e-2
@@ -125,6 +125,17 @@ def test_torch_engine_resumes_bit_for_bit(tmp_path):
     assert [json.loads(s)["loss"] for s in steps[0]] == [json.loads(s)["loss"] for s in steps[1]]
     row = full.history[-1]
     assert row["stored_bytes"] > 0 and row["peak_bytes"] is None and np.isfinite(row["test_loss"])
+
+
+def test_window_watch_names_the_units_as_the_engine(tmp_path):
+    """The saturation watch of ``train`` sees every K-bit unit (ResNet-8: 6; the last one is
+    exact) under the engine's module name."""
+    runs = [make_trainer(_cfg(tmp_path, e, policy="paper4", iterations=2, engine=e), **quiet)
+            for e in ("npapprox", "torch")]
+    for r in runs:
+        r.run()
+    seen = [r.window_watch._seen for r in runs]
+    assert seen[0] == seen[1] and len(seen[0]) == 6 and set(seen[0].values()) == {2}, seen
 
 
 # --------------------------------------------------------------------------- #
@@ -258,7 +269,7 @@ def test_two_processes_resume_bit_for_bit(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                            "--master-addr", "127.0.0.1", "--master-port", str(ddp.free_port()), "-m", "npapprox",
                            *ARGS, "--engine", "torch", "--policy", "paper4", "--iterations", "6", "--momentum", "0.9",
-                           "--out", str(tmp_path / "full")], env=env, capture_output=True, text=True, timeout=240)
+                           "--out", str(tmp_path / "full")], env=env, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "engine torch x 2 processes" in done.stdout
     cut = _cfg(tmp_path, "cut", **kw)

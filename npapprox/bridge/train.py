@@ -28,12 +28,15 @@ import datetime
 import math
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..runfolder import CHECKPOINT
 from ..train import Interrupted, NonFiniteLoss, Trainer
+from ..window import names_of
 from . import ddp
 from .modules import arrays_to_state_dict, from_torch, state_dict_to_arrays, to_torch
 from .storage import as_array, ledger, storage_policy
@@ -62,7 +65,7 @@ class TorchParam:
     are zero-copy arrays of the tensor and of its gradient, so the optimizer's
     in-place update ``data -= delta`` updates the tensor."""
 
-    __slots__ = ("tensor", "data")
+    __slots__ = ("data", "tensor")
 
     def __init__(self, tensor):
         self.tensor, self.data = tensor, as_array(tensor)
@@ -104,6 +107,8 @@ class TorchTrainer(Trainer):
         super().__init__(config, progress=progress and rank == 0, log=log if rank == 0 else _quiet,
                          overwrite=overwrite, probe=probe)
         self.writes, self.pending = rank == 0, []
+        if self.window_watch is not None:   # units named as the engine names them (not DDP's module.<name>)
+            self.window_watch.names = names_of(self.module)
         last = len(self.data.y_train) % config.batch_size
         if world_size > 1 and (config.batch_size % world_size or 0 < last < world_size):
             raise ValueError(f"batch {config.batch_size} (last batch of an epoch: {last or config.batch_size}) "
@@ -253,7 +258,7 @@ def torchrun_env() -> tuple[int, int, int] | None:
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return None
     try:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError:
         raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
 
@@ -297,8 +302,16 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool 
                 torch.distributed.destroy_process_group()
     if cfg.nproc == 1:
         return _outcome(*_rank(0, 1, 0, cfg, resume, overwrite, progress, print))
+    if resume and cfg.out and not (Path(cfg.out) / CHECKPOINT).exists():   # before any process starts
+        raise FileNotFoundError(f"--resume: no checkpoint at {Path(cfg.out) / CHECKPOINT} "
+                                "(to start this run again: --overwrite)")
     threads = max(1, (os.cpu_count() or 1) // cfg.nproc)
-    previous = {s: signal.signal(s, _forward_signals) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:   # only the main thread may; elsewhere the signals reach the ranks alone
+            previous[s] = signal.signal(s, _forward_signals)
+        except ValueError:
+            pass
     try:
         results = ddp.launch(_spawned, cfg.nproc, cfg, resume, overwrite, progress, backend=backend,
                              timeout=timeout, deadline=float("inf"), threads=threads)
