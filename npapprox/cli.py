@@ -387,6 +387,11 @@ def _check_engine(run, policies) -> None:
     for name in policies:
         check_policy(policy_from_name(name))
     torch_device(run.device)
+    if run.device == "cuda":   # the K-bit kernels and the optimizer's views of CUDA tensors are CuPy's
+        from .backend import gpu_status  # noqa: PLC0415
+        if not gpu_status().available:
+            raise ValueError(f"--engine torch --device cuda needs CuPy for the K-bit kernels and the "
+                             f"optimizer: {gpu_status().reason}")
     if run.device == "cuda" and run.nproc > 1:
         import torch  # noqa: PLC0415
         if run.nproc > torch.cuda.device_count():

@@ -207,14 +207,6 @@ def test_cli_without_torch_says_how_to_install(monkeypatch, capsys):
     assert "pip install 'npapprox[torch]'" in err and err.count("\n") == 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU torch sees")
-def test_cli_cuda_trains_a_few_steps(tmp_path, capsys):
-    assert cli.main(ARGS + ["--engine", "torch", "--device", "cuda", "--policy", "paper4", "--iterations", "3",
-                            "--out", str(tmp_path / "r")]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["iteration"] == 3 and rows[-1]["peak_bytes"] > 0
-
-
 def test_cli_torch_run_continues_on_the_engine(tmp_path, capsys):
     out = str(tmp_path / "r")
     assert cli.main(ARGS + ["--engine", "torch", "--policy", "paper4", "--iterations", "4", "--out", out]) == 0
