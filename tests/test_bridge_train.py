@@ -242,31 +242,35 @@ def _stopped_by_rank_1(rank, world_size, cfg, at):
     real = btrain.TorchTrainer.step
 
     def step(self, xb, yb):
+        seeds.append(self.policy.seed)
         if rank == 1 and self.iteration == at - 1:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, xb, yb)
 
     btrain.TorchTrainer.step = step
-    return btrain._rank(rank, world_size, rank, cfg, False, False, False, print)
+    seeds = []
+    return btrain._rank(rank, world_size, rank, cfg, False, False, False, print), seeds[0]
 
 
 def test_two_processes_resume_bit_for_bit(tmp_path):
-    """--nproc 2 on the CPU: a SIGTERM reaching rank 1 only stops both ranks after
+    """--nproc 2 on the CPU, stochastic rounding (per-rank noise, its counter in the
+    checkpoint): a SIGTERM reaching rank 1 only stops both ranks after
     the same step (rank 0 writes the checkpoint); resumed (--nproc 2, spawned), the
     run ends with the arrays and losses of the uninterrupted run (launched by
     torchrun), bit for bit."""
-    kw = dict(policy="paper4", iterations=6, nproc=2, optimizer="sgd", momentum=0.9)
+    kw = dict(policy="generic4s", iterations=6, nproc=2, optimizer="sgd", momentum=0.9)
     # the uninterrupted run: the same command launched by torchrun (2 processes, one node, loopback)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "GLOO_SOCKET_IFNAME": "lo"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                            "--master-addr", "127.0.0.1", "--master-port", str(ddp.free_port()), "-m", "npapprox",
-                           *ARGS, "--engine", "torch", "--policy", "paper4", "--iterations", "6", "--momentum", "0.9",
+                           *ARGS, "--engine", "torch", "--policy", "generic4s", "--iterations", "6", "--momentum", "0.9",
                            "--out", str(tmp_path / "full")], env=env, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "engine torch x 2 processes" in done.stdout
     cut = _cfg(tmp_path, "cut", **kw)
     results = ddp.launch(_stopped_by_rank_1, 2, cut, 3, timeout=60, deadline=240)
-    assert results == [("interrupted", signal.SIGTERM)] * 2
+    assert [r[0] for r in results] == [("interrupted", signal.SIGTERM)] * 2
+    assert results[0][1] != results[1][1]           # each rank its own stochastic-rounding noise
     assert _arrays(tmp_path / "cut")[1]["iteration"] == 3
     btrain.train(cut, resume=True, progress=False, timeout=60)
     _same_arrays(_arrays(tmp_path / "full")[0], _arrays(tmp_path / "cut")[0])

@@ -19,7 +19,8 @@ is the whole batch's mean gradient also when a last batch splits unevenly. One
 a stop (SIGINT/SIGTERM reaching any rank stops every rank after the same step).
 Evaluation is sharded over the ranks with rank 0's BN running statistics (the
 ones DDP broadcasts). Rank 0 alone writes logs and checkpoints and shows the
-progress bar. BN statistics are per rank (each rank's shard), as in plain DDP.
+progress bar. BN statistics are per rank (each rank's shard), as in plain DDP;
+stochastic rounding draws per-rank noise (seeded from the run's seed and the rank).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ import torch.nn.functional as F
 
 from ..runfolder import CHECKPOINT
 from ..train import Interrupted, NonFiniteLoss, Trainer
-from ..window import names_of
+from ..policy import policy_from_name
+from ..window import watch_training
 from . import ddp
 from .modules import arrays_to_state_dict, from_torch, state_dict_to_arrays, to_torch
 from .storage import as_array, ledger, storage_policy
@@ -107,8 +109,11 @@ class TorchTrainer(Trainer):
         super().__init__(config, progress=progress and rank == 0, log=log if rank == 0 else _quiet,
                          overwrite=overwrite, probe=probe)
         self.writes, self.pending = rank == 0, []
-        if self.window_watch is not None:   # units named as the engine names them (not DDP's module.<name>)
-            self.window_watch.names = names_of(self.module)
+        if world_size > 1:   # each rank its own rounding noise (independent over the shards, as within a batch)
+            seed = int(np.random.SeedSequence([config.seed, rank]).generate_state(1)[0])
+            self.policy = policy_from_name(config.policy, seed=seed)
+        # the units named as the engine names them (not DDP's module.<name>)
+        self.window_watch = watch_training(self.policy, self.module, self.log)
         last = len(self.data.y_train) % config.batch_size
         if world_size > 1 and (config.batch_size % world_size or 0 < last < world_size):
             raise ValueError(f"batch {config.batch_size} (last batch of an epoch: {last or config.batch_size}) "
@@ -208,7 +213,6 @@ class TorchTrainer(Trainer):
 
     def stored_bytes(self) -> int:
         """Stored-activation bytes of this rank's shard of one training batch (bridge ledger)."""
-        from ..policy import policy_from_name  # noqa: PLC0415
         c = self.cfg
         xb, yb = (ddp.shard(a[:c.batch_size], self.rank, self.world_size) for a in (self.data.x_train,
                                                                                       self.data.y_train))
