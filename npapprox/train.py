@@ -128,11 +128,12 @@ class Trainer:
         self.cfg, self.progress, self.log = config, progress, log
         self.overwrite, self.probe, self.resumed, self._steps_log = overwrite, probe, False, None
         c = config
+        if c.engine != "npapprox" and type(self) is Trainer:
+            raise ValueError(f"Trainer runs the npapprox engine; engine {c.engine!r}: use make_trainer(config)")
         self.data = load_dataset(c.data, path=c.data_path, size=c.size, normalize=c.normalize, seed=c.seed)
         nn.manual_seed(c.seed)
-        model = nn.build_model(c.model, num_classes=self.data.num_classes,
-                                    in_channels=self.data.in_channels, input_size=self.data.image_size,
-                                    width=c.width)
+        model = nn.build_model(c.model, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
+                               input_size=self.data.image_size, width=c.width)
         if c.eval_batch_stats:
             for _, m in model.named_modules():
                 if isinstance(m, nn.BatchNorm2d):
@@ -266,10 +267,10 @@ class Trainer:
         self.load_model_arrays(model)
         self.iteration, self.train_time, self.history, self.epoch_stats = iteration, train_time, history, epoch_stats
         self.resumed = True
-        # the logs may run past the checkpoint (a crash after it): cut them back to it
-        steps = self.out / STEPS
         if not self.writes:
             return
+        # the logs may run past the checkpoint (a crash after it): cut them back to it
+        steps = self.out / STEPS
         if steps.exists():
             rows = read_jsonl(steps, repair=True)
             if not all(isinstance(r, dict) and isinstance(r.get("iteration"), int) for r in rows):
