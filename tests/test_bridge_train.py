@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -293,3 +294,21 @@ def test_a_failing_rank_fails_the_command_with_its_error(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert err.rstrip().splitlines()[-1] == "npapprox train: error: rank 1 failed: RuntimeError: boom on rank 1"
     assert "Traceback" in err
+
+
+def _parent_signalled_during_start(rank, world_size, *args):
+    if rank == 0:
+        os.kill(os.getppid(), signal.SIGTERM)     # as a scheduler would; the parent passes it on
+    time.sleep(60)                                # ended by it: no training loop defers it yet
+    return "not reached"
+
+
+def test_a_signal_before_training_starts_is_an_interruption(tmp_path, monkeypatch, capsys):
+    """SIGTERM to the parent while the ranks start: passed on, the ranks end, and the
+    command exits as interrupted (128 + 15), not as a failed rank."""
+    monkeypatch.setattr(btrain, "_spawned", _parent_signalled_during_start)
+    start = time.monotonic()
+    assert cli.main(ARGS + ["--engine", "torch", "--nproc", "2", "--iterations", "3",
+                            "--out", str(tmp_path / "r")]) == 128 + signal.SIGTERM
+    assert "interrupted" in capsys.readouterr().err and time.monotonic() - start < 50
+    assert signal.getsignal(signal.SIGTERM) is not btrain._forward_signals      # the parent's handler is back

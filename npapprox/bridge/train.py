@@ -267,9 +267,13 @@ def torchrun_env() -> tuple[int, int, int] | None:
         raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
 
 
+_received: list = []         # signals the parent of spawned ranks passed on
+
+
 def _forward_signals(signum, _frame):
     """The parent of spawned ranks: pass SIGINT/SIGTERM on, keep waiting for their checkpoint."""
     import multiprocessing  # noqa: PLC0415
+    _received.append(signum)
     for p in multiprocessing.active_children():
         try:
             os.kill(p.pid, signum)
@@ -316,9 +320,16 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool 
             previous[s] = signal.signal(s, _forward_signals)
         except ValueError:
             pass
+    _received.clear()
     try:
         results = ddp.launch(_spawned, cfg.nproc, cfg, resume, overwrite, progress, backend=backend,
                              timeout=timeout, deadline=float("inf"), threads=threads)
+    except ddp.RankError:
+        if _received:   # the signal reached a rank before its training loop could defer it: nothing saved
+            stop = KeyboardInterrupt(signal.Signals(_received[0]).name)
+            stop.signum = _received[0]
+            raise stop from None
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
