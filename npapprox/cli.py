@@ -190,8 +190,8 @@ def _train(args) -> int:
     cfg = _config(args, args.policy, args.seed, args.out)
     try:
         if cfg.engine == "torch":   # one process, --nproc spawned ones, or one rank of torchrun
-            from .bridge.train import train as train_torch  # noqa: PLC0415
             from .bridge.ddp import RankError  # noqa: PLC0415
+            from .bridge.train import train as train_torch  # noqa: PLC0415
             try:
                 train_torch(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
             except RankError as e:
@@ -325,7 +325,7 @@ def _validate(args) -> None:
                              f"--momentum {run.momentum}")
         source = f"--preset {args.preset} (on {data})" if args.preset and "data" not in args.typed else None
         images = _check_images(model, data, run.data_path, size, source)
-        _check_engine(run, list(named.values())[0])
+        _check_engine(run, next(iter(named.values())))
     elif cmd == "study":
         model = args.model or ("resnet8" if args.experiment == "optimizers" else "resnet20")
         data, size, width, batch = args.data, args.size, args.width, args.batch_size

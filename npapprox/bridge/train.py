@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..policy import policy_from_name
 from ..runfolder import CHECKPOINT
 from ..train import Interrupted, NonFiniteLoss, Trainer
-from ..policy import policy_from_name
 from ..window import watch_training
 from . import ddp
 from .modules import arrays_to_state_dict, from_torch, state_dict_to_arrays, to_torch
