@@ -61,7 +61,10 @@ def _run_options(p):
                    help="evaluate BN with batch statistics, as the paper's code")
     p.add_argument("--preset", choices=["paper"], help="the paper's CIFAR protocol (ResNet-164, 64k iterations); "
                                                         "explicit options still override it")
-    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="gpu needs CuPy (npapprox[gpu])")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu", "cuda"],
+                   help="gpu: the engine on CuPy (npapprox[gpu]); cuda: --engine torch on a GPU torch sees")
+    p.add_argument("--engine", default="npapprox", choices=["npapprox", "torch"],
+                   help="torch: the same run on a torch model through npapprox.bridge (npapprox[torch])")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -83,16 +86,18 @@ def _train(args) -> int:
         if not args.resume:  # before any work (the trainer checks again when it starts)
             claim(args.out, args.overwrite)
     cfg = train_config(args, args.policy, args.seed, args.out)
-    trainer = Trainer(cfg, progress=not args.quiet, overwrite=args.overwrite)
-    if args.resume:
-        trainer.resume()
-        print(f"resumed from iteration {trainer.iteration} of {trainer.total}")
-    print(f"{cfg.model} on {cfg.data} ({len(trainer.data.y_train)} train / {len(trainer.data.y_test)} test, "
-          f"{trainer.data.image_size}x{trainer.data.image_size}x{trainer.data.in_channels}), policy {cfg.policy}, "
-          f"{cfg.optimizer} lr {cfg.lr} ({cfg.schedule}), {trainer.total} iterations of batch {cfg.batch_size}"
-          + (f", output {cfg.out}" if cfg.out else ""))
     try:
-        trainer.run()
+        if cfg.engine == "torch":   # one process, --nproc spawned ones, or one rank of torchrun
+            from .bridge.ddp import RankError  # noqa: PLC0415
+            from .bridge.train import train as train_torch  # noqa: PLC0415
+            try:
+                train_torch(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+            except RankError as e:
+                print(e.error.rstrip(), file=sys.stderr)
+                print(f"npapprox train: error: {e}", file=sys.stderr)
+                return 1
+        else:
+            Trainer(cfg, progress=not args.quiet, overwrite=args.overwrite).start(args.resume)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -190,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=natural, default=0)
     t.add_argument("--out", default=None, help="output folder: metrics.jsonl, steps.jsonl, checkpoint.safetensors "
                    "(one run per folder)")
+    t.add_argument("--nproc", type=positive_int, default=1, help="with --engine torch: train in NPROC local "
+                   "processes with DistributedDataParallel (gloo on cpu, NCCL on cuda), each on its shard of "
+                   "every batch; under torchrun leave it out")
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
     again.add_argument("--overwrite", action="store_true", help="start again in OUT: remove the run there first")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import re
 
 from . import limits
+from .backend import gpu_status
 from .data.cifar import CIFAR10, CIFAR100
 from .data.dataset import NATIVE
 from .ledger import footprint
@@ -139,6 +141,7 @@ def check_args(args) -> None:
                              f"--momentum {run.momentum}")
         source = f"--preset {args.preset} (on {data})" if args.preset and "data" not in args.typed else None
         images = check_images(model, data, run.data_path, size, source)
+        check_engine(run, next(iter(named.values())))
     elif cmd == "study":
         model = args.model or ("resnet8" if args.experiment == "optimizers" else "resnet20")
         data, size, width, batch = args.data, args.size, args.width, args.batch_size
@@ -165,13 +168,47 @@ def check_args(args) -> None:
     check_memory(model, [policies[name] for option in measured for name in named[option]], classes=classes,
                   channels=channels, size=side, width=width, batch=batch,
                   batch_option="--batch" if cmd == "memory" else "--batch-size",
-                  gpu=getattr(args, "device", "cpu") == "gpu", optimizer_state=state)
+                  gpu=getattr(args, "device", "cpu") in ("gpu", "cuda"), optimizer_state=state)
     budget = getattr(args, "budget", None)
     if budget:
 
         if budget > (avail := limits.available_memory()):
             raise ValueError(f"--budget {fmt_bytes(budget)} is more than the {fmt_bytes(avail)} of memory "
                              f"available (the search measures batches up to the budget)")
+
+
+def check_engine(run, policies) -> None:
+    """--engine, --nproc and --device together, before any process starts."""
+    if run.engine != "torch":
+        if run.nproc > 1:
+            raise ValueError(f"--nproc {run.nproc} needs --engine torch (data parallel through PyTorch's DDP)")
+        if run.device == "cuda":
+            raise ValueError("--device cuda needs --engine torch (the engine's own GPU device is --device gpu)")
+        return
+    if importlib.util.find_spec("torch") is None:
+        raise ValueError("--engine torch needs PyTorch: pip install 'npapprox[torch]'")
+    if run.device == "gpu":
+        raise ValueError("--engine torch runs on --device cpu or cuda (gpu is the engine's CuPy device)")
+    if run.nproc > run.batch_size:
+        raise ValueError(f"--nproc {run.nproc} is larger than --batch-size {run.batch_size}: a rank would "
+                         "have no images")
+    if run.batch_size % run.nproc:
+        raise ValueError(f"--batch-size {run.batch_size} is not divisible by --nproc {run.nproc}: every rank "
+                         "takes an equal shard of each batch")
+    from .bridge.storage import check_policy  # noqa: PLC0415  (the bridge imports torch: only with --engine torch)
+    from .bridge.train import torch_device  # noqa: PLC0415  (idem)
+    for name in policies:
+        check_policy(policy_from_name(name))
+    torch_device(run.device)
+    if run.device == "cuda":   # the K-bit kernels and the optimizer's views of CUDA tensors are CuPy's
+        if not gpu_status().available:
+            raise ValueError(f"--engine torch --device cuda needs CuPy for the K-bit kernels and the "
+                             f"optimizer: {gpu_status().reason}")
+    if run.device == "cuda" and run.nproc > 1:
+        import torch  # noqa: PLC0415  (optional dependency)
+        if run.nproc > torch.cuda.device_count():
+            raise ValueError(f"--nproc {run.nproc} with --device cuda: torch sees {torch.cuda.device_count()} "
+                             "GPU(s), one per process")
 
 
 def check_images(model, data, data_path, size, source=None) -> tuple:

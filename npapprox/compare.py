@@ -20,7 +20,7 @@ import numpy as np
 from .backend import to_device
 from .runfolder import STEPS, claim, read_jsonl
 from .study import study_gradients
-from .train import Trainer
+from .train import make_trainer
 
 MARKER = "compare.json"
 PLOTS = ("loss_vs_iterations.png", "loss_vs_time.png", "test_accuracy.png", "gradient_error.png", "memory.png")
@@ -66,12 +66,15 @@ def gradient_probe(policy: str, batch_size: int):
     """``probe(trainer)`` for ``Trainer``: the relative error ||g - g_exact|| / ||g_exact||
     and the cosine of ``policy``'s gradient against the exact one, over all parameter
     gradients, on the first ``batch_size`` training images (the same batch every epoch)
-    at the trainer's current weights (``study.study_gradients``; one draw)."""
+    at the trainer's current weights (``study.study_gradients``; one draw), measured
+    by the engine (a torch run's model converted by ``bridge.from_torch``)."""
 
     def probe(trainer) -> dict:
         d = trainer.data
-        x, y = d.x_train[:batch_size], to_device(d.y_train[:batch_size], trainer.cfg.device)
-        st = study_gradients(trainer.model, x, y, [policy], repeats=1, include_exact=False)
+        model = trainer.engine_model()          # the torch engine's model: its npapprox copy, on the host
+        x, y = d.x_train[:batch_size], to_device(d.y_train[:batch_size], trainer.cfg.device if model is
+                                                 trainer.model else "cpu")
+        st = study_gradients(model, x, y, [policy], repeats=1, include_exact=False)
         stats = st.stats(st.policies[0])
         return {"grad_rel_err": stats["rel_err"], "grad_cosine": stats["cosine"]}
 
@@ -82,7 +85,7 @@ def run_one(cfg, progress: bool = True) -> dict:
     """Train one configuration (a fresh run in ``cfg.out``) with the gradient probe;
     returns its epoch history and per-step log."""
 
-    trainer = Trainer(cfg, progress=progress, probe=gradient_probe(cfg.policy, cfg.batch_size))
+    trainer = make_trainer(cfg, progress=progress, probe=gradient_probe(cfg.policy, cfg.batch_size))
     trainer.run()
     steps = read_jsonl(Path(cfg.out) / STEPS) if cfg.out else []
     return {"history": trainer.history, "steps": steps}

@@ -167,7 +167,8 @@ def fit_params(gamma, beta, ymin, ymax, bits: int, window=(float("inf"), float("
     best = xp.argmin(dd, axis=0)                                            # first minimum
     d = dd[best, xp.arange(dd.shape[1])] * (1.0 + 2.0 ** -16)
     fallback = paper_params(gamma, beta, bits)
-    ok = (ag > 0) & xp.isfinite(d) & (d > 0)
+    with np.errstate(over="ignore"):   # d beyond float32 (|beta/gamma| ~ 1e39 at a denormal gamma): fall back
+        ok = (ag > 0) & xp.isfinite(d.astype(np.float32)) & (d > 0)
     s = xp.where(ok, best + 1, fallback["s"]).astype(np.int32)
     d = xp.where(ok, d, bin_width(bits))
     params = _window_params(gamma, beta, s, d)

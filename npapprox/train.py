@@ -41,6 +41,8 @@ from .tensor import Tensor, no_grad
 from .window import watch_training
 
 OPTIMIZER = "optimizer/"                 # array names: the model's own, then optimizer/<parameter>/<key>
+#: settings a resumed run may change: where it runs, not what it computes
+RESUMABLE = ("out", "engine", "nproc", "device")
 
 
 @dataclasses.dataclass
@@ -66,6 +68,8 @@ class TrainConfig:
     eval_batch_stats: bool = False       # evaluate with batch statistics, as the paper's code
     seed: int = 0
     device: str = "cpu"                  # "gpu": model, optimizer state and batches on the GPU (CuPy)
+    engine: str = "npapprox"             # or "torch": the same run on a torch model (npapprox.bridge.train)
+    nproc: int = 1                       # torch engine: data-parallel processes
     out: str | None = None
     checkpoint_every: int = 1            # epochs
 
@@ -126,27 +130,27 @@ class Trainer:
         self.cfg, self.progress, self.log = config, progress, log
         self.overwrite, self.probe, self.resumed, self._steps_log = overwrite, probe, False, None
         c = config
+        if c.engine != "npapprox" and type(self) is Trainer:
+            raise ValueError(f"Trainer runs the npapprox engine; engine {c.engine!r}: use make_trainer(config)")
         self.data = data if data is not None else load_dataset(c.data, path=c.data_path, size=c.size,
                                                                 normalize=c.normalize, seed=c.seed)
         if model is None:
             nn.manual_seed(c.seed)
             model = nn.build_model(c.model, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
                                    input_size=self.data.image_size, width=c.width)
-        self.model = model
         if c.eval_batch_stats:
-            for _, m in self.model.named_modules():
+            for _, m in model.named_modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval_batch_stats = True
-        if c.device not in ("cpu", "gpu"):
-            raise ValueError(f"device must be 'cpu' or 'gpu', got {c.device!r}")
-        self.model.to(c.device)   # a clear error without CuPy; the optimizer state follows the parameters
+        self.writes = True                # False: a run's state is read, nothing is written (other ranks)
+        self.model = self.place(model)
         self.policy = policy_from_name(c.policy, seed=c.seed)
         self.window_watch = watch_training(self.policy, self.model, self.log)   # warns when a BN window saturates
         self.per_epoch = -(-len(self.data.y_train) // c.batch_size)
         self.total = c.iterations if c.iterations is not None else c.epochs * self.per_epoch
         if self.total < 1:
             raise ValueError("nothing to train: give at least one epoch or iteration")
-        self.optimizer = optim.make_optimizer(c.optimizer, self.model.parameters(), lr=c.lr, momentum=c.momentum,
+        self.optimizer = optim.make_optimizer(c.optimizer, self.optimized(), lr=c.lr, momentum=c.momentum,
                                               weight_decay=c.weight_decay, decay=c.decay, nesterov=c.nesterov)
         self.schedule = optim.make_schedule(c.schedule, c.lr, self.total)
         self.iteration, self.train_time, self.history = 0, 0.0, []
@@ -155,15 +159,56 @@ class Trainer:
         if self.out:
             self.out.mkdir(parents=True, exist_ok=True)
 
+    # --- the engine: a subclass runs the same loop on another one (npapprox.bridge.train) ---
+    def place(self, model):
+        """The model as this engine trains it, on the configured device."""
+        if self.cfg.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {self.cfg.device!r}")
+        return model.to(self.cfg.device)   # a clear error without CuPy; the optimizer state follows the parameters
+
+    def optimized(self) -> list:
+        """What ``npapprox.optim`` updates: objects with ``.data`` and ``.grad`` arrays."""
+        return self.model.parameters()
+
+    def engine_model(self):
+        """The model as an ``npapprox.nn`` model (the study and the probes measure it)."""
+        return self.model
+
+    def model_arrays(self) -> dict:
+        """The model's parameters and buffers as NumPy arrays, by name."""
+        return self.model.state_dict()
+
+    def load_model_arrays(self, arrays: dict) -> None:
+        self.model.load_state_dict(arrays)
+
+    def param_names(self) -> list:
+        return [n for n, _ in self.model.named_parameters()]
+
+    def peak_probe(self):
+        """``.stop() -> peak bytes of the step, or None`` (not measurable)."""
+        return _PeakProbe(self.cfg.device)
+
+    def on_signal(self, signum: int) -> None:
+        """SIGINT/SIGTERM during ``run``: stop after the current step."""
+        self.interrupted.append(signum)
+
+    def summary(self) -> str:
+        c, d = self.cfg, self.data
+        return (f"{c.model} on {c.data} ({len(d.y_train)} train / {len(d.y_test)} test, "
+                f"{d.image_size}x{d.image_size}x{d.in_channels}), policy {c.policy}, "
+                f"{c.optimizer} lr {c.lr} ({c.schedule}), {self.total} iterations of batch {c.batch_size}"
+                + (f", engine {c.engine}" + (f" x {c.nproc} processes" if c.nproc > 1 else "")
+                   if c.engine != "npapprox" else "") + (f", output {c.out}" if c.out else ""))
+
     # --- state ---------------------------------------------------------------------
     def state(self) -> tuple[dict, dict]:
         """``(arrays, meta)`` of a checkpoint: the model's parameters and buffers under
         their own names, the optimizer's per-parameter state as
         ``optimizer/<parameter>/<key>``; everything else (config, counters, history,
         the optimizer's hyperparameters and step counts, the policy's counters) as JSON."""
-        arrays = self.model.state_dict()
+        arrays = self.model_arrays()
         opt = self.optimizer.state_dict()
-        names = [n for n, _ in self.model.named_parameters()]
+        names = self.param_names()
         for name, slots in zip(names, opt.pop("state")):
             arrays.update((f"{OPTIMIZER}{name}/{k}", v) for k, v in slots.items())
         meta = {"config": dataclasses.asdict(self.cfg), "iteration": self.iteration, "train_time": self.train_time,
@@ -174,7 +219,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Flush the logs, then write the checkpoint (atomically): after a crash the
         logs reach at least as far as the checkpoint."""
-        if self.out:
+        if self.out and self.writes:
             if self._steps_log:
                 sync(self._steps_log)
             checkpoint.save(self.out / CHECKPOINT, *self.state())
@@ -189,18 +234,18 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoint at {path} (to start this run again: --overwrite)")
         arrays, meta = checkpoint.load(path)
         try:
-            saved = {k: v for k, v in meta["config"].items() if k != "out"}
+            saved = {k: v for k, v in meta["config"].items() if k not in RESUMABLE}
             opt, history = meta["optimizer"], meta["history"]
             iteration, train_time, epoch_stats = int(meta["iteration"]), float(meta["train_time"]), meta["epoch_stats"]
             policy = meta["policy"]
         except (KeyError, TypeError, AttributeError, ValueError):
             raise checkpoint.CheckpointError(f"checkpoint {path}: its metadata lacks the run's state") from None
-        mine = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "out"}
+        mine = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RESUMABLE}
         changed = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if changed:
             raise ValueError(f"--resume: the checkpoint was made with other settings: "
                              + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in changed.items()))
-        own, names = self.model.state_dict(), [n for n, _ in self.model.named_parameters()]
+        own, names = self.model_arrays(), self.param_names()
 
         def expected(k):  # this model's array for the name k (optimizer/<parameter>/<key>: the parameter's)
             return own.get(k) if not k.startswith(OPTIMIZER) else \
@@ -223,9 +268,11 @@ class Trainer:
             self.policy.load_state_dict(policy)
         except (KeyError, TypeError, ValueError) as e:
             raise checkpoint.CheckpointError(f"checkpoint {path}: {e}") from None
-        self.model.load_state_dict(model)
+        self.load_model_arrays(model)
         self.iteration, self.train_time, self.history, self.epoch_stats = iteration, train_time, history, epoch_stats
         self.resumed = True
+        if not self.writes:
+            return
         # the logs may run past the checkpoint (a crash after it): cut them back to it
         steps = self.out / STEPS
         if steps.exists():
@@ -301,6 +348,14 @@ class Trainer:
             on_checkpoint(self.iteration, since)
         return losses
 
+    def start(self, resume: bool = False) -> dict:
+        """``npapprox train``: continue from the checkpoint when asked, say what runs, run."""
+        if resume:
+            self.resume()
+            self.log(f"resumed from iteration {self.iteration} of {self.total}")
+        self.log(self.summary())
+        return self.run()
+
     def run(self) -> dict:
         """Train to the configured length; returns the last epoch's metrics row.
 
@@ -309,17 +364,18 @@ class Trainer:
         checkpoint is written (with ``out``) and ``Interrupted`` raised, so a
         resumed run sees a consistent state."""
         c, d = self.cfg, self.data
-        if self.out and not self.resumed:
+        writes = self.out and self.writes
+        if writes and not self.resumed:
             claim(self.out, self.overwrite)
         stored = self.stored_bytes()
-        steps_log = self._steps_log = open(self.out / STEPS, "a") if self.out else None
+        steps_log = self._steps_log = open(self.out / STEPS, "a") if writes else None
         bar = tqdm(total=self.total, initial=self.iteration, unit="it", disable=not self.progress,
                    desc=f"{c.model} {c.policy}", dynamic_ncols=True, leave=False)
-        interrupted = []
+        interrupted = self.interrupted = []
         previous = {}
         for signum in (signal.SIGINT, signal.SIGTERM):
             try:  # only the main thread may set a handler; elsewhere the signal is not deferred
-                previous[signum] = signal.signal(signum, lambda n, _: interrupted.append(n))
+                previous[signum] = signal.signal(signum, lambda n, _: self.on_signal(n))
             except ValueError:
                 pass
         try:
@@ -328,21 +384,21 @@ class Trainer:
                 acc = self.epoch_stats                         # carried over by a resumed checkpoint
                 if start == 0:
                     acc.update(losses=[], correct=0, seen=0, timed_images=0, timed=0.0)
-                peak = None
+                peak, measured = None, False
                 for xb, yb in batches(d.x_train, d.y_train, c.batch_size, seed=c.seed, epoch=epoch,
                                       augment=c.augment, start=start):
                     if self.iteration >= self.total or interrupted:
                         break
-                    measure = peak is None  # the first step of an epoch measures the peak
+                    measure = not measured  # the first step of an epoch measures the peak
                     if measure:
-                        probe = _PeakProbe(c.device)
+                        probe = self.peak_probe()
                     t0 = time.perf_counter()
                     try:
                         loss, right = self.step(xb, yb)
                     finally:  # also when the step raises: no tracer or memory hook left behind
                         dt = time.perf_counter() - t0
                         if measure:
-                            peak = probe.stop()
+                            peak, measured = probe.stop(), True
                     if not measure:  # a traced step is slower: it is not counted in the wall-clock
                         self.train_time += dt
                         acc["timed"] += dt
@@ -386,7 +442,7 @@ class Trainer:
         if self.probe:
             row.update(self.probe(self))
         self.history.append(row)
-        if self.out:
+        if self.out and self.writes:
             with open(self.out / METRICS, "a") as f:
                 f.write(json.dumps(row) + "\n")
                 sync(f)
@@ -396,3 +452,36 @@ class Trainer:
                  f"act {stored / 2**20:.2f} MiB  peak {peak_text}")
         if (epoch + 1) % self.cfg.checkpoint_every == 0 or self.iteration >= self.total:
             self.save_checkpoint()
+
+
+def make_trainer(config: TrainConfig, **options) -> Trainer:
+    """The trainer of ``config.engine``: ``Trainer``, or the torch engine's
+    ``npapprox.bridge.train.TorchTrainer`` (one process)."""
+    if config.engine == "torch":
+        from .bridge.train import TorchTrainer  # noqa: PLC0415
+        return TorchTrainer(config, **options)
+    if config.engine != "npapprox":
+        raise ValueError(f"engine must be 'npapprox' or 'torch', got {config.engine!r}")
+    return Trainer(config, **options)
+
+
+def load_run(folder, progress: bool = False) -> Trainer:
+    """The engine's ``Trainer`` of the run in ``folder`` (made by either engine,
+    ``--engine npapprox`` or ``torch``, any ``--nproc``), at its checkpoint: its
+    ``model`` (an ``npapprox.nn`` model), ``data``, optimizer and iteration.
+    Nothing in the folder changes. E.g. the gradient error at that point:
+    ``study.study_gradients(run.model, run.data.x_train[:64], run.data.y_train[:64])``."""
+    path = Path(folder) / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"load_run: no checkpoint at {path}")
+    _, meta = checkpoint.load(path)
+    try:
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        config = {k: v for k, v in meta["config"].items() if k in fields}
+        cfg = TrainConfig(**{**config, "engine": "npapprox", "nproc": 1, "device": "cpu", "out": str(folder)})
+    except (KeyError, TypeError, AttributeError):
+        raise checkpoint.CheckpointError(f"checkpoint {path}: its metadata lacks the run's settings") from None
+    trainer = Trainer(cfg, progress=progress, log=lambda *_: None)
+    trainer.writes = False
+    trainer.resume()
+    return trainer

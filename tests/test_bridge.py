@@ -15,6 +15,7 @@ from conftest import require_torch
 
 import npapprox as na
 from npapprox import Tensor, kernels, ops
+from npapprox.policy import FitWindow
 from npapprox.storage import BNReLUUnit
 from npapprox.storage import GenericPacked, PaperUnit
 from npapprox.tensor import topological_order
@@ -439,3 +440,51 @@ def test_eval_mode_unit_under_paper4_is_the_engines():
     he.backward(gh)
     for got, want in ((xt.grad, xe.grad), (t.weight.grad, m.weight.grad), (t.bias.grad, m.bias.grad)):
         assert np.array_equal(got.numpy(), want)
+
+
+# --------------------------------------------------------------------------- #
+# windows: Paper(K, window=W) and FitWindow(K) through the bridge
+# --------------------------------------------------------------------------- #
+WINDOWED = [na.Paper(4, window=2), na.Paper(2, window=6), FitWindow(4), FitWindow(2, window=(2, 3)), FitWindow(8)]
+
+
+@pytest.mark.parametrize("policy", WINDOWED, ids=repr)
+def test_windowed_unit_codes_are_the_engines(policy):
+    """The same y: the bridge stores the engine's unit, byte for byte (codes, s,
+    the fitted window's per-channel parameters), on the edge cases of ``_unit_case``."""
+    x, gamma, beta = _unit_case()
+    bn = bridge.to_torch(na.nn.BatchNorm2d(8, relu=True))
+    with torch.no_grad():
+        bn.weight.copy_(torch.from_numpy(gamma))
+        bn.bias.copy_(torch.from_numpy(beta))
+    with bstorage.record() as saved, bridge.storage_policy(policy):
+        bn(torch.from_numpy(x).requires_grad_())
+    unit = next(s for _, s in saved if isinstance(s, PaperUnit))
+    y_t = F.batch_norm(torch.from_numpy(x), None, None, torch.from_numpy(gamma), torch.from_numpy(beta),
+                       training=True).numpy()
+    ref = policy.store_unit(_ctx(), "unit", BNReLUUnit(None, y_t, None, None, gamma, beta))
+    assert type(unit) is type(ref) and unit.bits == ref.bits
+    assert unit.packed.tobytes() == ref.packed.tobytes() and unit.s.tobytes() == ref.s.tobytes()
+    assert sorted(unit.params) == sorted(ref.params)
+    for k in ref.params:
+        assert np.asarray(unit.params[k]).tobytes() == np.asarray(ref.params[k]).tobytes(), k
+
+
+@pytest.mark.parametrize("policy", [na.Paper(4, window=2), FitWindow(4)], ids=repr)
+def test_windowed_resnet_gradients_and_ledger_are_the_engines(policy):
+    """ResNet-20: the forward is torch's, the activation bytes are the engine's, and
+    the gradients agree with the engine's own under the same policy to the bound
+    of ``test_paper4_forward_is_torch_and_gradients_are_the_engines`` (codes at a bin
+    edge may differ where torch's BN rounds y differently)."""
+    m = _resnet20()
+    x, y = _data(8)
+    t = bridge.to_torch(m)
+    logits0, _, _ = _torch_step(_mirror(m), x, y)
+    logits, grads, _ = _torch_step(t, x, y, policy)
+    assert torch.equal(logits, logits0)
+    own, _ = _engine_grads(m, x, y, policy)
+    for name, g in grads.items():
+        np.testing.assert_allclose(g.numpy(), own[name], rtol=0, atol=5e-2 * np.abs(own[name]).max(), err_msg=name)
+    mine = bridge.ledger(copy.deepcopy(t), torch.from_numpy(x), y, policy)
+    ref = na.ledger(copy.deepcopy(m), x, y, policy)
+    assert mine.activation_stored == ref.activation_stored

@@ -7,7 +7,8 @@ CuPy imports; skips visibly elsewhere.
 (b) ResNet-20 under Paper(4) on CUDA against the CPU bridge: logits and every
     gradient to float32 tolerance (cuDNN and CPU kernels differ in rounding);
     Exact on CUDA: bit-identical to plain torch on CUDA;
-(c) zero copy: the array the kernels see shares the tensor's memory."""
+(c) zero copy: the array the kernels see shares the tensor's memory;
+(d) ``train --engine torch --device cuda``: a few steps, a checkpoint the CPU resumes."""
 from __future__ import annotations
 
 import copy
@@ -82,3 +83,26 @@ def test_resnet20_on_cuda_against_the_cpu(policy):
         out = m(x.cuda())
         F.cross_entropy(out, y.cuda()).backward()
         assert torch.equal(out.detach().cpu(), lg)
+
+
+def test_torch_engine_trains_on_cuda_and_its_checkpoint_loads_on_the_cpu(tmp_path):
+    """``npapprox train --engine torch --device cuda``: 3 steps under Paper(4) (the
+    optimizer on CuPy views of the CUDA tensors); the same activation bytes as the
+    CPU run, a measured peak, and a checkpoint the CPU trainer resumes."""
+    from npapprox import checkpoint, cli
+    from npapprox.train import CHECKPOINT, TrainConfig, make_trainer
+
+    args = ["train", "--engine", "torch", "--model", "resnet8", "--width", "4", "--batch-size", "16",
+            "--policy", "paper4", "--iterations", "3", "--quiet"]
+    rows = {}
+    for device in ("cuda", "cpu"):
+        assert cli.main([*args, "--device", device, "--out", str(tmp_path / device)]) == 0
+        rows[device] = checkpoint.load(tmp_path / device / CHECKPOINT)[1]["history"][-1]
+    assert rows["cuda"]["iteration"] == 3 and rows["cuda"]["peak_bytes"] > 0
+    assert rows["cuda"]["stored_bytes"] == rows["cpu"]["stored_bytes"]
+    assert abs(rows["cuda"]["train_loss"] - rows["cpu"]["train_loss"]) < 1e-2 * abs(rows["cpu"]["train_loss"])
+    cfg = TrainConfig(model="resnet8", width=4, batch_size=16, policy="paper4", iterations=3, engine="torch",
+                      out=str(tmp_path / "cuda"))
+    t = make_trainer(cfg, progress=False, log=lambda *_: None)     # on the CPU: --device may change on resume
+    t.resume()
+    assert t.iteration == 3

@@ -395,3 +395,16 @@ def test_new_windows_on_the_gpu_store_the_cpu_bytes():
         assert TK._same(to_device(b.packed, "cpu"), a.packed) and TK._same(to_device(b.s, "cpu"), a.s)
         for f in ("h", "xhat", "mask"):
             assert TK._same(to_device(getattr(b, f)(), "cpu"), getattr(a, f)())
+
+
+def test_fit_params_fall_back_where_the_bin_width_overflows_float32():
+    """A denormal gamma puts beta/gamma near 1e39: a cut fitted window's bin width d
+    is finite in float64 but not in float32; that channel takes the paper's window
+    (as a non-finite range does), with no overflow warning."""
+    gamma = np.array([1.0, 1e-40], np.float32)
+    beta = np.array([0.1, 0.2], np.float32)
+    ymin, ymax = np.array([-2.0, 0.2], np.float32), np.array([3.0, 0.2], np.float32)
+    fit = quant.fit_params(gamma, beta, ymin, ymax, 2, (2.0, 3.0))
+    paper = quant.paper_params(gamma, beta, 2)
+    assert np.all(np.isfinite(fit["d"]))
+    assert fit["s"][1] == paper["s"][1] and fit["d"][1] == np.float32(quant.bin_width(2))

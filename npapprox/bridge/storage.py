@@ -96,9 +96,10 @@ def kernel_stream(t):
         yield
 
 
-def _op(name: str):
-    """The ``ctx`` the engine's policies take (they read ``ctx.fn.__name__`` for errors)."""
-    return types.SimpleNamespace(fn=types.SimpleNamespace(__name__=name))
+def _op(name: str, module=None):
+    """The ``ctx`` the engine's policies take (they read ``ctx.fn.__name__`` for errors;
+    a window monitor names the unit by ``ctx.module``)."""
+    return types.SimpleNamespace(fn=types.SimpleNamespace(__name__=name), module=module)
 
 
 # --------------------------------------------------------------------------- #
@@ -370,7 +371,7 @@ def _unpack(packed):
 # --------------------------------------------------------------------------- #
 # the two autograd Functions
 # --------------------------------------------------------------------------- #
-def _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running=False, reserve=None, impl=0):
+def _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running=False, reserve=None, impl=0, module=None):
     if _exact_units(policy):
         return TorchExactUnit(x.detach(), mean, invstd, gamma.detach(), beta.detach(), eps, running, reserve, impl)
     if x.dtype not in (torch.float32, torch.float64):
@@ -380,7 +381,7 @@ def _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running=False, res
         return _sized_unit(policy, x)
     with kernel_stream(x):   # gamma, beta copied: the unit must not follow a later optimiser step
         u = BNReLUUnit(None, as_array(y), None, as_array(invstd), as_array(gamma).copy(), as_array(beta).copy())
-        return policy.store_unit(_op("BatchNormReLU"), "unit", u)
+        return policy.store_unit(_op("BatchNormReLU", module), "unit", u)
 
 
 class BatchNormReLU(torch.autograd.Function):
@@ -395,7 +396,7 @@ class BatchNormReLU(torch.autograd.Function):
     then BN's backward with xhat rebuilt from the codes (``kernels.bn.bn_backward``)."""
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, running_mean, running_var, momentum, eps, policy, batch=True):
+    def forward(ctx, x, gamma, beta, running_mean, running_var, momentum, eps, policy, batch=True, module=None):
         if batch:
             y, mean, invstd, reserve, impl = _bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps)
         else:   # torch's eval forward; 1/sigma with the engine's bits (a test pins it)
@@ -403,7 +404,8 @@ class BatchNormReLU(torch.autograd.Function):
             mean, invstd, reserve, impl = running_mean.clone(), torch.rsqrt(running_var + eps), None, 0
         ctx.batch = batch
         h = torch.relu(y)
-        ctx.unit = _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running_mean is not None, reserve, impl)
+        ctx.unit = _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running_mean is not None, reserve, impl,
+                               module)
         ctx.gamma, ctx.invstd = gamma.detach(), invstd
         _note("BatchNormReLU", "unit", UNIT, ctx.unit, policy)
         _note("BatchNormReLU", "gamma", PARAM, Kept(gamma, param=True), policy)
@@ -427,7 +429,7 @@ class BatchNormReLU(torch.autograd.Function):
                                                 as_array(ctx.invstd), batch_stats=ctx.batch, need_gx=need[0])
             gx = None if gx is None else as_tensor(gx).reshape(gh.shape)
             ggamma, gbeta = as_tensor(ggamma), as_tensor(gbeta)
-        return gx, ggamma, gbeta, None, None, None, None, None, None
+        return gx, ggamma, gbeta, None, None, None, None, None, None, None
 
 
 class AvgPool(torch.autograd.Function):
@@ -460,7 +462,7 @@ def batch_norm(bn, x):
     running = (bn.running_mean, bn.running_var) if bn.training or not batch else (None, None)
     # under an exact policy in eval mode plain torch already keeps what the engine keeps
     if bn.relu and _recording(x, bn.weight, bn.bias) and (batch or not _exact_units(_stack[-1])):
-        return BatchNormReLU.apply(x, bn.weight, bn.bias, *running, bn.momentum, bn.eps, _stack[-1], batch)
+        return BatchNormReLU.apply(x, bn.weight, bn.bias, *running, bn.momentum, bn.eps, _stack[-1], batch, bn)
     y = F.batch_norm(x, *running, bn.weight, bn.bias, training=batch, momentum=bn.momentum, eps=bn.eps)
     return F.relu(y) if bn.relu else y
 
