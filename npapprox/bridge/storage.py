@@ -39,17 +39,17 @@ import contextlib
 import types
 import weakref
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..kernels.bn import as_ncm, bn_backward
-from ..kernels.reference import num_groups, packed_nbytes
 from ..function import ACTIVATION, INDEX, PARAM, STAT, UNIT
+from ..kernels.bn import as_ncm, bn_backward
 from ..ledger import Entry, Ledger
-from ..policy import Generic, Paper, Policy
-from ..storage import BNReLUUnit, Stored, Unit, UnitRef
+from ..policy import Paper, Policy
+from ..storage import BNReLUUnit, Unit, UnitRef
+from .forms import Alias, Kept, Sized, exact_activations, exact_units, sized_activation, sized_unit
+from .views import as_array, as_tensor, kernel_stream
 
 _stack: list = []            # policies in force, innermost last; empty: plain torch
 _names: list = []            # names of the bridge modules whose forward runs
@@ -61,41 +61,6 @@ _kept: dict = {}             # tensors kept as they are while recording (to coun
 EXACT_OUTPUTS = ("LogSoftmaxBackward0", "SoftmaxBackward0")
 
 
-# --------------------------------------------------------------------------- #
-# zero-copy array views
-# --------------------------------------------------------------------------- #
-def as_array(t):
-    """The data of tensor ``t`` as a NumPy (CPU) or CuPy (CUDA, DLPack) array, no copy
-    when ``t`` is contiguous."""
-    t = t.detach()
-    t = t if t.is_contiguous() else t.contiguous()
-    if t.device.type == "cpu":
-        return t.numpy()
-    if t.device.type == "cuda":
-        from ..backend import cupy  # noqa: PLC0415
-        return cupy().from_dlpack(t)
-    raise ValueError(f"npapprox.bridge: K-bit storage runs on cpu or cuda tensors, not {t.device}")
-
-
-def as_tensor(a):
-    """An array (NumPy or CuPy) as a tensor sharing its memory; tensors pass through."""
-    if isinstance(a, torch.Tensor):
-        return a
-    return torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.from_dlpack(a)
-
-
-@contextlib.contextmanager
-def kernel_stream(t):
-    """CuPy kernels on ``t``'s device run on torch's current stream (no-op on the CPU)."""
-    if t.device.type != "cuda":
-        yield
-        return
-    from ..backend import cupy  # noqa: PLC0415
-    cp = cupy()
-    with cp.cuda.Device(t.device.index), cp.cuda.ExternalStream(torch.cuda.current_stream(t.device).cuda_stream):
-        yield
-
-
 def _op(name: str, module=None):
     """The ``ctx`` the engine's policies take (they read ``ctx.fn.__name__`` for errors;
     a window monitor names the unit by ``ctx.module``)."""
@@ -105,14 +70,6 @@ def _op(name: str, module=None):
 # --------------------------------------------------------------------------- #
 # policies
 # --------------------------------------------------------------------------- #
-def _exact_units(policy: Policy) -> bool:
-    return type(policy).store_unit is Policy.store_unit
-
-
-def _exact_activations(policy: Policy) -> bool:
-    return type(policy).store_activation is Policy.store_activation
-
-
 def check_policy(policy) -> Policy:
     """``policy`` if the bridge can apply it; a clear error naming it otherwise."""
     if not isinstance(policy, Policy):
@@ -160,26 +117,6 @@ def module_scope(module):
         _names.pop()
 
 
-# --------------------------------------------------------------------------- #
-# stored forms the engine does not have: torch tensors, and sizes only
-# --------------------------------------------------------------------------- #
-class Kept(Stored):
-    """A torch tensor kept as it is (by reference, as torch would)."""
-
-    __slots__ = ("tensor", "param")
-
-    def __init__(self, t, param=False):
-        self.tensor, self.param = t, param
-        self.shape, self.dtype = tuple(t.shape), t.dtype
-
-    form = property(lambda self: "param" if self.param else str(self.dtype).removeprefix("torch."))
-    bits = property(lambda self: 8 * self.tensor.element_size())
-    payload_nbytes = property(lambda self: 0 if self.param else self.tensor.numel() * self.tensor.element_size())
-
-    def restore(self):
-        return self.tensor
-
-
 def _bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps):
     """torch's batch-norm forward as ``F.batch_norm`` dispatches it (native kernel on
     the CPU, cuDNN where torch would use it) -> (y, mean, invstd, reserve, impl)."""
@@ -221,45 +158,6 @@ class TorchExactUnit(Unit):
         return torch.ops.aten._batch_norm_impl_index_backward(
             self.impl, self.x, g, self.gamma, *self._stand_ins(), self.mean, self.invstd, True, self.eps,
             list(need), self.reserve)
-
-
-class Sized(Stored):
-    """A stored form's sizes without its bytes (the shape-only pass on the meta device)."""
-
-    __slots__ = ("form", "bits", "payload", "meta")
-
-    def __init__(self, form, bits, shape, payload, meta=0):
-        self.form, self.bits, self.shape, self.dtype = form, bits, tuple(shape), None
-        self.payload, self.meta = int(payload), int(meta)
-
-    payload_nbytes = property(lambda self: self.payload)
-    meta_nbytes = property(lambda self: self.meta)
-
-    def restore(self):
-        raise RuntimeError("a shape-only (meta device) pass has no values to run backward on")
-
-
-def _sized_activation(policy: Policy, t) -> Sized:
-    n = t.numel()
-    while isinstance(policy, Paper):
-        policy = policy.fallback
-    if isinstance(policy, Generic):
-        return Sized("generic", policy.bits, t.shape, packed_nbytes(n, policy.bits), 8 * num_groups(n, policy.group))
-    if _exact_activations(policy):
-        return Sized(str(t.dtype).removeprefix("torch."), 8 * t.element_size(), t.shape, n * t.element_size())
-    raise ValueError(f"npapprox.bridge: no shape-only ledger for {policy!r}")
-
-
-def _sized_unit(policy: Policy, x) -> Sized:
-    n, c, size = x.numel(), x.shape[1], x.element_size()
-    if _exact_units(policy):
-        return Sized(str(x.dtype).removeprefix("torch."), 8 * size, x.shape, n * size, c * size)
-    if isinstance(policy, Paper):
-        return Sized("paper", policy.bits, x.shape, packed_nbytes(n, policy.bits), 4 * c)
-    if isinstance(policy, Generic):
-        return Sized("generic+mask", policy.bits + 1, x.shape,
-                     packed_nbytes(n, policy.bits) + packed_nbytes(n, 1), 8 * num_groups(n, policy.group))
-    raise ValueError(f"npapprox.bridge: no shape-only ledger for {policy!r}")
 
 
 # --------------------------------------------------------------------------- #
@@ -331,21 +229,12 @@ def _classify(t, policy):
     if base.grad_fn is None:
         return ACTIVATION, Kept(t)
     producer = type(t.grad_fn).__name__
-    if producer in EXACT_OUTPUTS or t.dtype not in (torch.float32, torch.float64) or _exact_activations(policy):
+    if producer in EXACT_OUTPUTS or t.dtype not in (torch.float32, torch.float64) or exact_activations(policy):
         return (STAT if producer in EXACT_OUTPUTS else ACTIVATION), Kept(t)
     if t.is_meta:
-        return ACTIVATION, _sized_activation(policy, t)
+        return ACTIVATION, sized_activation(policy, t)
     with kernel_stream(t):
         return ACTIVATION, policy.store_activation(_op(f"saved output of {producer}"), "saved", as_array(t))
-
-
-class Alias(Kept):
-    """A tensor that an earlier save already keeps (torch saves the loss's
-    log-probabilities twice): the same memory, counted once."""
-
-    __slots__ = ()
-    form = "alias"
-    payload_nbytes = 0
 
 
 def _pack(t):
@@ -372,13 +261,13 @@ def _unpack(packed):
 # the two autograd Functions
 # --------------------------------------------------------------------------- #
 def _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running=False, reserve=None, impl=0, module=None):
-    if _exact_units(policy):
+    if exact_units(policy):
         return TorchExactUnit(x.detach(), mean, invstd, gamma.detach(), beta.detach(), eps, running, reserve, impl)
     if x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"npapprox.bridge: {policy!r} stores float32 or float64 activations, got {x.dtype} "
                          "(use Exact() for other dtypes)")
     if x.is_meta:
-        return _sized_unit(policy, x)
+        return sized_unit(policy, x)
     with kernel_stream(x):   # gamma, beta copied: the unit must not follow a later optimiser step
         u = BNReLUUnit(None, as_array(y), None, as_array(invstd), as_array(gamma).copy(), as_array(beta).copy())
         return policy.store_unit(_op("BatchNormReLU", module), "unit", u)
@@ -461,7 +350,7 @@ def batch_norm(bn, x):
     batch = bn.training or bn.eval_batch_stats
     running = (bn.running_mean, bn.running_var) if bn.training or not batch else (None, None)
     # under an exact policy in eval mode plain torch already keeps what the engine keeps
-    if bn.relu and _recording(x, bn.weight, bn.bias) and (batch or not _exact_units(_stack[-1])):
+    if bn.relu and _recording(x, bn.weight, bn.bias) and (batch or not exact_units(_stack[-1])):
         return BatchNormReLU.apply(x, bn.weight, bn.bias, *running, bn.momentum, bn.eps, _stack[-1], batch, bn)
     y = F.batch_norm(x, *running, bn.weight, bn.bias, training=batch, momentum=bn.momentum, eps=bn.eps)
     return F.relu(y) if bn.relu else y
@@ -474,6 +363,6 @@ def avg_pool2d(x, kernel: int, stride: int | None = None):
     return F.avg_pool2d(x, kernel, stride)
 
 
-__all__ = ["Alias", "AvgPool", "BatchNormReLU", "EXACT_OUTPUTS", "Kept", "Sized", "TorchExactUnit", "as_array", "as_tensor",
-           "avg_pool2d", "batch_norm", "check_policy", "current_policy", "kernel_stream", "ledger",
+__all__ = ["Alias", "AvgPool", "BatchNormReLU", "EXACT_OUTPUTS", "Kept", "Sized", "TorchExactUnit", "as_array",
+           "as_tensor", "avg_pool2d", "batch_norm", "check_policy", "current_policy", "kernel_stream", "ledger",
            "module_scope", "record", "storage_policy"]
