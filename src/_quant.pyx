@@ -556,38 +556,34 @@ cdef inline Py_ssize_t _npieces(Py_ssize_t n) noexcept nogil:
     return (n + PIECE - 1) // PIECE
 
 
+cdef _bits_kernel(Task task, const uint8_t[::1] src, int bits, uint8_t[::1] dst, Py_ssize_t n,
+                  Py_ssize_t nbytes, str name):
+    """pack_bits / unpack_bits: n codes, nbytes packed bytes (checked), src -> dst."""
+    cdef Py_ssize_t v = _check_bits(bits)
+    cdef Job job
+    _check_len(nbytes, (n + v - 1) // v, name)
+    if n == 0:
+        return
+    job.n = n
+    job.packed = &src[0]
+    job.bits = bits
+    job.out8 = &dst[0]
+    with nogil:
+        _run(task, &job, _npieces(n))
+
+
 def pack_bits(const uint8_t[::1] codes,      # IN:  (n,) codes < 2**bits
               int bits,
               uint8_t[::1] out):             # OUT: (ceil(n / V),), fully overwritten
     """out[i // V] |= codes[i] << ((i % V) * bits)."""
-    cdef Py_ssize_t v = _check_bits(bits)
-    cdef Job job
-    job.n = codes.shape[0]
-    _check_len(out.shape[0], (job.n + v - 1) // v, "out")
-    if job.n == 0:
-        return
-    job.packed = &codes[0]
-    job.bits = bits
-    job.out8 = &out[0]
-    with nogil:
-        _run(_pack_bits_piece, &job, _npieces(job.n))
+    _bits_kernel(_pack_bits_piece, codes, bits, out, codes.shape[0], out.shape[0], "out")
 
 
 def unpack_bits(const uint8_t[::1] packed,   # IN:  (ceil(n / V),)
                 int bits,
                 uint8_t[::1] out):           # OUT: (n,) codes, fully overwritten
     """out[i] = (packed[i // V] >> ((i % V) * bits)) & (2**bits - 1)."""
-    cdef Py_ssize_t v = _check_bits(bits)
-    cdef Job job
-    job.n = out.shape[0]
-    _check_len(packed.shape[0], (job.n + v - 1) // v, "packed")
-    if job.n == 0:
-        return
-    job.packed = &packed[0]
-    job.bits = bits
-    job.out8 = &out[0]
-    with nogil:
-        _run(_unpack_bits_piece, &job, _npieces(job.n))
+    _bits_kernel(_unpack_bits_piece, packed, bits, out, out.shape[0], packed.shape[0], "packed")
 
 
 def counter_uniform(uint32_t seed,
@@ -603,26 +599,35 @@ def counter_uniform(uint32_t seed,
         _run(_counter_uniform_piece, &job, _npieces(job.n))
 
 
+cdef bint _paper_job(Job* job, Py_ssize_t n, Py_ssize_t C, Py_ssize_t HW, const int32_t[::1] s, int bits,
+                     Py_ssize_t nbytes, str name) except -1:
+    """The checks and the common Job fields of the paper kernels; False when n == 0 (nothing to do)."""
+    cdef Py_ssize_t v = _check_bits(bits)
+    _check_paper(n, C, HW, s, bits)
+    _check_len(nbytes, (n + v - 1) // v, name)
+    job.n = n
+    job.C = C
+    job.HW = HW
+    job.bits = bits
+    if n == 0:
+        return False
+    job.s = &s[0]
+    return True
+
+
 def paper_pack(const float[::1] y,          # IN:  (n,) BN outputs, flat (N, C, HW) order
                const float[::1] k,          # IN:  (C,) 1 / (D |gamma|), 0 where gamma == 0
                const int32_t[::1] s,        # IN:  (C,) code of the first positive bin, in [1, 2**bits-1]
                int bits, Py_ssize_t C, Py_ssize_t HW,
                uint8_t[::1] out):           # OUT: (ceil(n / V),) packed codes, fully overwritten
     """Paper scheme encode; returns the number of non-finite y."""
-    cdef Py_ssize_t v = _check_bits(bits), nf
     cdef Job job
-    job.n = y.shape[0]
-    _check_paper(job.n, C, HW, s, bits)
+    cdef Py_ssize_t nf
     _check_len(k.shape[0], C, "k")
-    _check_len(out.shape[0], (job.n + v - 1) // v, "out")
-    if job.n == 0:
+    if not _paper_job(&job, y.shape[0], C, HW, s, bits, out.shape[0], "out"):
         return 0
     job.x = &y[0]
     job.k = &k[0]
-    job.s = &s[0]
-    job.bits = bits
-    job.C = C
-    job.HW = HW
     job.out8 = &out[0]
     with nogil:
         nf = _run(_paper_pack_piece, &job, _npieces(job.n))
@@ -636,22 +641,14 @@ def paper_decode(const uint8_t[::1] packed,  # IN:  (ceil(n / V),) codes from pa
                  int bits, Py_ssize_t C, Py_ssize_t HW, bint relu,
                  float[::1] out):            # OUT: (n,) decoded values, fully overwritten
     """out[i] = ((code - s) + 0.5) * step + off; 0 where relu and code < s."""
-    cdef Py_ssize_t v = _check_bits(bits)
     cdef Job job
-    job.n = out.shape[0]
-    _check_paper(job.n, C, HW, s, bits)
     _check_len(step.shape[0], C, "step")
     _check_len(off.shape[0], C, "off")
-    _check_len(packed.shape[0], (job.n + v - 1) // v, "packed")
-    if job.n == 0:
+    if not _paper_job(&job, out.shape[0], C, HW, s, bits, packed.shape[0], "packed"):
         return
     job.packed = &packed[0]
-    job.s = &s[0]
     job.step = &step[0]
     job.off = &off[0]
-    job.bits = bits
-    job.C = C
-    job.HW = HW
     job.relu = relu
     job.outf = &out[0]
     with nogil:
@@ -663,21 +660,28 @@ def paper_mask(const uint8_t[::1] packed,    # IN:  (ceil(n / V),) codes from pa
                int bits, Py_ssize_t C, Py_ssize_t HW,
                uint8_t[::1] out):            # OUT: (n,) 1 where code >= s (bool storage)
     """out[i] = code[i] >= s[c]: the exact ReLU mask y > 0."""
-    cdef Py_ssize_t v = _check_bits(bits)
     cdef Job job
-    job.n = out.shape[0]
-    _check_paper(job.n, C, HW, s, bits)
-    _check_len(packed.shape[0], (job.n + v - 1) // v, "packed")
-    if job.n == 0:
+    if not _paper_job(&job, out.shape[0], C, HW, s, bits, packed.shape[0], "packed"):
         return
     job.packed = &packed[0]
-    job.s = &s[0]
-    job.bits = bits
-    job.C = C
-    job.HW = HW
     job.out8 = &out[0]
     with nogil:
         _run(_paper_mask_piece, &job, _npieces(job.n))
+
+
+cdef bint _generic_job(Job* job, Py_ssize_t n, Py_ssize_t G, int bits, Py_ssize_t nbytes, str name,
+                       Py_ssize_t nlo, Py_ssize_t nscale) except -1:
+    """The checks and the common Job fields of the generic kernels; False when n == 0 (nothing to do)."""
+    cdef Py_ssize_t v = _check_bits(bits)
+    if G < 1:
+        raise ValueError(f"group must be >= 1, got {G}")
+    _check_len(nbytes, (n + v - 1) // v, name)
+    _check_len(nlo, (n + G - 1) // G, "lo")
+    _check_len(nscale, (n + G - 1) // G, "scale")
+    job.n = n
+    job.G = G
+    job.bits = bits
+    return n != 0
 
 
 cdef Py_ssize_t _generic_pack_two_pass(Job* job) except -1:
@@ -711,26 +715,16 @@ def generic_pack(const float[::1] x,         # IN:  (n,) values, flat
                  float[::1] lo,              # OUT: (ceil(n / G),) group minimum (+0.0 for zero)
                  float[::1] scale):          # OUT: (ceil(n / G),) (max - min) / (2**bits - 1)
     """Per-group min/max K-bit encode; returns the number of non-finite x."""
-    cdef Py_ssize_t v = _check_bits(bits)
-    if G < 1:
-        raise ValueError(f"group must be >= 1, got {G}")
     cdef Job job
-    job.n = x.shape[0]
-    cdef Py_ssize_t n = job.n, ng = (n + G - 1) // G
-    _check_len(out.shape[0], (n + v - 1) // v, "out")
-    _check_len(lo.shape[0], ng, "lo")
-    _check_len(scale.shape[0], ng, "scale")
-    if n == 0:
+    cdef Py_ssize_t a8 = G, r = 8, t, unit, nf
+    if not _generic_job(&job, x.shape[0], G, bits, out.shape[0], "out", lo.shape[0], scale.shape[0]):
         return 0
     job.x = &x[0]
-    job.bits = bits
-    job.G = G
     job.stochastic = stochastic
     job.seed = seed
     job.out8 = &out[0]
     job.lo = &lo[0]
     job.scale = &scale[0]
-    cdef Py_ssize_t a8 = G, r = 8, t, unit, nf
     while r:                                 # unit = lcm(G, 8): whole groups, whole bytes
         t = a8 % r
         a8 = r
@@ -740,7 +734,7 @@ def generic_pack(const float[::1] x,         # IN:  (n,) values, flat
         return _generic_pack_two_pass(&job)
     job.chunk = (CHUNK // unit if CHUNK >= unit else 1) * unit
     with nogil:
-        nf = _run(_generic_fused_chunk, &job, (n + job.chunk - 1) // job.chunk)
+        nf = _run(_generic_fused_chunk, &job, (job.n + job.chunk - 1) // job.chunk)
     return nf
 
 
@@ -750,21 +744,12 @@ def generic_decode(const uint8_t[::1] packed,  # IN:  (ceil(n / V),) codes from 
                    int bits, Py_ssize_t G,
                    float[::1] out):            # OUT: (n,) lo + code * scale, fully overwritten
     """out[i] = lo[g] + float(code[i]) * scale[g], g = i // G."""
-    cdef Py_ssize_t v = _check_bits(bits)
-    if G < 1:
-        raise ValueError(f"group must be >= 1, got {G}")
     cdef Job job
-    job.n = out.shape[0]
-    _check_len(packed.shape[0], (job.n + v - 1) // v, "packed")
-    _check_len(lo.shape[0], (job.n + G - 1) // G, "lo")
-    _check_len(scale.shape[0], (job.n + G - 1) // G, "scale")
-    if job.n == 0:
+    if not _generic_job(&job, out.shape[0], G, bits, packed.shape[0], "packed", lo.shape[0], scale.shape[0]):
         return
     job.packed = &packed[0]
     job.lo = <float*>&lo[0]                  # read only: the decoder never writes lo / scale
     job.scale = <float*>&scale[0]
-    job.bits = bits
-    job.G = G
     job.outf = &out[0]
     with nogil:
         _run(_generic_decode_piece, &job, _npieces(job.n))

@@ -167,6 +167,14 @@ static __device__ __forceinline__ int npx_lg_values(int bits)
     return bits == 8 ? 0 : bits == 4 ? 1 : bits == 2 ? 2 : 3;
 }
 
+/* The output byte this thread packs (one thread per output byte of n values, V = 2^lg
+ * per byte), or -1 for an extra thread. */
+static __device__ __forceinline__ long long npx_byte_index(long long n, int lg)
+{
+    const long long b = npx_thread_index();
+    return b < ((n + (1 << lg) - 1) >> lg) ? b : -1;
+}
+
 /* The code of flat value i: bits [(i % V) * bits, ...) of byte i / V. */
 static __device__ __forceinline__ int npx_code_at(const unsigned char* __restrict__ packed,
                                                   long long i, int bits)
@@ -182,12 +190,11 @@ extern "C" __global__ void npx_pack_bits(const unsigned char* __restrict__ codes
                                          long long n, int bits,
                                          unsigned char* __restrict__ out)          /* OUT (nbytes,) */
 {
-    const long long b = npx_thread_index();
     const int lg = npx_lg_values(bits);
-    const int V = 1 << lg;
-    const long long nbytes = (n + V - 1) >> lg;
-    if (b >= nbytes)
+    const long long b = npx_byte_index(n, lg);
+    if (b < 0)
         return;
+    const int V = 1 << lg;
     long long i = b << lg;
     unsigned int byte = 0;
     for (int j = 0; j < V && i < n; ++j, ++i)
@@ -257,12 +264,11 @@ extern "C" __global__ void npx_paper_pack(const float* __restrict__ y,     /* IN
                                           unsigned char* __restrict__ out,        /* OUT (nbytes,) */
                                           unsigned char* __restrict__ nonfinite)  /* OUT (nbytes,) */
 {
-    const long long b = npx_thread_index();
     const int lg = npx_lg_values(bits);
-    const int V = 1 << lg;
-    const long long nbytes = (n + V - 1) >> lg;
-    if (b >= nbytes)
+    const long long b = npx_byte_index(n, lg);
+    if (b < 0)
         return;
+    const int V = 1 << lg;
     const int nb = 1 << bits;
     long long i = b << lg;
     const long long plane = npx_idiv(i, HW);
@@ -431,12 +437,11 @@ extern "C" __global__ void npx_generic_encode(const float* __restrict__ x,      
                                               unsigned int seed,
                                               unsigned char* __restrict__ out)    /* OUT (nbytes,) */
 {
-    const long long b = npx_thread_index();
     const int lg = npx_lg_values(bits);
-    const int V = 1 << lg;
-    const long long nbytes = (n + V - 1) >> lg;
-    if (b >= nbytes)
+    const long long b = npx_byte_index(n, lg);
+    if (b < 0)
         return;
+    const int V = 1 << lg;
     const int levels = (1 << bits) - 1;
     long long i = b << lg;
     long long g = npx_idiv(i, G);
