@@ -50,6 +50,11 @@ def paper_mask(packed, shape, s, bits):
     return out
 
 
+def _group_len(group, n):
+    """A group holds at most n values: the same groups, and a C integer whatever ``group`` is."""
+    return min(group, max(n, 1))
+
+
 def generic_pack(x, bits, group, stochastic=False, seed=0):
     """See :func:`npapprox.kernels.reference.generic_pack`. Returns ``(packed, lo, scale, n_nonfinite)``."""
     x, bits, group, seed = checks.check_generic_pack(x, bits, group, seed)
@@ -57,7 +62,7 @@ def generic_pack(x, bits, group, stochastic=False, seed=0):
     out = np.empty(checks.packed_nbytes(x.size, bits), dtype=np.uint8)
     lo = np.empty(ng, dtype=np.float32)
     scale = np.empty(ng, dtype=np.float32)
-    nf = _quant.generic_pack(x.reshape(-1), bits, group, bool(stochastic), seed, out, lo, scale)
+    nf = _quant.generic_pack(x.reshape(-1), bits, _group_len(group, x.size), bool(stochastic), seed, out, lo, scale)
     return out, lo, scale, int(nf)
 
 
@@ -65,7 +70,7 @@ def generic_decode(packed, lo, scale, bits, group, shape):
     """See :func:`npapprox.kernels.reference.generic_decode`."""
     packed, lo, scale, bits, group, shape, n = checks.check_generic_decode(packed, lo, scale, bits, group, shape)
     out = np.empty(shape, dtype=np.float32)
-    _quant.generic_decode(packed, lo, scale, bits, group, out.reshape(-1))
+    _quant.generic_decode(packed, lo, scale, bits, _group_len(group, n), out.reshape(-1))
     return out
 
 
