@@ -9,7 +9,7 @@ per device (CuPy also caches the binary on disk).
 The wrappers below only validate, allocate and launch: every function is written
 against a small *launcher* (:class:`DeviceLauncher` here; the tests plug in a
 launcher that runs the same kernels compiled for the host, see
-tests/test_cuda.py), so everything but the CuPy calls themselves is exercised on
+tests/support.py and tests/test_parity.py), so everything but the CuPy calls themselves is exercised on
 machines without a GPU.
 
 Launch rules: 1-D grids of ``BLOCK`` threads, one thread per output byte for

@@ -4,8 +4,9 @@ This module *is* the byte contract of the storage kernels (docs/kernels.md has
 the same contract in prose). The Cython kernels (``npapprox._quant``, wrapped by
 ``npapprox.kernels.cpu``) and the CUDA kernels (``kernels/quant.cu``) must produce **identical
 bytes** for every input; each docstring below gives the naive per-element loop
-that the vectorised code implements, and tests/test_kernels.py checks the
-vectorised code against such loops written independently in the test.
+that the vectorised code implements; tests/test_kernels.py checks the
+vectorised code against such loops written independently in the test, and
+tests/test_parity.py every other implementation against this one.
 
 Conventions shared by every function
 
