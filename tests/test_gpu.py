@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support import resnet, resnet_forward_backward
 
 import npapprox.kernels as K
-from npapprox import nn, ops
+from npapprox import ops
 from npapprox.backend import gpu_status, to_device
 from npapprox.optim import SGD
 from npapprox.policy import Exact, Generic, Paper, storage_policy
@@ -56,20 +57,13 @@ def _host(a):
 # (b) a ResNet (and the other ops) on the GPU against the CPU
 # --------------------------------------------------------------------------- #
 def _resnet(seed=0, **kw):
-    nn.manual_seed(seed)
-    args = dict(depth=8, num_classes=5, in_channels=3, width=8)
-    args.update(kw)
-    return nn.PreActResNet(**args)
+    return resnet(seed, **{"width": 8, **kw})
 
 
 def _run(model, x, t, policy):
-    model.zero_grad()
-    with storage_policy(policy):
-        logits = model(Tensor(x))
-        loss = ops.cross_entropy(logits, t)
-    loss.backward()
-    return (_host(logits.data), _host(loss.data),
-            {n: _host(p.grad) for n, p in model.named_parameters()})
+    """Logits, loss and every gradient, on the host."""
+    logits, loss, grads = resnet_forward_backward(model, x, t, policy)
+    return _host(logits), _host(loss), {n: _host(g) for n, g in grads.items()}
 
 
 def _rel(a, b):

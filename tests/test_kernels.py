@@ -221,20 +221,16 @@ def test_compiled_module_is_built():
     assert K.implementation(np.zeros(1, np.float32)) == "cpu"
 
 
-def test_compiled_accepts_views_and_dispatch_switch():
+def test_dispatch_switch():
+    """NumPy arrays go to the compiled kernels; the switch sends them to the reference (same bytes)."""
     rng = np.random.default_rng(3)
     gamma, beta = channel_params(rng, 6)
-    base = bn_output(rng, (3, 12, 9, 10), np.repeat(gamma, 2), np.repeat(beta, 2))
-    y = base[:, ::2, :, ::-1]  # not contiguous
+    y = bn_output(rng, (3, 6, 9, 10), gamma, beta)
     k, s = paper_params(gamma, beta, 4)
-    ref = R.paper_pack(np.ascontiguousarray(y), k, s, 4)
-    assert same(K.paper_pack(y, k, s, 4)[0], ref[0])
-    x = base.transpose(0, 2, 3, 1)  # not contiguous
-    gref = R.generic_pack(np.ascontiguousarray(x), 4, 64, True, 5)
-    assert all(same(a, b) for a, b in zip(K.generic_pack(x, 4, 64, True, 5)[:3], gref[:3], strict=True))
+    ref = R.paper_pack(y, k, s, 4)
+    assert K.implementation(y) == "cpu" and same(K.paper_pack(y, k, s, 4)[0], ref[0])
     K.use_reference(True)
-    assert K.implementation(y) == "reference"
-    assert same(K.paper_pack(y, k, s, 4)[0], ref[0])
+    assert K.implementation(y) == "reference" and same(K.paper_pack(y, k, s, 4)[0], ref[0])
     K.use_reference(False)
     assert K.implementation(y) == "cpu"
 
