@@ -9,13 +9,20 @@ C-contiguous) views.
 
 Organisation
 
+* Sections, in the order (and with the helper names) of
+  ``npapprox/kernels/reference.py`` and ``kernels/quant.cu``: bit packing, the
+  counter-based noise (``_uniform``), the paper scheme (``_paper_codes``), the
+  generic quantizer (``_group_params``, ``_generic_codes``); before them the
+  parallel runner, after them the Python-visible entry points.
 * The flat index range is cut into *pieces* of ``PIECE`` elements (a multiple
-  of 8, so every piece starts on a byte boundary for every K). ``prange`` runs
-  over pieces (``schedule="guided"``: a core busy with another process does not
-  hold the others back), so each thread writes whole output bytes (packing) or
-  whole output ranges (decoding): no races, no atomics, and the bytes do not
-  depend on the thread count or the schedule. A single piece runs without a
-  parallel region.
+  of 8, so every piece starts on a byte boundary for every K). One runner,
+  :func:`_run`, is the only parallel loop of the file: it calls a *task*
+  function (a piece, a chunk of whole groups, a partial min / max) for every
+  task index under ``prange`` (``schedule="guided"``: a core busy with another
+  process does not hold the others back), or directly when there is one task.
+  Each task writes whole output bytes (packing) or whole output ranges
+  (decoding): no races, no atomics, and the bytes do not depend on the thread
+  count or the schedule. A task reads its arguments from a :class:`Job`.
 * Inside a piece, the elements are cut again into *segments* of constant
   parameters (one channel plane of the paper scheme, one group of the generic
   one). A tight loop encodes a segment into a per-thread buffer of codes (a stack
@@ -60,7 +67,64 @@ cdef enum:
 
 
 # --------------------------------------------------------------------------- #
-# Bit packing of a piece
+# Pieces and the parallel runner
+# --------------------------------------------------------------------------- #
+cdef struct Job:
+    # the arguments of one kernel call (each kernel reads the fields it needs)
+    const float* x            # float input: y (paper) or x (generic), (n,)
+    const uint8_t* packed     # packed codes (decode, mask, unpack) or codes (pack_bits)
+    const float* k            # paper: (C,)
+    const int32_t* s          # paper: (C,)
+    const float* step         # paper decode: (C,)
+    const float* off          # paper decode: (C,)
+    float* lo                 # generic: (ngroups,), written by the encoder, read by the decoder
+    float* scale              # generic: (ngroups,)
+    float* inv                # generic, two-pass: (ngroups,)
+    int32_t* kmin             # generic, two-pass: partial min / max keys and non-finite counts
+    int32_t* kmax
+    Py_ssize_t* nonfinite
+    uint8_t* out8             # uint8 output (packed codes, codes, mask)
+    float* outf               # float32 output (decoded values, noise)
+    Py_ssize_t n, C, HW, G, chunk, nsub
+    int bits
+    bint relu, stochastic
+    uint32_t seed
+
+
+ctypedef Py_ssize_t (*Task)(const Job* job, Py_ssize_t t) noexcept nogil
+
+
+cdef Py_ssize_t _run(Task task, const Job* job, Py_ssize_t ntasks) noexcept nogil:
+    """Sum of ``task(job, t)`` over ``t < ntasks``: in parallel, or inline for one task."""
+    cdef Py_ssize_t t, total = 0
+    if ntasks == 1:                          # small tensors: no parallel region
+        return task(job, 0)
+    for t in prange(ntasks, schedule="guided"):
+        total += task(job, t)
+    return total
+
+
+cdef inline Py_ssize_t _piece_end(Py_ssize_t a, Py_ssize_t n) noexcept nogil:
+    """End of the piece that starts at a: min(a + PIECE, n)."""
+    return a + PIECE if a + PIECE < n else n
+
+
+cdef inline Py_ssize_t _plane_end(Py_ssize_t e, Py_ssize_t b, Py_ssize_t C, Py_ssize_t HW,
+                                  Py_ssize_t* c) noexcept nogil:
+    """Paper scheme: the segment [e, end) of one channel plane, end <= b; c = its channel."""
+    cdef Py_ssize_t plane = e // HW
+    c[0] = plane % C
+    return (plane + 1) * HW if (plane + 1) * HW < b else b
+
+
+cdef inline Py_ssize_t _group_end(Py_ssize_t e, Py_ssize_t b, Py_ssize_t G, Py_ssize_t* g) noexcept nogil:
+    """Generic quantizer: the segment [e, end) of one group, end <= b; g = its group."""
+    g[0] = e // G
+    return (g[0] + 1) * G if (g[0] + 1) * G < b else b
+
+
+# --------------------------------------------------------------------------- #
+# Bit packing
 # --------------------------------------------------------------------------- #
 cdef inline void _pack(const uint8_t* c, Py_ssize_t nbytes, int bits, uint8_t* out) noexcept nogil:
     """out[b] = OR_j c[b*V + j] << (j*bits); c holds nbytes*V codes (zero padded)."""
@@ -113,6 +177,38 @@ cdef inline void _pack_piece(uint8_t* codes, Py_ssize_t m, int bits, uint8_t* ou
         memset(codes + m, 0, nbytes * v - m)
     _pack(codes, nbytes, bits, out)
 
+cdef inline const uint8_t* _piece_codes(const uint8_t* packed, Py_ssize_t a, Py_ssize_t b, int bits,
+                                        uint8_t* buf) noexcept nogil:
+    """The codes of elements [a, b) (a piece): unpacked into buf, or the bytes themselves at K = 8."""
+    cdef Py_ssize_t v = 8 // bits
+    if bits == 8:
+        return packed + a
+    _unpack(packed + a // v, (b - a + v - 1) // v, bits, buf)
+    return buf
+
+
+cdef Py_ssize_t _pack_bits_piece(const Job* job, Py_ssize_t p) noexcept nogil:
+    cdef uint8_t buf[PIECE]
+    cdef Py_ssize_t v = 8 // job.bits
+    cdef Py_ssize_t a = p * PIECE
+    cdef Py_ssize_t b = _piece_end(a, job.n)
+    if b - a == PIECE:
+        _pack(job.packed + a, PIECE // v, job.bits, job.out8 + a // v)
+    else:                                    # the last piece: zero-padded in buf
+        memcpy(buf, job.packed + a, b - a)
+        _pack_piece(buf, b - a, job.bits, job.out8 + a // v)
+    return 0
+
+
+cdef Py_ssize_t _unpack_bits_piece(const Job* job, Py_ssize_t p) noexcept nogil:
+    cdef uint8_t buf[PIECE]
+    cdef Py_ssize_t v = 8 // job.bits
+    cdef Py_ssize_t a = p * PIECE
+    cdef Py_ssize_t b = _piece_end(a, job.n)
+    _unpack(job.packed + a // v, (b - a + v - 1) // v, job.bits, buf)
+    memcpy(job.out8 + a, buf, b - a)
+    return 0
+
 
 # --------------------------------------------------------------------------- #
 # Counter-based noise (lowbias32)
@@ -129,9 +225,16 @@ cdef inline float _uniform(uint32_t i, uint32_t seed) noexcept nogil:
     h = h ^ (h >> 16)
     return <float><int32_t>(h >> 8) * two_m24      # < 2**24: the signed conversion is exact
 
+cdef Py_ssize_t _counter_uniform_piece(const Job* job, Py_ssize_t p) noexcept nogil:
+    cdef Py_ssize_t i, a = p * PIECE
+    cdef Py_ssize_t b = _piece_end(a, job.n)
+    for i in range(a, b):
+        job.outf[i] = _uniform(<uint32_t>i, job.seed)
+    return 0
+
 
 # --------------------------------------------------------------------------- #
-# Paper scheme: per-segment (one channel) loops
+# The paper's scheme ("BN window"), per channel
 # --------------------------------------------------------------------------- #
 cdef inline Py_ssize_t _paper_codes(const float* y, Py_ssize_t m, float k, int s, int nb,
                                     uint8_t* codes) noexcept nogil:
@@ -170,58 +273,41 @@ cdef inline Py_ssize_t _paper_codes(const float* y, Py_ssize_t m, float k, int s
     return nf
 
 
-cdef Py_ssize_t _paper_pack_piece(const float* y, const float* k, const int32_t* s,
-                                  Py_ssize_t C, Py_ssize_t HW, int bits, Py_ssize_t n,
-                                  Py_ssize_t p, uint8_t* out) noexcept nogil:
+cdef Py_ssize_t _paper_pack_piece(const Job* job, Py_ssize_t p) noexcept nogil:
     cdef uint8_t buf[PIECE]
+    cdef int bits = job.bits
     cdef Py_ssize_t a = p * PIECE
-    cdef Py_ssize_t b = a + PIECE if a + PIECE < n else n
-    cdef Py_ssize_t e = a, end, plane, c, nf = 0
-    cdef uint8_t* codes = out + a if bits == 8 else buf   # K = 8: the codes are the bytes
+    cdef Py_ssize_t b = _piece_end(a, job.n)
+    cdef Py_ssize_t e = a, end, c, nf = 0
+    cdef uint8_t* codes = job.out8 + a if bits == 8 else buf   # K = 8: the codes are the bytes
     while e < b:                             # segments of one channel plane
-        plane = e // HW
-        c = plane % C
-        end = (plane + 1) * HW
-        if end > b:
-            end = b
-        nf += _paper_codes(y + e, end - e, k[c], s[c], 1 << bits, codes + (e - a))
+        end = _plane_end(e, b, job.C, job.HW, &c)
+        nf += _paper_codes(job.x + e, end - e, job.k[c], job.s[c], 1 << bits, codes + (e - a))
         e = end
     if bits != 8:
-        _pack_piece(codes, b - a, bits, out + a // (8 // bits))
+        _pack_piece(codes, b - a, bits, job.out8 + a // (8 // bits))
     return nf
 
 
-cdef void _paper_decode_piece(const uint8_t* packed, const int32_t* s, const float* step,
-                              const float* off, Py_ssize_t C, Py_ssize_t HW, int bits,
-                              Py_ssize_t n, Py_ssize_t p, bint relu, float* out) noexcept nogil:
+cdef Py_ssize_t _paper_decode_piece(const Job* job, Py_ssize_t p) noexcept nogil:
     cdef uint8_t buf[PIECE]
-    cdef const uint8_t* codes
-    cdef Py_ssize_t v = 8 // bits
     cdef Py_ssize_t a = p * PIECE
-    cdef Py_ssize_t b = a + PIECE if a + PIECE < n else n
-    cdef Py_ssize_t e = a, end, plane, c, j, m
+    cdef Py_ssize_t b = _piece_end(a, job.n)
+    cdef const uint8_t* codes = _piece_codes(job.packed, a, b, job.bits, buf)
+    cdef Py_ssize_t e = a, end, c, j, m
     cdef int sc
     cdef float st, of, t, r, half = 0.5, zero = 0, qnan = NAN
     cdef const uint8_t* cs
     cdef float* o
-    if bits == 8:                            # K = 8: the bytes are the codes
-        codes = packed + a
-    else:
-        _unpack(packed + a // v, (b - a + v - 1) // v, bits, buf)
-        codes = buf
     while e < b:
-        plane = e // HW
-        c = plane % C
-        end = (plane + 1) * HW
-        if end > b:
-            end = b
-        sc = s[c]
-        st = step[c]
-        of = off[c]
+        end = _plane_end(e, b, job.C, job.HW, &c)
+        sc = job.s[c]
+        st = job.step[c]
+        of = job.off[c]
         cs = codes + (e - a)
-        o = out + e
+        o = job.outf + e
         m = end - e
-        if relu:
+        if job.relu:
             # where code < s, step and off are replaced by 0: t * 0 + 0 == +0.0 exactly
             # (t is finite; -0.0 + +0.0 == +0.0), elsewhere the same two roundings. Selecting
             # the operands, not the result, keeps the loop if-convertible (GCC does not
@@ -236,37 +322,27 @@ cdef void _paper_decode_piece(const uint8_t* packed, const int32_t* s, const flo
                 r = t * st + of              # two float32 roundings (-ffp-contract=off)
                 o[j] = r if r == r else qnan
         e = end
+    return 0
 
 
-cdef void _paper_mask_piece(const uint8_t* packed, const int32_t* s, Py_ssize_t C,
-                            Py_ssize_t HW, int bits, Py_ssize_t n, Py_ssize_t p,
-                            uint8_t* out) noexcept nogil:
+cdef Py_ssize_t _paper_mask_piece(const Job* job, Py_ssize_t p) noexcept nogil:
     cdef uint8_t buf[PIECE]
-    cdef const uint8_t* codes
-    cdef Py_ssize_t v = 8 // bits
     cdef Py_ssize_t a = p * PIECE
-    cdef Py_ssize_t b = a + PIECE if a + PIECE < n else n
-    cdef Py_ssize_t e = a, end, plane, c, j
+    cdef Py_ssize_t b = _piece_end(a, job.n)
+    cdef const uint8_t* codes = _piece_codes(job.packed, a, b, job.bits, buf)
+    cdef Py_ssize_t e = a, end, c, j
     cdef int sc
-    if bits == 8:                            # K = 8: the bytes are the codes
-        codes = packed + a
-    else:
-        _unpack(packed + a // v, (b - a + v - 1) // v, bits, buf)
-        codes = buf
     while e < b:
-        plane = e // HW
-        c = plane % C
-        end = (plane + 1) * HW
-        if end > b:
-            end = b
-        sc = s[c]
+        end = _plane_end(e, b, job.C, job.HW, &c)
+        sc = job.s[c]
         for j in range(e, end):
-            out[j] = codes[j - a] >= sc
+            job.out8[j] = codes[j - a] >= sc
         e = end
+    return 0
 
 
 # --------------------------------------------------------------------------- #
-# Generic per-group quantizer: per-segment (one group) loops
+# Generic per-group quantizer
 # --------------------------------------------------------------------------- #
 cdef inline float _unkey(int32_t key) noexcept nogil:
     """Float of an order key (see _minmax; the map bits <-> key is an involution)."""
@@ -346,102 +422,114 @@ cdef inline void _generic_codes(const float* x, Py_ssize_t m, Py_ssize_t i0, flo
             codes[j] = <uint8_t><int>w
 
 
-cdef Py_ssize_t _generic_fused_chunk(const float* x, Py_ssize_t n, Py_ssize_t G, int bits,
-                                     bint stochastic, uint32_t seed, Py_ssize_t a, Py_ssize_t b,
-                                     uint8_t* out, float* lo, float* scale) noexcept nogil:
-    """Elements [a, b): whole groups, a a multiple of 8. Min/max of each group right
-    before its encoding (cache-hot), pieces of PIECE codes packed as they fill."""
+cdef Py_ssize_t _generic_fused_chunk(const Job* job, Py_ssize_t ch) noexcept nogil:
+    """Fused path: chunk ch, elements [a, b) of whole groups, a a multiple of 8. Min/max of
+    each group right before its encoding (cache-hot), pieces of PIECE codes packed as they fill."""
     cdef uint8_t buf[PIECE]
     cdef uint8_t* codes
-    cdef int levels = (1 << bits) - 1
-    cdef Py_ssize_t v = 8 // bits
+    cdef int bits = job.bits, levels = (1 << bits) - 1
+    cdef Py_ssize_t v = 8 // bits, n = job.n, G = job.G
+    cdef Py_ssize_t a = ch * job.chunk
+    cdef Py_ssize_t b = a + job.chunk if a + job.chunk < n else n
     cdef Py_ssize_t pa = a, pb, e, end, g, gs, ge, cur = -1, gnf, nf = 0
     cdef int32_t kmn, kmx
     cdef float cur_lo = 0, cur_inv = 0
     while pa < b:
         pb = pa + PIECE if pa + PIECE < b else b
-        codes = out + pa if bits == 8 else buf   # K = 8: the codes are the bytes
+        codes = job.out8 + pa if bits == 8 else buf   # K = 8: the codes are the bytes
         e = pa
         while e < pb:
-            g = e // G
+            end = _group_end(e, pb, G, &g)
             if g != cur:                      # first time we meet group g: its range
                 gs = g * G
                 ge = gs + G if gs + G < n else n
                 kmn = KEY_MAX
                 kmx = KEY_MIN
-                gnf = _minmax(x + gs, ge - gs, &kmn, &kmx)
+                gnf = _minmax(job.x + gs, ge - gs, &kmn, &kmx)
                 nf += gnf
-                _group_params(kmn, kmx, gnf, levels, &lo[g], &scale[g], &cur_inv)
-                cur_lo = lo[g]
+                _group_params(kmn, kmx, gnf, levels, &job.lo[g], &job.scale[g], &cur_inv)
+                cur_lo = job.lo[g]
                 cur = g
-            end = (g + 1) * G
-            if end > pb:
-                end = pb
-            _generic_codes(x + e, end - e, e, cur_lo, cur_inv, levels, stochastic, seed,
+            _generic_codes(job.x + e, end - e, e, cur_lo, cur_inv, levels, job.stochastic, job.seed,
                            codes + (e - pa))
             e = end
         if bits != 8:
-            _pack_piece(codes, pb - pa, bits, out + pa // v)
+            _pack_piece(codes, pb - pa, bits, job.out8 + pa // v)
         pa = pb
     return nf
 
 
-cdef void _generic_encode_piece(const float* x, Py_ssize_t n, Py_ssize_t G, int bits,
-                                bint stochastic, uint32_t seed, Py_ssize_t p,
-                                const float* lo, const float* inv, uint8_t* out) noexcept nogil:
-    """Two-pass path, second pass: encode piece p with the groups' lo and inv known."""
+cdef Py_ssize_t _generic_minmax_task(const Job* job, Py_ssize_t task) noexcept nogil:
+    """Two-pass path, pass 1: partial min / max keys of sub-range j of group g."""
+    cdef Py_ssize_t g = task // job.nsub
+    cdef Py_ssize_t j = task - g * job.nsub
+    cdef Py_ssize_t a = g * job.G + j * SUB
+    cdef Py_ssize_t b = a + SUB
+    if b > g * job.G + job.G:
+        b = g * job.G + job.G
+    if b > job.n:
+        b = job.n
+    job.kmin[task] = KEY_MAX
+    job.kmax[task] = KEY_MIN
+    job.nonfinite[task] = _minmax(job.x + a, b - a, &job.kmin[task], &job.kmax[task]) if b > a else 0
+    return 0
+
+
+cdef Py_ssize_t _generic_params_task(const Job* job, Py_ssize_t g) noexcept nogil:
+    """Two-pass path, pass 2: combine group g's partials into lo, scale, inv; returns its #non-finite."""
+    cdef Py_ssize_t j, gnf = 0
+    cdef int32_t kmn = KEY_MAX, kmx = KEY_MIN
+    for j in range(g * job.nsub, (g + 1) * job.nsub):
+        kmn = job.kmin[j] if job.kmin[j] < kmn else kmn
+        kmx = job.kmax[j] if job.kmax[j] > kmx else kmx
+        gnf = gnf + job.nonfinite[j]
+    _group_params(kmn, kmx, gnf, (1 << job.bits) - 1, &job.lo[g], &job.scale[g], &job.inv[g])
+    return gnf
+
+
+cdef Py_ssize_t _generic_encode_piece(const Job* job, Py_ssize_t p) noexcept nogil:
+    """Two-pass path, pass 3: encode piece p with the groups' lo and inv known."""
     cdef uint8_t buf[PIECE]
-    cdef int levels = (1 << bits) - 1
+    cdef int bits = job.bits, levels = (1 << bits) - 1
     cdef Py_ssize_t a = p * PIECE
-    cdef Py_ssize_t b = a + PIECE if a + PIECE < n else n
+    cdef Py_ssize_t b = _piece_end(a, job.n)
     cdef Py_ssize_t e = a, end, g
-    cdef uint8_t* codes = out + a if bits == 8 else buf   # K = 8: the codes are the bytes
+    cdef uint8_t* codes = job.out8 + a if bits == 8 else buf   # K = 8: the codes are the bytes
     while e < b:
-        g = e // G
-        end = (g + 1) * G
-        if end > b:
-            end = b
-        _generic_codes(x + e, end - e, e, lo[g], inv[g], levels, stochastic, seed, codes + (e - a))
+        end = _group_end(e, b, job.G, &g)
+        _generic_codes(job.x + e, end - e, e, job.lo[g], job.inv[g], levels, job.stochastic, job.seed,
+                       codes + (e - a))
         e = end
     if bits != 8:
-        _pack_piece(codes, b - a, bits, out + a // (8 // bits))
+        _pack_piece(codes, b - a, bits, job.out8 + a // (8 // bits))
+    return 0
 
 
-cdef void _generic_decode_piece(const uint8_t* packed, const float* lo, const float* scale,
-                                Py_ssize_t G, int bits, Py_ssize_t n, Py_ssize_t p,
-                                float* out) noexcept nogil:
+cdef Py_ssize_t _generic_decode_piece(const Job* job, Py_ssize_t p) noexcept nogil:
     cdef uint8_t buf[PIECE]
-    cdef const uint8_t* codes
-    cdef Py_ssize_t v = 8 // bits
     cdef Py_ssize_t a = p * PIECE
-    cdef Py_ssize_t b = a + PIECE if a + PIECE < n else n
+    cdef Py_ssize_t b = _piece_end(a, job.n)
+    cdef const uint8_t* codes = _piece_codes(job.packed, a, b, job.bits, buf)
     cdef Py_ssize_t e = a, end, g, j, m
     cdef float gl, gs, r, qnan = NAN
     cdef const uint8_t* cs
     cdef float* o
-    if bits == 8:                            # K = 8: the bytes are the codes
-        codes = packed + a
-    else:
-        _unpack(packed + a // v, (b - a + v - 1) // v, bits, buf)
-        codes = buf
     while e < b:
-        g = e // G
-        end = (g + 1) * G
-        if end > b:
-            end = b
-        gl = lo[g]
-        gs = scale[g]
+        end = _group_end(e, b, job.G, &g)
+        gl = job.lo[g]
+        gs = job.scale[g]
         cs = codes + (e - a)
-        o = out + e
+        o = job.outf + e
         m = end - e
         for j in range(m):
             r = gl + <float>cs[j] * gs       # two float32 roundings (-ffp-contract=off)
             o[j] = r if r == r else qnan     # every NaN is 0x7fc00000 (the contract)
         e = end
+    return 0
 
 
 # --------------------------------------------------------------------------- #
-# Python-visible kernels (arguments already validated by npapprox.kernels.cpu;
+# Python-visible entry points (arguments already validated by npapprox.kernels.cpu;
 # the checks here only guard memory safety)
 # --------------------------------------------------------------------------- #
 cdef int _check_bits(int bits) except -1:
@@ -464,6 +552,68 @@ cdef _check_paper(Py_ssize_t n, Py_ssize_t C, Py_ssize_t HW, const int32_t[::1] 
         if s[c] < 1 or s[c] > (1 << bits) - 1:
             raise ValueError(f"s[{c}] = {s[c]} outside [1, {(1 << bits) - 1}]")
 
+cdef inline Py_ssize_t _npieces(Py_ssize_t n) noexcept nogil:
+    return (n + PIECE - 1) // PIECE
+
+
+cdef _bits_kernel(Task task, const uint8_t[::1] src, int bits, uint8_t[::1] dst, Py_ssize_t n,
+                  Py_ssize_t nbytes, str name):
+    """pack_bits / unpack_bits: n codes, nbytes packed bytes (checked), src -> dst."""
+    cdef Py_ssize_t v = _check_bits(bits)
+    cdef Job job
+    _check_len(nbytes, (n + v - 1) // v, name)
+    if n == 0:
+        return
+    job.n = n
+    job.packed = &src[0]
+    job.bits = bits
+    job.out8 = &dst[0]
+    with nogil:
+        _run(task, &job, _npieces(n))
+
+
+def pack_bits(const uint8_t[::1] codes,      # IN:  (n,) codes < 2**bits
+              int bits,
+              uint8_t[::1] out):             # OUT: (ceil(n / V),), fully overwritten
+    """out[i // V] |= codes[i] << ((i % V) * bits)."""
+    _bits_kernel(_pack_bits_piece, codes, bits, out, codes.shape[0], out.shape[0], "out")
+
+
+def unpack_bits(const uint8_t[::1] packed,   # IN:  (ceil(n / V),)
+                int bits,
+                uint8_t[::1] out):           # OUT: (n,) codes, fully overwritten
+    """out[i] = (packed[i // V] >> ((i % V) * bits)) & (2**bits - 1)."""
+    _bits_kernel(_unpack_bits_piece, packed, bits, out, out.shape[0], packed.shape[0], "packed")
+
+
+def counter_uniform(uint32_t seed,
+                    float[::1] out):         # OUT: (n,) r[i] = noise(i, seed), fully overwritten
+    """The counter-based noise of stochastic rounding (see reference.counter_uniform)."""
+    cdef Job job
+    job.n = out.shape[0]
+    if job.n == 0:
+        return
+    job.seed = seed
+    job.outf = &out[0]
+    with nogil:
+        _run(_counter_uniform_piece, &job, _npieces(job.n))
+
+
+cdef bint _paper_job(Job* job, Py_ssize_t n, Py_ssize_t C, Py_ssize_t HW, const int32_t[::1] s, int bits,
+                     Py_ssize_t nbytes, str name) except -1:
+    """The checks and the common Job fields of the paper kernels; False when n == 0 (nothing to do)."""
+    cdef Py_ssize_t v = _check_bits(bits)
+    _check_paper(n, C, HW, s, bits)
+    _check_len(nbytes, (n + v - 1) // v, name)
+    job.n = n
+    job.C = C
+    job.HW = HW
+    job.bits = bits
+    if n == 0:
+        return False
+    job.s = &s[0]
+    return True
+
 
 def paper_pack(const float[::1] y,          # IN:  (n,) BN outputs, flat (N, C, HW) order
                const float[::1] k,          # IN:  (C,) 1 / (D |gamma|), 0 where gamma == 0
@@ -471,23 +621,16 @@ def paper_pack(const float[::1] y,          # IN:  (n,) BN outputs, flat (N, C, 
                int bits, Py_ssize_t C, Py_ssize_t HW,
                uint8_t[::1] out):           # OUT: (ceil(n / V),) packed codes, fully overwritten
     """Paper scheme encode; returns the number of non-finite y."""
-    cdef Py_ssize_t v = _check_bits(bits)
-    cdef Py_ssize_t n = y.shape[0], npieces = (n + PIECE - 1) // PIECE, p, nf = 0
-    _check_paper(n, C, HW, s, bits)
+    cdef Job job
+    cdef Py_ssize_t nf
     _check_len(k.shape[0], C, "k")
-    _check_len(out.shape[0], (n + v - 1) // v, "out")
-    if n == 0:
+    if not _paper_job(&job, y.shape[0], C, HW, s, bits, out.shape[0], "out"):
         return 0
-    cdef const float* yp = &y[0]
-    cdef const float* kp = &k[0]
-    cdef const int32_t* sp = &s[0]
-    cdef uint8_t* op = &out[0]
+    job.x = &y[0]
+    job.k = &k[0]
+    job.out8 = &out[0]
     with nogil:
-        if npieces == 1:                     # small tensors: no parallel region
-            nf = _paper_pack_piece(yp, kp, sp, C, HW, bits, n, 0, op)
-        else:
-            for p in prange(npieces, schedule="guided"):
-                nf += _paper_pack_piece(yp, kp, sp, C, HW, bits, n, p, op)
+        nf = _run(_paper_pack_piece, &job, _npieces(job.n))
     return nf
 
 
@@ -498,25 +641,18 @@ def paper_decode(const uint8_t[::1] packed,  # IN:  (ceil(n / V),) codes from pa
                  int bits, Py_ssize_t C, Py_ssize_t HW, bint relu,
                  float[::1] out):            # OUT: (n,) decoded values, fully overwritten
     """out[i] = ((code - s) + 0.5) * step + off; 0 where relu and code < s."""
-    cdef Py_ssize_t v = _check_bits(bits)
-    cdef Py_ssize_t n = out.shape[0], npieces = (n + PIECE - 1) // PIECE, p
-    _check_paper(n, C, HW, s, bits)
+    cdef Job job
     _check_len(step.shape[0], C, "step")
     _check_len(off.shape[0], C, "off")
-    _check_len(packed.shape[0], (n + v - 1) // v, "packed")
-    if n == 0:
+    if not _paper_job(&job, out.shape[0], C, HW, s, bits, packed.shape[0], "packed"):
         return
-    cdef const uint8_t* pp = &packed[0]
-    cdef const int32_t* sp = &s[0]
-    cdef const float* stp = &step[0]
-    cdef const float* ofp = &off[0]
-    cdef float* op = &out[0]
+    job.packed = &packed[0]
+    job.step = &step[0]
+    job.off = &off[0]
+    job.relu = relu
+    job.outf = &out[0]
     with nogil:
-        if npieces == 1:
-            _paper_decode_piece(pp, sp, stp, ofp, C, HW, bits, n, 0, relu, op)
-        else:
-            for p in prange(npieces, schedule="guided"):
-                _paper_decode_piece(pp, sp, stp, ofp, C, HW, bits, n, p, relu, op)
+        _run(_paper_decode_piece, &job, _npieces(job.n))
 
 
 def paper_mask(const uint8_t[::1] packed,    # IN:  (ceil(n / V),) codes from paper_pack
@@ -524,21 +660,53 @@ def paper_mask(const uint8_t[::1] packed,    # IN:  (ceil(n / V),) codes from pa
                int bits, Py_ssize_t C, Py_ssize_t HW,
                uint8_t[::1] out):            # OUT: (n,) 1 where code >= s (bool storage)
     """out[i] = code[i] >= s[c]: the exact ReLU mask y > 0."""
-    cdef Py_ssize_t v = _check_bits(bits)
-    cdef Py_ssize_t n = out.shape[0], npieces = (n + PIECE - 1) // PIECE, p
-    _check_paper(n, C, HW, s, bits)
-    _check_len(packed.shape[0], (n + v - 1) // v, "packed")
-    if n == 0:
+    cdef Job job
+    if not _paper_job(&job, out.shape[0], C, HW, s, bits, packed.shape[0], "packed"):
         return
-    cdef const uint8_t* pp = &packed[0]
-    cdef const int32_t* sp = &s[0]
-    cdef uint8_t* op = &out[0]
+    job.packed = &packed[0]
+    job.out8 = &out[0]
     with nogil:
-        if npieces == 1:
-            _paper_mask_piece(pp, sp, C, HW, bits, n, 0, op)
-        else:
-            for p in prange(npieces, schedule="guided"):
-                _paper_mask_piece(pp, sp, C, HW, bits, n, p, op)
+        _run(_paper_mask_piece, &job, _npieces(job.n))
+
+
+cdef bint _generic_job(Job* job, Py_ssize_t n, Py_ssize_t G, int bits, Py_ssize_t nbytes, str name,
+                       Py_ssize_t nlo, Py_ssize_t nscale) except -1:
+    """The checks and the common Job fields of the generic kernels; False when n == 0 (nothing to do)."""
+    cdef Py_ssize_t v = _check_bits(bits)
+    if G < 1:
+        raise ValueError(f"group must be >= 1, got {G}")
+    _check_len(nbytes, (n + v - 1) // v, name)
+    _check_len(nlo, (n + G - 1) // G, "lo")
+    _check_len(nscale, (n + G - 1) // G, "scale")
+    job.n = n
+    job.G = G
+    job.bits = bits
+    return n != 0
+
+
+cdef Py_ssize_t _generic_pack_two_pass(Job* job) except -1:
+    """Groups larger than FUSED_MAX: partial min / max, per-group parameters, encoding."""
+    cdef Py_ssize_t n = job.n, G = job.G
+    cdef Py_ssize_t glen = G if G < n else n  # a group holds at most n values
+    cdef Py_ssize_t ng = (n + G - 1) // G, nf
+    job.nsub = (glen + SUB - 1) // SUB
+    job.kmin = <int32_t*>malloc(ng * job.nsub * sizeof(int32_t))
+    job.kmax = <int32_t*>malloc(ng * job.nsub * sizeof(int32_t))
+    job.nonfinite = <Py_ssize_t*>malloc(ng * job.nsub * sizeof(Py_ssize_t))
+    job.inv = <float*>malloc(ng * sizeof(float))
+    try:
+        if not (job.kmin and job.kmax and job.nonfinite and job.inv):
+            raise MemoryError()
+        with nogil:
+            _run(_generic_minmax_task, job, ng * job.nsub)
+            nf = _run(_generic_params_task, job, ng)
+            _run(_generic_encode_piece, job, _npieces(n))
+    finally:
+        free(job.kmin)
+        free(job.kmax)
+        free(job.nonfinite)
+        free(job.inv)
+    return nf
 
 
 def generic_pack(const float[::1] x,         # IN:  (n,) values, flat
@@ -547,86 +715,26 @@ def generic_pack(const float[::1] x,         # IN:  (n,) values, flat
                  float[::1] lo,              # OUT: (ceil(n / G),) group minimum (+0.0 for zero)
                  float[::1] scale):          # OUT: (ceil(n / G),) (max - min) / (2**bits - 1)
     """Per-group min/max K-bit encode; returns the number of non-finite x."""
-    cdef Py_ssize_t v = _check_bits(bits)
-    if G < 1:
-        raise ValueError(f"group must be >= 1, got {G}")
-    cdef Py_ssize_t n = x.shape[0], ng = (n + G - 1) // G
-    _check_len(out.shape[0], (n + v - 1) // v, "out")
-    _check_len(lo.shape[0], ng, "lo")
-    _check_len(scale.shape[0], ng, "scale")
-    if n == 0:
+    cdef Job job
+    cdef Py_ssize_t a8 = G, r = 8, t, unit, nf
+    if not _generic_job(&job, x.shape[0], G, bits, out.shape[0], "out", lo.shape[0], scale.shape[0]):
         return 0
-    cdef const float* xp = &x[0]
-    cdef uint8_t* op = &out[0]
-    cdef float* lop = &lo[0]
-    cdef float* scp = &scale[0]
-    cdef Py_ssize_t a8 = G, r = 8, t, unit, chunk, nchunks, ch, a, b, nf = 0
+    job.x = &x[0]
+    job.stochastic = stochastic
+    job.seed = seed
+    job.out8 = &out[0]
+    job.lo = &lo[0]
+    job.scale = &scale[0]
     while r:                                 # unit = lcm(G, 8): whole groups, whole bytes
         t = a8 % r
         a8 = r
         r = t
     unit = G // a8 * 8
-    if unit <= FUSED_MAX:
-        chunk = (CHUNK // unit if CHUNK >= unit else 1) * unit
-        nchunks = (n + chunk - 1) // chunk
-        with nogil:
-            if nchunks == 1:
-                nf = _generic_fused_chunk(xp, n, G, bits, stochastic, seed, 0, n, op, lop, scp)
-            else:
-                for ch in prange(nchunks, schedule="guided"):
-                    a = ch * chunk
-                    b = a + chunk if a + chunk < n else n
-                    nf += _generic_fused_chunk(xp, n, G, bits, stochastic, seed, a, b, op, lop, scp)
-        return nf
-    return _generic_pack_two_pass(xp, n, G, bits, stochastic, seed, op, lop, scp)
-
-
-cdef Py_ssize_t _generic_pack_two_pass(const float* x, Py_ssize_t n, Py_ssize_t G, int bits,
-                                       bint stochastic, uint32_t seed, uint8_t* out,
-                                       float* lo, float* scale) except -1:
-    cdef Py_ssize_t glen = G if G < n else n  # a group holds at most n values
-    cdef Py_ssize_t ng = (n + G - 1) // G, nsub = (glen + SUB - 1) // SUB
-    cdef Py_ssize_t ntasks = ng * nsub, npieces = (n + PIECE - 1) // PIECE
-    cdef Py_ssize_t task, g, j, a, b, p, nf = 0, gnf
-    cdef int levels = (1 << bits) - 1
-    cdef int32_t kmn, kmx
-    cdef int32_t* pmn = <int32_t*>malloc(ntasks * sizeof(int32_t))
-    cdef int32_t* pmx = <int32_t*>malloc(ntasks * sizeof(int32_t))
-    cdef Py_ssize_t* pnf = <Py_ssize_t*>malloc(ntasks * sizeof(Py_ssize_t))
-    cdef float* inv = <float*>malloc(ng * sizeof(float))
-    try:
-        if not (pmn and pmx and pnf and inv):
-            raise MemoryError()
-        with nogil:
-            for task in prange(ntasks, schedule="guided"):   # partial min/max
-                g = task // nsub
-                j = task - g * nsub
-                a = g * G + j * SUB
-                b = a + SUB
-                if b > g * G + G:
-                    b = g * G + G
-                if b > n:
-                    b = n
-                pmn[task] = KEY_MAX
-                pmx[task] = KEY_MIN
-                pnf[task] = _minmax(x + a, b - a, &pmn[task], &pmx[task]) if b > a else 0
-            for g in prange(ng, schedule="static"):          # combine per group
-                kmn = KEY_MAX
-                kmx = KEY_MIN
-                gnf = 0
-                for j in range(nsub):
-                    kmn = pmn[g * nsub + j] if pmn[g * nsub + j] < kmn else kmn
-                    kmx = pmx[g * nsub + j] if pmx[g * nsub + j] > kmx else kmx
-                    gnf = gnf + pnf[g * nsub + j]
-                nf += gnf
-                _group_params(kmn, kmx, gnf, levels, &lo[g], &scale[g], &inv[g])
-            for p in prange(npieces, schedule="guided"):     # encode
-                _generic_encode_piece(x, n, G, bits, stochastic, seed, p, lo, inv, out)
-    finally:
-        free(pmn)
-        free(pmx)
-        free(pnf)
-        free(inv)
+    if unit > FUSED_MAX:
+        return _generic_pack_two_pass(&job)
+    job.chunk = (CHUNK // unit if CHUNK >= unit else 1) * unit
+    with nogil:
+        nf = _run(_generic_fused_chunk, &job, (job.n + job.chunk - 1) // job.chunk)
     return nf
 
 
@@ -636,90 +744,12 @@ def generic_decode(const uint8_t[::1] packed,  # IN:  (ceil(n / V),) codes from 
                    int bits, Py_ssize_t G,
                    float[::1] out):            # OUT: (n,) lo + code * scale, fully overwritten
     """out[i] = lo[g] + float(code[i]) * scale[g], g = i // G."""
-    cdef Py_ssize_t v = _check_bits(bits)
-    if G < 1:
-        raise ValueError(f"group must be >= 1, got {G}")
-    cdef Py_ssize_t n = out.shape[0], npieces = (n + PIECE - 1) // PIECE, p
-    _check_len(packed.shape[0], (n + v - 1) // v, "packed")
-    _check_len(lo.shape[0], (n + G - 1) // G, "lo")
-    _check_len(scale.shape[0], (n + G - 1) // G, "scale")
-    if n == 0:
+    cdef Job job
+    if not _generic_job(&job, out.shape[0], G, bits, packed.shape[0], "packed", lo.shape[0], scale.shape[0]):
         return
-    cdef const uint8_t* pp = &packed[0]
-    cdef const float* lop = &lo[0]
-    cdef const float* scp = &scale[0]
-    cdef float* op = &out[0]
+    job.packed = &packed[0]
+    job.lo = <float*>&lo[0]                  # read only: the decoder never writes lo / scale
+    job.scale = <float*>&scale[0]
+    job.outf = &out[0]
     with nogil:
-        if npieces == 1:
-            _generic_decode_piece(pp, lop, scp, G, bits, n, 0, op)
-        else:
-            for p in prange(npieces, schedule="guided"):
-                _generic_decode_piece(pp, lop, scp, G, bits, n, p, op)
-
-
-def pack_bits(const uint8_t[::1] codes,      # IN:  (n,) codes < 2**bits
-              int bits,
-              uint8_t[::1] out):             # OUT: (ceil(n / V),), fully overwritten
-    """out[i // V] |= codes[i] << ((i % V) * bits)."""
-    cdef Py_ssize_t v = _check_bits(bits)
-    cdef Py_ssize_t n = codes.shape[0], npieces = (n + PIECE - 1) // PIECE, p, a, b
-    _check_len(out.shape[0], (n + v - 1) // v, "out")
-    if n == 0:
-        return
-    cdef const uint8_t* cp = &codes[0]
-    cdef uint8_t* op = &out[0]
-    with nogil:
-        for p in prange(npieces, schedule="static"):
-            a = p * PIECE
-            b = a + PIECE if a + PIECE < n else n
-            if b - a == PIECE:
-                _pack(cp + a, PIECE // v, bits, op + a // v)
-            else:
-                _pack_tail(cp + a, b - a, bits, op + a // v)
-
-
-cdef void _pack_tail(const uint8_t* c, Py_ssize_t m, int bits, uint8_t* out) noexcept nogil:
-    cdef uint8_t codes[PIECE]
-    memcpy(codes, c, m)
-    _pack_piece(codes, m, bits, out)
-
-
-def unpack_bits(const uint8_t[::1] packed,   # IN:  (ceil(n / V),)
-                int bits,
-                uint8_t[::1] out):           # OUT: (n,) codes, fully overwritten
-    """out[i] = (packed[i // V] >> ((i % V) * bits)) & (2**bits - 1)."""
-    cdef Py_ssize_t v = _check_bits(bits)
-    cdef Py_ssize_t n = out.shape[0], npieces = (n + PIECE - 1) // PIECE, p, a, b
-    _check_len(packed.shape[0], (n + v - 1) // v, "packed")
-    if n == 0:
-        return
-    cdef const uint8_t* pp = &packed[0]
-    cdef uint8_t* op = &out[0]
-    with nogil:
-        for p in prange(npieces, schedule="static"):
-            a = p * PIECE
-            b = a + PIECE if a + PIECE < n else n
-            _unpack_tail(pp + a // v, b - a, bits, op + a)
-
-
-cdef void _unpack_tail(const uint8_t* p, Py_ssize_t m, int bits, uint8_t* out) noexcept nogil:
-    cdef uint8_t codes[PIECE]
-    cdef Py_ssize_t v = 8 // bits
-    _unpack(p, (m + v - 1) // v, bits, codes)
-    memcpy(out, codes, m)
-
-
-def counter_uniform(uint32_t seed,
-                    float[::1] out):         # OUT: (n,) r[i] = noise(i, seed), fully overwritten
-    """The counter-based noise of stochastic rounding (see reference.counter_uniform)."""
-    cdef Py_ssize_t n = out.shape[0], i
-    if n == 0:
-        return
-    cdef float* op = &out[0]
-    with nogil:
-        if n <= PIECE:
-            for i in range(n):
-                op[i] = _uniform(<uint32_t>i, seed)
-        else:
-            for i in prange(n, schedule="static"):
-                op[i] = _uniform(<uint32_t>i, seed)
+        _run(_generic_decode_piece, &job, _npieces(job.n))

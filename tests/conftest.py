@@ -5,6 +5,8 @@
 * ``require_torch()`` / the ``torch`` fixture: the PyTorch oracle. Without torch the
   oracle tests are *skipped* (visibly), except when ``NPAPPROX_REQUIRE_ORACLE=1``:
   then a missing torch makes every oracle test *fail*, so CI cannot pass by skipping.
+* ``host_lib``: ``quant.cu`` compiled for the host with cuda_shim.h (tests/support.py),
+  built once per session for the parity suite and the CUDA tests.
 """
 from __future__ import annotations
 
@@ -48,3 +50,10 @@ def torch():
     t = require_torch()
     t.manual_seed(0)
     return t
+
+
+@pytest.fixture(scope="session")
+def host_lib(tmp_path_factory):
+    """The host build of quant.cu, loaded with ctypes (a missing g++ fails, it does not skip)."""
+    import support  # noqa: PLC0415  (tests/ is on sys.path only after the insert above)
+    return support.build_host_lib(tmp_path_factory.mktemp("cuda_host"))

@@ -9,7 +9,7 @@ give DeviceArrays, like CuPy's ``__array_function__``) and counts each of those
 calls in ``SYNCS``. ``install(monkeypatch)`` makes it the backend's "cupy" module,
 so ``array_module`` / ``on_gpu`` / the kernel dispatch treat DeviceArrays as
 device arrays; the CUDA kernels then run through a launcher given by the test
-(the host build of quant.cu, tests/test_cuda.py).
+(the host build of quant.cu, tests/support.py).
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from npapprox.kernels import gpu
 from npapprox.kernels import im2col as IM
 from npapprox.ops import conv
 from npapprox.train import NonFiniteLoss, TrainConfig, Trainer
-from test_cuda import HostLauncher, host_lib  # noqa: F401  (host_lib: the session fixture of quant.cu's host build)
+from support import HostLauncher
 
 F32 = np.float32
 

@@ -1,10 +1,7 @@
 """GPU tests: they run wherever CuPy sees a CUDA device and skip visibly elsewhere.
 
-(a) kernel parity on the device: the CUDA kernels (``npapprox.kernels.gpu``, reached
-    through the dispatch with CuPy arrays) give the NumPy reference's bytes, for
-    every K, both quantizers, deterministic and stochastic, odd and large sizes,
-    NaN/inf, subnormals (CuPy compiles with -ftz=true; the kernels must not flush)
-    and the paper mask's edge cases;
+(a) kernel parity on the device is part of the parity suite (tests/test_parity.py,
+    its ``device`` implementation, skipped and failed by the same rules);
 (b) a pre-activation ResNet on the GPU against the same ResNet on the CPU: loss and
     every gradient (float32 tolerance), exact and Paper(4); the forward is
     bit-identical across exact-forward policies on the GPU too; the ledger is the
@@ -17,18 +14,13 @@ How to run: ``pip install -e ".[test,gpu]"`` on a machine with an NVIDIA GPU, th
 """
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from support import resnet, resnet_forward_backward
 
 import npapprox.kernels as K
-import test_kernels as TK
-from npapprox import nn, ops
+from npapprox import ops
 from npapprox.backend import gpu_status, to_device
-from npapprox.kernels import reference as R
 from npapprox.optim import SGD
 from npapprox.policy import Exact, Generic, Paper, storage_policy
 from npapprox.ledger import ledger, measure_peak
@@ -40,13 +32,7 @@ _STATUS = gpu_status()
 pytestmark = pytest.mark.skipif(not _STATUS.available and not _STATUS.broken,
                                 reason=f"no usable CUDA device: {_STATUS.reason}")
 
-BITS = (1, 2, 4, 8)
 F32 = np.float32
-
-
-def SETTINGS(n):
-    return settings(deadline=None, max_examples=n,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @pytest.fixture(scope="module")
@@ -67,190 +53,17 @@ def _host(a):
     return to_device(a, "cpu")
 
 
-def _same(dev, ref):
-    """Device array ``dev`` has the dtype, shape and bytes of the host array ``ref``."""
-    assert not isinstance(dev, np.ndarray), "expected a CuPy array from the device path"
-    return TK._same(_host(dev), ref)
-
-
-# --------------------------------------------------------------------------- #
-# (a) kernel parity on the device
-# --------------------------------------------------------------------------- #
-def _check_paper(cp, y, k, s, bits, step, off, impl="gpu"):
-    d = cp.asarray
-    assert K.implementation(d(y)) == impl
-    ref_packed, ref_nf = R.paper_pack(y, k, s, bits)
-    packed, nf = K.paper_pack(d(y), d(k), d(s), bits)
-    assert _same(packed, ref_packed), "packed bytes differ"
-    assert nf == ref_nf
-    for relu in (False, True):
-        assert _same(K.paper_decode(d(ref_packed), y.shape, d(s), d(step), d(off), bits, relu),
-                     R.paper_decode(ref_packed, y.shape, s, step, off, bits, relu)), f"decode relu={relu}"
-    mask = K.paper_mask(d(ref_packed), y.shape, d(s), bits)
-    assert _same(mask, R.paper_mask(ref_packed, y.shape, s, bits))
-    return _host(mask)
-
-
-def _check_paper_gb(cp, y, gamma, beta, bits, impl="gpu"):
-    k, s = TK.paper_params(gamma, beta, bits)
-    return _check_paper(cp, y, k, s, bits, TK.paper_step(gamma, bits), np.asarray(beta, F32), impl)
-
-
-def _check_generic(cp, x, bits, group, stochastic, seed):
-    d = cp.asarray
-    ref = R.generic_pack(x, bits, group, stochastic, seed)
-    got = K.generic_pack(d(x), bits, group, stochastic, seed)
-    assert _same(got[0], ref[0]), "packed bytes differ"
-    assert _same(got[1], ref[1]), "lo differs"
-    assert _same(got[2], ref[2]), "scale differs"
-    assert got[3] == ref[3]
-    assert _same(K.generic_decode(d(ref[0]), d(ref[1]), d(ref[2]), bits, group, x.shape),
-                 R.generic_decode(*ref[:3], bits, group, x.shape))
-
-
-@pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (1, 1, 1, 1), (2, 3, 5, 7), (1, 2, 3), (4, 7),
-                                   (2, 3, 61, 67), (1, 9, 33, 31), (64, 16, 32, 32)], ids=str)
-def test_device_paper_bit_identical(cp, bits, shape):
-    rng = np.random.default_rng(zlib.crc32(repr((bits, shape, "gpu")).encode()))
-    gamma, beta = TK.channel_params(rng, shape[1])
-    y = TK.bn_output(rng, shape, gamma, beta, special=0.3, nonfinite=0.02)
-    _check_paper_gb(cp, y, gamma, beta, bits)
-
-
-@pytest.mark.parametrize("bits", BITS)
-def test_device_paper_mask_edge_cases_and_subnormals(cp, bits):
-    """gamma <= 0, == 0, tiny; beta/gamma = +-1e3; y in (0, 1e-6] including subnormals; +-0.0; NaN."""
-    gammas = np.float32([1.0, -1.0, -0.2, 0.0, 1e-30, -1e-30, 1e-38, 2.0, 1e3])
-    rel = np.float32([0.0, 1e3, -1e3, 2.9, -3.5])
-    gamma = np.repeat(gammas, rel.size)
-    beta = (np.tile(rel, gammas.size) * np.abs(gamma)).astype(F32)
-    beta[gamma == 0] = np.float32([0.0, 1.0, -1.0, 0.5, -0.5])
-    tiny = np.float32([1e-45, 3e-45, 1e-40, 1.1754942e-38, 1e-38, 1e-30, 1e-7, 5e-7, 1e-6])
-    vals = np.concatenate([tiny, -tiny, np.float32([0.0, -0.0, np.nan, -np.nan, np.inf, -np.inf, 1.0, -1.0])])
-    y = np.ascontiguousarray(np.broadcast_to(vals[:, None], (vals.size, gamma.size)))
-    mask = _check_paper_gb(cp, y.reshape(vals.size, gamma.size, 1, 1), gamma, beta, bits)
-    assert np.array_equal(mask.reshape(y.shape), y > 0)
-    # k = 1: u = y itself in the subnormal range (ceil(1e-45) = 1): flushing would change codes
-    sub = np.float32([1e-45, -1e-45, 3e-42, -7e-40, 1.1754942e-38, 5.877472e-39]).reshape(6, 1, 1)
-    _check_paper(cp, sub, np.float32([1.0]), np.int32([1]), bits, np.float32([1e-40]), np.float32([-1e-45]))
-
-
-@SETTINGS(60)
-@given(case=TK.paper_cases(max_side=9))
-def test_device_paper_bit_identical_random(case):
-    from npapprox.backend import cupy  # noqa: PLC0415
-    bits, y, gamma, beta, k, s = case
-    _check_paper(cupy(), y, k, s, bits, TK.paper_step(gamma, bits), beta)
-
-
-@pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("group", [1, 3, 64, 256, 2049, 20000, 2 ** 40])
-@pytest.mark.parametrize("stochastic", [False, True], ids=["det", "sto"])
-def test_device_generic_bit_identical(cp, bits, group, stochastic):
-    rng = np.random.default_rng(bits * 1000 + min(group, 10 ** 6))
-    for n in (0, 1, 7, 45_001):
-        for kind in ("normal", "wide", "constant", "zeros", "specials", "nonfinite"):
-            _check_generic(cp, TK.generic_input(rng, n, kind), bits, group, stochastic,
-                           int(rng.integers(0, 2 ** 32)))
-    _check_generic(cp, TK.generic_input(rng, (1 << 20) + 3, "normal"), bits, group, stochastic, 99)
-
-
-def test_device_generic_subnormal_ranges(cp):
-    sub = np.float32([1e-45, -1e-45, 3e-42, -7e-40, 1.1754942e-38, 5.877472e-39])
-    x = np.concatenate([sub, np.float32([0.0, -0.0, 1e-45, 2e-45, 1.0, 1e-45])])
-    for bits in BITS:
-        for group in (1, 2, 3, 4, 6, 12):
-            for stochastic in (False, True):
-                _check_generic(cp, x, bits, group, stochastic, 77)
-
-
-@SETTINGS(60)
-@given(bits=st.sampled_from(BITS), n=st.integers(0, 3000), group=st.integers(1, 300),
-       kind=st.sampled_from(["normal", "wide", "constant", "zeros", "specials", "nonfinite"]),
-       stochastic=st.booleans(), seed=st.integers(0, 2 ** 32 - 1))
-def test_device_generic_bit_identical_random(bits, n, group, kind, stochastic, seed):
-    from npapprox.backend import cupy  # noqa: PLC0415
-    _check_generic(cupy(), TK.generic_input(np.random.default_rng(seed), n, kind), bits, group, stochastic, seed)
-
-
-@pytest.mark.parametrize("bits", BITS)
-def test_device_bit_packing_and_noise(cp, bits):
-    rng = np.random.default_rng(bits)
-    for n in (0, 1, 5, 4097, 1 << 20):
-        codes = rng.integers(0, 2 ** bits, n).astype(np.uint8)
-        packed = R.pack_bits(codes, bits)
-        assert _same(K.pack_bits(cp.asarray(codes), bits), packed)
-        assert _same(K.unpack_bits(cp.asarray(packed), n, bits), R.unpack_bits(packed, n, bits))
-    for seed in (0, 12345, 2 ** 32 - 1):
-        assert _same(K.counter_uniform(70_001, seed, xp=cp), R.counter_uniform(70_001, seed))
-
-
-def test_device_kernels_accept_views_and_host_parameters(cp):
-    rng = np.random.default_rng(3)
-    gamma, beta = TK.channel_params(rng, 6)
-    base = TK.bn_output(rng, (3, 12, 9, 10), np.repeat(gamma, 2), np.repeat(beta, 2))
-    y = base[:, ::2, :, ::-1]
-    k, s = TK.paper_params(gamma, beta, 4)
-    ref = R.paper_pack(np.ascontiguousarray(y), k, s, 4)
-    got = K.paper_pack(cp.asarray(base)[:, ::2, :, ::-1], k, s, 4)     # k, s stay NumPy arrays
-    assert _same(got[0], ref[0]) and got[1] == ref[1]
-
-
-def test_device_decoded_nan_is_the_canonical_quiet_nan(cp):
-    """The GPU's arithmetic writes 0x7fffffff for a NaN result; the decoders write the
-    contract's 0x7fc00000 (NaN lo / scale / step / off with any payload, 0 * inf, inf - inf)."""
-    pats = np.uint32([0x7fc00000, 0x7fc00001, 0xffc00000, 0x7f800001, 0xffffffff, 0x7fffffff]).view(F32)
-    lo = np.concatenate([pats, np.ones(pats.size, F32), np.float32([1.0, -3e38])])
-    scale = np.concatenate([np.ones(pats.size, F32), pats, np.float32([np.inf, np.inf])])
-    packed = R.pack_bits(np.tile(np.arange(4, dtype=np.uint8), lo.size), 4)
-    d = cp.asarray
-    assert _same(K.generic_decode(d(packed), d(lo), d(scale), 4, 4, (4 * lo.size,)),
-                 R.generic_decode(packed, lo, scale, 4, 4, (4 * lo.size,)))
-    C = 2 * pats.size + 1
-    step = np.concatenate([pats, np.ones(pats.size, F32), np.float32([np.inf])])
-    off = np.concatenate([np.zeros(pats.size, F32), pats, np.float32([-np.inf])])
-    s = np.full(C, 2, np.int32)
-    packed = R.pack_bits(np.tile(np.arange(4, dtype=np.uint8), C), 2)
-    for relu in (False, True):
-        ref = R.paper_decode(packed, (1, C, 4), s, step, off, 2, relu)
-        assert set(ref.view(np.uint32)[np.isnan(ref)].tolist()) == {0x7fc00000}
-        assert _same(K.paper_decode(d(packed), (1, C, 4), d(s), d(step), d(off), 2, relu), ref)
-
-
-def test_reference_on_cupy_arrays_matches_away_from_subnormals(cp):
-    """The forced reference on CuPy arrays gives the same bytes for inputs whose
-    arithmetic stays in the normal range (CuPy's own kernels flush subnormals)."""
-    rng = np.random.default_rng(8)
-    gamma = np.float32([1.0, -0.5, 2.0, 0.3])
-    beta = np.float32([0.1, -0.2, 0.0, 1.5])
-    y = TK.bn_output(rng, (4, 4, 6, 5), gamma, beta, special=0.0)
-    K.use_reference(True)
-    assert K.implementation(cp.asarray(y)) == "reference"
-    for bits in BITS:
-        _check_paper_gb(cp, y, gamma, beta, bits, impl="reference")
-        for stochastic in (False, True):
-            _check_generic(cp, y, bits, 64, stochastic, 5)
-
-
 # --------------------------------------------------------------------------- #
 # (b) a ResNet (and the other ops) on the GPU against the CPU
 # --------------------------------------------------------------------------- #
 def _resnet(seed=0, **kw):
-    nn.manual_seed(seed)
-    args = dict(depth=8, num_classes=5, in_channels=3, width=8)
-    args.update(kw)
-    return nn.PreActResNet(**args)
+    return resnet(seed, **{"width": 8, **kw})
 
 
 def _run(model, x, t, policy):
-    model.zero_grad()
-    with storage_policy(policy):
-        logits = model(Tensor(x))
-        loss = ops.cross_entropy(logits, t)
-    loss.backward()
-    return (_host(logits.data), _host(loss.data),
-            {n: _host(p.grad) for n, p in model.named_parameters()})
+    """Logits, loss and every gradient, on the host."""
+    logits, loss, grads = resnet_forward_backward(model, x, t, policy)
+    return _host(logits), _host(loss), {n: _host(g) for n, g in grads.items()}
 
 
 def _rel(a, b):

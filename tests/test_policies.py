@@ -26,9 +26,22 @@ import types
 
 import numpy as np
 import pytest
+from support import (
+    assert_close,
+    bn_forward,
+    bn_relu_backward_oracle,
+    conv3x3_oracle,
+    engine_unit,
+    max_rel,
+    paper_oracle,
+    proj_oracle,
+    resnet,
+    resnet_forward_backward,
+    unit_problem,
+    unpack_codes,
+)
 
-from npapprox.kernels.bn import bn_stats
-from npapprox import Tensor, nn, ops
+from npapprox import Tensor, ops
 from npapprox.function import PARAM, STAT, UNIT
 from npapprox.ledger import ledger, measure_peak
 from npapprox.policy import (POLICIES, ApproxForward, Exact, FitWindow, Generic, Naive, Paper, policy_from_name,
@@ -38,119 +51,6 @@ from npapprox.study.plots import line_style
 from npapprox.tensor import topological_order
 
 F32, F64 = np.float32, np.float64
-
-
-# --------------------------------------------------------------------------- #
-# Oracles, in plain NumPy, from the written contracts
-# --------------------------------------------------------------------------- #
-def unpack_codes(packed, n, bits):
-    """Value i lives in byte i // V at bits [(i % V) K, (i % V) K + K), V = 8 // K."""
-    v = 8 // bits
-    i = np.arange(n)
-    return (packed[i // v].astype(np.int64) >> ((i % v) * bits)) & ((1 << bits) - 1)
-
-
-def bn_forward(x, gamma, beta, eps=1e-5):
-    """y = gamma * (x - mu) / sigma + beta, in float32 (batch statistics, biased variance);
-    returns y (N, C, H, W) and 1/sigma (C,). The statistics are the engine's own
-    (``kernels.bn.bn_stats``, checked against a float64 oracle in test_bn.py): the
-    reductions' last bits depend on the summation order; everything after them is
-    rebuilt here independently, bit for bit."""
-    n, c = x.shape[:2]
-    x3 = x.reshape(n, c, -1)
-    mu, var = bn_stats(x3)
-    inv_sigma = (F32(1) / np.sqrt(var + F32(eps))).astype(F32)
-    y = (x3 - mu[:, None]) * (gamma * inv_sigma)[:, None] + beta[:, None]
-    return y.reshape(x.shape).astype(F32), inv_sigma
-
-
-def paper_oracle(y, gamma, beta, bits):
-    """The paper scheme per quant.py / reference.paper_pack for gamma != 0:
-    q = y / |gamma|, D = 6 / 2^K, s = clip(NB/2 - floor((beta/|gamma|) / D), 1, NB-1),
-    code = clip(s - 1 + ceil(q / D), 0, NB-1) forced to the side of y > 0 (with q / D
-    evaluated as the contract does: float32(y * float32(1 / (D |gamma|)))),
-    q_hat = (code - s + 1/2) D; h_hat = |gamma| q_hat [code >= s];
-    xhat_hat = sign(gamma) q_hat - beta / gamma."""
-    assert np.all(gamma != 0)
-    nb, d = 1 << bits, 6.0 / (1 << bits)
-    g, b = gamma.astype(F64), beta.astype(F64)
-    s = np.clip(nb / 2 - np.floor((b / np.abs(g)) / d), 1, nb - 1).astype(np.int64)
-    k = (1.0 / (d * np.abs(g))).astype(F32)
-    c4 = lambda a: a[None, :, None, None]  # noqa: E731  (C,) -> (1, C, 1, 1)
-    u = np.clip(y * c4(k), -(nb + 1), nb + 1)          # float32 product, as in the contract
-    code = np.clip(c4(s) - 1 + np.ceil(u).astype(np.int64), 0, nb - 1)
-    code = np.where(y > 0, np.maximum(code, c4(s)), np.minimum(code, c4(s) - 1))
-    q_hat = (code - c4(s) + 0.5) * d
-    h_hat = c4(np.abs(g)) * q_hat * (code >= c4(s))
-    xhat_hat = c4(np.sign(g)) * q_hat - c4(b / g)
-    return code, s, h_hat, xhat_hat
-
-
-def conv3x3_oracle(h, w, r):
-    """out = conv(h, w) (3x3, pad 1, stride 1) and, for L = sum(out * r):
-    dL/dw using h, and dL/dh (which uses w only)."""
-    n, c, hh, ww = h.shape
-    hp = np.pad(h, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    out = np.zeros((n, w.shape[0], hh, ww))
-    gw = np.zeros(w.shape)
-    ghp = np.zeros(hp.shape)
-    for p in range(3):
-        for q in range(3):
-            win = hp[:, :, p:p + hh, q:q + ww]
-            out += np.einsum("ncij,fc->nfij", win, w[:, :, p, q])
-            gw[:, :, p, q] = np.einsum("nfij,ncij->fc", r, win)
-            ghp[:, :, p:p + hh, q:q + ww] += np.einsum("nfij,fc->ncij", r, w[:, :, p, q])
-    return out, gw, ghp[:, :, 1:-1, 1:-1]
-
-
-def proj_oracle(h, w, r):
-    """1x1 conv with stride 2: out[n,f,i,j] = sum_c w[f,c] h[n,c,2i,2j]; dL/dw, dL/dh."""
-    hs = h[:, :, ::2, ::2]
-    out = np.einsum("ncij,fc->nfij", hs, w[:, :, 0, 0])
-    gw = np.einsum("nfij,ncij->fc", r, hs)[:, :, None, None]
-    gh = np.zeros(h.shape)
-    gh[:, :, ::2, ::2] = np.einsum("nfij,fc->ncij", r, w[:, :, 0, 0])
-    return out, gw, gh
-
-
-def bn_relu_backward_oracle(gh, mask, xhat, gamma, inv_sigma):
-    """ReLU then BN backward: g = gh [y > 0]; gbeta = sum g; ggamma = sum g xhat;
-    gx = gamma / sigma (g - mean g - xhat mean(g xhat))."""
-    m = gh.shape[0] * gh.shape[2] * gh.shape[3]
-    g = gh * mask
-    gbeta = g.sum(axis=(0, 2, 3))
-    ggamma = (g * xhat).sum(axis=(0, 2, 3))
-    c4 = lambda a: a[None, :, None, None]  # noqa: E731
-    gx = c4(gamma * inv_sigma) * (g - c4(gbeta / m) - xhat * c4(ggamma / m))
-    return gx, ggamma, gbeta
-
-
-def assert_close(actual, expected, rtol=1e-5, what=""):
-    """Elementwise, with an absolute floor of rtol * max|expected| (float32 engine vs float64 oracle)."""
-    expected = np.asarray(expected, F64)
-    np.testing.assert_allclose(np.asarray(actual, F64), expected, rtol=rtol,
-                               atol=rtol * float(np.abs(expected).max()), err_msg=what)
-
-
-def max_rel(a, b):
-    """max|a - b| / max|b|."""
-    return float(np.abs(np.asarray(a, F64) - b).max() / np.abs(b).max())
-
-
-def resnet(seed=0, **kw):
-    nn.manual_seed(seed)
-    args = dict(depth=8, num_classes=5, in_channels=3, width=4)
-    args.update(kw)
-    return nn.PreActResNet(**args)
-
-
-def resnet_forward_backward(model, x, labels, policy):
-    model.zero_grad()
-    with storage_policy(policy):
-        logits = model(Tensor(x))
-        loss = ops.cross_entropy(logits, labels)
-    loss.backward()
-    return logits.data, loss.data, {n: p.grad.copy() for n, p in model.named_parameters()}
 
 
 RNG = np.random.default_rng(20190121)
@@ -184,50 +84,12 @@ def test_forward_is_bit_identical_under_every_exact_forward_policy(shortcut):
 # --------------------------------------------------------------------------- #
 # 2. The method's semantics, one unit, against the NumPy oracle
 # --------------------------------------------------------------------------- #
-def _unit_problem(seed=7):
-    rng = np.random.default_rng(seed)
-    n, c, hw = 4, 6, 8
-    # channels with different means and scales, so the stats are not trivial
-    x = (rng.standard_normal((n, c, hw, hw)) * rng.uniform(0.5, 2.0, c)[None, :, None, None]
-         + rng.uniform(-1, 1, c)[None, :, None, None]).astype(F32)
-    gamma = np.array([1.3, -0.7, 0.5, -1.9, 2.0, 0.9], F32)          # two negative gammas
-    beta = np.array([0.2, -0.3, 0.0, 0.5, -1.0, 0.1], F32)
-    w1 = (rng.standard_normal((5, c, 3, 3)) * 0.3).astype(F32)        # 3x3 conv, pad 1
-    w2 = (rng.standard_normal((7, c, 1, 1)) * 0.3).astype(F32)        # 1x1 projection, stride 2
-    r1 = rng.standard_normal((n, 5, hw, hw)).astype(F32)
-    r2 = rng.standard_normal((n, 7, hw // 2, hw // 2)).astype(F32)
-    return x, gamma, beta, w1, w2, r1, r2
-
-
-def _engine_unit(problem, policy):
-    """h = relu(bn(x)); loss = sum(conv3x3(h) * r1) + sum(proj1x1(h) * r2). Returns the
-    forward values, what the unit stored (copied before backward frees it) and the grads."""
-    x, gamma, beta, w1, w2, r1, r2 = problem
-    X, G, B = Tensor(x, True), Tensor(gamma, True), Tensor(beta, True)
-    W1, W2 = Tensor(w1, True), Tensor(w2, True)
-    with storage_policy(policy):
-        h = ops.batch_norm2d(X, G, B, relu=True)
-        o1 = ops.conv2d(h, W1, padding=1)
-        o2 = ops.conv2d(h, W2, stride=2)
-        loss = ops.add(ops.sum_all(ops.mul(o1, Tensor(r1))), ops.sum_all(ops.mul(o2, Tensor(r2))))
-    saved = {"unit": h._ctx.saved["unit"], "conv1_x": o1._ctx.saved["x"], "proj_x": o2._ctx.saved["x"]}
-    info = {"form": saved["unit"].form, "conv_forms": (saved["conv1_x"].form, saved["proj_x"].form),
-            "conv_payload": saved["conv1_x"].payload_nbytes + saved["proj_x"].payload_nbytes,
-            "packed": getattr(saved["unit"], "packed", None), "s": getattr(saved["unit"], "s", None),
-            "h_restored": saved["conv1_x"].restore().copy(), "mask": saved["unit"].mask().copy()}
-    if info["packed"] is not None:
-        info["packed"] = info["packed"].copy()
-    loss.backward()
-    return {"h": h.data, "o1": o1.data, "o2": o2.data, "gx": X.grad, "ggamma": G.grad, "gbeta": B.grad,
-            "gw1": W1.grad, "gw2": W2.grad}, info
-
-
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_paper_gradients_equal_the_exact_formulas_at_the_decoded_values(bits):
-    problem = _unit_problem()
+    problem = unit_problem()
     x, gamma, beta, w1, w2, r1, r2 = problem
-    out, info = _engine_unit(problem, Paper(bits))
-    exact, _ = _engine_unit(problem, Exact())
+    out, info = engine_unit(problem, Paper(bits))
+    exact, _ = engine_unit(problem, Exact())
 
     # forward: exact, and y rebuilt here bit for bit (so the codes below are the contract's)
     y, inv_sigma = bn_forward(x, gamma, beta)
@@ -281,10 +143,10 @@ def test_paper_gradients_equal_the_exact_formulas_at_the_decoded_values(bits):
 def test_paper_gx_differs_from_exact_only_by_the_variance_term():
     """gx_paper - gx_exact = -gamma/sigma * (xhat_hat mean(g xhat_hat) - xhat mean(g xhat)):
     the mean term and everything upstream of BN are exact."""
-    problem = _unit_problem(11)
+    problem = unit_problem(11)
     x, gamma, beta, w1, w2, r1, r2 = problem
-    out, _ = _engine_unit(problem, Paper(4))
-    exact, _ = _engine_unit(problem, Exact())
+    out, _ = engine_unit(problem, Paper(4))
+    exact, _ = engine_unit(problem, Exact())
     y, _ = bn_forward(x, gamma, beta)
     _, _, _, xhat_hat = paper_oracle(y, gamma, beta, 4)
     x64 = x.astype(F64)
@@ -572,9 +434,9 @@ def test_generic_gradients_equal_the_exact_formulas_at_the_decoded_values(bits):
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize("bits", [8, 4])
 def test_naive_unit_output_is_the_decoded_approximation(bits):
-    problem = _unit_problem(13)
+    problem = unit_problem(13)
     x, gamma, beta, w1, w2, r1, r2 = problem
-    out, info = _engine_unit(problem, Naive(bits))
+    out, info = engine_unit(problem, Naive(bits))
     y, inv_sigma = bn_forward(x, gamma, beta)
     code, s, h_hat, xhat_hat = paper_oracle(y, gamma, beta, bits)
     assert info["form"] == "paper" and info["conv_forms"] == ("ref:paper", "ref:paper")
@@ -592,9 +454,9 @@ def test_naive_unit_output_is_the_decoded_approximation(bits):
 
 
 def test_approx_forward_propagates_h_hat_and_stores_it_exactly():
-    problem = _unit_problem(17)
+    problem = unit_problem(17)
     x, gamma, beta, w1, w2, r1, r2 = problem
-    out, info = _engine_unit(problem, ApproxForward(4))
+    out, info = engine_unit(problem, ApproxForward(4))
     y, _ = bn_forward(x, gamma, beta)
     _, _, h_hat, _ = paper_oracle(y, gamma, beta, 4)
     assert_close(out["h"], h_hat, 1e-6, "ApproxForward forward output vs h_hat")

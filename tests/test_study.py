@@ -23,7 +23,7 @@ import json
 
 import numpy as np
 import pytest
-from test_policies import bn_forward, conv3x3_oracle, paper_oracle
+from support import bn_forward, conv3x3_oracle, paper_oracle
 
 from npapprox import Tensor, cli, nn, ops
 from npapprox import study as S

@@ -21,22 +21,16 @@ import types
 
 import numpy as np
 import pytest
-import test_cuda as TC
-import test_kernels as TK
-import test_policies as TP
+import support as S
 from hypothesis import given
 from hypothesis import strategies as st
 
 from npapprox import quant
-from npapprox.kernels import cpu as CPU
-from npapprox.kernels import gpu
-from npapprox.kernels import reference as R
 from npapprox.policy import Exact, FitWindow, Paper, policy_from_name
 from npapprox.storage import BNReLUUnit
 from npapprox.ledger import ledger
 from npapprox.window import TrainingWatch, WindowMonitor, monitoring
 
-host_lib = TC.host_lib        # the host build of quant.cu (session fixture)
 F32, F64 = np.float32, np.float64
 CTX = types.SimpleNamespace(fn=types.SimpleNamespace(__name__="test"), module=None)
 
@@ -97,13 +91,13 @@ def _unit(y, gamma, beta):
 # --------------------------------------------------------------------------- #
 # 1. The window parameter
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("bits", TK.BITS)
+@pytest.mark.parametrize("bits", S.BITS)
 def test_default_window_is_the_papers_bytes(bits):
     rng = np.random.default_rng(bits)
-    gamma, beta = TK.channel_params(rng, 40)
-    k, s = TK.paper_params(gamma, beta, bits)          # the paper's k, s (test_kernels' own formula)
+    gamma, beta = S.channel_params(rng, 40)
+    k, s = S.paper_params(gamma, beta, bits)          # the paper's k, s (test_kernels' own formula)
     for p in (quant.paper_params(gamma, beta, bits), quant.paper_params(gamma, beta, bits, window=3)):
-        assert TK._same(p["k"], k) and TK._same(p["s"], s)
+        assert S.same(p["k"], k) and S.same(p["s"], s)
     assert repr(Paper(bits)) == repr(Paper(bits, window=3.0)) == f"Paper(bits={bits})"
 
 
@@ -137,23 +131,14 @@ def _all_params(y, gamma, beta, bits, w):
                 FitWindow(bits, window=w).unit_params(_unit(y, gamma, beta))]
 
 
-@TC.SETTINGS(60)
-@given(case=TK.paper_cases(max_side=7), w=st.sampled_from([1.0, 2.0, 4.5, 6.0]))
+@S.SETTINGS(60)
+@given(case=S.paper_cases(max_side=7), w=st.sampled_from([1.0, 2.0, 4.5, 6.0]))
 def test_new_windows_bit_identical_in_all_implementations(host_lib, case, w):
     bits, y, gamma, beta, _, _ = case
-    host = TC.HostLauncher(host_lib)
-    for p in _all_params(y, gamma, beta, bits, w):
-        ref_packed, ref_nf = R.paper_pack(y, p["k"], p["s"], bits)
-        for packed, nf in (CPU.paper_pack(y, p["k"], p["s"], bits), gpu.paper_pack_with(host, y, p["k"], p["s"], bits)):
-            assert TK._same(packed, ref_packed) and nf == ref_nf
-        mask = R.paper_mask(ref_packed, y.shape, p["s"], bits)
-        assert TK._same(CPU.paper_mask(ref_packed, y.shape, p["s"], bits), mask)
-        assert TK._same(gpu.paper_mask_with(host, ref_packed, y.shape, p["s"], bits), mask)
-        for step, off, relu in (("h_step", "h_off", True), ("x_step", "x_off", False)):
-            with np.errstate(over="ignore", invalid="ignore"):   # a y of 3e38 makes D, the step, huge
-                want = R.paper_decode(ref_packed, y.shape, p["s"], p[step], p[off], bits, relu)
-            assert TK._same(CPU.paper_decode(ref_packed, y.shape, p["s"], p[step], p[off], bits, relu), want)
-            assert TK._same(gpu.paper_decode_with(host, ref_packed, y.shape, p["s"], p[step], p[off], bits, relu), want)
+    for impl in (S.cpu_impl(), S.host_impl(host_lib)):
+        for p in _all_params(y, gamma, beta, bits, w):
+            for step, off in (("h_step", "h_off"), ("x_step", "x_off")):
+                S.check_paper(impl, y, p["k"], p["s"], bits, p[step], p[off])
 
 
 # --------------------------------------------------------------------------- #
@@ -161,7 +146,7 @@ def test_new_windows_bit_identical_in_all_implementations(host_lib, case, w):
 # --------------------------------------------------------------------------- #
 @st.composite
 def bn_units(draw):
-    bits = draw(st.sampled_from(TK.BITS))
+    bits = draw(st.sampled_from(S.BITS))
     C, n, hw = draw(st.integers(1, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 6))
     rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
     gamma = (rng.choice([-1, 1], C) * rng.uniform(0.05, 3.0, C)).astype(F32)
@@ -174,7 +159,7 @@ def bn_units(draw):
     return bits, y, gamma, beta
 
 
-@TC.SETTINGS(120)
+@S.SETTINGS(120)
 @given(case=bn_units(), cut=st.sampled_from([None, 1.0, 2.5, (1.0, 2.5), (1.5, 3.5)]))
 def test_fit_window_properties(case, cut):
     bits, y, gamma, beta = case
@@ -185,7 +170,7 @@ def test_fit_window_properties(case, cut):
     d, s = fit_oracle_params(y, gamma, beta, bits, W)
     assert np.array_equal(stored.s, s), "s differs from the brute-force fit"
     np.testing.assert_allclose(stored.params["d"], d, rtol=1e-6)
-    code = TP.unpack_codes(stored.packed, y.size, bits).reshape(y.shape)
+    code = S.unpack_codes(stored.packed, y.size, bits).reshape(y.shape)
     assert code.min() >= 0 and code.max() <= nb - 1
     assert np.array_equal(stored.mask(), y > 0), "mask not exact"
     # error in q = y/|gamma| units, per value
@@ -230,30 +215,30 @@ def test_fit_window_follows_beta_over_gamma_where_the_paper_window_cannot():
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_fit_window_gradients_equal_the_exact_formulas_at_the_decoded_values(bits):
-    problem = TP._unit_problem()
+    problem = S.unit_problem()
     x, gamma, beta, w1, w2, r1, r2 = problem
-    out, info = TP._engine_unit(problem, FitWindow(bits))
-    y, _ = TP.bn_forward(x, gamma, beta)
+    out, info = S.engine_unit(problem, FitWindow(bits))
+    y, _ = S.bn_forward(x, gamma, beta)
     assert np.array_equal(out["h"], y * (y > 0))
     d, s = fit_oracle_params(y, gamma, beta, bits, quant.FIT_WINDOW[bits])
     code, h_hat, xhat_hat = codes_oracle(y, gamma, beta, bits, d, s)
     assert info["form"] == "fit" and info["conv_forms"] == ("ref:fit", "ref:fit") and info["conv_payload"] == 0
     assert info["packed"].nbytes == math.ceil(y.size * bits / 8)
     assert np.array_equal(info["s"], s)
-    assert np.array_equal(TP.unpack_codes(info["packed"], y.size, bits).reshape(y.shape), code)
+    assert np.array_equal(S.unpack_codes(info["packed"], y.size, bits).reshape(y.shape), code)
     assert np.array_equal(info["mask"], y > 0)
-    TP.assert_close(info["h_restored"], h_hat, 1e-6, "conv input rebuilt from the codes")
+    S.assert_close(info["h_restored"], h_hat, 1e-6, "conv input rebuilt from the codes")
     x64, g64 = x.astype(F64), gamma.astype(F64)
     inv_sigma64 = 1 / np.sqrt(x64.var(axis=(0, 2, 3)) + 1e-5)
-    _, gw1, gh1 = TP.conv3x3_oracle(h_hat, w1.astype(F64), r1.astype(F64))
-    _, gw2, gh2 = TP.proj_oracle(h_hat, w2.astype(F64), r2.astype(F64))
-    gx, ggamma, gbeta = TP.bn_relu_backward_oracle(gh1 + gh2, y > 0, xhat_hat, g64, inv_sigma64)
+    _, gw1, gh1 = S.conv3x3_oracle(h_hat, w1.astype(F64), r1.astype(F64))
+    _, gw2, gh2 = S.proj_oracle(h_hat, w2.astype(F64), r2.astype(F64))
+    gx, ggamma, gbeta = S.bn_relu_backward_oracle(gh1 + gh2, y > 0, xhat_hat, g64, inv_sigma64)
     for name, want in (("gw1", gw1), ("gw2", gw2), ("gx", gx), ("ggamma", ggamma), ("gbeta", gbeta)):
-        TP.assert_close(out[name], want, 1e-5, f"FitWindow({bits}) {name} vs the oracle")
+        S.assert_close(out[name], want, 1e-5, f"FitWindow({bits}) {name} vs the oracle")
 
 
 def _rel_err(model, x, t, policy, exact):
-    _, _, g = TP.resnet_forward_backward(model, x, t, policy)
+    _, _, g = S.resnet_forward_backward(model, x, t, policy)
     return math.sqrt(sum(((g[n].astype(F64) - exact[n]) ** 2).sum() for n in exact)
                      / sum((exact[n] ** 2).sum() for n in exact))
 
@@ -266,8 +251,8 @@ def test_fit_window_cuts_the_gradient_error_against_the_papers():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((32, 3, 16, 16)).astype(F32)
     t = rng.integers(0, 5, 32)
-    model = TP.resnet(seed=1, width=8)
-    _, _, exact = TP.resnet_forward_backward(model, x, t, Exact())
+    model = S.resnet(seed=1, width=8)
+    _, _, exact = S.resnet_forward_backward(model, x, t, Exact())
     exact = {n: g.astype(F64) for n, g in exact.items()}
     paper8, fit8 = (_rel_err(model, x, t, p, exact) for p in (Paper(8), FitWindow(8)))
     assert fit8 * 3 < paper8, (fit8, paper8)
@@ -312,7 +297,7 @@ def test_clipped_fraction_is_the_gaussian_tail_and_large_b_is_flagged():
 
 def test_ledger_lists_the_windows_per_unit():
     rng = np.random.default_rng(0)
-    model = TP.resnet(seed=0)
+    model = S.resnet(seed=0)
     x = rng.standard_normal((8, 3, 8, 8)).astype(F32)
     t = rng.integers(0, 5, 8)
     led = ledger(model, x, t, Paper(4))
@@ -387,14 +372,14 @@ def test_policy_names():
 def test_new_windows_on_the_gpu_store_the_cpu_bytes():
     from npapprox.backend import to_device
     rng = np.random.default_rng(9)
-    gamma, beta = TK.channel_params(rng, 6)
-    y = TK.bn_output(rng, (4, 6, 5, 5), gamma, beta)
+    gamma, beta = S.channel_params(rng, 6)
+    y = S.bn_output(rng, (4, 6, 5, 5), gamma, beta)
     for policy in (Paper(4, window=4.5), FitWindow(8), FitWindow(2)):
         a = policy.store_unit(CTX, "u", _unit(y, gamma, beta))
         b = policy.store_unit(CTX, "u", _unit(*(to_device(v, "gpu") for v in (y, gamma, beta))))
-        assert TK._same(to_device(b.packed, "cpu"), a.packed) and TK._same(to_device(b.s, "cpu"), a.s)
+        assert S.same(to_device(b.packed, "cpu"), a.packed) and S.same(to_device(b.s, "cpu"), a.s)
         for f in ("h", "xhat", "mask"):
-            assert TK._same(to_device(getattr(b, f)(), "cpu"), getattr(a, f)())
+            assert S.same(to_device(getattr(b, f)(), "cpu"), getattr(a, f)())
 
 
 def test_fit_params_fall_back_where_the_bin_width_overflows_float32():

@@ -357,11 +357,12 @@ PYEOF
 if (( DRY )); then   # what can be checked without a GPU: the probe script compiles, the selections collect
   rc=0
   $PY -m py_compile "$OUT/gpu_probe.py" && echo "dry run: gpu_probe.py compiles" || rc=1
-  for sel in "tests/test_gpu.py -k device or reference_on_cupy" "tests/test_gpu.py -k not device and not reference_on_cupy"; do
-    n=$($PY -m pytest -p no:cacheprovider --collect-only -q ${sel%% -k *} -k "${sel#* -k }" 2>/dev/null | grep -c '::')
+  for sel in tests/test_parity.py tests/test_gpu.py; do
+    n=$($PY -m pytest -p no:cacheprovider --collect-only -q "$sel" 2>/dev/null | grep -c '::')
     echo "dry run: '$sel' collects $n tests"; (( n > 0 )) || rc=1
   done
-  n=$($PY -m pytest -p no:cacheprovider --collect-only -q --ignore=tests/test_gpu.py tests 2>/dev/null | grep -c '::')
+  n=$($PY -m pytest -p no:cacheprovider --collect-only -q --ignore=tests/test_gpu.py --ignore=tests/test_parity.py tests \
+      2>/dev/null | grep -c '::')
   echo "dry run: the rest of the suite collects $n tests"; (( n > 0 )) || rc=1
   exit $rc
 fi
@@ -401,9 +402,10 @@ OUT=$OUT timeout -s INT -k 10 "$(cap 90 340)" $PY "$OUT/gpu_probe.py" basic big 
 echo "probes rc=$?"; grep -E '^(PROBE|gpu_available|big probes)' "$OUT/probes.log" | cut -c1-700
 
 # ---------------------------------------------------------------------------------------------- 3. tests
-# test_gpu.py in two GPU processes (kernel parity | models, training, memory, CLI), the rest of the suite on
-# the CPU in a third; SIGINT at the time limit still writes the junit XML and the summary.
-stamp "3. pytest: tests/test_gpu.py (2 processes on the GPU) and the rest of the suite (CPU), in parallel"
+# Two GPU processes (the parity suite, its device implementation included | test_gpu.py: models, training,
+# memory, CLI), the rest of the suite on the CPU in a third; SIGINT at the time limit still writes the junit
+# XML and the summary.
+stamp "3. pytest: tests/test_parity.py and tests/test_gpu.py (2 processes on the GPU) and the rest (CPU), in parallel"
 COMMON=(-p no:cacheprovider -q -rfEs --durations=15 --tb=short)
 run_pytest() {   # run_pytest NAME TIMEOUT ARGS...
   local name=$1 t=$2; shift 2
@@ -412,12 +414,11 @@ run_pytest() {   # run_pytest NAME TIMEOUT ARGS...
   echo "pytest($name) rc=$?" >> "$OUT/pytest_$name.log"
 }
 TT=$(cap 320 90)
-OMP_NUM_THREADS=6 OPENBLAS_NUM_THREADS=6 run_pytest rest "$TT" --ignore=tests/test_gpu.py tests &
+OMP_NUM_THREADS=6 OPENBLAS_NUM_THREADS=6 run_pytest rest "$TT" --ignore=tests/test_gpu.py --ignore=tests/test_parity.py tests &
 P_REST=$!
-OMP_NUM_THREADS=4 OPENBLAS_NUM_THREADS=4 run_pytest gpu_models "$TT" tests/test_gpu.py \
-  -k "not device and not reference_on_cupy" &
+OMP_NUM_THREADS=4 OPENBLAS_NUM_THREADS=4 run_pytest gpu_models "$TT" tests/test_gpu.py &
 P_MODELS=$!
-OMP_NUM_THREADS=4 OPENBLAS_NUM_THREADS=4 run_pytest gpu_kernels "$TT" tests/test_gpu.py -k "device or reference_on_cupy"
+OMP_NUM_THREADS=4 OPENBLAS_NUM_THREADS=4 run_pytest gpu_kernels "$TT" tests/test_parity.py
 wait "$P_MODELS" "$P_REST"
 for name in gpu_kernels gpu_models rest; do
   echo "--- $name"; grep -E '^(FAILED|ERROR)|^SKIPPED|passed|failed|error|rc=' "$OUT/pytest_$name.log" | cut -c1-220 | tail -n 25

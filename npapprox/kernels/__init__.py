@@ -15,7 +15,8 @@ imported; CuPy arrays go to the CUDA kernels (:mod:`npapprox.kernels.gpu`,
 ``quant.cu`` compiled at run time by CuPy). One switch forces the reference
 everywhere, for the storage kernels and im2row alike:
 ``NPAPPROX_REFERENCE_KERNELS=1`` in the environment (read once, at import) or
-:func:`use_reference` (the same function as ``npapprox.kernels.im2col.use_reference``).
+:func:`use_reference` (both in :mod:`npapprox.kernels.switch`; the same function as
+``npapprox.kernels.im2col.use_reference``).
 All implementations give identical bytes, so the switch changes speed, never
 results (one exception, on CuPy arrays only: CuPy's own elementwise kernels flush
 float32 subnormals to zero, so the reference run *on CuPy arrays* can differ from
@@ -26,11 +27,10 @@ from __future__ import annotations
 import numpy as np
 
 from npapprox.backend import on_gpu
-from npapprox.kernels import gpu as _gpu                    # imports no CuPy until a kernel runs
-from npapprox.kernels import im2col as _switch            # holds the one reference switch
+from npapprox.kernels import gpu as _gpu  # imports no CuPy until a kernel runs
 from npapprox.kernels import reference
-from npapprox.kernels.im2col import use_reference
-from npapprox.kernels.reference import packed_nbytes, num_groups
+from npapprox.kernels.checks import num_groups, packed_nbytes
+from npapprox.kernels.switch import reference_forced, use_reference
 
 try:  # needs the extension npapprox._quant, built by ``pip install .`` from src/_quant.pyx
     from npapprox.kernels import cpu as _cpu
@@ -61,7 +61,7 @@ def compiled_available() -> bool:
 
 def _impl(a):
     """The module that serves array ``a``: ``cpu`` (NumPy), ``gpu`` (CuPy) or ``reference``."""
-    if _switch._force_reference:
+    if reference_forced():
         return reference
     if on_gpu(a):
         return _gpu
@@ -115,7 +115,7 @@ def unpack_bits(packed, n, bits):
 
 def counter_uniform(n, seed, xp=np):
     """Counter-based noise ``r[i]`` in [0, 1) for ``i < n`` (lowbias32); ``xp`` picks NumPy or CuPy."""
-    if not _switch._force_reference:
+    if not reference_forced():
         if xp is np and _cpu is not None:
             return _cpu.counter_uniform(n, seed)
         if xp is not np:

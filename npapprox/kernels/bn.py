@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from npapprox.backend import array_module, on_gpu
-from npapprox.kernels import im2col as _switch            # holds the one reference switch
+from npapprox.kernels.switch import reference_forced
 
 try:  # built by ``pip install .`` / ``pip install -e .`` from src/_bn.pyx
     from npapprox import _bn as _compiled
@@ -67,7 +67,7 @@ def compiled_available() -> bool:
 
 
 def _use_compiled(*arrays) -> bool:
-    return (_compiled is not None and not _switch._force_reference
+    return (_compiled is not None and not reference_forced()
             and all(isinstance(a, np.ndarray) and not on_gpu(a) for a in arrays) and arrays[0].dtype in _COMPILED_DTYPES)
 
 

@@ -1,7 +1,7 @@
 """Storage kernels on the CPU: thin wrappers around the Cython module ``npapprox._quant``.
 
 Same names, signatures and return values as :mod:`npapprox.kernels.reference`
-(and the same argument checks: the ``check_*`` helpers are shared), identical
+(and the same argument checks, :mod:`npapprox.kernels.checks`), identical
 output bytes. These wrappers only validate, allocate the outputs and call the
 compiled kernels on flat C-contiguous views; the loops are in src/_quant.pyx.
 NumPy arrays only. Importing this module fails when the extension was not built
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from npapprox import _quant
-from npapprox.kernels import reference as _ref
+from npapprox.kernels import checks
 
 __all__ = [
     "paper_pack",
@@ -28,15 +28,15 @@ __all__ = [
 
 def paper_pack(y, k, s, bits):
     """See :func:`npapprox.kernels.reference.paper_pack`. Returns ``(packed, n_nonfinite)``."""
-    y, k, s, bits, shape, C, hw = _ref.check_paper_pack(y, k, s, bits)
-    out = np.empty(_ref.packed_nbytes(y.size, bits), dtype=np.uint8)
+    y, k, s, bits, shape, C, hw = checks.check_paper_pack(y, k, s, bits)
+    out = np.empty(checks.packed_nbytes(y.size, bits), dtype=np.uint8)
     nf = _quant.paper_pack(y.reshape(-1), k, s, bits, C, hw, out)
     return out, int(nf)
 
 
 def paper_decode(packed, shape, s, step, off, bits, relu=False):
     """See :func:`npapprox.kernels.reference.paper_decode`."""
-    packed, shape, C, hw, s, step, off, bits = _ref.check_paper_decode(packed, shape, s, step, off, bits)
+    packed, shape, C, hw, s, step, off, bits = checks.check_paper_decode(packed, shape, s, step, off, bits)
     out = np.empty(shape, dtype=np.float32)
     _quant.paper_decode(packed, s, step, off, bits, C, hw, bool(relu), out.reshape(-1))
     return out
@@ -44,44 +44,47 @@ def paper_decode(packed, shape, s, step, off, bits, relu=False):
 
 def paper_mask(packed, shape, s, bits):
     """See :func:`npapprox.kernels.reference.paper_mask`."""
-    packed, shape, C, hw, s, _, _, bits = _ref.check_paper_decode(packed, shape, s, None, None, bits)
+    packed, shape, C, hw, s, _, _, bits = checks.check_paper_decode(packed, shape, s, None, None, bits)
     out = np.empty(shape, dtype=np.bool_)
     _quant.paper_mask(packed, s, bits, C, hw, out.reshape(-1).view(np.uint8))
     return out
 
 
+def _group_len(group, n):
+    """A group holds at most n values: the same groups, and a C integer whatever ``group`` is."""
+    return min(group, max(n, 1))
+
+
 def generic_pack(x, bits, group, stochastic=False, seed=0):
     """See :func:`npapprox.kernels.reference.generic_pack`. Returns ``(packed, lo, scale, n_nonfinite)``."""
-    x, bits, group, seed = _ref.check_generic_pack(x, bits, group, seed)
-    ng = _ref.num_groups(x.size, group)
-    out = np.empty(_ref.packed_nbytes(x.size, bits), dtype=np.uint8)
+    x, bits, group, seed = checks.check_generic_pack(x, bits, group, seed)
+    ng = checks.num_groups(x.size, group)
+    out = np.empty(checks.packed_nbytes(x.size, bits), dtype=np.uint8)
     lo = np.empty(ng, dtype=np.float32)
     scale = np.empty(ng, dtype=np.float32)
-    nf = _quant.generic_pack(x.reshape(-1), bits, group, bool(stochastic), seed, out, lo, scale)
+    nf = _quant.generic_pack(x.reshape(-1), bits, _group_len(group, x.size), bool(stochastic), seed, out, lo, scale)
     return out, lo, scale, int(nf)
 
 
 def generic_decode(packed, lo, scale, bits, group, shape):
     """See :func:`npapprox.kernels.reference.generic_decode`."""
-    packed, lo, scale, bits, group, shape, n = _ref.check_generic_decode(packed, lo, scale, bits, group, shape)
+    packed, lo, scale, bits, group, shape, n = checks.check_generic_decode(packed, lo, scale, bits, group, shape)
     out = np.empty(shape, dtype=np.float32)
-    _quant.generic_decode(packed, lo, scale, bits, group, out.reshape(-1))
+    _quant.generic_decode(packed, lo, scale, bits, _group_len(group, n), out.reshape(-1))
     return out
 
 
 def pack_bits(codes, bits):
     """See :func:`npapprox.kernels.reference.pack_bits`."""
-    codes, bits = _ref.check_codes(codes, bits)
-    out = np.empty(_ref.packed_nbytes(codes.size, bits), dtype=np.uint8)
+    codes, bits = checks.check_codes(codes, bits)
+    out = np.empty(checks.packed_nbytes(codes.size, bits), dtype=np.uint8)
     _quant.pack_bits(codes, bits, out)
     return out
 
 
 def unpack_bits(packed, n, bits):
     """See :func:`npapprox.kernels.reference.unpack_bits`."""
-    bits = _ref.check_bits(bits)
-    n = int(n)
-    packed = _ref._check_packed(packed, n, bits)
+    packed, n, bits = checks.check_unpack_bits(packed, n, bits)
     out = np.empty(n, dtype=np.uint8)
     _quant.unpack_bits(packed, bits, out)
     return out
@@ -91,7 +94,7 @@ def counter_uniform(n, seed, xp=np):
     """See :func:`npapprox.kernels.reference.counter_uniform` (NumPy only)."""
     if xp is not np:
         raise ValueError("npapprox.kernels.cpu.counter_uniform makes NumPy arrays only")
-    seed = _ref._check_seed(seed)
+    seed = checks.check_seed(seed)
     out = np.empty(int(n), dtype=np.float32)
     _quant.counter_uniform(seed, out)
     return out

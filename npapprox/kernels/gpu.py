@@ -1,7 +1,7 @@
 """Storage kernels on the GPU: the CUDA kernels of ``quant.cu`` through CuPy.
 
 Same names, signatures and return values as :mod:`npapprox.kernels.reference`
-(the same argument checks: the ``check_*`` helpers are shared), identical output
+(the same argument checks, :mod:`npapprox.kernels.checks`), identical output
 bytes, CuPy arrays out. The source ``quant.cu`` ships as package data; it is
 compiled at run time by CuPy's ``RawModule`` (NVRTC) with ``--fmad=false``, once
 per device (CuPy also caches the binary on disk).
@@ -9,7 +9,7 @@ per device (CuPy also caches the binary on disk).
 The wrappers below only validate, allocate and launch: every function is written
 against a small *launcher* (:class:`DeviceLauncher` here; the tests plug in a
 launcher that runs the same kernels compiled for the host, see
-tests/test_cuda.py), so everything but the CuPy calls themselves is exercised on
+tests/support.py and tests/test_parity.py), so everything but the CuPy calls themselves is exercised on
 machines without a GPU.
 
 Launch rules: 1-D grids of ``BLOCK`` threads, one thread per output byte for
@@ -27,7 +27,7 @@ from importlib import resources
 import numpy as np
 
 from npapprox import backend
-from npapprox.kernels import reference as _ref
+from npapprox.kernels import checks
 
 __all__ = [
     "paper_pack",
@@ -87,7 +87,7 @@ def check_args(name, args, is_array) -> None:
     sig = KERNELS[name]
     if len(args) != len(sig):
         raise TypeError(f"{name} takes {len(sig)} arguments, got {len(args)}")
-    for k, (code, a) in enumerate(zip(sig, args)):
+    for k, (code, a) in enumerate(zip(sig, args, strict=True)):
         want = TYPES[code.rpartition(":")[2]]
         if ":" in code:
             if not is_array(a) or a.dtype != want or not a.flags.c_contiguous:
@@ -143,9 +143,9 @@ def _i64(v):
 
 def paper_pack_with(run, y, k, s, bits):
     xp = run.xp
-    y, k, s, bits, shape, C, hw = _ref.check_paper_pack(run.asarray(y), run.asarray(k), s, bits)
+    y, k, s, bits, shape, C, hw = checks.check_paper_pack(run.asarray(y), run.asarray(k), s, bits)
     n = int(y.size)
-    nbytes = _ref.packed_nbytes(n, bits)
+    nbytes = checks.packed_nbytes(n, bits)
     out = xp.empty(nbytes, dtype=np.uint8)
     bad = xp.empty(nbytes, dtype=np.uint8)           # non-finite values per byte, summed below
     run.launch("npx_paper_pack", nbytes, y.reshape(-1), k, s, _i64(n), _i64(C), _i64(hw), np.int32(bits),
@@ -155,7 +155,7 @@ def paper_pack_with(run, y, k, s, bits):
 
 def paper_decode_with(run, packed, shape, s, step, off, bits, relu=False):
     xp = run.xp
-    packed, shape, C, hw, s, step, off, bits = _ref.check_paper_decode(
+    packed, shape, C, hw, s, step, off, bits = checks.check_paper_decode(
         run.asarray(packed), shape, s, run.asarray(step), run.asarray(off), bits)
     out = xp.empty(shape, dtype=np.float32)
     n = int(out.size)
@@ -166,7 +166,7 @@ def paper_decode_with(run, packed, shape, s, step, off, bits, relu=False):
 
 def paper_mask_with(run, packed, shape, s, bits):
     xp = run.xp
-    packed, shape, C, hw, s, _, _, bits = _ref.check_paper_decode(run.asarray(packed), shape, s, None, None, bits)
+    packed, shape, C, hw, s, _, _, bits = checks.check_paper_decode(run.asarray(packed), shape, s, None, None, bits)
     out = xp.empty(shape, dtype=np.bool_)
     n = int(out.size)
     run.launch("npx_paper_mask", n, packed, s, _i64(n), _i64(C), _i64(hw), np.int32(bits),
@@ -176,10 +176,10 @@ def paper_mask_with(run, packed, shape, s, bits):
 
 def generic_pack_with(run, x, bits, group, stochastic=False, seed=0):
     xp = run.xp
-    x, bits, group, seed = _ref.check_generic_pack(run.asarray(x), bits, group, seed)
+    x, bits, group, seed = checks.check_generic_pack(run.asarray(x), bits, group, seed)
     n = int(x.size)
-    ng = _ref.num_groups(n, group)
-    out = xp.empty(_ref.packed_nbytes(n, bits), dtype=np.uint8)
+    ng = checks.num_groups(n, group)
+    out = xp.empty(checks.packed_nbytes(n, bits), dtype=np.uint8)
     lo = xp.empty(ng, dtype=np.float32)
     scale = xp.empty(ng, dtype=np.float32)
     if n == 0:
@@ -203,7 +203,7 @@ def generic_pack_with(run, x, bits, group, stochastic=False, seed=0):
 
 def generic_decode_with(run, packed, lo, scale, bits, group, shape):
     xp = run.xp
-    packed, lo, scale, bits, group, shape, n = _ref.check_generic_decode(
+    packed, lo, scale, bits, group, shape, n = checks.check_generic_decode(
         run.asarray(packed), run.asarray(lo), run.asarray(scale), bits, group, shape)
     out = xp.empty(shape, dtype=np.float32)
     if n:
@@ -214,25 +214,23 @@ def generic_decode_with(run, packed, lo, scale, bits, group, shape):
 
 def pack_bits_with(run, codes, bits):
     xp = run.xp
-    codes, bits = _ref.check_codes(run.asarray(codes), bits)
+    codes, bits = checks.check_codes(run.asarray(codes), bits)
     n = int(codes.size)
-    out = xp.empty(_ref.packed_nbytes(n, bits), dtype=np.uint8)
+    out = xp.empty(checks.packed_nbytes(n, bits), dtype=np.uint8)
     run.launch("npx_pack_bits", out.size, codes, _i64(n), np.int32(bits), out)
     return out
 
 
 def unpack_bits_with(run, packed, n, bits):
     xp = run.xp
-    bits = _ref.check_bits(bits)
-    n = int(n)
-    packed = _ref._check_packed(run.asarray(packed), n, bits)
+    packed, n, bits = checks.check_unpack_bits(run.asarray(packed), n, bits)
     out = xp.empty(n, dtype=np.uint8)
     run.launch("npx_unpack_bits", n, packed, _i64(n), np.int32(bits), out)
     return out
 
 
 def counter_uniform_with(run, n, seed):
-    seed = _ref._check_seed(seed)
+    seed = checks.check_seed(seed)
     n = int(n)
     out = run.xp.empty(n, dtype=np.float32)
     run.launch("npx_counter_uniform", n, _i64(n), np.uint32(seed), out)

@@ -28,24 +28,20 @@ Two implementations, bit-identical to each other:
 from zeros and add the contributions to each ``x`` position in decreasing
 ``(p, q)`` order (p outer, q inner).
 
-Set ``NPAPPROX_REFERENCE_KERNELS=1`` in the environment (read once, at import)
-or call :func:`use_reference` to force the reference implementation.
+The switch of :mod:`npapprox.kernels.switch` (``NPAPPROX_REFERENCE_KERNELS=1``,
+or :func:`use_reference`, re-exported here) forces the reference implementation.
 """
 from __future__ import annotations
-
-import os
 
 import numpy as np
 
 from npapprox.backend import array_module, on_gpu
+from npapprox.kernels.switch import reference_forced, use_reference
 
 try:  # built by ``pip install .`` / ``pip install -e .`` from src/_im2col.pyx
     from npapprox import _im2col as _compiled
 except ImportError:  # pragma: no cover - only when the package was not built
     _compiled = None
-
-_TRUE = {"1", "true", "yes", "on"}
-_force_reference = os.environ.get("NPAPPROX_REFERENCE_KERNELS", "").strip().lower() in _TRUE
 
 _COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -58,12 +54,6 @@ __all__ = [
     "compiled_available",
     "output_size",
 ]
-
-
-def use_reference(flag: bool) -> None:
-    """Force (``True``) or stop forcing (``False``) the reference kernels."""
-    global _force_reference
-    _force_reference = bool(flag)
 
 
 def compiled_available() -> bool:
@@ -87,7 +77,7 @@ def _check_geometry(H, W, kh, kw, stride, pad):
 
 
 def _use_compiled(a) -> bool:
-    return (_compiled is not None and not _force_reference
+    return (_compiled is not None and not reference_forced()
             and isinstance(a, np.ndarray) and not on_gpu(a) and a.dtype in _COMPILED_DTYPES)
 
 

@@ -29,6 +29,12 @@
  *   * every kernel checks its bounds; arrays are flat and C-contiguous; sizes
  *     and indices are 64-bit (long long), scalars have explicit types.
  *
+ * Sections, in the order (and with the helper names, npx_ prefixed) of
+ * kernels/reference.py and src/_quant.pyx: bit packing, the counter-based noise
+ * (npx_uniform), the paper scheme (npx_paper_code), the generic quantizer
+ * (npx_group_params, npx_generic_code); before them the float primitives and
+ * thread indices this file needs, after them the host-build launchers.
+ *
  * Kernel arguments (gpu.py passes NumPy scalars of exactly these types):
  *   long long <-> np.int64, int <-> np.int32, unsigned int <-> np.uint32,
  *   pointers <-> cupy arrays of float32 / int32 / uint8 / int64.
@@ -126,8 +132,14 @@ static __device__ __forceinline__ float npx_canonical_nan(float v)
     return (__float_as_uint(v) & 0x7fffffffu) > 0x7f800000u ? __uint_as_float(NPX_QNAN_BITS) : v;
 }
 
+/* NaN or +-inf: exponent bits all ones. */
+static __device__ __forceinline__ unsigned int npx_nonfinite(float v)
+{
+    return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u ? 1u : 0u;
+}
+
 /* ------------------------------------------------------------------------- */
-/* Index helpers, the code layout, the hash, order keys                       */
+/* Threads and indices                                                       */
 /* ------------------------------------------------------------------------- */
 static __device__ __forceinline__ long long npx_thread_index()
 {
@@ -145,10 +157,22 @@ static __device__ __forceinline__ long long npx_idiv(long long a, long long b)
 static __device__ __forceinline__ int npx_imin(int a, int b) { return a < b ? a : b; }
 static __device__ __forceinline__ int npx_imax(int a, int b) { return a > b ? a : b; }
 
+/* ------------------------------------------------------------------------- */
+/* Bit packing: V = 8 / bits values per byte, the first in the low bits      */
+/* ------------------------------------------------------------------------- */
+
 /* log2(8 / bits): value i lives in byte i >> npx_lg_values(bits). */
 static __device__ __forceinline__ int npx_lg_values(int bits)
 {
     return bits == 8 ? 0 : bits == 4 ? 1 : bits == 2 ? 2 : 3;
+}
+
+/* The output byte this thread packs (one thread per output byte of n values, V = 2^lg
+ * per byte), or -1 for an extra thread. */
+static __device__ __forceinline__ long long npx_byte_index(long long n, int lg)
+{
+    const long long b = npx_thread_index();
+    return b < ((n + (1 << lg) - 1) >> lg) ? b : -1;
 }
 
 /* The code of flat value i: bits [(i % V) * bits, ...) of byte i / V. */
@@ -160,11 +184,38 @@ static __device__ __forceinline__ int npx_code_at(const unsigned char* __restric
     return (packed[i >> lg] >> (lane * bits)) & ((1 << bits) - 1);
 }
 
-/* NaN or +-inf: exponent bits all ones. */
-static __device__ __forceinline__ unsigned int npx_nonfinite(float v)
+/* One thread per output byte: out[b] = OR_j codes[b*V + j] << (j * bits), truncated
+ * to 8 bits (like the reference's uint8 shifts; codes should be < 2^bits). */
+extern "C" __global__ void npx_pack_bits(const unsigned char* __restrict__ codes,  /* IN  (n,) */
+                                         long long n, int bits,
+                                         unsigned char* __restrict__ out)          /* OUT (nbytes,) */
 {
-    return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u ? 1u : 0u;
+    const int lg = npx_lg_values(bits);
+    const long long b = npx_byte_index(n, lg);
+    if (b < 0)
+        return;
+    const int V = 1 << lg;
+    long long i = b << lg;
+    unsigned int byte = 0;
+    for (int j = 0; j < V && i < n; ++j, ++i)
+        byte |= (unsigned int)codes[i] << (j * bits);
+    out[b] = (unsigned char)byte;
 }
+
+/* One thread per element: codes[i] = (packed[i / V] >> ((i % V) * bits)) & (2^bits - 1). */
+extern "C" __global__ void npx_unpack_bits(const unsigned char* __restrict__ packed,  /* IN  (nbytes,) */
+                                           long long n, int bits,
+                                           unsigned char* __restrict__ codes)         /* OUT (n,) */
+{
+    const long long i = npx_thread_index();
+    if (i >= n)
+        return;
+    codes[i] = (unsigned char)npx_code_at(packed, i, bits);
+}
+
+/* ------------------------------------------------------------------------- */
+/* Counter-based noise (lowbias32)                                           */
+/* ------------------------------------------------------------------------- */
 
 /* Counter-based noise, lowbias32 of i * 0x9E3779B9 + seed (uint32 wraps), in [0, 1). */
 static __device__ __forceinline__ float npx_uniform(unsigned int i, unsigned int seed)
@@ -178,17 +229,19 @@ static __device__ __forceinline__ float npx_uniform(unsigned int i, unsigned int
     return npx_mul(__uint2float_rn(h >> 8), 5.9604644775390625e-08f);   /* exact: 24 bits * 2^-24 */
 }
 
-/* Integer order key of a float (bits <-> key is an involution), ordered like the floats. */
-static __device__ __forceinline__ int npx_key(float v)
+/* One thread per element: out[i] = npx_uniform(i mod 2^32, seed). */
+extern "C" __global__ void npx_counter_uniform(long long n, unsigned int seed,
+                                               float* __restrict__ out)     /* OUT (n,) */
 {
-    const int b = (int)__float_as_uint(v);
-    return b ^ ((b >> 31) & 0x7fffffff);
+    const long long i = npx_thread_index();
+    if (i >= n)
+        return;
+    out[i] = npx_uniform((unsigned int)i, seed);
 }
 
-static __device__ __forceinline__ float npx_unkey(int key)
-{
-    return __uint_as_float((unsigned int)(key ^ ((key >> 31) & 0x7fffffff)));
-}
+/* ------------------------------------------------------------------------- */
+/* Paper scheme ("BN window"), per channel: flat index i, channel (i / HW) % C */
+/* ------------------------------------------------------------------------- */
 
 /* The paper code of v (reference.paper_pack), literally: NB = 2^bits. */
 static __device__ __forceinline__ int npx_paper_code(float v, float k, int s, int nb)
@@ -201,19 +254,6 @@ static __device__ __forceinline__ int npx_paper_code(float v, float k, int s, in
     return npx_positive(v) ? npx_imax(code, s) : npx_imin(code, s - 1);   /* exact mask; NaN: else */
 }
 
-/* The generic code of x (reference.generic_pack): floor(clamp((x - lo) * inv + r, 0, L + 1)), <= L. */
-static __device__ __forceinline__ int npx_generic_code(float x, float lo, float inv, float r, int levels)
-{
-    const float v = npx_mul(npx_sub(x, lo), inv);
-    float w = npx_add(v, r);
-    w = npx_min(npx_max(w, 0.0f), (float)(levels + 1));   /* NaN -> 0 */
-    return npx_imin((int)npx_floor(w), levels);
-}
-
-/* ------------------------------------------------------------------------- */
-/* Paper scheme ("BN window"), per channel: flat index i, channel (i / HW) % C */
-/* ------------------------------------------------------------------------- */
-
 /* One thread per output byte b (nbytes = ceil(n / V) threads): encodes values
  * [b*V, b*V + V) and writes out[b] and nonfinite[b] (how many of them are NaN or
  * +-inf; the caller sums the array). */
@@ -224,12 +264,11 @@ extern "C" __global__ void npx_paper_pack(const float* __restrict__ y,     /* IN
                                           unsigned char* __restrict__ out,        /* OUT (nbytes,) */
                                           unsigned char* __restrict__ nonfinite)  /* OUT (nbytes,) */
 {
-    const long long b = npx_thread_index();
     const int lg = npx_lg_values(bits);
-    const int V = 1 << lg;
-    const long long nbytes = (n + V - 1) >> lg;
-    if (b >= nbytes)
+    const long long b = npx_byte_index(n, lg);
+    if (b < 0)
         return;
+    const int V = 1 << lg;
     const int nb = 1 << bits;
     long long i = b << lg;
     const long long plane = npx_idiv(i, HW);
@@ -286,9 +325,53 @@ extern "C" __global__ void npx_paper_mask(const unsigned char* __restrict__ pack
     out[i] = npx_code_at(packed, i, bits) >= s[c] ? 1 : 0;
 }
 
+
 /* ------------------------------------------------------------------------- */
-/* Generic per-group quantizer: group g = i / G (G <= n, the caller clamps)   */
+/* Generic per-group quantizer: group g = i / G (G <= n, the caller clamps)  */
 /* ------------------------------------------------------------------------- */
+
+/* Integer order key of a float (bits <-> key is an involution), ordered like the floats. */
+static __device__ __forceinline__ int npx_key(float v)
+{
+    const int b = (int)__float_as_uint(v);
+    return b ^ ((b >> 31) & 0x7fffffff);
+}
+
+static __device__ __forceinline__ float npx_unkey(int key)
+{
+    return __uint_as_float((unsigned int)(key ^ ((key >> 31) & 0x7fffffff)));
+}
+
+/* lo, scale, inv of a group from its min / max keys and non-finite count (reference
+ * _group_params). A group with a non-finite value gets lo = scale = NaN (0x7fc00000)
+ * and inv = 0 (all its codes 0). */
+static __device__ __forceinline__ void npx_group_params(int kmn, int kmx, long long bad, int levels,
+                                                        float* lo, float* scale, float* inv)
+{
+    if (bad) {
+        *lo = __uint_as_float(NPX_QNAN_BITS);
+        *scale = __uint_as_float(NPX_QNAN_BITS);
+        *inv = 0.0f;
+        return;
+    }
+    const float levf = (float)levels;
+    const float fmn = npx_add(npx_unkey(kmn), 0.0f);    /* -0.0 -> +0.0: order-independent bytes */
+    const float fmx = npx_add(npx_unkey(kmx), 0.0f);
+    const float d = npx_sub(fmx, fmn);
+    *lo = fmn;
+    *scale = npx_fdiv(d, levf);
+    /* fmx != fmn, compared as bits (flag-independent; both finite, zeros are +0.0) */
+    *inv = __float_as_uint(fmx) != __float_as_uint(fmn) ? npx_fdiv(levf, d) : 0.0f;
+}
+
+/* The generic code of x (reference.generic_pack): floor(clamp((x - lo) * inv + r, 0, L + 1)), <= L. */
+static __device__ __forceinline__ int npx_generic_code(float x, float lo, float inv, float r, int levels)
+{
+    const float v = npx_mul(npx_sub(x, lo), inv);
+    float w = npx_add(v, r);
+    w = npx_min(npx_max(w, 0.0f), (float)(levels + 1));   /* NaN -> 0 */
+    return npx_imin((int)npx_floor(w), levels);
+}
 
 /* Pass 1: partial min / max. Group g is split into nsub interleaved tasks
  * (task t = g * nsub + j reads elements g*G + j, g*G + j + nsub, ...: adjacent
@@ -321,8 +404,7 @@ extern "C" __global__ void npx_generic_minmax(const float* __restrict__ x,      
 }
 
 /* Pass 2: per group, combine its nsub partials into lo, scale, inv (one thread
- * per group). A group with a non-finite value gets lo = scale = NaN (0x7fc00000)
- * and inv = 0 (all its codes 0). */
+ * per group, npx_group_params). */
 extern "C" __global__ void npx_generic_params(const int* __restrict__ kmin,        /* IN  (ngroups*nsub,) */
                                               const int* __restrict__ kmax,        /* IN  (ngroups*nsub,) */
                                               const int* __restrict__ nonfinite,   /* IN  (ngroups*nsub,) */
@@ -343,20 +425,7 @@ extern "C" __global__ void npx_generic_params(const int* __restrict__ kmin,     
         bad += nonfinite[j];
     }
     group_nonfinite[g] = bad;
-    if (bad) {
-        lo[g] = __uint_as_float(NPX_QNAN_BITS);
-        scale[g] = __uint_as_float(NPX_QNAN_BITS);
-        inv[g] = 0.0f;
-        return;
-    }
-    const float levf = (float)((1 << bits) - 1);
-    const float fmn = npx_add(npx_unkey(mn), 0.0f);     /* -0.0 -> +0.0: order-independent bytes */
-    const float fmx = npx_add(npx_unkey(mx), 0.0f);
-    const float d = npx_sub(fmx, fmn);
-    lo[g] = fmn;
-    scale[g] = npx_fdiv(d, levf);
-    /* fmx != fmn, compared as bits (flag-independent; both finite, zeros are +0.0) */
-    inv[g] = __float_as_uint(fmx) != __float_as_uint(fmn) ? npx_fdiv(levf, d) : 0.0f;
+    npx_group_params(mn, mx, bad, (1 << bits) - 1, &lo[g], &scale[g], &inv[g]);
 }
 
 /* Pass 3: one thread per output byte, values [b*V, b*V + V) with their group's
@@ -368,12 +437,11 @@ extern "C" __global__ void npx_generic_encode(const float* __restrict__ x,      
                                               unsigned int seed,
                                               unsigned char* __restrict__ out)    /* OUT (nbytes,) */
 {
-    const long long b = npx_thread_index();
     const int lg = npx_lg_values(bits);
-    const int V = 1 << lg;
-    const long long nbytes = (n + V - 1) >> lg;
-    if (b >= nbytes)
+    const long long b = npx_byte_index(n, lg);
+    if (b < 0)
         return;
+    const int V = 1 << lg;
     const int levels = (1 << bits) - 1;
     long long i = b << lg;
     long long g = npx_idiv(i, G);
@@ -411,50 +479,6 @@ extern "C" __global__ void npx_generic_decode(const unsigned char* __restrict__ 
 }
 
 /* ------------------------------------------------------------------------- */
-/* Bit packing and the noise                                                  */
-/* ------------------------------------------------------------------------- */
-
-/* One thread per output byte: out[b] = OR_j codes[b*V + j] << (j * bits), truncated
- * to 8 bits (like the reference's uint8 shifts; codes should be < 2^bits). */
-extern "C" __global__ void npx_pack_bits(const unsigned char* __restrict__ codes,  /* IN  (n,) */
-                                         long long n, int bits,
-                                         unsigned char* __restrict__ out)          /* OUT (nbytes,) */
-{
-    const long long b = npx_thread_index();
-    const int lg = npx_lg_values(bits);
-    const int V = 1 << lg;
-    const long long nbytes = (n + V - 1) >> lg;
-    if (b >= nbytes)
-        return;
-    long long i = b << lg;
-    unsigned int byte = 0;
-    for (int j = 0; j < V && i < n; ++j, ++i)
-        byte |= (unsigned int)codes[i] << (j * bits);
-    out[b] = (unsigned char)byte;
-}
-
-/* One thread per element: codes[i] = (packed[i / V] >> ((i % V) * bits)) & (2^bits - 1). */
-extern "C" __global__ void npx_unpack_bits(const unsigned char* __restrict__ packed,  /* IN  (nbytes,) */
-                                           long long n, int bits,
-                                           unsigned char* __restrict__ codes)         /* OUT (n,) */
-{
-    const long long i = npx_thread_index();
-    if (i >= n)
-        return;
-    codes[i] = (unsigned char)npx_code_at(packed, i, bits);
-}
-
-/* One thread per element: out[i] = npx_uniform(i mod 2^32, seed). */
-extern "C" __global__ void npx_counter_uniform(long long n, unsigned int seed,
-                                               float* __restrict__ out)     /* OUT (n,) */
-{
-    const long long i = npx_thread_index();
-    if (i >= n)
-        return;
-    out[i] = npx_uniform((unsigned int)i, seed);
-}
-
-/* ------------------------------------------------------------------------- */
 /* Host build only: launchers that run a kernel over a (grid, block) geometry */
 /* (the tests call these through ctypes; any geometry that covers the work    */
 /* gives the same bytes, extra threads return at the bounds checks)           */
@@ -462,6 +486,24 @@ extern "C" __global__ void npx_counter_uniform(long long n, unsigned int seed,
 #if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)
 
 extern "C" int npx_host_abi_version(void) { return 1; }
+
+extern "C" void npx_host_pack_bits(unsigned int grid, unsigned int block, const unsigned char* codes,
+                                   long long n, int bits, unsigned char* out)
+{
+    npx_host_launch(grid, block, [&] { npx_pack_bits(codes, n, bits, out); });
+}
+
+extern "C" void npx_host_unpack_bits(unsigned int grid, unsigned int block, const unsigned char* packed,
+                                     long long n, int bits, unsigned char* codes)
+{
+    npx_host_launch(grid, block, [&] { npx_unpack_bits(packed, n, bits, codes); });
+}
+
+extern "C" void npx_host_counter_uniform(unsigned int grid, unsigned int block, long long n, unsigned int seed,
+                                         float* out)
+{
+    npx_host_launch(grid, block, [&] { npx_counter_uniform(n, seed, out); });
+}
 
 extern "C" void npx_host_paper_pack(unsigned int grid, unsigned int block, const float* y, const float* k,
                                     const int* s, long long n, long long C, long long HW, int bits,
@@ -513,24 +555,6 @@ extern "C" void npx_host_generic_decode(unsigned int grid, unsigned int block, c
                                        float* out)
 {
     npx_host_launch(grid, block, [&] { npx_generic_decode(packed, lo, scale, n, G, bits, out); });
-}
-
-extern "C" void npx_host_pack_bits(unsigned int grid, unsigned int block, const unsigned char* codes,
-                                   long long n, int bits, unsigned char* out)
-{
-    npx_host_launch(grid, block, [&] { npx_pack_bits(codes, n, bits, out); });
-}
-
-extern "C" void npx_host_unpack_bits(unsigned int grid, unsigned int block, const unsigned char* packed,
-                                     long long n, int bits, unsigned char* codes)
-{
-    npx_host_launch(grid, block, [&] { npx_unpack_bits(packed, n, bits, codes); });
-}
-
-extern "C" void npx_host_counter_uniform(unsigned int grid, unsigned int block, long long n, unsigned int seed,
-                                         float* out)
-{
-    npx_host_launch(grid, block, [&] { npx_counter_uniform(n, seed, out); });
 }
 
 #endif /* host build */

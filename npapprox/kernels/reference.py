@@ -4,8 +4,9 @@ This module *is* the byte contract of the storage kernels (docs/kernels.md has
 the same contract in prose). The Cython kernels (``npapprox._quant``, wrapped by
 ``npapprox.kernels.cpu``) and the CUDA kernels (``kernels/quant.cu``) must produce **identical
 bytes** for every input; each docstring below gives the naive per-element loop
-that the vectorised code implements, and tests/test_kernels.py checks the
-vectorised code against such loops written independently in the test.
+that the vectorised code implements; tests/test_kernels.py checks the
+vectorised code against such loops written independently in the test, and
+tests/test_parity.py every other implementation against this one.
 
 Conventions shared by every function
 
@@ -31,14 +32,31 @@ Public functions: :func:`paper_pack`, :func:`paper_decode`, :func:`paper_mask`
 (the paper's "BN window" scheme), :func:`generic_pack`, :func:`generic_decode`
 (per-group min/max K-bit), :func:`pack_bits`, :func:`unpack_bits`,
 :func:`counter_uniform` (the counter-based noise of stochastic rounding).
-The ``check_*`` helpers validate and normalise arguments; the compiled wrappers
-(``npapprox.kernels.cpu``) call the same helpers, so both accept the same inputs.
+Arguments are validated by :mod:`npapprox.kernels.checks`, shared with the
+Cython and CUDA wrappers, so all three accept the same inputs.
+
+Sections, in the same order and with the same helper names as src/_quant.pyx and
+kernels/quant.cu (docs/kernels.md has the table): bit packing; the counter-based
+noise (``_uniform``); the paper's scheme (``_paper_codes``); the generic
+quantizer (``_group_params``, ``_generic_codes``).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from npapprox.backend import array_module
+from npapprox.kernels.checks import (
+    BITS,
+    check_codes,
+    check_generic_decode,
+    check_generic_pack,
+    check_paper_decode,
+    check_paper_pack,
+    check_seed,
+    check_unpack_bits,
+    num_groups,
+    packed_nbytes,
+)
 
 __all__ = [
     "BITS",
@@ -54,8 +72,6 @@ __all__ = [
     "num_groups",
 ]
 
-BITS = (1, 2, 4, 8)
-
 _F0 = np.float32(0.0)
 _HALF = np.float32(0.5)
 _NAN = np.float32(np.nan)  # the quiet NaN 0x7fc00000
@@ -68,145 +84,7 @@ _M2 = np.uint32(0x846CA68B)
 
 
 # --------------------------------------------------------------------------- #
-# Argument checks (shared with npapprox.kernels.cpu)
-# --------------------------------------------------------------------------- #
-def check_bits(bits) -> int:
-    b = int(bits)
-    if b not in BITS or b != bits:
-        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
-    return b
-
-
-def packed_nbytes(n: int, bits: int) -> int:
-    """``ceil(n * bits / 8)``: bytes needed for ``n`` values of ``bits`` bits."""
-    v = 8 // check_bits(bits)
-    return (int(n) + v - 1) // v
-
-
-def num_groups(n: int, group: int) -> int:
-    """``ceil(n / group)``: number of groups (the last one may be partial)."""
-    return (int(n) + int(group) - 1) // int(group)
-
-
-def _check_float32(a, name):
-    xp = array_module(a)
-    if a.dtype != np.float32:
-        raise ValueError(f"{name} must be float32, got {a.dtype}")
-    return xp.ascontiguousarray(a)
-
-
-def _check_shape(shape):
-    shape = tuple(int(d) for d in shape)
-    if len(shape) < 2 or any(d < 0 for d in shape):
-        raise ValueError(f"shape must be (N, C, *spatial) with non-negative sizes, got {shape}")
-    hw = 1
-    for d in shape[2:]:
-        hw *= d
-    return shape, shape[1], hw
-
-
-def _check_channel_param(xp, a, C, dtype, name):
-    a = xp.ascontiguousarray(xp.asarray(a, dtype=dtype)).reshape(-1)
-    if a.shape != (C,):
-        raise ValueError(f"{name} must have shape ({C},) (one per channel), got {tuple(a.shape)}")
-    return a
-
-
-def _check_s(xp, s, C, bits):
-    """``s`` as int32 ``(C,)`` of ``xp``. Its range is checked when it comes from the
-    host; a device ``s`` was checked where it was made (``quant.paper_params``
-    computes it on the host): reading it back here would stall the GPU at every call."""
-    if array_module(s) is np:
-        h = _check_channel_param(np, s, C, np.int32, "s")
-        nb = 1 << bits
-        if C and (int(h.min()) < 1 or int(h.max()) > nb - 1):
-            raise ValueError(f"s must lie in [1, {nb - 1}] for bits={bits}, got range "
-                             f"[{int(h.min())}, {int(h.max())}]")
-    return _check_channel_param(xp, s, C, np.int32, "s")
-
-
-def check_paper_pack(y, k, s, bits):
-    """Validated ``(y, k, s, bits, shape, C, HW)`` for :func:`paper_pack`."""
-    xp = array_module(y)
-    bits = check_bits(bits)
-    y = _check_float32(y, "y")
-    shape, C, hw = _check_shape(y.shape)
-    return y, _check_channel_param(xp, k, C, np.float32, "k"), _check_s(xp, s, C, bits), bits, shape, C, hw
-
-
-def _check_packed(packed, n, bits):
-    xp = array_module(packed)
-    packed = xp.ascontiguousarray(packed).reshape(-1)
-    if packed.dtype != np.uint8:
-        raise ValueError(f"packed must be uint8, got {packed.dtype}")
-    nb = packed_nbytes(n, bits)
-    if packed.size != nb:
-        raise ValueError(f"packed holds {packed.size} bytes, {n} values of {bits} bits need {nb}")
-    return packed
-
-
-def check_paper_decode(packed, shape, s, step, off, bits):
-    """Validated ``(packed, shape, C, HW, s, step, off, bits)`` for decode / mask."""
-    xp = array_module(packed)
-    bits = check_bits(bits)
-    shape, C, hw = _check_shape(shape)
-    n = int(np.prod(shape, dtype=np.int64))
-    packed = _check_packed(packed, n, bits)
-    s = _check_s(xp, s, C, bits)
-    if step is not None:
-        step = _check_channel_param(xp, step, C, np.float32, "step")
-        off = _check_channel_param(xp, off, C, np.float32, "off")
-    return packed, shape, C, hw, s, step, off, bits
-
-
-def check_generic_pack(x, bits, group, seed):
-    """Validated ``(x, bits, group, seed)`` for :func:`generic_pack`."""
-    bits = check_bits(bits)
-    x = _check_float32(x, "x")
-    group = _check_group(group)
-    seed = _check_seed(seed)
-    return x, bits, group, seed
-
-
-def _check_group(group):
-    g = int(group)
-    if g < 1 or g != group:
-        raise ValueError(f"group must be a positive integer, got {group!r}")
-    return g
-
-
-def _check_seed(seed):
-    sd = int(seed)
-    if not 0 <= sd < 2**32 or sd != seed:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    return sd
-
-
-def check_generic_decode(packed, lo, scale, bits, group, shape):
-    """Validated ``(packed, lo, scale, bits, group, shape, n)`` for :func:`generic_decode`."""
-    xp = array_module(packed)
-    bits = check_bits(bits)
-    group = _check_group(group)
-    shape = tuple(int(d) for d in shape)
-    n = int(np.prod(shape, dtype=np.int64))
-    packed = _check_packed(packed, n, bits)
-    ng = num_groups(n, group)
-    lo = _check_channel_param(xp, lo, ng, np.float32, "lo")
-    scale = _check_channel_param(xp, scale, ng, np.float32, "scale")
-    return packed, lo, scale, bits, group, shape, n
-
-
-def check_codes(codes, bits):
-    xp = array_module(codes)
-    bits = check_bits(bits)
-    codes = xp.ascontiguousarray(codes).reshape(-1)
-    if codes.dtype != np.uint8:
-        raise ValueError(f"codes must be uint8, got {codes.dtype}")
-    return codes, bits
-
-
-# --------------------------------------------------------------------------- #
-# Bit packing and the counter-based noise
+# Bit packing
 # --------------------------------------------------------------------------- #
 def pack_bits(codes, bits):
     """Pack uint8 codes (each ``< 2**bits``) into ``ceil(n / V)`` bytes, ``V = 8 // bits``.
@@ -244,9 +122,7 @@ def unpack_bits(packed, n, bits):
             codes[i] = (packed[i // V] >> ((i % V) * bits)) & (2**bits - 1)
     """
     xp = array_module(packed)
-    bits = check_bits(bits)
-    n = int(n)
-    packed = _check_packed(packed, n, bits)
+    packed, n, bits = check_unpack_bits(packed, n, bits)
     v = 8 // bits
     if v == 1:
         return packed.copy()
@@ -256,7 +132,10 @@ def unpack_bits(packed, n, bits):
     return xp.ascontiguousarray(codes.reshape(-1)[:n])
 
 
-def _hash_uniform(xp, idx, seed):
+# --------------------------------------------------------------------------- #
+# Counter-based noise (lowbias32)
+# --------------------------------------------------------------------------- #
+def _uniform(xp, idx, seed):
     """lowbias32 of ``idx * 0x9E3779B9 + seed`` (uint32, wrapping) -> float32 in [0, 1)."""
     h = idx * _GOLDEN + np.uint32(seed)
     h ^= h >> np.uint32(16)
@@ -280,14 +159,25 @@ def counter_uniform(n, seed, xp=np):
     ``r[i]`` depends only on ``(i, seed)`` (counter-based), so every backend and
     every thread count draws the same noise. ``xp`` picks NumPy or CuPy.
     """
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     idx = xp.arange(int(n), dtype=np.uint64).astype(np.uint32)   # i modulo 2**32
-    return _hash_uniform(xp, idx, seed)
+    return _uniform(xp, idx, seed)
 
 
 # --------------------------------------------------------------------------- #
 # The paper's scheme ("BN window"), per channel
 # --------------------------------------------------------------------------- #
+def _paper_codes(xp, y3, k3, s3, nb):
+    """The paper code of every ``y3`` (``(N, C, HW)``; ``k3``, ``s3`` broadcast ``(1, C, 1)``), int32."""
+    lim = np.float32(nb + 1)
+    with np.errstate(all="ignore"):                       # inf * 0, overflow: defined below
+        u = y3 * k3                                       # float32
+        u = xp.fmin(xp.fmax(u, -lim), lim)
+        t = xp.ceil(u).astype(np.int32)
+    code = xp.clip(s3 - 1 + t, 0, nb - 1)                 # int32
+    return xp.where(y3 > 0, xp.maximum(code, s3), xp.minimum(code, s3 - 1))
+
+
 def paper_pack(y, k, s, bits):
     """Encode BN outputs ``y`` (float32, ``(N, C, *spatial)``) to K-bit codes, packed.
 
@@ -311,16 +201,8 @@ def paper_pack(y, k, s, bits):
     """
     xp = array_module(y)
     y, k, s, bits, shape, C, hw = check_paper_pack(y, k, s, bits)
-    nb = 1 << bits
-    lim = np.float32(nb + 1)
     y3 = y.reshape(shape[0], C, hw)                       # (N, C, HW)
-    s3 = s[None, :, None]                                 # (1, C, 1) int32
-    with np.errstate(all="ignore"):                       # inf * 0, overflow: defined below
-        u = y3 * k[None, :, None]                         # float32
-        u = xp.fmin(xp.fmax(u, -lim), lim)
-        t = xp.ceil(u).astype(np.int32)
-    code = xp.clip(s3 - 1 + t, 0, nb - 1)                 # int32
-    code = xp.where(y3 > 0, xp.maximum(code, s3), xp.minimum(code, s3 - 1))
+    code = _paper_codes(xp, y3, k[None, :, None], s[None, :, None], 1 << bits)
     n_nonfinite = int(xp.count_nonzero(~xp.isfinite(y)))
     return pack_bits(code.astype(np.uint8).reshape(-1), bits), n_nonfinite
 
@@ -389,7 +271,7 @@ def _group_view(xp, x, group):
     return xf.reshape(ng, group)
 
 
-def _group_range(xp, xg, levels):
+def _group_params(xp, xg, levels):
     """``(lo, scale, inv)`` per group of ``xg`` (``(ngroups, group)``)."""
     finite = xp.isfinite(xg).all(axis=1)                    # groups without NaN / inf
     lev = np.float32(levels)
@@ -400,6 +282,15 @@ def _group_range(xp, xg, levels):
         scale = xp.where(finite, d / lev, _NAN)
         inv = xp.where(finite & (hi != lo), lev / d, _F0)
     return lo, scale, inv
+
+
+def _generic_codes(xp, x, lo, inv, r, levels):
+    """``min(floor(clamp((x - lo) * inv + r, 0, L + 1)), L)`` elementwise (broadcasting), int32."""
+    with np.errstate(all="ignore"):
+        v = (x - lo) * inv                                  # float32
+        w = v + r
+        w = xp.fmin(xp.fmax(w, _F0), np.float32(levels + 1))
+        return xp.minimum(xp.floor(w).astype(np.int32), levels)
 
 
 def generic_pack(x, bits, group, stochastic=False, seed=0):
@@ -441,16 +332,9 @@ def generic_pack(x, bits, group, stochastic=False, seed=0):
         empty = xp.zeros(0, dtype=np.float32)
         return xp.zeros(0, dtype=np.uint8), empty, empty.copy(), 0
     xg = _group_view(xp, x, group)                          # (ngroups, group)
-    lo, scale, inv = _group_range(xp, xg, levels)
-    with np.errstate(all="ignore"):
-        v = (xg - lo[:, None]) * inv[:, None]               # float32
-        if stochastic:
-            r = counter_uniform(xg.size, seed, xp=xp).reshape(xg.shape)  # padding draws are unused
-            w = v + r
-        else:
-            w = v + _HALF
-        w = xp.fmin(xp.fmax(w, _F0), np.float32(levels + 1))
-        code = xp.minimum(xp.floor(w).astype(np.int32), levels)
+    lo, scale, inv = _group_params(xp, xg, levels)
+    r = counter_uniform(xg.size, seed, xp=xp).reshape(xg.shape) if stochastic else _HALF  # padding draws unused
+    code = _generic_codes(xp, xg, lo[:, None], inv[:, None], r, levels)
     codes = code.reshape(-1)[:n].astype(np.uint8)
     n_nonfinite = int(xp.count_nonzero(~xp.isfinite(x)))
     return pack_bits(codes, bits), lo, scale, n_nonfinite
