@@ -46,6 +46,7 @@ class Entry:
     payload: int
     meta: int
     policy: str
+    conv: tuple | None = None        # a conv's input entry: (weight shape, stride, padding)
 
     @property
     def float32_bytes(self) -> int:
@@ -119,10 +120,39 @@ def ledger(model, x, labels=None, policy: Policy | None = None) -> Ledger:
         module = names.get(id(ctx.module), "-") if ctx.module is not None else "-"
         for name, stored in ctx.saved.items():
             kind = ctx.fn.SAVES[name]
+            conv = ((tuple(ctx.saved["w"].shape), ctx.stride, ctx.padding)
+                    if ctx.fn.__name__ == "Conv2d" and name == "x" else None)
             entries.append(Entry(module, ctx.fn.__name__, name, kind, stored.form, stored.bits,
                                  tuple(stored.shape), stored.payload_nbytes, stored.meta_nbytes,
-                                 repr(ctx.policy)))
+                                 repr(ctx.policy), conv))
     return Ledger(entries, repr(policy), monitor.rows if monitor is not None else None)
+
+
+#: the transient bound: at most this many float32 buffers the size of the largest
+#: activation coexist with the stored state, plus one conv's im2row workspace
+TRANSIENT_BUFFERS = 2.5
+
+
+def conv_workspace(x_shape, w_shape, stride: int, padding: int, xp=np) -> int:
+    """Bytes of one conv's backward workspace (``ops.conv``: per worker the rows of
+    one chunk (m, K), its output rows (m, F) and two (K, F) weight-gradient partials)."""
+    from .ops.conv import _plan  # noqa: PLC0415
+    from .parallel import workers  # noqa: PLC0415
+    n, _, h, w = x_shape
+    f, c, kh, kw = w_shape
+    L = ((h + 2 * padding - kh) // stride + 1) * ((w + 2 * padding - kw) // stride + 1)
+    k = kh * kw * c
+    shares, m_max = _plan(n, L, k, 4, xp)
+    return 4 * min(len(shares), workers(xp)) * (m_max * (k + f) + 2 * k * f)
+
+
+def transient_bound(led: "Ledger") -> int:
+    """Bytes the measured peak may exceed the ledger by (docs/storage.md, "Transients"):
+    ``TRANSIENT_BUFFERS`` float32 buffers of the largest activation plus the largest
+    conv workspace (``conv_workspace``), from the shapes the ledger lists."""
+    act = max((4 * int(np.prod(e.shape)) for e in led.entries if e.kind in (ACTIVATION, UNIT)), default=0)
+    ws = max((conv_workspace(e.shape, e.conv[0], *e.conv[1:]) for e in led.entries if e.conv), default=0)
+    return int(TRANSIENT_BUFFERS * act + ws)
 
 
 def measure_peak(model, x, labels, policy: Policy | None = None) -> int:
