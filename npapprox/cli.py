@@ -255,15 +255,23 @@ def _memory(args) -> int:
     y = rng.integers(0, args.classes, args.batch)
     led = ledger(model, x, y, policy)
     print(led.table() if args.verbose else led.summary())
+    result = {"policy": repr(policy), "stored": led.stored, "float32_per_unit": led.float32_per_unit,
+              "standard_autodiff": led.standard_autodiff}
     if args.budget:
-        batch, peak = max_batch(model, (args.channels, args.size, args.size), args.classes, policy, args.budget,
-                                log=print)
-        print(f"largest batch with measured peak <= {args.budget / 2**30:.2f} GiB: {batch} "
-              f"(peak {peak / 2**20:.0f} MiB) for {args.model} under {policy}")
+        from .limits import fmt_bytes  # noqa: PLC0415
+        shape = (args.channels, args.size, args.size)
+        details = {}
+        batch, peak = max_batch(model, shape, args.classes, policy, args.budget, log=print, details=details)
+        what = f"{args.model} on {'x'.join(map(str, shape))} inputs under {policy}"
+        print(f"largest batch with measured peak <= {fmt_bytes(args.budget)} ({args.budget:,} B): {batch} for "
+              f"{what}; measured peak {fmt_bytes(peak)} ({peak:,} B)"
+              + ("" if details.get("confirmed", True) else f"; batch {batch + 1} not measured"))
+        result["budget"] = {"model": args.model, "input": list(shape), "policy": repr(policy),
+                            "budget": args.budget, "batch": batch, "peak": peak,
+                            "predicted": details.get("predicted"), "probes": details.get("probes"),
+                            "confirmed": details.get("confirmed")}
     if args.json:
-        Path(args.json).write_text(json.dumps({"policy": repr(policy), "stored": led.stored,
-                                               "float32_per_unit": led.float32_per_unit,
-                                               "standard_autodiff": led.standard_autodiff}))
+        Path(args.json).write_text(json.dumps(result))
     return 0
 
 

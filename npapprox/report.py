@@ -209,14 +209,22 @@ def saves_table() -> str:
     return "\n".join(rows)
 
 
-def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int, log=None) -> tuple[int, int]:
+def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int, log=None,
+              details: dict | None = None) -> tuple[int, int]:
     """The largest batch whose measured peak (forward + backward) fits ``budget``
-    bytes. The peak is piecewise linear in the batch: it is measured at two
-    small batches, the line through them gives a candidate, which is measured;
-    the line is refitted through the two largest measurements until a measured
-    candidate fits and the next one would not (at most 8 measurements). When
-    even 4 images exceed the budget, 3 and 2 are measured; a budget below the peak
-    of 2 images is a ValueError. Returns (batch, its measured peak)."""
+    bytes -> (batch, its measured peak).
+
+    Prediction, then probes. Above a few images (once every conv worker's im2row
+    chunk is full) the peak is linear in the batch: the ledger grows by the bytes
+    stored per image and the transients by a few activation buffers per image
+    (docs/storage.md, "Transients"). The peaks of 16 and 32 images give that
+    line; its batch at the budget is measured, and the line through the nearest
+    measurements below and above the budget refines it until a measured batch fits
+    and the next one measured does not (``details["confirmed"]``), at most
+    ``MAX_PROBES`` large probes (usually two: the prediction and the batch after
+    it). Budgets under the peak of 32, 16 or 4 images are searched between the
+    measured points the same way; under the peak of 2 images: a ValueError.
+    ``details`` (a dict) receives the prediction, the probes and ``confirmed``."""
     rng = np.random.default_rng(0)
     measured = {}
 
@@ -225,7 +233,7 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
             x = rng.standard_normal((n,) + tuple(input_shape), dtype=np.float32)
             measured[n] = measure_peak(model, x, rng.integers(0, num_classes, n), policy)
             if log:
-                log(f"  batch {n:>6}: measured peak {measured[n] / 2**20:9.1f} MiB")
+                log(f"  batch {n:>6}: measured peak {fmt_bytes(measured[n])}")
         return measured[n]
 
     if peak(4) > budget:                   # below the line's first point: the smallest batches
@@ -234,25 +242,39 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
             raise ValueError(f"even a batch of 2 needs a measured peak of {fmt_bytes(measured[2])}, "
                              f"more than the budget of {fmt_bytes(budget)}")
         return small[-1], measured[small[-1]]
-    peak(16)
-    for _ in range(6):
+    for n in (16, 32):
+        if peak(n) > budget:
+            break
+    a, b = (16, 32) if 32 in measured else (4, 16)
+    slope = max((measured[b] - measured[a]) / (b - a), 1.0)
+    predicted = b + int((budget - measured[b]) // slope)
+    if details is not None:
+        details.update(predicted=predicted, per_image=slope)
+    if log:
+        log(f"  predicted from the line through {a} and {b} images ({fmt_bytes(slope)} per image): {predicted}")
+    for _ in range(MAX_PROBES):
         fits = [n for n, p in measured.items() if p <= budget]
         over = [n for n, p in measured.items() if p > budget]
-        lo = max(fits)
-        if over and min(over) == lo + 1:
+        lo, hi = max(fits), min(over, default=None)
+        if hi == lo + 1:
             break                                           # lo fits and lo + 1 does not
-        a, b = sorted(measured)[-2:]      # the line through the two largest batches (the peak is
-        #                                   only piecewise linear: the im2row workspace stops growing)
-        slope = max((measured[b] - measured[a]) / (b - a), 1.0)
-        guess = int(a + (budget - measured[a]) / slope)
-        if over:
-            guess = min(guess, min(over) - 1)
-        guess = max(guess, lo + 1)
-        if guess in measured:
-            break
+        if hi is None:       # the line through the two largest fits, at least one image on
+            p, q = sorted(fits)[-2:]
+            guess = lo + max(1, int((budget - measured[lo]) // max((measured[lo] - measured[p]) / (lo - p), 1.0)))
+        else:                # interpolate between the nearest fit and the nearest overshoot
+            guess = lo + int((budget - measured[lo]) * (hi - lo) // max(measured[hi] - measured[lo], 1))
+            guess = min(max(guess, lo + 1), hi - 1)
+        if not measured.keys() & {predicted} and predicted > lo and (hi is None or predicted < hi):
+            guess = predicted                               # the prediction first
         peak(guess)
     best = max(n for n, p in measured.items() if p <= budget)
+    if details is not None:
+        details.update(probes=sorted(measured), confirmed=best + 1 in measured)
     return best, measured[best]
+
+
+#: the most probes above 32 images that ``max_batch`` makes
+MAX_PROBES = 4
 
 
 def footprint(name: str, policy: Policy, *, num_classes: int = 10, in_channels: int = 3, size: int = 32,

@@ -267,7 +267,8 @@ def test_budget_written_with_an_exponent_runs_the_search(capsys):
     rc, out, err = run_cli(["memory", "--model", "resnet8", "--width", "4", "--size", "8", "--channels", "1",
                             "--batch", "16", "--budget", "1e7"], capsys)
     assert rc == 0, err
-    batch = int(re.search(r"largest batch with measured peak <= [0-9.]+ GiB: (\d+)", out).group(1))
+    batch = int(re.search(r"largest batch with measured peak <= 9.5 MiB \(10,000,000 B\): (\d+) for "
+                          r"resnet8 on 1x8x8 inputs under Paper\(bits=4\); measured peak", out).group(1))
     nn.manual_seed(0)
     model = nn.build_model("resnet8", num_classes=10, in_channels=1, input_size=8, width=4)
     x = np.random.default_rng(1).standard_normal((batch, 1, 8, 8), dtype=np.float32)
