@@ -210,20 +210,23 @@ def saves_table() -> str:
 
 
 def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int, log=None,
-              details: dict | None = None) -> tuple[int, int]:
+              details: dict | None = None, confirm_next: bool = False) -> tuple[int, int]:
     """The largest batch whose measured peak (forward + backward) fits ``budget``
     bytes -> (batch, its measured peak).
 
     Prediction, then probes. Above a few images (once every conv worker's im2row
     chunk is full) the peak is linear in the batch: the ledger grows by the bytes
     stored per image and the transients by a few activation buffers per image
-    (docs/storage.md, "Transients"). The peaks of 16 and 32 images give that
-    line; its batch at the budget is measured, and the line through the nearest
-    measurements below and above the budget refines it until a measured batch fits
-    and the next one measured does not (``details["confirmed"]``), at most
-    ``MAX_PROBES`` large probes (usually two: the prediction and the batch after
-    it). Budgets under the peak of 32, 16 or 4 images are searched between the
-    measured points the same way; under the peak of 2 images: a ValueError.
+    (docs/storage.md, "Transients"). The peaks of ``LINE_BATCHES`` images give
+    that line (through the two largest); its batch at the budget is measured. When
+    it fits and the line puts one image more over the budget, that is the answer
+    (one large probe; ``confirm_next``: measure the next batch too). Otherwise the
+    line through the nearest measurements below and above the budget refines it
+    until a measured batch fits and the next one measured does not, at most
+    ``MAX_PROBES`` large probes. ``details["confirmed"]``: the next batch was
+    measured over the budget. Budgets under the peak of 64, 32, 16 or 4 images
+    are searched between the measured points the same way; under the peak of 2
+    images: a ValueError.
     ``details`` (a dict) receives the prediction, the probes and ``confirmed``."""
     rng = np.random.default_rng(0)
     measured = {}
@@ -242,10 +245,10 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
             raise ValueError(f"even a batch of 2 needs a measured peak of {fmt_bytes(measured[2])}, "
                              f"more than the budget of {fmt_bytes(budget)}")
         return small[-1], measured[small[-1]]
-    for n in (16, 32):
+    for n in LINE_BATCHES:
         if peak(n) > budget:
             break
-    a, b = (16, 32) if 32 in measured else (4, 16)
+    a, b = sorted(n for n in measured if measured[n] <= budget)[-2:] if len(measured) > 2 else (4, 16)
     slope = max((measured[b] - measured[a]) / (b - a), 1.0)
     predicted = b + int((budget - measured[b]) // slope)
     if details is not None:
@@ -258,6 +261,8 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
         lo, hi = max(fits), min(over, default=None)
         if hi == lo + 1:
             break                                           # lo fits and lo + 1 does not
+        if not confirm_next and lo == predicted and measured[lo] + slope > budget:
+            break                                           # the line puts lo + 1 over: not measured
         if hi is None:       # the line through the two largest fits, at least one image on
             p, q = sorted(fits)[-2:]
             guess = lo + max(1, int((budget - measured[lo]) // max((measured[lo] - measured[p]) / (lo - p), 1.0)))
@@ -273,8 +278,11 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
     return best, measured[best]
 
 
-#: the most probes above 32 images that ``max_batch`` makes
+#: the most probes above the line's batches that ``max_batch`` makes
 MAX_PROBES = 4
+#: the small batches whose measured peaks give ``max_batch`` its line (conv chunks are full from
+#: a few images on, so the line through the two largest is the peak's)
+LINE_BATCHES = (16, 32, 64)
 
 
 def footprint(name: str, policy: Policy, *, num_classes: int = 10, in_channels: int = 3, size: int = 32,
