@@ -210,7 +210,8 @@ def saves_table() -> str:
 
 
 def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int, log=None,
-              details: dict | None = None, confirm_next: bool = False) -> tuple[int, int]:
+              details: dict | None = None, confirm: bool = True, confirm_next: bool = False
+              ) -> tuple[int, int | None]:
     """The largest batch whose measured peak (forward + backward) fits ``budget``
     bytes -> (batch, its measured peak).
 
@@ -224,7 +225,9 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
     line through the nearest measurements below and above the budget refines it
     until a measured batch fits and the next one measured does not, at most
     ``MAX_PROBES`` large probes. ``details["confirmed"]``: the next batch was
-    measured over the budget. Budgets under the peak of 64, 32, 16 or 4 images
+    measured over the budget. ``confirm=False`` skips the large probes: the
+    answer is the line's (its peak is returned as None; ``details["residual"]``:
+    how far the line misses the peak of ``LINE_BATCHES[0]`` images, in bytes). Budgets under the peak of 64, 32, 16 or 4 images
     are searched between the measured points the same way; under the peak of 2
     images: a ValueError.
     ``details`` (a dict) receives the prediction, the probes and ``confirmed``."""
@@ -248,9 +251,14 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
     for n in LINE_BATCHES:
         if peak(n) > budget:
             break
-    a, b = sorted(n for n in measured if measured[n] <= budget)[-2:] if len(measured) > 2 else (4, 16)
+    fits = sorted(n for n in measured if measured[n] <= budget)
+    a, b = fits[-2:] if len(fits) >= 2 else sorted(measured)[:2]
     slope = max((measured[b] - measured[a]) / (b - a), 1.0)
     predicted = b + int((budget - measured[b]) // slope)
+    # how far the line misses the smallest of the line's batches (0 on a straight stretch)
+    first = LINE_BATCHES[0]
+    residual = (int(measured[first] - (measured[b] - slope * (b - first)))
+                if first in measured and first not in (a, b) else None)
     if details is not None:
         details.update(predicted=predicted, per_image=slope)
     if log:
@@ -261,6 +269,8 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
         lo, hi = max(fits), min(over, default=None)
         if hi == lo + 1:
             break                                           # lo fits and lo + 1 does not
+        if not confirm and predicted > max(LINE_BATCHES):
+            break                                           # the line's answer, not measured
         if not confirm_next and lo == predicted and measured[lo] + slope > budget:
             break                                           # the line puts lo + 1 over: not measured
         if hi is None:       # the line through the two largest fits, at least one image on
@@ -273,16 +283,19 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
             guess = predicted                               # the prediction first
         peak(guess)
     best = max(n for n, p in measured.items() if p <= budget)
+    if not confirm and predicted > max(LINE_BATCHES):
+        best = predicted
     if details is not None:
-        details.update(probes=sorted(measured), confirmed=best + 1 in measured)
-    return best, measured[best]
+        details.update(probes=sorted(measured), measured=best in measured, confirmed=best + 1 in measured,
+                       residual=residual)
+    return best, measured.get(best)
 
 
 #: the most probes above the line's batches that ``max_batch`` makes
 MAX_PROBES = 4
 #: the small batches whose measured peaks give ``max_batch`` its line (conv chunks are full from
 #: a few images on, so the line through the two largest is the peak's)
-LINE_BATCHES = (16, 32, 64)
+LINE_BATCHES = (32, 64, 128)
 
 
 def footprint(name: str, policy: Policy, *, num_classes: int = 10, in_channels: int = 3, size: int = 32,
