@@ -84,10 +84,10 @@ def step_times(batch, repeats):
 
     times = {"exact": [], "paper4": []}
     for _ in range(repeats + 1):                     # interleaved; the first round warms up
-        for pname in times:
+        for pname, spent in times.items():
             t0 = time.perf_counter()
             step(POLICIES[pname]())
-            times[pname].append(time.perf_counter() - t0)
+            spent.append(time.perf_counter() - t0)
     t = {p: statistics.median(v[1:]) for p, v in times.items()}
     print(f"resnet20 batch {batch}: one SGD step exact {t['exact'] * 1e3:.0f} ms, paper4 {t['paper4'] * 1e3:.0f} ms "
           f"(paper4 / exact {t['paper4'] / t['exact']:.2f}; medians of {repeats}, interleaved)", flush=True)

@@ -146,7 +146,7 @@ def conv_workspace(x_shape, w_shape, stride: int, padding: int, xp=np) -> int:
     return 4 * min(len(shares), workers(xp)) * (m_max * (k + f) + 2 * k * f)
 
 
-def transient_bound(led: "Ledger") -> int:
+def transient_bound(led: Ledger) -> int:
     """Bytes the measured peak may exceed the ledger by (docs/storage.md, "Transients"):
     ``TRANSIENT_BUFFERS`` float32 buffers of the largest activation plus the largest
     conv workspace (``conv_workspace``), from the shapes the ledger lists."""
@@ -274,7 +274,7 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
         if not confirm_next and lo == predicted and measured[lo] + slope > budget:
             break                                           # the line puts lo + 1 over: not measured
         if hi is None:       # the line through the two largest fits, at least one image on
-            p, q = sorted(fits)[-2:]
+            p = sorted(fits)[-2]
             guess = lo + max(1, int((budget - measured[lo]) // max((measured[lo] - measured[p]) / (lo - p), 1.0)))
         else:                # interpolate between the nearest fit and the nearest overshoot
             guess = lo + int((budget - measured[lo]) * (hi - lo) // max(measured[hi] - measured[lo], 1))
