@@ -225,12 +225,14 @@ cdef inline void _decode_block(const unsigned char* packed, Py_ssize_t start, Py
     """Codes start .. start+m of a paper-scheme tensor (8/bits per byte, first in the low
     bits) -> xhat = float32(float32(code - s) + 0.5) * step + off (two roundings, as
     paper_decode) and the mask code >= s."""
-    cdef Py_ssize_t i, j, v = 8 // bits
+    # 8 / bits codes per byte, a power of two: shifts and masks, no division per value
+    cdef Py_ssize_t i, j, lv = 3 if bits == 1 else 2 if bits == 2 else 1 if bits == 4 else 0
+    cdef Py_ssize_t vmask = (1 << lv) - 1
     cdef int cmask = (1 << bits) - 1, code
     cdef float t
     for i in range(m):
         j = start + i
-        code = (packed[j // v] >> ((j % v) * bits)) & cmask
+        code = (packed[j >> lv] >> ((j & vmask) * bits)) & cmask
         t = <float> (code - s)
         t = t + <float> 0.5
         xh[i] = t * step + off
