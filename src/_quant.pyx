@@ -52,6 +52,7 @@ from libc.string cimport memcpy, memset
 
 cdef enum:
     PIECE = 4096        # elements per piece (multiple of 8): the unit of parallel work
+    SERIAL_MAX = 1 << 18  # paper_decode: up to this many values, one thread (no fork / join)
     CHUNK = 16384       # generic, fused path: target elements per parallel chunk
     FUSED_MAX = 16384   # generic: fused path when lcm(group, 8) <= FUSED_MAX
     SUB = 16384         # generic, two-pass path: elements per partial min/max task
@@ -512,8 +513,9 @@ def paper_decode(const uint8_t[::1] packed,  # IN:  (ceil(n / V),) codes from pa
     cdef const float* ofp = &off[0]
     cdef float* op = &out[0]
     with nogil:
-        if npieces == 1:
-            _paper_decode_piece(pp, sp, stp, ofp, C, HW, bits, n, 0, relu, op)
+        if n <= SERIAL_MAX:      # a conv chunk's few samples: a parallel region costs more than it saves
+            for p in range(npieces):
+                _paper_decode_piece(pp, sp, stp, ofp, C, HW, bits, n, p, relu, op)
         else:
             for p in prange(npieces, schedule="guided"):
                 _paper_decode_piece(pp, sp, stp, ofp, C, HW, bits, n, p, relu, op)
