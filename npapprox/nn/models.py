@@ -106,10 +106,10 @@ def _residual(block, x, path):
     has it (what backward needs, the ops saved), so the forward holds x, the
     current activation and the op's output, not every activation of the block."""
     out = _unit(block, block.bn1, x)
-    shortcut = _shortcut(block, x, out) if block.shortcut == "projection" else None
+    h = out if block.shortcut == "projection" else None      # a projection reads h after the branch
     for layer in path:
         out = _unit(block, layer, out) if isinstance(layer, BatchNorm2d) else layer(out)
-    return ops.add(out, _shortcut(block, x, None) if shortcut is None else shortcut)
+    return ops.add(out, _shortcut(block, x, h))
 
 
 def _shortcut(block, x, h):
