@@ -1,12 +1,17 @@
-"""Stored-activation memory per storage policy: ledger totals and measured peaks,
-plus the training-step time of each policy against exact mode.
+"""Stored-activation memory per storage policy: ledger totals, measured peaks, the
+transients against their bound, the largest batch under a budget, and the
+training-step time of exact against paper4 (side by side, one run).
 
-    python benchmarks/bench_memory.py [--batch 128] [--skip-164] [--repeats 3]
+    python benchmarks/bench_memory.py [--batch 128] [--models resnet20,resnet56,resnet164]
+                                      [--budget 2GiB] [--repeats 3]
 
-* pre-activation bottleneck ResNet-164 (the paper's network), 32x32x3: the
-  ledger of one forward pass per policy (no backward);
-* pre-activation ResNet-20: ledger, measured peak of forward + backward
-  (tracemalloc) and the median time of one SGD step, per policy.
+* per model (pre-activation ResNets, 32x32x3): the ledger and the measured peak
+  (tracemalloc, forward + backward) under exact, paper4 and paper2; the
+  transients (peak - ledger) against ``ledger.transient_bound`` (docs/storage.md,
+  "Transients");
+* ResNet-56: the largest batch whose measured peak fits ``--budget`` per policy
+  (``ledger.max_batch``; ``--budget 0`` skips it);
+* ResNet-20: the median time of one SGD step, exact and paper4 interleaved.
 """
 from __future__ import annotations
 
@@ -17,70 +22,91 @@ import time
 import numpy as np
 
 import npapprox as na
-from npapprox.ledger import ledger, measure_peak
+from npapprox.ledger import ledger, max_batch, measure_peak, transient_bound
 
-POLICIES = {
-    "exact": lambda: na.Exact(),
-    "paper 8-bit": lambda: na.Paper(8),
-    "paper 4-bit": lambda: na.Paper(4),
-    "generic 4-bit": lambda: na.Generic(4),
-    "naive 4-bit": lambda: na.Naive(4),
-}
+POLICIES = {"exact": na.Exact, "paper4": lambda: na.Paper(4), "paper2": lambda: na.Paper(2)}
 MiB = 2.0**20
 
 
-def _ledger_rows(model, x, y, names):
-    print(f"{'policy':<14} {'stored MiB':>10} {'f32/unit MiB':>12} {'ratio':>6} {'std autodiff MiB':>16} {'ratio':>6}")
+def _model(name):
+    na.nn.manual_seed(0)
+    return na.nn.build_model(name, num_classes=10, in_channels=3, input_size=32)
+
+
+def _data(n):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((n, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, n)
+
+
+def peaks(names, batch):
+    x, y = _data(batch)
+    print(f"{'model':<10} {'policy':<7} {'ledger MiB':>10} {'peak MiB':>9} {'peak ratio':>10} "
+          f"{'transient MiB':>13} {'bound MiB':>9} {'largest act MiB':>15}", flush=True)
     for name in names:
-        L = ledger(model, x, y, POLICIES[name]())
-        print(f"{name:<14} {L.stored / MiB:>10.2f} {L.float32_per_unit / MiB:>12.2f} "
-              f"{L.float32_per_unit / L.stored:>6.2f} {L.standard_autodiff / MiB:>16.2f} "
-              f"{L.standard_autodiff / L.stored:>6.2f}", flush=True)
+        model = _model(name)
+        base = None
+        for pname, make in POLICIES.items():
+            policy = make()
+            led = ledger(model, x, y, policy)
+            peak = measure_peak(model, x, y, policy)
+            base = base or peak
+            act = max(4 * int(np.prod(e.shape)) for e in led.entries if e.kind in ("activation", "unit"))
+            print(f"{name:<10} {pname:<7} {led.stored / MiB:>10.1f} {peak / MiB:>9.1f} {base / peak:>10.2f} "
+                  f"{(peak - led.stored) / MiB:>13.1f} {transient_bound(led) / MiB:>9.1f} {act / MiB:>15.1f}",
+                  flush=True)
+
+
+def budget_batches(budget):
+    model = _model("resnet56")
+    exact = None
+    for pname, make in POLICIES.items():
+        details = {}
+        t0 = time.perf_counter()
+        batch, peak = max_batch(model, (3, 32, 32), 10, make(), budget, details=details)
+        exact = exact or batch
+        print(f"resnet56 {pname:<7} largest batch under {budget / 2**30:.2f} GiB: {batch:>6} "
+              f"(peak {peak / MiB:.0f} MiB, {batch / exact:.2f}x exact's; predicted {details['predicted']}, "
+              f"probes {details['probes']}, confirmed {details['confirmed']}, {time.perf_counter() - t0:.0f} s)",
+              flush=True)
+
+
+def step_times(batch, repeats):
+    model = _model("resnet20")
+    x, y = _data(batch)
+    opt = na.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step(policy):
+        with na.storage_policy(policy):
+            loss = na.ops.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    times = {"exact": [], "paper4": []}
+    for _ in range(repeats + 1):                     # interleaved; the first round warms up
+        for pname, spent in times.items():
+            t0 = time.perf_counter()
+            step(POLICIES[pname]())
+            spent.append(time.perf_counter() - t0)
+    t = {p: statistics.median(v[1:]) for p, v in times.items()}
+    print(f"resnet20 batch {batch}: one SGD step exact {t['exact'] * 1e3:.0f} ms, paper4 {t['paper4'] * 1e3:.0f} ms "
+          f"(paper4 / exact {t['paper4'] / t['exact']:.2f}; medians of {repeats}, interleaved)", flush=True)
 
 
 def main(argv=None):
+    from npapprox.cli import _bytes  # noqa: PLC0415  (the CLI's own size parser)
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--models", default="resnet20,resnet56,resnet164")
+    p.add_argument("--budget", type=lambda t: 0 if t == "0" else _bytes(t), default=2 * 2**30)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--skip-164", action="store_true")
     args = p.parse_args(argv)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch, 3, 32, 32)).astype(np.float32)
-    y = rng.integers(0, 10, args.batch)
-
-    if not args.skip_164:
-        print(f"== pre-activation bottleneck ResNet-164, batch {args.batch}, 32x32x3: ledger ==")
-        na.nn.manual_seed(0)
-        _ledger_rows(na.nn.preact_resnet164(), x, y, ["exact", "paper 8-bit", "paper 4-bit"])
-
-    print(f"\n== pre-activation ResNet-20, batch {args.batch}, 32x32x3 ==")
-    na.nn.manual_seed(0)
-    model = na.nn.preact_resnet20()
-    _ledger_rows(model, x, y, list(POLICIES))
-    print(f"\n{'policy':<14} {'peak MiB':>9} {'vs exact':>8} {'step ms':>8} {'vs exact':>8}")
-    opt = na.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    base_peak = base_time = None
-    for name, make in POLICIES.items():
-        policy = make()
-        peak = measure_peak(model, x, y, policy)
-
-        def step():
-            with na.storage_policy(policy):
-                loss = na.ops.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-        step()
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        t = statistics.median(times)
-        base_peak, base_time = base_peak or peak, base_time or t
-        print(f"{name:<14} {peak / MiB:>9.1f} {peak / base_peak:>8.2f} {t * 1e3:>8.0f} {t / base_time:>8.2f}",
-              flush=True)
+    peaks([m.strip() for m in args.models.split(",") if m.strip()], args.batch)
+    if args.repeats:
+        step_times(args.batch, args.repeats)
+    if args.budget:
+        budget_batches(args.budget)
 
 
 if __name__ == "__main__":

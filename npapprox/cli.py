@@ -152,15 +152,32 @@ def _memory(args) -> int:
     y = rng.integers(0, args.classes, args.batch)
     led = ledger(model, x, y, policy)
     print(led.table() if args.verbose else led.summary())
+    result = {"policy": repr(policy), "stored": led.stored, "float32_per_unit": led.float32_per_unit,
+              "standard_autodiff": led.standard_autodiff}
     if args.budget:
-        batch, peak = max_batch(model, (args.channels, args.size, args.size), args.classes, policy, args.budget,
-                                log=print)
-        print(f"largest batch with measured peak <= {args.budget / 2**30:.2f} GiB: {batch} "
-              f"(peak {peak / 2**20:.0f} MiB) for {args.model} under {policy}")
+        from .limits import fmt_bytes  # noqa: PLC0415
+        shape = (args.channels, args.size, args.size)
+        details = {}
+        batch, peak = max_batch(model, shape, args.classes, policy, args.budget, log=print, details=details,
+                                confirm=args.confirm)
+        what = f"{args.model} on {'x'.join(map(str, shape))} inputs under {policy}"
+        if peak is None:
+            res = details["residual"]
+            print(f"largest batch with predicted peak <= {fmt_bytes(args.budget)} ({args.budget:,} B): {batch} for "
+                  f"{what}; from the line through the measured peaks of {', '.join(map(str, details['probes']))} "
+                  f"images ({fmt_bytes(details['per_image'])} per image"
+                  + ("" if res is None else f", missing the smallest by {res:,} B") + "); --confirm measures it")
+        else:
+            print(f"largest batch with measured peak <= {fmt_bytes(args.budget)} ({args.budget:,} B): {batch} "
+                  f"for {what}; measured peak {fmt_bytes(peak)} ({peak:,} B)"
+                  + ("" if details.get("confirmed", True) else f"; batch {batch + 1} predicted over, not measured"))
+        result["budget"] = {"model": args.model, "input": list(shape), "policy": repr(policy),
+                            "budget": args.budget, "batch": batch, "peak": peak,
+                            "measured": peak is not None, "predicted": details.get("predicted"),
+                            "per_image": details.get("per_image"), "probes": details.get("probes"),
+                            "confirmed": details.get("confirmed")}
     if args.json:
-        Path(args.json).write_text(json.dumps({"policy": repr(policy), "stored": led.stored,
-                                               "float32_per_unit": led.float32_per_unit,
-                                               "standard_autodiff": led.standard_autodiff}))
+        Path(args.json).write_text(json.dumps(result))
     return 0
 
 
@@ -221,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch", type=positive_int, default=128, help="batch of the ledger (default 128)")
     m.add_argument("--budget", type=byte_size, default=None, help="e.g. 2GiB: search the largest batch whose "
                                                                 "measured peak fits")
+    m.add_argument("--confirm", action="store_true", help="with --budget: measure the predicted batch too "
+                   "(one forward + backward at that batch; without it the answer is the line through the "
+                   "measured peaks of 32, 64 and 128 images)")
     m.add_argument("--verbose", action="store_true", help="every saved entry, not only the totals")
     m.add_argument("--json", default=None, help="also write the totals to this file")
 

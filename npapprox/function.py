@@ -136,6 +136,18 @@ class Context:
         arrays = tuple(self.saved[n].restore() for n in names)
         return arrays[0] if len(arrays) == 1 else arrays
 
+    def sample_reader(self, name):
+        """A function ``sl -> the saved array's samples sl`` (``Stored.sample_reader``):
+        forms that can rebuild a slice of samples on its own do so per call."""
+        if self.released:
+            self.restore(name)                                  # raises the usual error
+        return self.saved[name].sample_reader()
+
+    def shared_form(self, array):
+        """The stored form (a reference) from which the producer of input ``array``
+        rebuilds it, or None (``Policy.shared_form``). Valid during forward only."""
+        return self.policy.shared_form(self, array) if self.recording else None
+
     def source_of(self, array):
         """The input Tensor whose data *is* ``array`` (for policies that store a
         reference to what the producer of that tensor already stored), or None.

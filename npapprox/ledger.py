@@ -49,6 +49,7 @@ class Entry:
     payload: int
     meta: int
     policy: str
+    conv: tuple | None = None        # a conv's input entry: (weight shape, stride, padding)
 
     @property
     def float32_bytes(self) -> int:
@@ -120,10 +121,39 @@ def ledger(model, x, labels=None, policy: Policy | None = None) -> Ledger:
         module = names.get(id(ctx.module), "-") if ctx.module is not None else "-"
         for name, stored in ctx.saved.items():
             kind = ctx.fn.SAVES[name]
+            conv = ((tuple(ctx.saved["w"].shape), ctx.stride, ctx.padding)
+                    if ctx.fn.__name__ == "Conv2d" and name == "x" else None)
             entries.append(Entry(module, ctx.fn.__name__, name, kind, stored.form, stored.bits,
                                  tuple(stored.shape), stored.payload_nbytes, stored.meta_nbytes,
-                                 repr(ctx.policy)))
+                                 repr(ctx.policy), conv))
     return Ledger(entries, repr(policy), monitor.rows if monitor is not None else None)
+
+
+#: the transient bound: at most this many float32 buffers the size of the largest
+#: activation coexist with the stored state, plus one conv's im2row workspace
+TRANSIENT_BUFFERS = 2.5
+
+
+def conv_workspace(x_shape, w_shape, stride: int, padding: int, xp=np) -> int:
+    """Bytes of one conv's backward workspace (``ops.conv``: per worker the rows of
+    one chunk (m, K), its output rows (m, F) and two (K, F) weight-gradient partials)."""
+    from .ops.conv import _plan  # noqa: PLC0415
+    from .parallel import workers  # noqa: PLC0415
+    n, _, h, w = x_shape
+    f, c, kh, kw = w_shape
+    L = ((h + 2 * padding - kh) // stride + 1) * ((w + 2 * padding - kw) // stride + 1)
+    k = kh * kw * c
+    shares, m_max = _plan(n, L, k, 4, xp)
+    return 4 * min(len(shares), workers(xp)) * (m_max * (k + f) + 2 * k * f)
+
+
+def transient_bound(led: Ledger) -> int:
+    """Bytes the measured peak may exceed the ledger by (docs/storage.md, "Transients"):
+    ``TRANSIENT_BUFFERS`` float32 buffers of the largest activation plus the largest
+    conv workspace (``conv_workspace``), from the shapes the ledger lists."""
+    act = max((4 * int(np.prod(e.shape)) for e in led.entries if e.kind in (ACTIVATION, UNIT)), default=0)
+    ws = max((conv_workspace(e.shape, e.conv[0], *e.conv[1:]) for e in led.entries if e.conv), default=0)
+    return int(TRANSIENT_BUFFERS * act + ws)
 
 
 def measure_peak(model, x, labels, policy: Policy | None = None) -> int:
@@ -177,14 +207,28 @@ def saves_table() -> str:
     return "\n".join(rows)
 
 
-def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int, log=None) -> tuple[int, int]:
+def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int, log=None,
+              details: dict | None = None, confirm: bool = True, confirm_next: bool = False
+              ) -> tuple[int, int | None]:
     """The largest batch whose measured peak (forward + backward) fits ``budget``
-    bytes. The peak is piecewise linear in the batch: it is measured at two
-    small batches, the line through them gives a candidate, which is measured;
-    the line is refitted through the two largest measurements until a measured
-    candidate fits and the next one would not (at most 8 measurements). When
-    even 4 images exceed the budget, 3 and 2 are measured; a budget below the peak
-    of 2 images is a ValueError. Returns (batch, its measured peak)."""
+    bytes -> (batch, its measured peak).
+
+    Prediction, then probes. Above a few images (once every conv worker's im2row
+    chunk is full) the peak is linear in the batch: the ledger grows by the bytes
+    stored per image and the transients by a few activation buffers per image
+    (docs/storage.md, "Transients"). The peaks of ``LINE_BATCHES`` images give
+    that line (through the two largest); its batch at the budget is measured. When
+    it fits and the line puts one image more over the budget, that is the answer
+    (one large probe; ``confirm_next``: measure the next batch too). Otherwise the
+    line through the nearest measurements below and above the budget refines it
+    until a measured batch fits and the next one measured does not, at most
+    ``MAX_PROBES`` large probes. ``details["confirmed"]``: the next batch was
+    measured over the budget. ``confirm=False`` skips the large probes: the
+    answer is the line's (its peak is returned as None; ``details["residual"]``:
+    how far the line misses the peak of ``LINE_BATCHES[0]`` images, in bytes). Budgets under the peak of 64, 32, 16 or 4 images
+    are searched between the measured points the same way; under the peak of 2
+    images: a ValueError.
+    ``details`` (a dict) receives the prediction, the probes and ``confirmed``."""
     rng = np.random.default_rng(0)
     measured = {}
 
@@ -193,7 +237,7 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
             x = rng.standard_normal((n,) + tuple(input_shape), dtype=np.float32)
             measured[n] = measure_peak(model, x, rng.integers(0, num_classes, n), policy)
             if log:
-                log(f"  batch {n:>6}: measured peak {measured[n] / 2**20:9.1f} MiB")
+                log(f"  batch {n:>6}: measured peak {fmt_bytes(measured[n])}")
         return measured[n]
 
     if peak(4) > budget:                   # below the line's first point: the smallest batches
@@ -202,25 +246,54 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
             raise ValueError(f"even a batch of 2 needs a measured peak of {fmt_bytes(measured[2])}, "
                              f"more than the budget of {fmt_bytes(budget)}")
         return small[-1], measured[small[-1]]
-    peak(16)
-    for _ in range(6):
+    for n in LINE_BATCHES:
+        if peak(n) > budget:
+            break
+    fits = sorted(n for n in measured if measured[n] <= budget)
+    a, b = fits[-2:] if len(fits) >= 2 else sorted(measured)[:2]
+    slope = max((measured[b] - measured[a]) / (b - a), 1.0)
+    predicted = b + int((budget - measured[b]) // slope)
+    # how far the line misses the smallest of the line's batches (0 on a straight stretch)
+    first = LINE_BATCHES[0]
+    residual = (int(measured[first] - (measured[b] - slope * (b - first)))
+                if first in measured and first not in (a, b) else None)
+    if details is not None:
+        details.update(predicted=predicted, per_image=slope)
+    if log:
+        log(f"  predicted from the line through {a} and {b} images ({fmt_bytes(slope)} per image): {predicted}")
+    for _ in range(MAX_PROBES):
         fits = [n for n, p in measured.items() if p <= budget]
         over = [n for n, p in measured.items() if p > budget]
-        lo = max(fits)
-        if over and min(over) == lo + 1:
+        lo, hi = max(fits), min(over, default=None)
+        if hi == lo + 1:
             break                                           # lo fits and lo + 1 does not
-        a, b = sorted(measured)[-2:]      # the line through the two largest batches (the peak is
-        #                                   only piecewise linear: the im2row workspace stops growing)
-        slope = max((measured[b] - measured[a]) / (b - a), 1.0)
-        guess = int(a + (budget - measured[a]) / slope)
-        if over:
-            guess = min(guess, min(over) - 1)
-        guess = max(guess, lo + 1)
-        if guess in measured:
-            break
+        if not confirm and predicted > max(LINE_BATCHES):
+            break                                           # the line's answer, not measured
+        if not confirm_next and lo == predicted and measured[lo] + slope > budget:
+            break                                           # the line puts lo + 1 over: not measured
+        if hi is None:       # the line through the two largest fits, at least one image on
+            p = sorted(fits)[-2]
+            guess = lo + max(1, int((budget - measured[lo]) // max((measured[lo] - measured[p]) / (lo - p), 1.0)))
+        else:                # interpolate between the nearest fit and the nearest overshoot
+            guess = lo + int((budget - measured[lo]) * (hi - lo) // max(measured[hi] - measured[lo], 1))
+            guess = min(max(guess, lo + 1), hi - 1)
+        if not measured.keys() & {predicted} and predicted > lo and (hi is None or predicted < hi):
+            guess = predicted                               # the prediction first
         peak(guess)
     best = max(n for n, p in measured.items() if p <= budget)
-    return best, measured[best]
+    if not confirm and predicted > max(LINE_BATCHES):
+        best = predicted
+    if details is not None:
+        details.update(probes=sorted(measured), measured=best in measured, confirmed=best + 1 in measured,
+                       residual=residual)
+    return best, measured.get(best)
+
+
+#: the most probes above the line's batches that ``max_batch`` makes
+MAX_PROBES = 4
+#: the small batches whose measured peaks give ``max_batch`` its line (conv chunks are full from
+#: a few images on, so the line through the two largest is the peak's)
+LINE_BATCHES = (32, 64, 128)
 
 
 def footprint(name: str, policy: Policy, *, num_classes: int = 10, in_channels: int = 3, size: int = 32,

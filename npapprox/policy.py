@@ -15,8 +15,10 @@ Kinds of saved entries (declared per op; defined with the op protocol in
 ``npapprox.function``):
 
 * ``ACTIVATION``: activation-sized arrays; the policy decides their form. An
-  input that is the output of a BN -> ReLU unit is stored as a reference to the
-  unit's stored form (costs nothing); the network input (a leaf) stays exact.
+  input that its producer already stored -- a BN -> ReLU unit's output, the
+  output a relu, sigmoid or tanh op saved, a max-pool output over either -- is
+  stored as a reference to that stored form (costs nothing, ``shared_form``);
+  the network input (a leaf) stays exact.
 * ``UNIT``:       a BN -> ReLU unit (``storage.BNReLUUnit``): one stored form
   rebuilds the unit's mask and xhat and its output for every consumer.
 * ``PARAM``:      parameter arrays, kept by reference (cost nothing extra).
@@ -47,8 +49,8 @@ from . import checks, quant
 from .backend import array_module
 from .function import ACTIVATION, INDEX, KINDS, PARAM, STAT, UNIT, current_policy, storage_policy
 from .kernels.bn import as_ncm
-from .storage import (BNReLUUnit, ExactUnit, FitUnit, Full, GenericPacked, GenericUnit, PaperUnit, ParamRef, Stored,
-                      Unit, UnitRef)
+from .storage import (BNReLUUnit, ExactUnit, FitUnit, Full, GenericPacked, GenericUnit, PaperUnit, ParamRef,
+                      PooledRef, SharedRef, Stored, Unit, UnitRef)
 
 __all__ = ["ACTIVATION", "INDEX", "KINDS", "MAX_GROUP", "PARAM", "POLICIES", "POLICY_HELP", "STAT", "UNIT",
            "ApproxForward", "Exact", "FitWindow", "Generic", "Naive", "Paper", "Policy", "PolicyName", "PolicySpec",
@@ -119,11 +121,31 @@ class Policy:
             source = ctx.source_of(value)
             if source is not None and source._ctx is None:
                 return Full(value)                  # a leaf: the network input stays exact
-            unit = _producer_unit(source)
-            if unit is not None and self.share_units:
-                return UnitRef(unit)
-            return self.store_activation(ctx, name, value)
+            shared = self.shared_form(ctx, value)
+            return shared if shared is not None else self.store_activation(ctx, name, value)
         return Full(value)
+
+    def shared_form(self, ctx, value) -> Stored | None:
+        """A reference to the stored form from which the producer of input ``value``
+        of ``ctx`` rebuilds it, or None (no producer stored it, or ``share_units``
+        is off): the unit's form for a unit output, the producer's own saved form
+        for an output it saved (relu, sigmoid, tanh), and for a max-pool output
+        the pool's input form plus its argmax (``storage.PooledRef``)."""
+        source = ctx.source_of(value) if self.share_units else None
+        producer = getattr(source, "_ctx", None)
+        if producer is None or producer.saved is None:
+            return None
+        unit = _unit_in(producer)
+        if unit is not None:
+            return UnitRef(unit)
+        own = producer.stored_for(value)
+        if own is not None and tuple(own.shape) == tuple(value.shape) and own.dtype == value.dtype:
+            return SharedRef(own)
+        pool = getattr(producer, "pool_input", None)
+        if pool is not None:
+            return PooledRef(pool, producer.saved["argmax"].restore(), producer.kernel, producer.stride,
+                             producer.padding, value.dtype)
+        return None
 
     def store_unit(self, ctx, name: str, u: BNReLUUnit) -> Unit:
         return ExactUnit(u.x, u.mu, u.inv_sigma, u.gamma, u.beta)
@@ -151,11 +173,6 @@ def _unit_in(ctx):
     if ctx is None or not ctx.saved:
         return None
     return next((s for s in ctx.saved.values() if isinstance(s, Unit)), None)
-
-
-def _producer_unit(tensor):
-    """The Unit stored by the op that produced ``tensor``, if any."""
-    return _unit_in(getattr(tensor, "_ctx", None))
 
 
 @register_policy("exact", options="")

@@ -51,6 +51,18 @@ class Stored:
     def restore(self):
         raise NotImplementedError
 
+    def output(self):
+        """The array a consumer sharing this form gets back (``SharedRef``): what was saved."""
+        return self.restore()
+
+    def sample_reader(self):
+        """A function ``sl -> output()[sl]`` (``sl``: a slice of samples) for consumers that
+        work a few samples at a time (conv backward). Here the whole array is rebuilt
+        once; forms that can rebuild a slice on its own override it, so no rebuilt
+        array of the whole batch exists."""
+        a = self.output()
+        return lambda sl: a[sl]
+
     def __repr__(self):
         return (f"{type(self).__name__}(form={self.form}, bits={self.bits}, shape={self.shape}, "
                 f"payload={self.payload_nbytes} B, meta={self.meta_nbytes} B)")
@@ -80,6 +92,9 @@ class Full(Stored):
 
     def restore(self):
         return self.array
+
+    def sample_reader(self):
+        return lambda sl: self.array[sl]
 
 
 class ParamRef(Full):
@@ -133,6 +148,16 @@ class Unit(Stored):
     def restore(self):
         return self
 
+    def output(self):
+        return self.h()
+
+    def sample_reader(self):
+        return self.h_samples
+
+    def h_samples(self, sl):
+        """h of the samples ``sl`` (a slice) only; here by rebuilding the whole of h."""
+        return self.h()[sl]
+
     def xhat(self):
         raise NotImplementedError
 
@@ -180,6 +205,11 @@ class ExactUnit(Unit):
     def h(self):
         return self._apply(want_y=False, want_h=True)[1].reshape(self.shape)
 
+    def h_samples(self, sl):
+        x = self.x[sl]
+        return bn_apply(as_ncm(x), self.mu, self.gamma * self.inv_sigma, self.beta,
+                        want_y=False, want_h=True)[1].reshape(x.shape)
+
     def bn_source(self) -> BNSource:
         # xhat and the mask are rebuilt inside the fused backward pass from x:
         # nothing activation-sized is materialised
@@ -188,25 +218,39 @@ class ExactUnit(Unit):
 
 class PaperUnit(Unit):
     """The paper's form: K-bit codes of q = y/|gamma| in a per-channel window of
-    +-3 batch standard deviations (``npapprox.quant``), plus the first-positive
-    code ``s`` per channel (int32 metadata). gamma and beta are parameters
-    (by reference); sigma is the op's own STAT entry."""
+    +-3 batch standard deviations (``npapprox.quant``), plus the per-channel
+    parameters decoding needs (metadata, all counted): the first-positive code
+    ``s`` (int32) and the affine maps ``h_step, x_step, x_off`` (float32) of
+    ``quant.paper_params``: 16 bytes per channel (the encode scale ``k`` is
+    dropped once packed; ``h_off`` is 0 by construction).
+    gamma and beta are parameters (by reference); sigma is the op's own STAT entry."""
 
     form = "paper"
+    META_PER_CHANNEL = 16          # bytes of metadata per channel (what a shape-only ledger counts)
     __slots__ = ("packed", "s", "bits", "params")
 
     def __init__(self, packed, params, bits, shape, dtype):
-        self.packed, self.params, self.bits = packed, params, bits
+        self.packed, self.bits = packed, bits
+        self.params = {key: v for key, v in params.items() if key not in ("k", "h_off")}
         self.s = params["s"]
         self.shape, self.dtype = tuple(shape), dtype
 
     payload_nbytes = property(lambda self: int(self.packed.nbytes))
-    meta_nbytes = property(lambda self: int(self.s.nbytes))
+    meta_nbytes = property(lambda self: sum(int(v.nbytes) for v in self.params.values()))
 
-    def _decode(self, step, off, relu):
+    def _decode(self, step, off, relu, sl=slice(None)):
+        """Decode the samples ``sl``: straight from their own bytes when they start and end
+        on a byte boundary (codes are packed in C order), else from the whole batch."""
         from .kernels import paper_decode  # noqa: PLC0415
-        p = self.params
-        return paper_decode(self.packed, self.shape, self.s, p[step], p[off], self.bits,
+        p = dict(self.params, h_off=array_module(self.s).zeros(self.s.shape, np.float32))
+        n, per = self.shape[0], int(np.prod(self.shape[1:], dtype=np.int64))
+        start, stop, _ = sl.indices(n)
+        packed = self.packed
+        if (start, stop) != (0, n):
+            if (start * per * self.bits) % 8 or ((stop * per * self.bits) % 8 and stop != n) or stop <= start:
+                return self._decode(step, off, relu)[sl]
+            packed = packed[start * per * self.bits // 8:-(-stop * per * self.bits // 8)]
+        return paper_decode(packed, (stop - start,) + self.shape[1:], self.s, p[step], p[off], self.bits,
                             relu=relu).astype(self.dtype, copy=False)
 
     def xhat(self):
@@ -215,9 +259,18 @@ class PaperUnit(Unit):
     def h(self):
         return self._decode("h_step", "h_off", relu=True)
 
+    def h_samples(self, sl):
+        return self._decode("h_step", "h_off", relu=True, sl=sl)
+
     def mask(self):
         from .kernels import paper_mask  # noqa: PLC0415
         return paper_mask(self.packed, self.shape, self.s, self.bits)
+
+    def bn_source(self) -> BNSource:
+        # the codes themselves: the fused BN backward rebuilds xhat and the mask per
+        # block (kernels.bn.bn_backward), no decoded array of the unit exists
+        p = self.params
+        return BNSource(None, codes=(self.packed, self.shape, self.s, p["x_step"], p["x_off"], self.bits))
 
 
 class FitUnit(PaperUnit):
@@ -225,9 +278,8 @@ class FitUnit(PaperUnit):
     decoding; the per-channel bin width ``d`` (float32) is metadata too."""
 
     form = "fit"
+    META_PER_CHANNEL = 20
     __slots__ = ()
-
-    meta_nbytes = property(lambda self: int(self.s.nbytes + self.params["d"].nbytes))
 
 
 class GenericUnit(Unit):
@@ -279,3 +331,63 @@ class UnitRef(Stored):
 
     def restore(self):
         return self.unit.h()
+
+    def sample_reader(self):
+        return self.unit.h_samples
+
+
+class SharedRef(Stored):
+    """A consumer's saved input that its producer already stored (a relu, sigmoid
+    or tanh output, in whatever form the policy gave it): a reference to that
+    stored form, so the activation is kept once."""
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: Stored):
+        self.target = target
+        self.shape, self.dtype = target.shape, target.dtype
+
+    form = property(lambda self: f"ref:{self.target.form}")
+    bits = property(lambda self: 0)
+    payload_nbytes = property(lambda self: 0)
+
+    def restore(self):
+        return self.target.output()
+
+    def sample_reader(self):
+        return self.target.sample_reader()
+
+
+class PooledRef(Stored):
+    """A consumer's saved input that is a max-pool output: rebuilt from the stored
+    form of the pool's input (a unit's codes, a shared output) and the pool's
+    argmax (its INDEX entry), ``y[n,c,i,j] = xpad[n,c,i*s+p,j*s+q]`` with
+    ``p*k+q = argmax[n,c,i,j]`` (xpad: the rebuilt input padded with -inf). Exact
+    when the input's form is; costs nothing beyond the argmax the pool keeps anyway."""
+
+    __slots__ = ("source", "argmax", "kernel", "stride", "padding")
+
+    def __init__(self, source: Stored, argmax, kernel, stride, padding, dtype):
+        self.source, self.argmax = source, argmax
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+        self.shape, self.dtype = tuple(argmax.shape), dtype
+
+    form = property(lambda self: f"ref:pool:{self.source.form}")
+    bits = property(lambda self: 0)
+    payload_nbytes = property(lambda self: 0)
+
+    def restore(self):
+        x = self.source.output()
+        xp = array_module(x)
+        k, st, pad = self.kernel, self.stride, self.padding
+        n, c, h, w = x.shape
+        oh, ow = self.shape[2:]
+        if pad:
+            xpad = xp.full((n, c, h + 2 * pad, w + 2 * pad), -xp.inf, dtype=x.dtype)
+            xpad[:, :, pad:pad + h, pad:pad + w] = x
+        else:
+            xpad = x
+        p, q = self.argmax // k, self.argmax % k                          # (N, C, OH, OW) each
+        rows = p + (st * xp.arange(oh))[:, None]
+        cols = q + (st * xp.arange(ow))[None, :]
+        return xpad[xp.arange(n)[:, None, None, None], xp.arange(c)[None, :, None, None], rows, cols]

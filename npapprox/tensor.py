@@ -7,7 +7,7 @@ produced by a recorded op, the op's ``Context`` (``_ctx``). ``backward()``:
    graphs of any depth work);
 2. walks it from the output back, calling each op's ``backward`` once with the
    sum of the gradients of all its consumers (fan-out accumulates by ``+``,
-   never in place);
+   into the pending gradient's buffer when the walk alone holds it: ``_accumulate``);
 3. releases each node's saved state right after its backward, and drops the
    node's incoming gradient, so memory falls as the walk proceeds.
 
@@ -32,6 +32,7 @@ several parents.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 
 import numpy as np
@@ -153,8 +154,7 @@ class Tensor:
                     if isinstance(parent, Tensor):  # a leaf
                         parent.grad = pg if parent.grad is None else parent.grad + pg
                     else:
-                        key = id(parent)
-                        grads[key] = pg if key not in grads else grads[key] + pg
+                        _accumulate(grads, id(parent), pg)
             ctx.release()
             del g
         checks.flush()  # the GPU's pending non-finite counts: one read-back per backward
@@ -186,6 +186,28 @@ class Tensor:
     def reshape(self, *shape):
         from .ops.shape import reshape
         return reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
+
+
+def _accumulate(grads: dict, key, pg) -> None:
+    """grads[key] = grads[key] + pg, written into the pending gradient's own buffer
+    when nothing else can see it (the residual stream's gradient: no third
+    activation-sized buffer). Safe only for a buffer this walk alone holds: an
+    array (or the view of one) referenced by nothing but ``grads``, so not the
+    caller's gradient, not an array handed to two parents (an add's), not a leaf's
+    ``.grad``. Adding in place gives the same bits (addition commutes)."""
+    old = grads.get(key)
+    if old is None:
+        grads[key] = pg
+        return
+    base = old.base
+    # references: grads + `old` + getrefcount's argument; a view's base: old.base + `base` + the argument
+    sole = sys.getrefcount(old) == 3 and (base is None or (base.base is None and sys.getrefcount(base) == 3))
+    del base
+    if (sole and getattr(old.flags, "writeable", True) and old.shape == pg.shape
+            and old.dtype == array_module(old).result_type(old, pg)):
+        old += pg
+    else:
+        grads[key] = old + pg
 
 
 def topological_order(root) -> list:

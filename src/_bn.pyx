@@ -218,3 +218,117 @@ def bn_backward(const floating[:, :, ::1] gy,       # IN:  (N, C, M) output grad
                     pm = &mask[n, c, 0] if mask_mode == 2 else NULL
                     _row_grad(&gy[n, c, 0], &src[n, c, 0], pm, &gx[n, c, 0], M, mask_mode, mu[c],
                               inv_sigma[c], scale[c], beta[c], batch_stats, a_, k_)
+
+
+cdef inline void _decode_block(const unsigned char* packed, Py_ssize_t start, Py_ssize_t m, int bits, int s,
+                               float step, float off, float* xh, unsigned char* mk) noexcept nogil:
+    """Codes start .. start+m of a paper-scheme tensor (8/bits per byte, first in the low
+    bits) -> xhat = float32(float32(code - s) + 0.5) * step + off (two roundings, as
+    paper_decode) and the mask code >= s."""
+    # 8 / bits codes per byte, a power of two: shifts and masks, no division per value
+    cdef Py_ssize_t i, j, lv = 3 if bits == 1 else 2 if bits == 2 else 1 if bits == 4 else 0
+    cdef Py_ssize_t vmask = (1 << lv) - 1
+    cdef int cmask = (1 << bits) - 1, code
+    cdef float t
+    for i in range(m):
+        j = start + i
+        code = (packed[j >> lv] >> ((j & vmask) * bits)) & cmask
+        t = <float> (code - s)
+        t = t + <float> 0.5
+        xh[i] = t * step + off
+        mk[i] = code >= s
+
+
+cdef void _channel_codes(const float* gy, const unsigned char* packed, Py_ssize_t N, Py_ssize_t C,
+                         Py_ssize_t M, Py_ssize_t c, int bits, int s, float step, float off, float sc,
+                         bint batch_stats, float* gx, double* ggamma, double* gbeta) noexcept nogil:
+    """One channel of ``bn_backward_codes`` (the stack blocks are this call's own)."""
+    cdef float xh[BLOCK]
+    cdef unsigned char mk[BLOCK]
+    cdef float g[BLOCK]
+    cdef double ab[8]
+    cdef double ag[8]
+    cdef double sb = 0, sg = 0, count = <double> (N * M)
+    cdef Py_ssize_t n, i, j0, nb, k8, row
+    cdef float a_, k_
+    cdef const float* pg
+    cdef float* po
+    for n in range(N):
+        row = (n * C + c) * M
+        pg = gy + row
+        for k8 in range(8):
+            ab[k8] = 0
+            ag[k8] = 0
+        j0 = 0
+        while j0 < M:
+            nb = min(<Py_ssize_t> BLOCK, M - j0)
+            _decode_block(packed, row + j0, nb, bits, s, step, off, xh, mk)
+            for i in range(nb):
+                g[i] = pg[j0 + i] if mk[i] != 0 else pg[j0 + i] * 0
+            for i in range(nb):
+                ab[i & 7] += g[i]
+                ag[i & 7] += g[i] * xh[i]
+            j0 += BLOCK
+        sb += ((ab[0] + ab[1]) + (ab[2] + ab[3])) + ((ab[4] + ab[5]) + (ab[6] + ab[7]))
+        sg += ((ag[0] + ag[1]) + (ag[2] + ag[3])) + ((ag[4] + ag[5]) + (ag[6] + ag[7]))
+    gbeta[0] = sb
+    ggamma[0] = sg
+    if gx == NULL:
+        return
+    a_ = <float> (sb / count) if batch_stats else 0
+    k_ = <float> (sg / count) if batch_stats else 0
+    for n in range(N):
+        row = (n * C + c) * M
+        pg = gy + row
+        po = gx + row
+        j0 = 0
+        while j0 < M:
+            nb = min(<Py_ssize_t> BLOCK, M - j0)
+            _decode_block(packed, row + j0, nb, bits, s, step, off, xh, mk)
+            for i in range(nb):
+                po[j0 + i] = pg[j0 + i] if mk[i] != 0 else pg[j0 + i] * 0
+            if batch_stats:
+                for i in range(nb):
+                    po[j0 + i] = sc * (po[j0 + i] - a_ - xh[i] * k_)
+            else:
+                for i in range(nb):
+                    po[j0 + i] = sc * po[j0 + i]
+            j0 += BLOCK
+
+
+def bn_backward_codes(const float[:, :, ::1] gy,       # IN:  (N, C, M) output gradient of the unit (gh)
+                      const unsigned char[::1] packed,  # IN:  paper-scheme codes of the unit's y
+                      const int[::1] s,                 # IN:  (C,) first positive code
+                      const float[::1] x_step,          # IN:  (C,) xhat decode map
+                      const float[::1] x_off,           # IN:  (C,)
+                      int bits,
+                      const float[::1] scale,           # IN:  (C,) gamma * inv_sigma
+                      bint batch_stats,
+                      float[:, :, ::1] gx,              # OUT: (N, C, M) or None
+                      double[::1] ggamma,               # OUT: (C,)
+                      double[::1] gbeta):               # OUT: (C,)
+    """``bn_backward`` of a BN -> ReLU unit straight from its K-bit codes: xhat and the
+    mask are rebuilt per block of 256 values on the stack, never as arrays. The
+    same arithmetic in the same order as decoding first (``paper_decode``,
+    ``paper_mask``) and calling ``bn_backward`` with src = xhat, mu = 0,
+    inv_sigma = 1, mask_mode 2, so the same bytes."""
+    cdef Py_ssize_t N = gy.shape[0], C = gy.shape[1], M = gy.shape[2], c
+    cdef float* pgx = NULL
+    if bits not in (1, 2, 4, 8):
+        raise ValueError("bits must be 1, 2, 4 or 8")
+    if packed.shape[0] != (N * C * M * bits + 7) // 8:
+        raise ValueError("packed does not hold N*C*M codes")
+    if gx is not None and (gx.shape[0] != N or gx.shape[1] != C or gx.shape[2] != M):
+        raise ValueError("gx shape does not match gy")
+    if s.shape[0] != C or x_step.shape[0] != C or x_off.shape[0] != C or scale.shape[0] != C:
+        raise ValueError("per-channel arrays must have one entry per channel")
+    if ggamma.shape[0] != C or gbeta.shape[0] != C:
+        raise ValueError("ggamma and gbeta must have one entry per channel")
+    if N * C * M == 0:
+        return
+    if gx is not None:
+        pgx = &gx[0, 0, 0]
+    with nogil:
+        for c in prange(C, schedule="static"):
+            _channel_codes(&gy[0, 0, 0], &packed[0], N, C, M, c, bits, s[c], x_step[c], x_off[c], scale[c],
+                           batch_stats, pgx, &ggamma[c], &gbeta[c])

@@ -59,6 +59,7 @@ from libc.string cimport memcpy, memset
 
 cdef enum:
     PIECE = 4096        # elements per piece (multiple of 8): the unit of parallel work
+    SERIAL_MAX = 1 << 18  # paper_decode: up to this many values, one thread (no fork / join)
     CHUNK = 16384       # generic, fused path: target elements per parallel chunk
     FUSED_MAX = 16384   # generic: fused path when lcm(group, 8) <= FUSED_MAX
     SUB = 16384         # generic, two-pass path: elements per partial min/max task
@@ -94,11 +95,14 @@ cdef struct Job:
 ctypedef Py_ssize_t (*Task)(const Job* job, Py_ssize_t t) noexcept nogil
 
 
-cdef Py_ssize_t _run(Task task, const Job* job, Py_ssize_t ntasks) noexcept nogil:
-    """Sum of ``task(job, t)`` over ``t < ntasks``: in parallel, or inline for one task."""
+cdef Py_ssize_t _run(Task task, const Job* job, Py_ssize_t ntasks, bint parallel=True) noexcept nogil:
+    """Sum of ``task(job, t)`` over ``t < ntasks``: in parallel, or inline for one
+    task or when not ``parallel``."""
     cdef Py_ssize_t t, total = 0
-    if ntasks == 1:                          # small tensors: no parallel region
-        return task(job, 0)
+    if ntasks == 1 or not parallel:          # small tensors: no parallel region
+        for t in range(ntasks):
+            total += task(job, t)
+        return total
     for t in prange(ntasks, schedule="guided"):
         total += task(job, t)
     return total
@@ -652,7 +656,8 @@ def paper_decode(const uint8_t[::1] packed,  # IN:  (ceil(n / V),) codes from pa
     job.relu = relu
     job.outf = &out[0]
     with nogil:
-        _run(_paper_decode_piece, &job, _npieces(job.n))
+        # a conv chunk's few samples (<= SERIAL_MAX values): a parallel region costs more than it saves
+        _run(_paper_decode_piece, &job, _npieces(job.n), job.n > SERIAL_MAX)
 
 
 def paper_mask(const uint8_t[::1] packed,    # IN:  (ceil(n / V),) codes from paper_pack

@@ -4,6 +4,7 @@ are refused before anything large is allocated."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -262,16 +263,33 @@ def test_load_dataset_refuses_a_resize_that_cannot_fit():
 # --------------------------------------------------------------------------- #
 # memory --budget: written as in the help, and below the smallest batch
 # --------------------------------------------------------------------------- #
-def test_budget_written_with_an_exponent_runs_the_search(capsys):
+def test_budget_written_with_an_exponent_runs_the_search(capsys, tmp_path):
     budget = 1e7
     rc, out, err = run_cli(["memory", "--model", "resnet8", "--width", "4", "--size", "8", "--channels", "1",
-                            "--batch", "16", "--budget", "1e7"], capsys)
+                            "--batch", "16", "--budget", "1e7", "--json", str(tmp_path / "m.json")], capsys)
     assert rc == 0, err
-    batch = int(re.search(r"largest batch with measured peak <= [0-9.]+ GiB: (\d+)", out).group(1))
+    result = json.loads((tmp_path / "m.json").read_text())["budget"]
+    assert (result["model"], result["input"], result["policy"], result["budget"]) == \
+        ("resnet8", [1, 8, 8], "Paper(bits=4)", 10**7)
+    assert result["batch"] == result["predicted"] and not result["measured"] and result["peak"] is None
+    batch = int(re.search(r"largest batch with predicted peak <= 9.5 MiB \(10,000,000 B\): (\d+) for "
+                          r"resnet8 on 1x8x8 inputs under Paper\(bits=4\); from the line through", out).group(1))
     nn.manual_seed(0)
     model = nn.build_model("resnet8", num_classes=10, in_channels=1, input_size=8, width=4)
     x = np.random.default_rng(1).standard_normal((batch, 1, 8, 8), dtype=np.float32)
     assert measure_peak(model, x, np.arange(batch) % 10, Paper(4)) <= 1.01 * budget
+    assert result["batch"] == batch
+
+
+def test_budget_confirmed_measures_the_answer(capsys, tmp_path):
+    """--confirm: the answer is a measured batch that fits (the line's prediction measured)."""
+    rc, out, err = run_cli(["memory", "--model", "resnet8", "--width", "4", "--size", "8", "--channels", "1",
+                            "--batch", "16", "--budget", "8MiB", "--confirm", "--json", str(tmp_path / "m.json")],
+                           capsys)
+    assert rc == 0, err
+    result = json.loads((tmp_path / "m.json").read_text())["budget"]
+    assert result["measured"] and result["batch"] in result["probes"] and result["peak"] <= 8 * 2**20
+    assert f"largest batch with measured peak <= 8.0 MiB (8,388,608 B): {result['batch']} for resnet8" in out
 
 
 def test_budget_below_the_smallest_batch_is_one_line(capsys):

@@ -309,7 +309,7 @@ def test_ledger_lists_the_windows_per_unit():
     fit = ledger(model, x, t, FitWindow(4))
     for e in fit.entries:
         if e.name == "unit" and e.form == "fit":
-            assert e.meta == 8 * e.shape[1]                  # s (int32) and D (float32) per channel
+            assert e.meta == 20 * e.shape[1]   # s (int32), h_step, x_step, x_off and D (float32) per channel
             assert e.payload == math.ceil(np.prod(e.shape) * 4 / 8)
 
 

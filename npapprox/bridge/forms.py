@@ -4,8 +4,8 @@ the meta device, what the ledger of a large model needs)."""
 from __future__ import annotations
 
 from ..kernels.reference import num_groups, packed_nbytes
-from ..policy import Generic, Paper, Policy
-from ..storage import Stored
+from ..policy import FitWindow, Generic, Paper, Policy
+from ..storage import FitUnit, PaperUnit, Stored
 
 
 def exact_units(policy: Policy) -> bool:
@@ -74,7 +74,8 @@ def sized_unit(policy: Policy, x) -> Sized:
     if exact_units(policy):
         return Sized(str(x.dtype).removeprefix("torch."), 8 * size, x.shape, n * size, c * size)
     if isinstance(policy, Paper):
-        return Sized("paper", policy.bits, x.shape, packed_nbytes(n, policy.bits), 4 * c)
+        unit = FitUnit if isinstance(policy, FitWindow) else PaperUnit
+        return Sized(unit.form, policy.bits, x.shape, packed_nbytes(n, policy.bits), unit.META_PER_CHANNEL * c)
     if isinstance(policy, Generic):
         return Sized("generic+mask", policy.bits + 1, x.shape,
                      packed_nbytes(n, policy.bits) + packed_nbytes(n, 1), 8 * num_groups(n, policy.group))

@@ -46,13 +46,16 @@ class BNSource(NamedTuple):
     mask. ``mu is None`` means ``src`` already is xhat. The mask is either an
     array (``mask``), or rebuilt from ``src`` exactly as the forward computed it,
     ``(src - mu) * (gamma * inv_sigma) + relu_beta > 0`` (``relu_beta``), or
-    absent (plain BN: both None)."""
+    absent (plain BN: both None). Or ``codes``: a BN -> ReLU unit's paper-scheme
+    codes ``(packed, shape, s, x_step, x_off, bits)`` (``storage.PaperUnit``), from
+    which xhat and the mask are rebuilt inside the pass (``src`` None)."""
 
     src: object
     mu: object = None
     inv_sigma: object = None
     mask: object = None
     relu_beta: object = None
+    codes: tuple | None = None
 
 
 def as_ncm(a):
@@ -148,11 +151,24 @@ def bn_backward(gy3, source: BNSource, gamma, inv_sigma, *, batch_stats=True, ne
     ``inv_sigma`` is the op's (the scale of the forward); ``source.inv_sigma``
     only turns ``src`` into xhat. An empty batch gives an empty gx and zero sums."""
     xp = array_module(gy3)
-    src, mu, s_inv, mask, relu_beta = source
     dtype, c = gy3.dtype, gy3.shape[1]
     if gy3.size == 0:
         return (xp.empty_like(gy3) if need_gx else None), xp.zeros(c, dtype), xp.zeros(c, dtype)
     scale = gamma * inv_sigma                                    # as the forward computed it
+    if source.codes is not None:
+        packed, shape, s, x_step, x_off, bits = source.codes
+        if _use_compiled(gy3, scale) and dtype == np.float32 and isinstance(packed, np.ndarray):
+            # xhat and the mask rebuilt per block inside the pass: no decoded arrays
+            gy3 = np.ascontiguousarray(gy3)
+            gx = np.empty_like(gy3) if need_gx else None
+            ggamma, gbeta = np.empty(c), np.empty(c)
+            _compiled.bn_backward_codes(gy3, packed, np.ascontiguousarray(s, np.int32), x_step, x_off, bits,
+                                        np.ascontiguousarray(scale), bool(batch_stats), gx, ggamma, gbeta)
+            return gx, ggamma.astype(dtype), gbeta.astype(dtype)
+        from npapprox.kernels import paper_decode, paper_mask  # noqa: PLC0415 (kernels import this module)
+        source = BNSource(as_ncm(paper_decode(packed, shape, s, x_step, x_off, bits).astype(dtype, copy=False)),
+                          mask=paper_mask(packed, shape, s, bits))
+    src, mu, s_inv, mask, relu_beta, _ = source
     if mu is None:                                               # src is xhat already: (xhat - 0) * 1
         mu, s_inv = xp.zeros(c, dtype), xp.ones(c, dtype)
     if _use_compiled(gy3, src, mu, s_inv, scale):

@@ -63,14 +63,17 @@ class Module:
     def __call__(self, *args):
         """forward(*args), with this module's storage policy override (if any)
         in force and the module recorded on every op it runs (for the ledger)."""
+        with self._running():
+            return self.forward(*args)
+
+    @contextlib.contextmanager
+    def _running(self):
         MODULE_STACK.append(self)
         for called in _traces.lists:
             called.append(self)
         try:
-            if self.storage is None:
-                return self.forward(*args)
-            with storage_policy(self.storage):
-                return self.forward(*args)
+            with storage_policy(self.storage) if self.storage is not None else contextlib.nullcontext():
+                yield
         finally:
             MODULE_STACK.pop()
 
@@ -199,6 +202,24 @@ class Sequential(Module):
 
     def __getitem__(self, i):
         return list(self)[i]
+
+    def __call__(self, x):
+        # not through forward(*args): the argument tuple (and, for nested Sequentials,
+        # each caller's loop variable) would hold an activation-sized input until the
+        # last layer returned. Here only the layer running holds its input.
+        box = [x]
+        del x
+        self._run(box)
+        return box.pop()
+
+    def _run(self, box: list) -> None:
+        """Apply the layers in turn to ``box``'s one element, in place."""
+        with self._running():
+            for m in self:
+                if isinstance(m, Sequential) and type(m).__call__ is Sequential.__call__:
+                    m._run(box)
+                else:
+                    box.append(m(box.pop()))
 
     def forward(self, x):
         for m in self:

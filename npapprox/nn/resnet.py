@@ -60,9 +60,7 @@ class PreActBlock(Module):
         _init_shortcut(self, cin, cout, stride, shortcut)
 
     def forward(self, x):
-        h = _unit(self, self.bn1, x)                     # BN -> ReLU unit
-        out = self.conv2(_unit(self, self.bn2, self.conv1(h)))
-        return ops.add(out, _shortcut(self, x, h))
+        return _residual(self, x, (self.conv1, self.bn2, self.conv2))
 
 
 class PreActBottleneck(Module):
@@ -87,9 +85,7 @@ class PreActBottleneck(Module):
         _init_shortcut(self, cin, cout, stride, shortcut)
 
     def forward(self, x):
-        h = _unit(self, self.bn1, x)
-        out = self.conv3(_unit(self, self.bn3, self.conv2(_unit(self, self.bn2, self.conv1(h)))))
-        return ops.add(out, _shortcut(self, x, h))
+        return _residual(self, x, (self.conv1, self.bn2, self.conv2, self.bn3, self.conv3))
 
 
 def _init_shortcut(block, cin, cout, stride, shortcut):
@@ -102,6 +98,18 @@ def _init_shortcut(block, cin, cout, stride, shortcut):
         block.proj = Conv2d(cin, cout, 1, stride=stride)
     elif block.shortcut == "pad" and cout < cin:
         raise ValueError(f"the 'pad' shortcut cannot narrow {cin} -> {cout} channels")
+
+
+def _residual(block, x, path):
+    """bn1's unit h, then ``path`` (convs and the BNs of the units between them)
+    on it, plus the shortcut. Each intermediate is dropped as soon as the next op
+    has it (what backward needs, the ops saved), so the forward holds x, the
+    current activation and the op's output, not every activation of the block."""
+    out = _unit(block, block.bn1, x)
+    h = out if block.shortcut == "projection" else None      # a projection reads h after the branch
+    for layer in path:
+        out = _unit(block, layer, out) if isinstance(layer, BatchNorm2d) else layer(out)
+    return ops.add(out, _shortcut(block, x, h))
 
 
 def _shortcut(block, x, h):
@@ -156,8 +164,9 @@ class PreActResNet(Module):
 
     def forward(self, x):
         x = check_model_input(self, x, 4, "two stride-2 stages")
-        h = self.blocks(self.conv(x))
-        return self.fc(ops.global_avg_pool2d(_unit(self, self.bn, h)))
+        box = [self.conv(x)]              # held by the box alone: blocks drop it once used
+        self.blocks._run(box)
+        return self.fc(ops.global_avg_pool2d(_unit(self, self.bn, box.pop())))
 
 
 def preact_resnet20(**kwargs) -> PreActResNet:

@@ -36,7 +36,7 @@ class BatchNorm2d(Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, **options):
-        y, _, mu, inv_sigma = _normalize(ctx, x, gamma, beta, **options)
+        y, mu, inv_sigma = _normalize(ctx, x, gamma, beta, **options)
         ctx.save(x=x, gamma=gamma, mu=mu, inv_sigma=inv_sigma)
         return y
 
@@ -47,8 +47,8 @@ class BatchNorm2d(Function):
 
 
 def _normalize(ctx, x, gamma, beta, *, running_mean=None, running_var=None, use_batch_stats=True,
-               update_running=True, momentum=0.1, eps=1e-5, relu=False):
-    """BN forward shared by both ops -> y (N,C,H,W), h = relu(y) or None, mu (C,), inv_sigma (C,)."""
+               update_running=True, momentum=0.1, eps=1e-5):
+    """BN forward shared by both ops -> y (N,C,H,W), mu (C,), inv_sigma (C,)."""
     n, c, h, w = x.shape
     x3 = as_ncm(x)                                               # (N, C, HW)
     m = n * h * w
@@ -66,8 +66,8 @@ def _normalize(ctx, x, gamma, beta, *, running_mean=None, running_var=None, use_
         inv_sigma = inv_sigma_of(running_var.astype(x.dtype), eps)   # (C,)
         mu = running_mean.astype(x.dtype)
     ctx.use_batch_stats = use_batch_stats
-    y, h = bn_apply(x3, mu, gamma * inv_sigma, beta, want_h=relu)
-    return y.reshape(x.shape), (h.reshape(x.shape) if relu else None), mu, inv_sigma
+    y, _ = bn_apply(x3, mu, gamma * inv_sigma, beta)
+    return y.reshape(x.shape), mu, inv_sigma
 
 
 def _backward(ctx, gy, source, gamma, inv_sigma):
@@ -89,9 +89,12 @@ class BatchNormReLU(Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, **options):
-        y, h, mu, inv_sigma = _normalize(ctx, x, gamma, beta, relu=True, **options)
+        y, mu, inv_sigma = _normalize(ctx, x, gamma, beta, **options)
         ctx.save(unit=BNReLUUnit(x, y, mu, inv_sigma, gamma, beta), gamma=gamma, inv_sigma=inv_sigma)
-        return h   # y * (y > 0), bit-identical to what the stored unit rebuilds
+        # h = y * (y > 0) written over y once the unit is stored: one activation-sized
+        # buffer, not two (the same bits as bn_apply's h, which the stored unit rebuilds)
+        xp = array_module(y)
+        return xp.multiply(y, y > 0, out=y)
 
     @staticmethod
     def backward(ctx, gh):

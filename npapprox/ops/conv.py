@@ -55,7 +55,9 @@ class Conv2d(Function):
     (``npapprox.parallel``).
     The input (not its rows) is what is saved: rows are rebuilt in backward, a
     few samples at a time, so the ledger counts one activation-sized tensor and
-    the rows never exist for the whole batch.
+    the rows never exist for the whole batch. An input stored as a unit's codes
+    (or its exact BN input) is rebuilt chunk by chunk too (``Stored.sample_reader``):
+    no rebuilt input of the whole batch exists either.
     """
 
     SAVES = {"x": ACTIVATION, "w": PARAM}
@@ -91,18 +93,19 @@ class Conv2d(Function):
 
     @staticmethod
     def backward(ctx, gy):
-        x, w = ctx.restore("x", "w")
+        w = ctx.restore("w")
         xp = array_module(gy)
         n, f, oh, ow = gy.shape
         c, kh, kw = w.shape[1:]
         s, pad = ctx.stride, ctx.padding
         need_x, need_w, need_b = ctx.needs_input_grad
+        x_of = ctx.sample_reader("x") if need_w else None         # a chunk's samples -> their input
         L = oh * ow
         gy3 = gy.reshape(n, f, L)                                 # (N, F, L)
         gb = gy3.sum(axis=(0, 2)) if need_b else None
         w2 = _weight_rows(w)                                      # (F, K)
         shares, m_max = _plan(n, L, w2.shape[1], gy.dtype.itemsize, xp)
-        gx = xp.empty(x.shape, dtype=gy.dtype) if need_x else None
+        gx = xp.empty((n, c) + ctx.saved["x"].shape[2:], dtype=gy.dtype) if need_x else None
         # every worker's buffers, made before any worker starts (a deterministic peak)
         rows_ws = [xp.empty((m_max, w2.shape[1]), dtype=gy.dtype) for _ in shares]
         gyr_ws = [xp.empty((m_max, f), dtype=gy.dtype) for _ in shares]
@@ -115,7 +118,7 @@ class Conv2d(Function):
                 gyr = gyr_ws[k][:m]
                 gyr.reshape(m // L, L, f)[...] = gy3[sl].transpose(0, 2, 1)    # (B*L, F)
                 if need_w:
-                    r = im2row(x[sl], kh, kw, s, pad, out=rows_ws[k][:m])      # (B*L, K)
+                    r = im2row(x_of(sl), kh, kw, s, pad, out=rows_ws[k][:m])   # (B*L, K)
                     gw2t[k] += xp.matmul(r.T, gyr, out=prod[k])  # (K, F): faster than gyr.T @ r
                 if need_x:
                     grows = xp.matmul(gyr, w2, out=rows_ws[k][:m])             # (B*L, K)

@@ -53,7 +53,9 @@ class MaxPool2d(Function):
     is larger than y or NaN. So the first maximum wins a tie, the last NaN wins
     (y is NaN when the window holds one), and a window of -inf (padding
     included) sends its gradient to its first position inside the input, never
-    to the padding. Saves the argmax offset p*k+q per output (uint8), not x."""
+    to the padding. Saves the argmax offset p*k+q per output (uint8), not x.
+    When its input is a stored output (a unit's, ...), a consumer saving y gets a
+    reference that rebuilds y from that form and the argmax (``storage.PooledRef``)."""
 
     SAVES = {"argmax": INDEX}
 
@@ -80,12 +82,14 @@ class MaxPool2d(Function):
                 y = xp.where(better, v, y)
                 argmax = xp.where(better, xp.uint8(p * kernel + q), argmax)   # no boolean-mask write: no GPU sync
         ctx.save(argmax=xp.ascontiguousarray(argmax))   # a broadcast view if no position ever won
+        ctx.pool_input = ctx.shared_form(x)
         ctx.kernel, ctx.stride, ctx.padding, ctx.x_shape = kernel, stride, padding, x.shape
         return y
 
     @staticmethod
     def backward(ctx, gy):
         argmax = ctx.restore("argmax")
+        ctx.pool_input = None
         xp = array_module(gy)
         k, s, pad = ctx.kernel, ctx.stride, ctx.padding
         n, c, h, w = ctx.x_shape
