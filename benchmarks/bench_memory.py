@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 import npapprox as na
+from npapprox.cli_options import byte_size
 from npapprox.ledger import ledger, max_batch, measure_peak, transient_bound
 
 POLICIES = {"exact": na.Exact, "paper4": lambda: na.Paper(4), "paper2": lambda: na.Paper(2)}
@@ -94,12 +95,10 @@ def step_times(batch, repeats):
 
 
 def main(argv=None):
-    from npapprox.cli import _bytes  # noqa: PLC0415  (the CLI's own size parser)
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--models", default="resnet20,resnet56,resnet164")
-    p.add_argument("--budget", type=lambda t: 0 if t == "0" else _bytes(t), default=2 * 2**30)
+    p.add_argument("--budget", type=lambda t: 0 if t == "0" else byte_size(t), default=2 * 2**30)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     peaks([m.strip() for m in args.models.split(",") if m.strip()], args.batch)

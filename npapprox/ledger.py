@@ -135,8 +135,9 @@ TRANSIENT_BUFFERS = 2.5
 
 
 def conv_workspace(x_shape, w_shape, stride: int, padding: int, xp=np) -> int:
-    """Bytes of one conv's backward workspace (``ops.conv``: per worker the rows of
-    one chunk (m, K), its output rows (m, F) and two (K, F) weight-gradient partials)."""
+    """Bytes of one conv's backward workspace (``ops.conv``: per worker the input
+    samples of one chunk, decoded from their stored form (m / L, C, H, W), its rows
+    (m, K), its output rows (m, F) and two (K, F) weight-gradient partials)."""
     from .ops.conv import _plan  # noqa: PLC0415
     from .parallel import workers  # noqa: PLC0415
     n, _, h, w = x_shape
@@ -144,7 +145,7 @@ def conv_workspace(x_shape, w_shape, stride: int, padding: int, xp=np) -> int:
     L = ((h + 2 * padding - kh) // stride + 1) * ((w + 2 * padding - kw) // stride + 1)
     k = kh * kw * c
     shares, m_max = _plan(n, L, k, 4, xp)
-    return 4 * min(len(shares), workers(xp)) * (m_max * (k + f) + 2 * k * f)
+    return 4 * min(len(shares), workers(xp)) * (m_max // L * c * h * w + m_max * (k + f) + 2 * k * f)
 
 
 def transient_bound(led: Ledger) -> int:

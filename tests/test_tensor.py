@@ -454,7 +454,7 @@ def test_conv_worker_threads_store_under_the_callers_policy():
     # (default) policy stack: what is stored must still follow the caller's policy
     from threadpoolctl import threadpool_limits  # noqa: PLC0415
     from npapprox import parallel  # noqa: PLC0415
-    from npapprox.storage import GenericPacked  # noqa: PLC0415
+    from npapprox.storage import GenericPacked, SharedRef  # noqa: PLC0415
 
     rng = np.random.default_rng(4)
     x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
@@ -464,8 +464,10 @@ def test_conv_worker_threads_store_under_the_callers_policy():
         xt = Tensor(x, requires_grad=True)
         with threadpool_limits(threads, user_api="blas"), storage_policy(npapprox.Generic(4)):
             assert parallel.workers() == threads
-            y = ops.conv2d(ops.tanh(xt), w, padding=1)
-            assert isinstance(y._ctx.saved["x"], GenericPacked)
+            h = ops.tanh(xt)
+            y = ops.conv2d(h, w, padding=1)
+            assert isinstance(h._ctx.saved["y"], GenericPacked)        # tanh keeps its output, K-bit
+            assert isinstance(y._ctx.saved["x"], SharedRef)            # the conv refers to it
             ops.sum_all(y).backward()
         results.append((y.data.tobytes(), xt.grad.tobytes()))
     assert results[0] == results[1]

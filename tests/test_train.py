@@ -168,10 +168,10 @@ def test_cli_compare_writes_table_and_plots(tmp_path, capsys):
 def test_cli_memory_finds_the_largest_batch_under_a_budget(tmp_path, capsys):
     budget = 24 * 2**20
     assert cli.main(["memory", "--model", "resnet8", "--width", "4", "--size", "8", "--channels", "1",
-                     "--policy", "paper4", "--batch", "16", "--budget", "24MiB",
+                     "--policy", "paper4", "--batch", "16", "--budget", "24MiB", "--confirm",
                      "--json", str(tmp_path / "m.json")]) == 0
     text = capsys.readouterr().out
-    batch = int(re.search(r"largest batch with measured peak <= [0-9.]+ GiB: (\d+)", text).group(1))
+    batch = int(re.search(r"largest batch with measured peak <= 24.0 MiB \(25,165,824 B\): (\d+)", text).group(1))
     assert batch >= 16
     from npapprox import nn
     from npapprox.policy import Paper

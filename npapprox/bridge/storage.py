@@ -16,6 +16,8 @@ Inside ``storage_policy(policy)`` (the engine's policy objects, ``npapprox.polic
 
     saved tensor, in the order checked         kind        kept as
     a unit's output h (the next conv's input)  ACTIVATION  ``UnitRef``: rebuilt from the unit, 0 bytes
+    a tensor saved before (tanh's output, then  ACTIVATION  ``SharedRef`` to the first save's form, 0 bytes
+      the next conv's input)
     an integer tensor (indices, labels)        INDEX       the tensor
     a parameter (leaf needing grad, or a view) PARAM       the tensor (0 bytes: the model's)
     fewer than 2 dims (statistics, scalars)    STAT        the tensor
@@ -47,13 +49,14 @@ from ..function import ACTIVATION, INDEX, PARAM, STAT, UNIT
 from ..kernels.bn import as_ncm, bn_backward
 from ..ledger import Entry, Ledger
 from ..policy import Paper, Policy
-from ..storage import BNReLUUnit, Unit, UnitRef
+from ..storage import BNReLUUnit, SharedRef, Unit, UnitRef
 from .forms import Alias, Kept, Sized, exact_activations, exact_units, sized_activation, sized_unit
 from .views import as_array, as_tensor, kernel_stream
 
 _stack: list = []            # policies in force, innermost last; empty: plain torch
 _names: list = []            # names of the bridge modules whose forward runs
 _units: dict = {}            # id(unit output h) -> (weakref to h, its stored unit)
+_shared: dict = {}           # id(saved activation) -> (weakref to it, its stored form): saved once
 _records: list = []          # lists collecting (Entry, stored) while ``record()`` runs
 _kept: dict = {}             # tensors kept as they are while recording (to count each once)
 
@@ -214,11 +217,20 @@ def _unit_of(t):
     return hit[1] if hit is not None and hit[0]() is t else None
 
 
+def _remember(table: dict, t, stored) -> None:
+    """``table[id(t)] = stored`` while ``t`` lives."""
+    key = id(t)
+    table[key] = (weakref.ref(t, lambda _, k=key: table.pop(k, None)), stored)
+
+
 def _classify(t, policy):
     """(kind, stored form) for a tensor an op saves (table in the module docstring)."""
     unit = _unit_of(t)
     if unit is not None:
         return ACTIVATION, UnitRef(unit)
+    hit = _shared.get(id(t))
+    if hit is not None and hit[0]() is t:           # saved before (a tanh's output, then its conv's input)
+        return ACTIVATION, SharedRef(hit[1])
     base = t._base if t._is_view() else t
     if not t.is_floating_point():
         return INDEX, Kept(t)
@@ -232,9 +244,12 @@ def _classify(t, policy):
     if producer in EXACT_OUTPUTS or t.dtype not in (torch.float32, torch.float64) or exact_activations(policy):
         return (STAT if producer in EXACT_OUTPUTS else ACTIVATION), Kept(t)
     if t.is_meta:
-        return ACTIVATION, sized_activation(policy, t)
-    with kernel_stream(t):
-        return ACTIVATION, policy.store_activation(_op(f"saved output of {producer}"), "saved", as_array(t))
+        stored = sized_activation(policy, t)
+    else:
+        with kernel_stream(t):
+            stored = policy.store_activation(_op(f"saved output of {producer}"), "saved", as_array(t))
+    _remember(_shared, t, stored)
+    return ACTIVATION, stored
 
 
 def _pack(t):
@@ -299,8 +314,7 @@ class BatchNormReLU(torch.autograd.Function):
         _note("BatchNormReLU", "unit", UNIT, ctx.unit, policy)
         _note("BatchNormReLU", "gamma", PARAM, Kept(gamma, param=True), policy)
         _note("BatchNormReLU", "inv_sigma", STAT, Kept(invstd), policy)
-        key = id(h)
-        _units[key] = (weakref.ref(h, lambda _, k=key: _units.pop(k, None)), ctx.unit)
+        _remember(_units, h, ctx.unit)
         return h
 
     @staticmethod
