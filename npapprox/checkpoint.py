@@ -135,3 +135,17 @@ def load(path) -> tuple[dict, dict]:
     except (KeyError, TypeError, ValueError):
         raise fail("has no readable metadata") from None
     return {name: arrays[name] for name in header}, meta      # in the written order
+
+
+def check_arrays(path, arrays: dict, own: dict, expected) -> None:
+    """Refuse ``arrays`` (read from ``path``) that are not this model's: a name of
+    ``own`` missing, a name ``expected(name)`` does not know (None), or another
+    shape or dtype than ``expected(name)``'s (CheckpointError, one line)."""
+    foreign = sorted(set(own) - set(arrays)) + [k for k in arrays if expected(k) is None]
+    if foreign:
+        raise CheckpointError(f"checkpoint {path}: its arrays are not this model's "
+                              f"({len(foreign)} names differ, e.g. {foreign[0]!r})")
+    for k, v in arrays.items():
+        if v.shape != expected(k).shape or v.dtype != expected(k).dtype:
+            raise CheckpointError(f"checkpoint {path}: array {k!r} is {v.dtype}{list(v.shape)}, "
+                                  f"this model's is {expected(k).dtype}{list(expected(k).shape)}")

@@ -157,6 +157,26 @@ def transient_bound(led: Ledger) -> int:
     return int(TRANSIENT_BUFFERS * act + ws)
 
 
+class PeakProbe:
+    """Peak memory of one step: tracemalloc on the CPU, CuPy's pool on the GPU."""
+
+    def __init__(self, device: str):
+        self.device = device
+        if device == "gpu":
+            self.gpu = gpu_memory_peak()
+            self.tracker = self.gpu.__enter__()
+        else:
+            tracemalloc.start()
+
+    def stop(self) -> int:
+        if self.device == "gpu":
+            self.gpu.__exit__(None, None, None)
+            return int(self.tracker.peak)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+
 def measure_peak(model, x, labels, policy: Policy | None = None) -> int:
     """Peak memory (bytes above the start) over forward + backward: traced host
     memory (tracemalloc) for a model on the CPU; for a model on the GPU, the bytes

@@ -93,3 +93,16 @@ def sync(f) -> None:
     """Flush ``f`` to the disk: its rows survive a crash (kill -9, power loss) from here on."""
     f.flush()
     os.fsync(f.fileno())
+
+
+def cut_logs(folder, iteration: int, history: list) -> None:
+    """The logs may run past the checkpoint (a crash after it): cut ``steps.jsonl``
+    back to ``iteration`` (a torn last line repaired) and rewrite ``metrics.jsonl``
+    as ``history``."""
+    steps = Path(folder) / STEPS
+    if steps.exists():
+        rows = read_jsonl(steps, repair=True)
+        if not all(isinstance(r, dict) and isinstance(r.get("iteration"), int) for r in rows):
+            raise ValueError(f"{steps} holds a line without an iteration: not this run's log")
+        write_jsonl(steps, [r for r in rows if r["iteration"] <= iteration])
+    write_jsonl(Path(folder) / METRICS, history)

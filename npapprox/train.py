@@ -25,97 +25,22 @@ import dataclasses
 import json
 import signal
 import time
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from . import backend, checkpoint, nn, ops, optim
+from . import checkpoint, nn, ops, optim
 from .backend import array_module, to_device
+from .config import RESUMABLE, Interrupted, NonFiniteLoss, TrainConfig
 from .data import batches, load_dataset
-from .ledger import ledger
+from .ledger import PeakProbe, ledger
 from .policy import policy_from_name, storage_policy
-from .runfolder import CHECKPOINT, METRICS, STEPS, claim, read_jsonl, sync, write_jsonl
+from .runfolder import CHECKPOINT, METRICS, STEPS, claim, cut_logs, sync
 from .tensor import Tensor, no_grad
 from .window import watch_training
 
 OPTIMIZER = "optimizer/"                 # array names: the model's own, then optimizer/<parameter>/<key>
-#: settings a resumed run may change: where it runs, not what it computes
-RESUMABLE = ("out", "engine", "nproc", "device")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    model: str = "resnet20"
-    data: str = "digits"
-    data_path: str | None = None
-    size: int | None = None              # resize / pad the images (digits: 8 by default)
-    width: int | None = None             # model width multiplier / base width
-    policy: str = "exact"
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 2e-4
-    decay: str = "kernels"               # weight decay on conv/linear kernels only (the paper) or "all"
-    schedule: str = "cosine"
-    epochs: int | None = 15
-    iterations: int | None = None        # overrides epochs when given
-    batch_size: int = 64
-    augment: bool = False                # pad-and-crop + flip (CIFAR); off for digits
-    normalize: str = "image-mean"
-    eval_batch_stats: bool = False       # evaluate with batch statistics, as the paper's code
-    seed: int = 0
-    device: str = "cpu"                  # "gpu": model, optimizer state and batches on the GPU (CuPy)
-    engine: str = "npapprox"             # or "torch": the same run on a torch model (npapprox.bridge.train)
-    nproc: int = 1                       # torch engine: data-parallel processes
-    out: str | None = None
-    checkpoint_every: int = 1            # epochs
-
-    @classmethod
-    def paper(cls, **overrides) -> "TrainConfig":
-        """The paper's CIFAR protocol (docs/method.md section 6): ResNet-164, batch 128,
-        SGD momentum 0.9, weight decay 2e-4 on kernels, the piecewise schedule with
-        warm-up over 64k iterations, pad-4 crop + flip, per-image mean, BN batch
-        statistics at evaluation."""
-        base = dict(model="resnet164", data="cifar10", batch_size=128, optimizer="sgd", lr=0.1,
-                    momentum=0.9, weight_decay=2e-4, decay="kernels", schedule="paper", epochs=None,
-                    iterations=64000, augment=True, normalize="image-mean", eval_batch_stats=True)
-        base.update(overrides)
-        return cls(**base)
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class Interrupted(KeyboardInterrupt):
-    """Training stopped by SIGINT or SIGTERM (``signum``) after a clean step."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class _PeakProbe:
-    """Peak memory of one step: tracemalloc on the CPU, CuPy's pool on the GPU."""
-
-    def __init__(self, device: str):
-        self.device = device
-        if device == "gpu":
-            self.gpu = backend.gpu_memory_peak()
-            self.tracker = self.gpu.__enter__()
-        else:
-            tracemalloc.start()
-
-    def stop(self) -> int:
-        if self.device == "gpu":
-            self.gpu.__exit__(None, None, None)
-            return int(self.tracker.peak)
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        return peak
 
 
 class Trainer:
@@ -186,7 +111,7 @@ class Trainer:
 
     def peak_probe(self):
         """``.stop() -> peak bytes of the step, or None`` (not measurable)."""
-        return _PeakProbe(self.cfg.device)
+        return PeakProbe(self.cfg.device)
 
     def on_signal(self, signum: int) -> None:
         """SIGINT/SIGTERM during ``run``: stop after the current step."""
@@ -243,7 +168,7 @@ class Trainer:
         mine = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RESUMABLE}
         changed = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if changed:
-            raise ValueError(f"--resume: the checkpoint was made with other settings: "
+            raise ValueError("--resume: the checkpoint was made with other settings: "
                              + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in changed.items()))
         own, names = self.model_arrays(), self.param_names()
 
@@ -251,14 +176,7 @@ class Trainer:
             return own.get(k) if not k.startswith(OPTIMIZER) else \
                 own.get(next((n for n in names if k.startswith(f"{OPTIMIZER}{n}/")), ""))
 
-        foreign = sorted(set(own) - set(arrays)) + [k for k in arrays if expected(k) is None]
-        if foreign:
-            raise checkpoint.CheckpointError(f"checkpoint {path}: its arrays are not this model's "
-                                             f"({len(foreign)} names differ, e.g. {foreign[0]!r})")
-        for k, v in arrays.items():
-            if v.shape != expected(k).shape or v.dtype != expected(k).dtype:
-                raise checkpoint.CheckpointError(f"checkpoint {path}: array {k!r} is {v.dtype}{list(v.shape)}, "
-                                                 f"this model's is {expected(k).dtype}{list(expected(k).shape)}")
+        checkpoint.check_arrays(path, arrays, own, expected)
         model = {k: v for k, v in arrays.items() if not k.startswith(OPTIMIZER)}
         slots = [{k.rsplit("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{OPTIMIZER}{n}/")}
                  for n in names]
@@ -273,14 +191,7 @@ class Trainer:
         self.resumed = True
         if not self.writes:
             return
-        # the logs may run past the checkpoint (a crash after it): cut them back to it
-        steps = self.out / STEPS
-        if steps.exists():
-            rows = read_jsonl(steps, repair=True)
-            if not all(isinstance(r, dict) and isinstance(r.get("iteration"), int) for r in rows):
-                raise ValueError(f"{steps} holds a line without an iteration: not this run's log")
-            write_jsonl(steps, [r for r in rows if r["iteration"] <= self.iteration])
-        write_jsonl(self.out / METRICS, self.history)
+        cut_logs(self.out, self.iteration, self.history)
 
     # --- one step, evaluation ------------------------------------------------------
     def step(self, xb, yb) -> tuple[float, int]:

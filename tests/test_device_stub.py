@@ -7,12 +7,13 @@
 * device-to-host syncs per training step, counted with a CuPy stand-in
   (``tests/fake_device.py``) while the CUDA kernels run through their host build;
 * the convolution's chunk plan on each backend, im2row as one strided copy;
-* kernels launched in the arrays' device context; ``_PeakProbe`` left clean when
+* kernels launched in the arrays' device context; ``ledger.PeakProbe`` left clean when
   a measured step raises.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 import textwrap
 import tracemalloc
@@ -29,6 +30,8 @@ from npapprox.kernels import gpu
 from npapprox.kernels import im2col as IM
 from npapprox.ops import conv
 from npapprox.train import NonFiniteLoss, TrainConfig, Trainer
+
+ledger_module = importlib.import_module("npapprox.ledger")   # the name npapprox.ledger is the function
 from support import HostLauncher
 
 F32 = np.float32
@@ -350,7 +353,7 @@ def test_im2row_reference_is_one_strided_copy_of_any_view():
 
 
 # --------------------------------------------------------------------------- #
-# _PeakProbe
+# PeakProbe
 # --------------------------------------------------------------------------- #
 def _failing_run(t, monkeypatch):
     def boom(xb, yb):
@@ -378,7 +381,7 @@ def test_peak_probe_removes_the_gpu_memory_hook_when_the_step_raises(device, mon
         def __exit__(self, *exc):
             events.append("exit")
 
-    monkeypatch.setattr(backend, "gpu_memory_peak", Hook)
+    monkeypatch.setattr(ledger_module, "gpu_memory_peak", Hook)
     _failing_run(_trainer("exact"), monkeypatch)
     assert events == ["enter", "exit"]
 
