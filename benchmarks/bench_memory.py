@@ -94,7 +94,7 @@ def step_times(batch, repeats):
 
 
 def main(argv=None):
-    from npapprox.cli import _bytes  # noqa: PLC0415  (the CLI's own size parser)
+    from npapprox.cli import _bytes
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=128)

@@ -18,9 +18,23 @@ import numpy as np
 
 from . import __version__, compare, nn, study
 from .backend import DeviceError
-from .cli_options import (activation_list, byte_size, check_args, check_outputs, int_to, name_list, natural,
-                          nonnegative_float, optimizer_list, positive_float, positive_int, seed_list, train_config)
+from .cli_options import (
+    activation_list,
+    byte_size,
+    check_args,
+    check_outputs,
+    int_to,
+    name_list,
+    natural,
+    nonnegative_float,
+    optimizer_list,
+    positive_float,
+    positive_int,
+    seed_list,
+    train_config,
+)
 from .ledger import ledger, max_batch
+from .limits import fmt_bytes
 from .nn.zoo import MODELS
 from .policy import POLICY_HELP, policy_from_name
 from .runfolder import claim
@@ -88,8 +102,8 @@ def _train(args) -> int:
     cfg = train_config(args, args.policy, args.seed, args.out)
     try:
         if cfg.engine == "torch":   # one process, --nproc spawned ones, or one rank of torchrun
-            from .bridge.ddp import RankError  # noqa: PLC0415
-            from .bridge.train import train as train_torch  # noqa: PLC0415
+            from .bridge.ddp import RankError
+            from .bridge.train import train as train_torch
             try:
                 train_torch(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
             except RankError as e:
@@ -155,7 +169,6 @@ def _memory(args) -> int:
     result = {"policy": repr(policy), "stored": led.stored, "float32_per_unit": led.float32_per_unit,
               "standard_autodiff": led.standard_autodiff}
     if args.budget:
-        from .limits import fmt_bytes  # noqa: PLC0415
         shape = (args.channels, args.size, args.size)
         details = {}
         batch, peak = max_batch(model, shape, args.classes, policy, args.budget, log=print, details=details,
@@ -183,7 +196,7 @@ def _memory(args) -> int:
 
 def _study(args) -> int:
 
-    split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
+    split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())
     policies = split(args.policies)
     for p in policies + split(args.opt_policies):
         policy_from_name(p)  # fail early on a bad name

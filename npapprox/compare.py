@@ -150,9 +150,9 @@ def plot(runs, policies, seeds, out: Path, heading: str = "") -> list:
     """The PNGs of ``PLOTS`` in ``out``, titled ``heading``; returns their paths
     ([] without matplotlib)."""
     try:
-        import matplotlib  # noqa: PLC0415 (optional dependency: the plot extra)
+        import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415 (optional dependency)
+        import matplotlib.pyplot as plt
     except ImportError:
         return []
     written = []

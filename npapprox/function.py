@@ -55,7 +55,7 @@ def current_policy():
     """The storage policy in force in the calling thread."""
     policies = _stack.policies
     if not policies:                           # the thread's base, made on first use
-        from .policy import Exact  # noqa: PLC0415 (policy imports the kinds from here)
+        from .policy import Exact
         policies.append(Exact())
     return policies[-1]
 
@@ -63,7 +63,7 @@ def current_policy():
 @contextlib.contextmanager
 def storage_policy(policy):
     """Use ``policy`` (a ``policy.Policy``) for every op recorded inside the ``with`` block."""
-    from .policy import Policy  # noqa: PLC0415 (policy imports the kinds from here)
+    from .policy import Policy
     if not isinstance(policy, Policy):
         raise TypeError(f"storage_policy expects a Policy instance, got {type(policy).__name__}")
     _stack.policies.append(policy)

@@ -40,6 +40,7 @@ import numpy as np
 from . import checks
 from .backend import array_module, to_device
 
+
 class _GradMode(threading.local):
     enabled = True          # each thread starts with recording on
 

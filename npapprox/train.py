@@ -243,7 +243,7 @@ class Trainer:
         mine = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RESUMABLE}
         changed = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if changed:
-            raise ValueError(f"--resume: the checkpoint was made with other settings: "
+            raise ValueError("--resume: the checkpoint was made with other settings: "
                              + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in changed.items()))
         own, names = self.model_arrays(), self.param_names()
 
@@ -458,7 +458,7 @@ def make_trainer(config: TrainConfig, **options) -> Trainer:
     """The trainer of ``config.engine``: ``Trainer``, or the torch engine's
     ``npapprox.bridge.train.TorchTrainer`` (one process)."""
     if config.engine == "torch":
-        from .bridge.train import TorchTrainer  # noqa: PLC0415
+        from .bridge.train import TorchTrainer
         return TorchTrainer(config, **options)
     if config.engine != "npapprox":
         raise ValueError(f"engine must be 'npapprox' or 'torch', got {config.engine!r}")

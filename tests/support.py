@@ -319,7 +319,7 @@ def paper_oracle(y, gamma, beta, bits):
     g, b = gamma.astype(F64), beta.astype(F64)
     s = np.clip(nb / 2 - np.floor((b / np.abs(g)) / d), 1, nb - 1).astype(np.int64)
     k = (1.0 / (d * np.abs(g))).astype(F32)
-    c4 = lambda a: a[None, :, None, None]  # noqa: E731  (C,) -> (1, C, 1, 1)
+    c4 = lambda a: a[None, :, None, None]
     u = np.clip(y * c4(k), -(nb + 1), nb + 1)          # float32 product, as in the contract
     code = np.clip(c4(s) - 1 + np.ceil(u).astype(np.int64), 0, nb - 1)
     code = np.where(y > 0, np.maximum(code, c4(s)), np.minimum(code, c4(s) - 1))
@@ -363,7 +363,7 @@ def bn_relu_backward_oracle(gh, mask, xhat, gamma, inv_sigma):
     g = gh * mask
     gbeta = g.sum(axis=(0, 2, 3))
     ggamma = (g * xhat).sum(axis=(0, 2, 3))
-    c4 = lambda a: a[None, :, None, None]  # noqa: E731
+    c4 = lambda a: a[None, :, None, None]
     gx = c4(gamma * inv_sigma) * (g - c4(gbeta / m) - xhat * c4(ggamma / m))
     return gx, ggamma, gbeta
 

@@ -16,17 +16,16 @@ from conftest import require_torch
 import npapprox as na
 from npapprox import Tensor, kernels, ops
 from npapprox.policy import FitWindow
-from npapprox.storage import BNReLUUnit
-from npapprox.storage import GenericPacked, PaperUnit
+from npapprox.storage import BNReLUUnit, GenericPacked, PaperUnit
 from npapprox.tensor import topological_order
 
 torch = require_torch()
 F = torch.nn.functional
-from model_oracle import randomise_bn  # noqa: E402
-from torch_models import TorchPreActResNet  # noqa: E402
-
 from npapprox import bridge  # noqa: E402
 from npapprox.bridge import storage as bstorage  # noqa: E402
+
+from model_oracle import randomise_bn  # noqa: E402
+from torch_models import TorchPreActResNet  # noqa: E402
 
 
 def _ctx(name="BatchNormReLU"):

@@ -5,6 +5,7 @@ and ``torch.optim`` (the formulas); the uninterrupted run (resume, bit for bit,
 one process and two); the checkpoint arrays themselves (engine <-> torch)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -19,11 +20,12 @@ from conftest import require_torch
 
 import npapprox as na
 from npapprox import checkpoint, cli, optim
+from npapprox.study import study_gradients
 
 torch = require_torch()
-from npapprox.bridge import ddp  # noqa: E402
-from npapprox.bridge import train as btrain  # noqa: E402
-from npapprox.train import CHECKPOINT, TrainConfig, Trainer, load_run, make_trainer  # noqa: E402
+from npapprox.bridge import ddp
+from npapprox.bridge import train as btrain
+from npapprox.train import CHECKPOINT, TrainConfig, Trainer, load_run, make_trainer
 
 TINY = dict(model="resnet8", width=4, data="digits", batch_size=16, lr=0.1, schedule="cosine", engine="torch")
 LR, WD = 0.05, 1e-2
@@ -173,7 +175,6 @@ def test_checkpoint_round_trip_torch_engine_torch_is_bit_exact(tmp_path):
     run = load_run(tmp_path / "torch")                      # the study's way in; nothing written
     _same_arrays({k: v for k, v in arrays.items() if not k.startswith("optimizer/")}, run.model.state_dict())
     assert sorted(p.name for p in (tmp_path / "torch").iterdir()) == [CHECKPOINT, "metrics.jsonl", "steps.jsonl"]
-    from npapprox.study import study_gradients
     st = study_gradients(run.model, run.data.x_train[:32], run.data.y_train[:32], ["paper4"], repeats=1,
                          include_exact=False)
     assert 0 < st.stats(st.policies[0])["rel_err"] < 0.5
@@ -200,7 +201,6 @@ def test_cli_refuses_bad_engine_options_in_one_line(capsys, extra, match):
 
 
 def test_cli_without_torch_says_how_to_install(monkeypatch, capsys):
-    import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
     assert cli.main(ARGS + ["--engine", "torch"]) == 2

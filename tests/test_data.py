@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gzip
 import hashlib
 import pickle
 import re
 import tarfile
 
-import cifar_archive as ca
 import numpy as np
 import pytest
 
 import npapprox.data as data
 from npapprox.data import cifar as cifar_mod
+
+import cifar_archive as ca
 
 MD5_10 = "c58f30108f718f92721af3b95e74349a"
 MD5_100 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -192,7 +194,6 @@ def test_truncated_archive(tmp_path):
 
 
 def test_gzip_of_something_else(tmp_path):
-    import gzip  # noqa: PLC0415
     p = tmp_path / ca.CIFAR10_ARCHIVE
     p.write_bytes(gzip.compress(b"just text, not a tar file\n" * 40))
     _expect_corrupt(p, "not a readable|missing member")

@@ -19,8 +19,18 @@ import numpy as np
 import pytest
 
 from npapprox import nn
-from npapprox.optim import (SGD, Adam, ConstantSchedule, CosineSchedule, Optimizer, PaperSchedule, RMSprop,
-                            StepSchedule, make_optimizer, make_schedule)
+from npapprox.optim import (
+    SGD,
+    Adam,
+    ConstantSchedule,
+    CosineSchedule,
+    Optimizer,
+    PaperSchedule,
+    RMSprop,
+    StepSchedule,
+    make_optimizer,
+    make_schedule,
+)
 
 SHAPES = [(2, 3, 3, 3), (2,), (4, 5), (5,)]   # conv kernel, BN/bias vector, linear kernel, bias
 STEPS = 6
@@ -143,7 +153,7 @@ def _rmsprop_numpy(ws, grads_per_step, lr_of, alpha, eps, momentum, wd, decay):
 @pytest.mark.parametrize("decay", ["kernels", "all"])
 def test_adam_and_rmsprop_match_numpy_formulas(decay):
     w0, grads = _initial(2), _gradients(3)
-    lr_of = lambda step: _lr_at(step, 1e-2)  # noqa: E731
+    lr_of = lambda step: _lr_at(step, 1e-2)
     cases = [
         (Adam, dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2),
          lambda: _adam_numpy(w0, grads, lr_of, 0.9, 0.999, 1e-8, 1e-2, decay)),

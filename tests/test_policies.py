@@ -26,6 +26,26 @@ import types
 
 import numpy as np
 import pytest
+
+from npapprox import Tensor, ops
+from npapprox.function import PARAM, STAT, UNIT
+from npapprox.ledger import ledger, measure_peak
+from npapprox.policy import (
+    POLICIES,
+    ApproxForward,
+    Exact,
+    FitWindow,
+    Generic,
+    Naive,
+    Paper,
+    policy_from_name,
+    register_policy,
+    storage_policy,
+)
+from npapprox.storage import BNReLUUnit
+from npapprox.study.plots import line_style
+from npapprox.tensor import topological_order
+
 from support import (
     assert_close,
     bn_forward,
@@ -40,15 +60,6 @@ from support import (
     unit_problem,
     unpack_codes,
 )
-
-from npapprox import Tensor, ops
-from npapprox.function import PARAM, STAT, UNIT
-from npapprox.ledger import ledger, measure_peak
-from npapprox.policy import (POLICIES, ApproxForward, Exact, FitWindow, Generic, Naive, Paper, policy_from_name,
-                             register_policy, storage_policy)
-from npapprox.storage import BNReLUUnit
-from npapprox.study.plots import line_style
-from npapprox.tensor import topological_order
 
 F32, F64 = np.float32, np.float64
 
@@ -157,8 +168,8 @@ def test_paper_gx_differs_from_exact_only_by_the_variance_term():
     _, _, gh2 = proj_oracle(np.zeros(x.shape), w2.astype(F64), r2.astype(F64))
     g = (gh1 + gh2) * (y > 0)
     m = g.shape[0] * g.shape[2] * g.shape[3]
-    c4 = lambda a: a[None, :, None, None]  # noqa: E731
-    var_term = lambda xh: xh * c4((g * xh).sum(axis=(0, 2, 3)) / m)  # noqa: E731
+    c4 = lambda a: a[None, :, None, None]
+    var_term = lambda xh: xh * c4((g * xh).sum(axis=(0, 2, 3)) / m)
     want = -c4(gamma.astype(F64) * inv_sigma) * (var_term(xhat_hat) - var_term(xhat))
     diff = out["gx"].astype(F64) - exact["gx"]
     np.testing.assert_allclose(diff, want, atol=2e-5 * np.abs(exact["gx"]).max())

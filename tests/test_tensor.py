@@ -453,6 +453,7 @@ def test_conv_worker_threads_store_under_the_callers_policy():
     # the conv's chunks run on worker threads (npapprox.parallel), which have their own
     # (default) policy stack: what is stored must still follow the caller's policy
     from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
     from npapprox import parallel  # noqa: PLC0415
     from npapprox.storage import GenericPacked  # noqa: PLC0415
 

@@ -13,7 +13,7 @@ import pytest
 from npapprox import checkpoint, cli, cli_options, nn
 from npapprox.backend import gpu_available
 from npapprox.ledger import measure_peak
-from npapprox.train import CHECKPOINT, NonFiniteLoss, Trainer, TrainConfig
+from npapprox.train import CHECKPOINT, NonFiniteLoss, TrainConfig, Trainer
 
 TINY = dict(model="resnet8", width=8, data="digits", batch_size=64, lr=0.1, schedule="cosine")
 

@@ -12,9 +12,9 @@ from .stats import Study
 
 def pyplot():
     try:
-        import matplotlib  # noqa: PLC0415 (optional dependency: the plot extra)
+        import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415 (optional dependency)
+        import matplotlib.pyplot as plt
     except ImportError:
         return None
     return plt
