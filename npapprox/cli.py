@@ -196,7 +196,8 @@ def _memory(args) -> int:
 
 def _study(args) -> int:
 
-    split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())
+    def split(text):
+        return tuple(t.strip() for t in text.split(",") if t.strip())
     policies = split(args.policies)
     for p in policies + split(args.opt_policies):
         policy_from_name(p)  # fail early on a bad name

@@ -109,7 +109,7 @@ class Context:
         # the graph: per input, the Context that produced it, the leaf Tensor itself, or None.
         # Contexts, not tensors, so an activation nobody saved is freed after the forward.
         self.parents = tuple((a._ctx if a._ctx is not None else a) if needs else None
-                             for a, needs in zip(inputs, self.needs_input_grad))
+                             for a, needs in zip(inputs, self.needs_input_grad, strict=True))
         self.saved: dict | None = {}
         self._origin: dict = {}  # id(saved array) -> its stored form, for forward_output
         self.released = False

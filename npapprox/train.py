@@ -209,7 +209,7 @@ class Trainer:
         arrays = self.model_arrays()
         opt = self.optimizer.state_dict()
         names = self.param_names()
-        for name, slots in zip(names, opt.pop("state")):
+        for name, slots in zip(names, opt.pop("state"), strict=True):
             arrays.update((f"{OPTIMIZER}{name}/{k}", v) for k, v in slots.items())
         meta = {"config": dataclasses.asdict(self.cfg), "iteration": self.iteration, "train_time": self.train_time,
                 "optimizer": opt, "policy": self.policy.state_dict(), "history": self.history,

@@ -60,7 +60,8 @@ def test_resnet20_on_cuda_against_the_cpu(policy):
     na.nn.manual_seed(0)
     cpu = bridge.to_torch(na.nn.preact_resnet20())
     rng = np.random.default_rng(0)
-    x, y = torch.from_numpy(rng.standard_normal((8, 3, 32, 32)).astype(np.float32)), torch.from_numpy(rng.integers(0, 10, 8))
+    x = torch.from_numpy(rng.standard_normal((8, 3, 32, 32)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 10, 8))
     results = {}
     for dev in ("cpu", "cuda"):
         m = copy.deepcopy(cpu).to(dev)

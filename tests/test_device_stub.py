@@ -74,7 +74,8 @@ def _package(tmp_path, monkeypatch, files: dict):
 
 
 def test_cupy_that_fails_to_import_is_reported_not_swallowed(fresh_backend, tmp_path, capsys):
-    _package(tmp_path, fresh_backend, {"cupy/__init__.py": 'raise OSError("libcudart.so.13: cannot open shared object file")\n'})
+    _package(tmp_path, fresh_backend,
+             {"cupy/__init__.py": 'raise OSError("libcudart.so.13: cannot open shared object file")\n'})
     status = backend.gpu_status()
     assert (status.available, status.kind, status.broken) == (False, "import-failed", True)
     assert "libcudart.so.13: cannot open shared object file" in status.reason and "OSError" in status.reason

@@ -135,7 +135,7 @@ def test_other_ops_on_gpu_match_cpu(cp):
     for policy in (Exact(), Generic(8)):
         with storage_policy(policy):
             c, g = run("cpu"), run("gpu")
-        for a, b in zip(g, c):
+        for a, b in zip(g, c, strict=True):
             assert _rel(a, b) < (1e-4 if isinstance(policy, Exact) else 1e-2)
 
 

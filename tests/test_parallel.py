@@ -128,7 +128,7 @@ def test_measured_peak_does_not_depend_on_when_workers_start(monkeypatch):
         monkeypatch.setattr(conv, "run", late)
         delayed = peaks()
     workspace = 16 * 16 * 144 * 4        # one sample's rows: each worker holds several
-    assert all(abs(a - b) < workspace for a, b in zip(normal, delayed)), (normal, delayed)
+    assert all(abs(a - b) < workspace for a, b in zip(normal, delayed, strict=True)), (normal, delayed)
 
 
 def test_a_blas_loaded_after_the_first_scan_is_found(monkeypatch):

@@ -345,7 +345,8 @@ def test_preact_resnet_vs_torch(torch, shortcut, depth, batch, size, width):
     if depth == 20 and shortcut == "pad":  # the named constructor builds this very network
         npapprox.nn.manual_seed(3)
         ref = npapprox.nn.preact_resnet20()
-        assert all(np.array_equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
+        assert all(np.array_equal(a, b)
+                   for a, b in zip(ref.state_dict().values(), model.state_dict().values(), strict=True))
         assert list(ref.state_dict()) == list(model.state_dict())
     from model_oracle import against_torch
     from torch_models import TorchPreActResNet  # imports torch: only after the fixture provided it

@@ -77,7 +77,8 @@ def codes_oracle(y, gamma, beta, bits, d, s):
     h_hat = |gamma| q_hat [code >= s]; xhat_hat = sign(gamma) q_hat - beta/gamma."""
     nb = 2 ** bits
     g, b = np.asarray(gamma, F64), np.asarray(beta, F64)
-    c4 = lambda a: np.asarray(a)[None, :, None, None]
+    def c4(a):
+        return np.asarray(a)[None, :, None, None]
     k = (1.0 / (d * np.abs(g))).astype(F32)
     u = np.clip(y * c4(k), -(nb + 1), nb + 1)
     code = np.clip(c4(s) - 1 + np.ceil(u).astype(np.int64), 0, nb - 1)
@@ -177,7 +178,8 @@ def test_fit_window_properties(case, cut):
     assert code.min() >= 0 and code.max() <= nb - 1
     assert np.array_equal(stored.mask(), y > 0), "mask not exact"
     # error in q = y/|gamma| units, per value
-    c4 = lambda a: np.asarray(a, F64)[None, :, None, None]
+    def c4(a):
+        return np.asarray(a, F64)[None, :, None, None]
     q = y.astype(F64) / c4(np.abs(gamma))
     q_hat = stored.xhat().astype(F64) * c4(np.sign(gamma)) + c4(beta.astype(F64) / np.abs(gamma))
     err = np.abs(q_hat - q)

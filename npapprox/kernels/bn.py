@@ -72,7 +72,8 @@ def compiled_available() -> bool:
 
 def _use_compiled(*arrays) -> bool:
     return (_compiled is not None and not reference_forced()
-            and all(isinstance(a, np.ndarray) and not on_gpu(a) for a in arrays) and arrays[0].dtype in _COMPILED_DTYPES)
+            and all(isinstance(a, np.ndarray) and not on_gpu(a) for a in arrays)
+            and arrays[0].dtype in _COMPILED_DTYPES)
 
 
 def _moments(x3):

@@ -66,8 +66,8 @@ __all__ = ["DEFAULT_POLICIES", "EXPERIMENTS", "INPUT", "RUNNERS", "Layer", "Nois
            "StudyConfig", "activations_table", "cifar_like", "draws_of", "exact_trainer", "gradients",
            "is_stochastic", "layer_order", "minibatch_noise", "optimizers_table", "plot_activations", "plot_depth",
            "plot_optimizers", "plot_training", "plot_window", "run", "run_activations", "run_depth",
-           "run_optimizers", "run_training", "run_window", "sample_batches", "study_gradients", "train_policy", "training_table",
-           "window_policies", "window_table"]
+           "run_optimizers", "run_training", "run_window", "sample_batches", "study_gradients", "train_policy",
+           "training_table", "window_policies", "window_table"]
 
 RUNNERS = {"depth": run_depth, "activations": run_activations, "training": run_training,
            "optimizers": run_optimizers, "window": run_window}
