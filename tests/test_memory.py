@@ -176,7 +176,7 @@ def test_bn_backward_from_codes_is_byte_identical_to_decoding_first(bits, batch_
                 b = bn_backward(gy, decoded, gamma, inv, batch_stats=batch_stats)
             finally:
                 use_reference(False)
-            for got, want in zip(a, b):
+            for got, want in zip(a, b, strict=True):
                 assert got.tobytes() == want.tobytes(), (shape, reference)
 
 
