@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import npapprox as na  # noqa: E402
-from npapprox import bridge  # noqa: E402
+import npapprox as na
+from npapprox import bridge
 
 VARIANTS = {"plain torch": None, "bridge Paper(4)": na.Paper(4), "bridge Paper(8)": na.Paper(8),
             "bridge Generic(4)": na.Generic(4)}

@@ -156,7 +156,7 @@ def bench_kernels(cp, args):
     for stochastic in (False, True):
         host = cpu.generic_pack(y_host, 4, 256, stochastic, 12345)
         got = K.generic_pack(y, 4, 256, stochastic, 12345)
-        ok = all(_same(a, b) for a, b in zip(got[:3], host[:3])) and got[3] == host[3]
+        ok = all(_same(a, b) for a, b in zip(got[:3], host[:3], strict=True)) and got[3] == host[3]
         name = f"generic K=4 G=256 {'stochastic' if stochastic else 'nearest'} pack"
         row(name, "call", lambda: K.generic_pack(y, 4, 256, stochastic, 12345), ok)
     host = cpu.generic_pack(y_host, 4, 256, False, 0)        # decode the host's codes on the device

@@ -124,11 +124,11 @@ def main(argv=None):
         out_parts = np.array_split(out, args.threads)
 
         t_read = _median_time(lambda: list(pool.map(np.sum, parts)), args.repeats)
-        t_copy = _median_time(lambda: list(pool.map(lambda ab: np.copyto(*ab), zip(out_parts, parts))),
+        t_copy = _median_time(lambda: list(pool.map(lambda ab: np.copyto(*ab), zip(out_parts, parts, strict=True))),
                               args.repeats)
         t_write = _median_time(lambda: list(pool.map(lambda o: o.fill(1.0), out_parts)), args.repeats)
         read_bw, copy_bw, write_bw = (nbytes / t / 1e9 for t in (t_read, t_copy, t_write))
-        del out, out_parts
+        out = out_parts = None   # freed before the kernels run (a del would unbind the closures' names)
 
         gamma = (0.5 + rng.random(C)).astype(np.float32)
         beta = rng.standard_normal(C).astype(np.float32)
@@ -193,7 +193,7 @@ def main(argv=None):
         paper_rows(8)
         paper_rows(4)
         generic_rows()
-        del y, flat, parts, fout
+        y = flat = parts = fout = None   # freed before the next size allocates
 
         print()
         print(f"== {size}: {'x'.join(map(str, shape))} float32 = {nbytes / 2**20:.0f} MiB   "

@@ -11,17 +11,17 @@ import os
 # the extensions load libgomp; an explicit user setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ._malloc import reuse_freed_memory  # noqa: E402
+from ._malloc import reuse_freed_memory
 
 # Freed activation-sized blocks stay in the heap for the next array instead of
 # page-faulting back in (glibc only; NPAPPROX_MALLOC=default opts out; _malloc.py).
 reuse_freed_memory()
 
-from . import nn, ops, optim  # noqa: E402
-from .function import Context, Function  # noqa: E402
-from .policy import ApproxForward, Exact, Generic, Naive, Paper, Policy, current_policy, storage_policy  # noqa: E402
-from .ledger import ledger, measure_peak  # noqa: E402
-from .tensor import Tensor, no_grad  # noqa: E402
+from . import nn, ops, optim
+from .function import Context, Function
+from .ledger import ledger, measure_peak
+from .policy import ApproxForward, Exact, Generic, Naive, Paper, Policy, current_policy, storage_policy
+from .tensor import Tensor, no_grad
 
 __version__ = "0.1.0"
 __all__ = ["ApproxForward", "Context", "Exact", "Function", "Generic", "Naive", "Paper", "Policy", "Tensor",

@@ -170,7 +170,7 @@ def erf(x):
             raise DeviceError(f"erf on the GPU needs cupyx.scipy.special, which failed to import: "
                               f"{_describe(e)}") from e
         return special.erf(x)
-    from scipy.special import erf as _erf  # noqa: PLC0415 (SciPy loads only for GELU on the CPU)
+    from scipy.special import erf as _erf
     return _erf(x).astype(x.dtype, copy=False)
 
 
@@ -202,7 +202,7 @@ def gpu_memory_peak():
     the level at entry. Allocations outside the pool (cuBLAS workspaces, the
     CUDA context) are not counted."""
     cp = cupy()
-    from cupy.cuda import memory_hook  # noqa: PLC0415  (CuPy stays confined to this module)
+    from cupy.cuda import memory_hook
 
     tracker = _PoolPeak(cp.get_default_memory_pool())
 

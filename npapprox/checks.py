@@ -46,7 +46,7 @@ def flush() -> None:
     _pending.clear()
     xp = array_module(items[0][0])
     counts = to_device(xp.stack([xp.asarray(c, dtype=np.int64).reshape(()) for c, _ in items]), "cpu")
-    for n, (_, message) in zip(counts.tolist(), items):
+    for n, (_, message) in zip(counts.tolist(), items, strict=True):
         if n:
             raise FloatingPointError(message(int(n)))
 

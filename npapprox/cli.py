@@ -18,9 +18,23 @@ import numpy as np
 
 from . import __version__, compare, nn, study
 from .backend import DeviceError
-from .cli_options import (activation_list, byte_size, check_args, check_outputs, int_to, name_list, natural,
-                          nonnegative_float, optimizer_list, positive_float, positive_int, seed_list, train_config)
+from .cli_options import (
+    activation_list,
+    byte_size,
+    check_args,
+    check_outputs,
+    int_to,
+    name_list,
+    natural,
+    nonnegative_float,
+    optimizer_list,
+    positive_float,
+    positive_int,
+    seed_list,
+    train_config,
+)
 from .ledger import ledger, max_batch
+from .limits import fmt_bytes
 from .nn.zoo import MODELS
 from .policy import POLICY_HELP, policy_from_name
 from .runfolder import claim
@@ -88,8 +102,8 @@ def _train(args) -> int:
     cfg = train_config(args, args.policy, args.seed, args.out)
     try:
         if cfg.engine == "torch":   # one process, --nproc spawned ones, or one rank of torchrun
-            from .bridge.ddp import RankError  # noqa: PLC0415
-            from .bridge.train import train as train_torch  # noqa: PLC0415
+            from .bridge.ddp import RankError
+            from .bridge.train import train as train_torch
             try:
                 train_torch(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
             except RankError as e:
@@ -155,11 +169,10 @@ def _memory(args) -> int:
     result = {"policy": repr(policy), "stored": led.stored, "float32_per_unit": led.float32_per_unit,
               "standard_autodiff": led.standard_autodiff}
     if args.budget:
-        from .limits import fmt_bytes  # noqa: PLC0415
         shape = (args.channels, args.size, args.size)
         details = {}
         batch, peak = max_batch(model, shape, args.classes, policy, args.budget, log=print, details=details,
-                                confirm=args.confirm)
+                                confirm=args.confirm, confirm_next=args.confirm)
         what = f"{args.model} on {'x'.join(map(str, shape))} inputs under {policy}"
         if peak is None:
             res = details["residual"]
@@ -183,7 +196,8 @@ def _memory(args) -> int:
 
 def _study(args) -> int:
 
-    split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
+    def split(text):
+        return tuple(t.strip() for t in text.split(",") if t.strip())
     policies = split(args.policies)
     for p in policies + split(args.opt_policies):
         policy_from_name(p)  # fail early on a bad name
@@ -239,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--budget", type=byte_size, default=None, help="e.g. 2GiB: search the largest batch whose "
                                                                 "measured peak fits")
     m.add_argument("--confirm", action="store_true", help="with --budget: measure the predicted batch too "
-                   "(one forward + backward at that batch; without it the answer is the line through the "
+                   "and the next one, until a batch fits and the next does not (forward + backward passes at those "
+                   "batches; without it the answer is the line through the "
                    "measured peaks of 32, 64 and 128 images)")
     m.add_argument("--verbose", action="store_true", help="every saved entry, not only the totals")
     m.add_argument("--json", default=None, help="also write the totals to this file")

@@ -195,8 +195,8 @@ def check_engine(run, policies) -> None:
     if run.batch_size % run.nproc:
         raise ValueError(f"--batch-size {run.batch_size} is not divisible by --nproc {run.nproc}: every rank "
                          "takes an equal shard of each batch")
-    from .bridge.storage import check_policy  # noqa: PLC0415  (the bridge imports torch: only with --engine torch)
-    from .bridge.train import torch_device  # noqa: PLC0415  (idem)
+    from .bridge.storage import check_policy
+    from .bridge.train import torch_device
     for name in policies:
         check_policy(policy_from_name(name))
     torch_device(run.device)
@@ -205,7 +205,7 @@ def check_engine(run, policies) -> None:
             raise ValueError(f"--engine torch --device cuda needs CuPy for the K-bit kernels and the "
                              f"optimizer: {gpu_status().reason}")
     if run.device == "cuda" and run.nproc > 1:
-        import torch  # noqa: PLC0415  (optional dependency)
+        import torch
         if run.nproc > torch.cuda.device_count():
             raise ValueError(f"--nproc {run.nproc} with --device cuda: torch sees {torch.cuda.device_count()} "
                              "GPU(s), one per process")

@@ -126,8 +126,10 @@ def summarize(runs, policies, seeds, heading: str = "") -> str:
                     f"{_fmt(_final(runs, p, seeds, 'grad_rel_err'), 1, 3)} | "
                     f"{_fmt(_final(runs, p, seeds, 'grad_cosine'), 1, 4)} | {stored.mean() / 2**20:.2f} | "
                     f"{base / stored.mean():.2f}x | {_fmt(_final(runs, p, seeds, 'peak_bytes'), 2**-20, 1)} | "
-                    f"{_fmt(_final(runs, p, seeds, 'images_per_s'), 1, 0)} | {_fmt(_final(runs, p, seeds, 'time'), 1, 1)} |")
-    n = f"{len(seeds)} seeds ({', '.join(map(str, seeds))}): mean ± sample std" if len(seeds) > 1 else f"seed {seeds[0]}"
+                    f"{_fmt(_final(runs, p, seeds, 'images_per_s'), 1, 0)} | "
+                    f"{_fmt(_final(runs, p, seeds, 'time'), 1, 1)} |")
+    n = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}): mean ± sample std" if len(seeds) > 1
+         else f"seed {seeds[0]}")
     return "\n".join(rows) + (
         f"\n\n{n}; accuracy, loss and gradient error after the last epoch (the gradient against the exact one "
         "on one fixed training batch at the policy's own weights, over all parameters). images/s and time: "
@@ -150,9 +152,9 @@ def plot(runs, policies, seeds, out: Path, heading: str = "") -> list:
     """The PNGs of ``PLOTS`` in ``out``, titled ``heading``; returns their paths
     ([] without matplotlib)."""
     try:
-        import matplotlib  # noqa: PLC0415 (optional dependency: the plot extra)
+        import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415 (optional dependency)
+        import matplotlib.pyplot as plt
     except ImportError:
         return []
     written = []

@@ -55,7 +55,7 @@ def current_policy():
     """The storage policy in force in the calling thread."""
     policies = _stack.policies
     if not policies:                           # the thread's base, made on first use
-        from .policy import Exact  # noqa: PLC0415 (policy imports the kinds from here)
+        from .policy import Exact
         policies.append(Exact())
     return policies[-1]
 
@@ -63,7 +63,7 @@ def current_policy():
 @contextlib.contextmanager
 def storage_policy(policy):
     """Use ``policy`` (a ``policy.Policy``) for every op recorded inside the ``with`` block."""
-    from .policy import Policy  # noqa: PLC0415 (policy imports the kinds from here)
+    from .policy import Policy
     if not isinstance(policy, Policy):
         raise TypeError(f"storage_policy expects a Policy instance, got {type(policy).__name__}")
     _stack.policies.append(policy)
@@ -109,7 +109,7 @@ class Context:
         # the graph: per input, the Context that produced it, the leaf Tensor itself, or None.
         # Contexts, not tensors, so an activation nobody saved is freed after the forward.
         self.parents = tuple((a._ctx if a._ctx is not None else a) if needs else None
-                             for a, needs in zip(inputs, self.needs_input_grad))
+                             for a, needs in zip(inputs, self.needs_input_grad, strict=True))
         self.saved: dict | None = {}
         self._origin: dict = {}  # id(saved array) -> its stored form, for forward_output
         self.released = False

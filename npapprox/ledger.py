@@ -30,6 +30,9 @@ from . import ops
 from .backend import gpu_memory_peak, on_gpu
 from .function import Function
 from .limits import fmt_bytes
+from .nn import build_model, input_divisor
+from .ops.conv import _plan
+from .parallel import workers
 from .policy import ACTIVATION, PARAM, UNIT, Policy, current_policy, storage_policy
 from .storage import Unit, UnitRef
 from .tensor import Tensor, topological_order
@@ -85,7 +88,8 @@ class Ledger:
                    for e in self.entries)
 
     def table(self) -> str:
-        head = f"{'module':<22} {'op':<20} {'entry':<10} {'form':<14} {'bits':>4} {'shape':<18} {'payload B':>11} {'meta B':>8}  policy"
+        head = (f"{'module':<22} {'op':<20} {'entry':<10} {'form':<14} {'bits':>4} {'shape':<18} "
+                f"{'payload B':>11} {'meta B':>8}  policy")
         lines = [head, "-" * len(head)]
         for e in self.entries:
             lines.append(f"{e.module[:22]:<22} {e.op[:20]:<20} {e.name:<10} {e.form[:14]:<14} {e.bits:>4} "
@@ -138,8 +142,6 @@ def conv_workspace(x_shape, w_shape, stride: int, padding: int, xp=np) -> int:
     """Bytes of one conv's backward workspace (``ops.conv``: per worker the input
     samples of one chunk, decoded from their stored form (m / L, C, H, W), its rows
     (m, K), its output rows (m, F) and two (K, F) weight-gradient partials)."""
-    from .ops.conv import _plan  # noqa: PLC0415
-    from .parallel import workers  # noqa: PLC0415
     n, _, h, w = x_shape
     f, c, kh, kw = w_shape
     L = ((h + 2 * padding - kh) // stride + 1) * ((w + 2 * padding - kw) // stride + 1)
@@ -246,8 +248,8 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
     ``MAX_PROBES`` large probes. ``details["confirmed"]``: the next batch was
     measured over the budget. ``confirm=False`` skips the large probes: the
     answer is the line's (its peak is returned as None; ``details["residual"]``:
-    how far the line misses the peak of ``LINE_BATCHES[0]`` images, in bytes). Budgets under the peak of 64, 32, 16 or 4 images
-    are searched between the measured points the same way; under the peak of 2
+    how far the line misses the peak of ``LINE_BATCHES[0]`` images, in bytes). Budgets under
+    the peak of 64, 32, 16 or 4 images are searched between the measured points the same way; under the peak of 2
     images: a ValueError.
     ``details`` (a dict) receives the prediction, the probes and ``confirmed``."""
     rng = np.random.default_rng(0)
@@ -311,7 +313,7 @@ def max_batch(model, input_shape, num_classes: int, policy: Policy, budget: int,
 
 
 #: the most probes above the line's batches that ``max_batch`` makes
-MAX_PROBES = 4
+MAX_PROBES = 8
 #: the small batches whose measured peaks give ``max_batch`` its line (conv chunks are full from
 #: a few images on, so the line through the two largest is the peak's)
 LINE_BATCHES = (32, 64, 128)
@@ -328,7 +330,6 @@ def footprint(name: str, policy: Policy, *, num_classes: int = 10, in_channels: 
     Stored bytes grow linearly with the width and parameters quadratically
     (exactly so where channel counts are multiples of the width): widths above 24
     are extrapolated from models of width 8, 16 and 24."""
-    from .nn import build_model, input_divisor  # noqa: PLC0415
 
     d = input_divisor(name)
     ref = d * -(-5 // d)

@@ -104,13 +104,13 @@ class Optimizer:
         if len(state["state"]) != len(self.params) or len(state["steps"]) != len(self.params):
             raise ValueError(f"{name}.load_state_dict: the state holds {len(state['state'])} parameters, "
                              f"this optimizer has {len(self.params)}")
-        for i, (p, s) in enumerate(zip(self.params, state["state"])):
+        for i, (p, s) in enumerate(zip(self.params, state["state"], strict=True)):
             for k, v in s.items():
                 if tuple(np.shape(v)) != tuple(p.data.shape):
                     raise ValueError(f"{name}.load_state_dict: state {k!r} of parameter {i} has shape "
                                      f"{tuple(np.shape(v))}, the parameter has {tuple(p.data.shape)}")
         new_state = []
-        for p, s in zip(self.params, state["state"]):
+        for p, s in zip(self.params, state["state"], strict=True):
             device = "gpu" if on_gpu(p.data) else "cpu"
             new_state.append({k: to_device(np.array(v, copy=True), device) for k, v in s.items()})
         self.state, self.steps = new_state, [int(n) for n in state["steps"]]
@@ -163,7 +163,8 @@ class Adam(Optimizer):
         super().__init__(params, lr, weight_decay, decay)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Adam: betas must be a pair (beta1, beta2), got {betas!r}")
-        self.betas = tuple(check_number("Adam", f"betas[{i}]", b, lo=0, hi=1, hi_open=True) for i, b in enumerate(betas))
+        self.betas = tuple(check_number("Adam", f"betas[{i}]", b, lo=0, hi=1, hi_open=True)
+                           for i, b in enumerate(betas))
         self.eps = check_number("Adam", "eps", eps, lo=0)
 
     def _update(self, p, g, state, step):
@@ -239,7 +240,7 @@ def _milestones(owner: str, milestones) -> tuple:
     except TypeError:
         raise ValueError(f"{owner}: milestones must be a sequence of iterations, got {milestones!r}") from None
     ms = tuple(check_int(owner, "each milestone", m, 1) for m in ms)
-    if any(b <= a for a, b in zip(ms, ms[1:])):
+    if any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
         raise ValueError(f"{owner}: milestones must be strictly increasing, got {ms}")
     return ms
 

@@ -48,9 +48,23 @@ import numpy as np
 from . import checks, quant
 from .backend import array_module
 from .function import ACTIVATION, INDEX, KINDS, PARAM, STAT, UNIT, current_policy, storage_policy
+from .kernels import generic_pack, pack_bits, paper_pack
 from .kernels.bn import as_ncm
-from .storage import (BNReLUUnit, ExactUnit, FitUnit, Full, GenericPacked, GenericUnit, PaperUnit, ParamRef,
-                      PooledRef, SharedRef, Stored, Unit, UnitRef)
+from .storage import (
+    BNReLUUnit,
+    ExactUnit,
+    FitUnit,
+    Full,
+    GenericPacked,
+    GenericUnit,
+    PaperUnit,
+    ParamRef,
+    PooledRef,
+    SharedRef,
+    Stored,
+    Unit,
+    UnitRef,
+)
 
 __all__ = ["ACTIVATION", "INDEX", "KINDS", "MAX_GROUP", "PARAM", "POLICIES", "POLICY_HELP", "STAT", "UNIT",
            "ApproxForward", "Exact", "FitWindow", "Generic", "Naive", "Paper", "Policy", "PolicyName", "PolicySpec",
@@ -205,7 +219,6 @@ class Generic(Policy):
         self._counter = int(state["counter"])
 
     def pack(self, ctx, name, array) -> GenericPacked:
-        from .kernels import generic_pack  # noqa: PLC0415
         x = array if array.dtype == np.float32 else array.astype(np.float32)
         packed, lo, scale, bad = generic_pack(x, self.bits, self.group, self.stochastic, self._next_seed())
         _check_finite(bad, ctx, name)
@@ -219,7 +232,6 @@ class Generic(Policy):
         return self.pack(ctx, name, array)
 
     def store_unit(self, ctx, name, u):
-        from .kernels import pack_bits  # noqa: PLC0415
         mask = pack_bits((u.y > 0).astype(np.uint8).reshape(-1), 1)
         return GenericUnit(self.pack(ctx, name, u.y), mask, u.gamma, u.beta)
 
@@ -250,7 +262,6 @@ class Paper(Policy):
         return quant.paper_params(u.gamma, u.beta, self.bits, self.window)
 
     def store_unit(self, ctx, name, u):
-        from .kernels import paper_pack  # noqa: PLC0415
         params = self.unit_params(u)
         y = u.y if u.y.dtype == np.float32 else u.y.astype(np.float32)
         packed, bad = paper_pack(y, params["k"], params["s"], self.bits)

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import array_module
+from .kernels import generic_decode, paper_decode, paper_mask, unpack_bits
 from .kernels.bn import BNSource, as_ncm, bn_apply
 
 
@@ -129,7 +130,6 @@ class GenericPacked(Stored):
         return int(self.lo.nbytes + self.scale.nbytes)
 
     def restore(self):
-        from .kernels import generic_decode  # noqa: PLC0415 (kernels import storage users)
         return generic_decode(self.packed, self.lo, self.scale, self.bits, self.group,
                               self.shape).astype(self.dtype, copy=False)
 
@@ -241,7 +241,6 @@ class PaperUnit(Unit):
     def _decode(self, step, off, relu, sl=slice(None)):
         """Decode the samples ``sl``: straight from their own bytes when they start and end
         on a byte boundary (codes are packed in C order), else from the whole batch."""
-        from .kernels import paper_decode  # noqa: PLC0415
         p = dict(self.params, h_off=array_module(self.s).zeros(self.s.shape, np.float32))
         n, per = self.shape[0], int(np.prod(self.shape[1:], dtype=np.int64))
         start, stop, _ = sl.indices(n)
@@ -263,7 +262,6 @@ class PaperUnit(Unit):
         return self._decode("h_step", "h_off", relu=True, sl=sl)
 
     def mask(self):
-        from .kernels import paper_mask  # noqa: PLC0415
         return paper_mask(self.packed, self.shape, self.s, self.bits)
 
     def bn_source(self) -> BNSource:
@@ -298,7 +296,6 @@ class GenericUnit(Unit):
     meta_nbytes = property(lambda self: self.y.meta_nbytes)
 
     def mask(self):
-        from .kernels import unpack_bits  # noqa: PLC0415
         n = int(np.prod(self.shape))
         return unpack_bits(self.mask_bits, n, 1).reshape(self.shape).astype(bool)
 

@@ -40,6 +40,7 @@ import numpy as np
 from . import checks
 from .backend import array_module, to_device
 
+
 class _GradMode(threading.local):
     enabled = True          # each thread starts with recording on
 
@@ -148,7 +149,7 @@ class Tensor:
                 in_grads = ctx.fn.backward(ctx, g)
                 if not isinstance(in_grads, tuple):
                     in_grads = (in_grads,)
-                for parent, pg in zip(ctx.parents, in_grads):
+                for parent, pg in zip(ctx.parents, in_grads, strict=True):
                     if parent is None or pg is None:
                         continue
                     if isinstance(parent, Tensor):  # a leaf

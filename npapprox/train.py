@@ -134,7 +134,7 @@ class Trainer:
         arrays = self.model_arrays()
         opt = self.optimizer.state_dict()
         names = self.param_names()
-        for name, slots in zip(names, opt.pop("state")):
+        for name, slots in zip(names, opt.pop("state"), strict=True):
             arrays.update((f"{OPTIMIZER}{name}/{k}", v) for k, v in slots.items())
         meta = {"config": dataclasses.asdict(self.cfg), "iteration": self.iteration, "train_time": self.train_time,
                 "optimizer": opt, "policy": self.policy.state_dict(), "history": self.history,
@@ -369,7 +369,7 @@ def make_trainer(config: TrainConfig, **options) -> Trainer:
     """The trainer of ``config.engine``: ``Trainer``, or the torch engine's
     ``npapprox.bridge.train.TorchTrainer`` (one process)."""
     if config.engine == "torch":
-        from .bridge.train import TorchTrainer  # noqa: PLC0415
+        from .bridge.train import TorchTrainer
         return TorchTrainer(config, **options)
     if config.engine != "npapprox":
         raise ValueError(f"engine must be 'npapprox' or 'torch', got {config.engine!r}")

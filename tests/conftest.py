@@ -37,7 +37,7 @@ def require_torch():
     """The ``torch`` module; skip without it, or fail when NPAPPROX_REQUIRE_ORACLE=1."""
     if oracle_required():
         try:
-            import torch  # noqa: PLC0415
+            import torch
         except ImportError as e:
             pytest.fail(f"torch is required ({REQUIRE_ORACLE_ENV}=1): {e}")
         return torch
@@ -55,5 +55,5 @@ def torch():
 @pytest.fixture(scope="session")
 def host_lib(tmp_path_factory):
     """The host build of quant.cu, loaded with ctypes (a missing g++ fails, it does not skip)."""
-    import support  # noqa: PLC0415  (tests/ is on sys.path only after the insert above)
+    import support
     return support.build_host_lib(tmp_path_factory.mktemp("cuda_host"))

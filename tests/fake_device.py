@@ -19,6 +19,8 @@ import types
 
 import numpy as np
 
+from npapprox import backend
+
 #: where each sync came from: "kind file:line" -> count (cleared by ``reset``)
 SYNCS: collections.Counter = collections.Counter()
 #: host -> device copies through ``FakeCupy.asarray`` (cleared by ``reset``)
@@ -164,7 +166,6 @@ class FakeCupy(types.ModuleType):
 
 def install(monkeypatch) -> FakeCupy:
     """Make a FakeCupy the backend's CuPy for the test (``monkeypatch`` undoes it)."""
-    from npapprox import backend  # noqa: PLC0415
     fake = FakeCupy()
     monkeypatch.setattr(backend, "_cupy", fake)
     monkeypatch.setattr(backend, "_cupy_tried", True)

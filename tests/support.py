@@ -293,6 +293,11 @@ def unpack_codes(packed, n, bits):
     return (packed[i // v].astype(np.int64) >> ((i % v) * bits)) & ((1 << bits) - 1)
 
 
+def c4(a):
+    """A per-channel vector (C,) as (1, C, 1, 1), to broadcast over (N, C, H, W)."""
+    return a[None, :, None, None]
+
+
 def bn_forward(x, gamma, beta, eps=1e-5):
     """y = gamma * (x - mu) / sigma + beta, in float32 (batch statistics, biased variance);
     returns y (N, C, H, W) and 1/sigma (C,). The statistics are the engine's own
@@ -319,7 +324,6 @@ def paper_oracle(y, gamma, beta, bits):
     g, b = gamma.astype(F64), beta.astype(F64)
     s = np.clip(nb / 2 - np.floor((b / np.abs(g)) / d), 1, nb - 1).astype(np.int64)
     k = (1.0 / (d * np.abs(g))).astype(F32)
-    c4 = lambda a: a[None, :, None, None]  # noqa: E731  (C,) -> (1, C, 1, 1)
     u = np.clip(y * c4(k), -(nb + 1), nb + 1)          # float32 product, as in the contract
     code = np.clip(c4(s) - 1 + np.ceil(u).astype(np.int64), 0, nb - 1)
     code = np.where(y > 0, np.maximum(code, c4(s)), np.minimum(code, c4(s) - 1))
@@ -363,7 +367,6 @@ def bn_relu_backward_oracle(gh, mask, xhat, gamma, inv_sigma):
     g = gh * mask
     gbeta = g.sum(axis=(0, 2, 3))
     ggamma = (g * xhat).sum(axis=(0, 2, 3))
-    c4 = lambda a: a[None, :, None, None]  # noqa: E731
     gx = c4(gamma * inv_sigma) * (g - c4(gbeta / m) - xhat * c4(ggamma / m))
     return gx, ggamma, gbeta
 

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from npapprox import Tensor, ops
 from npapprox.kernels import bn as B
 from npapprox.kernels import use_reference
 
@@ -244,7 +245,6 @@ def _bn_oracle64(x, gamma, beta, r, eps=1e-5):
 
 
 def _bn_op(x, gamma, beta, r, relu, rm=None, rv=None):
-    from npapprox import Tensor, ops  # noqa: PLC0415
     xt, gt, bt = (Tensor(a, requires_grad=True) for a in (x, gamma, beta))
     y = ops.batch_norm2d(xt, gt, bt, rm, rv, relu=relu)
     ops.sum_all(ops.mul(y, Tensor(r))).backward()

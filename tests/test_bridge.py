@@ -6,6 +6,7 @@ engine's gradients computed from the *same* codes (``Replay``) for the backward.
 from __future__ import annotations
 
 import copy
+import gc
 import importlib
 import sys
 
@@ -22,11 +23,11 @@ from npapprox.tensor import topological_order
 
 torch = require_torch()
 F = torch.nn.functional
-from model_oracle import randomise_bn  # noqa: E402
-from torch_models import TorchPreActResNet  # noqa: E402
+from npapprox import bridge
+from npapprox.bridge import storage as bstorage
 
-from npapprox import bridge  # noqa: E402
-from npapprox.bridge import storage as bstorage  # noqa: E402
+from model_oracle import randomise_bn
+from torch_models import TorchPreActResNet
 
 
 def _ctx(name="BatchNormReLU"):
@@ -103,7 +104,8 @@ def test_round_trip_and_forward(build):
     back = bridge.from_torch(t)
     sd2 = back.state_dict()
     assert list(sd2) == list(sd) and all(np.array_equal(sd2[k], sd[k]) and sd2[k].dtype == sd[k].dtype for k in sd)
-    assert [(n, type(x).__name__) for n, x in back.named_modules()] == [(n, type(x).__name__) for n, x in m.named_modules()]
+    assert ([(n, type(x).__name__) for n, x in back.named_modules()]
+            == [(n, type(x).__name__) for n, x in m.named_modules()])
     assert [_plain(a) for _, a in back.named_modules()] == [_plain(b) for _, b in m.named_modules()]
     assert any(mod.storage is not None for _, mod in back.named_modules())   # e.g. the exact last unit
     t2 = bridge.to_torch(build())            # other weights, then ours loaded by name
@@ -288,7 +290,7 @@ def test_paper4_forward_is_torch_and_gradients_are_the_engines():
     bridge_codes = [kernels.unpack_bits(s.packed, int(np.prod(s.shape)), 4) for s in stored if isinstance(s, PaperUnit)]
     assert len(bridge_codes) == len(engine_codes) == 18
     total = sum(c.size for c in bridge_codes)
-    flips = [(a.astype(int) - b.astype(int))[a != b] for a, b in zip(bridge_codes, engine_codes)]
+    flips = [(a.astype(int) - b.astype(int))[a != b] for a, b in zip(bridge_codes, engine_codes, strict=True)]
     n_flips = sum(f.size for f in flips)
     assert all(np.all(np.abs(f) == 1) for f in flips) and n_flips <= total // 100_000, (n_flips, total)
     for name, g in grads.items():
@@ -394,7 +396,6 @@ def test_cpu_tensors_reach_the_compiled_kernels_without_a_copy():
 
 
 def _alive_units():
-    import gc  # noqa: PLC0415
     gc.collect()
     return sum(type(o) is PaperUnit for o in gc.get_objects())
 

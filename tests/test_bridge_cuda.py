@@ -18,13 +18,14 @@ import pytest
 from conftest import require_torch
 
 import npapprox as na
-from npapprox import kernels
+from npapprox import checkpoint, cli, kernels
 from npapprox.backend import gpu_available
 from npapprox.storage import PaperUnit
+from npapprox.train import CHECKPOINT, TrainConfig, make_trainer
 
 torch = require_torch()
-from npapprox import bridge  # noqa: E402
-from npapprox.bridge import storage as bstorage  # noqa: E402
+from npapprox import bridge
+from npapprox.bridge import storage as bstorage
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and gpu_available()),
                                 reason="no CUDA device for torch and CuPy (the bridge's CUDA path needs both)")
@@ -59,7 +60,8 @@ def test_resnet20_on_cuda_against_the_cpu(policy):
     na.nn.manual_seed(0)
     cpu = bridge.to_torch(na.nn.preact_resnet20())
     rng = np.random.default_rng(0)
-    x, y = torch.from_numpy(rng.standard_normal((8, 3, 32, 32)).astype(np.float32)), torch.from_numpy(rng.integers(0, 10, 8))
+    x = torch.from_numpy(rng.standard_normal((8, 3, 32, 32)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 10, 8))
     results = {}
     for dev in ("cpu", "cuda"):
         m = copy.deepcopy(cpu).to(dev)
@@ -89,8 +91,6 @@ def test_torch_engine_trains_on_cuda_and_its_checkpoint_loads_on_the_cpu(tmp_pat
     """``npapprox train --engine torch --device cuda``: 3 steps under Paper(4) (the
     optimizer on CuPy views of the CUDA tensors); the same activation bytes as the
     CPU run, a measured peak, and a checkpoint the CPU trainer resumes."""
-    from npapprox import checkpoint, cli
-    from npapprox.train import CHECKPOINT, TrainConfig, make_trainer
 
     args = ["train", "--engine", "torch", "--model", "resnet8", "--width", "4", "--batch-size", "16",
             "--policy", "paper4", "--iterations", "3", "--quiet"]

@@ -12,8 +12,8 @@ from conftest import require_torch
 import npapprox as na
 
 torch = require_torch()
-from npapprox import bridge  # noqa: E402
-from npapprox.bridge import ddp  # noqa: E402
+from npapprox import bridge
+from npapprox.bridge import ddp
 
 LR = 0.1
 

@@ -5,6 +5,7 @@ and ``torch.optim`` (the formulas); the uninterrupted run (resume, bit for bit,
 one process and two); the checkpoint arrays themselves (engine <-> torch)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -19,11 +20,12 @@ from conftest import require_torch
 
 import npapprox as na
 from npapprox import checkpoint, cli, optim
+from npapprox.study import study_gradients
 
 torch = require_torch()
-from npapprox.bridge import ddp  # noqa: E402
-from npapprox.bridge import train as btrain  # noqa: E402
-from npapprox.train import CHECKPOINT, TrainConfig, Trainer, load_run, make_trainer  # noqa: E402
+from npapprox.bridge import ddp
+from npapprox.bridge import train as btrain
+from npapprox.train import CHECKPOINT, TrainConfig, Trainer, load_run, make_trainer
 
 TINY = dict(model="resnet8", width=4, data="digits", batch_size=16, lr=0.1, schedule="cosine", engine="torch")
 LR, WD = 0.05, 1e-2
@@ -64,8 +66,8 @@ def test_optimizer_on_torch_views_is_the_engines_and_torch_optims(name, kw):
     mine = optim.make_optimizer(name, views, lr=LR, weight_decay=WD, **kw)
     engine = optim.make_optimizer(name, nparams, lr=LR, weight_decay=WD, **kw)
     decayed = [p.ndim >= 2 or kw["decay"] == "all" for p in ref]
-    groups = [{"params": [p for p, d in zip(ref, decayed) if d], "weight_decay": WD},
-              {"params": [p for p, d in zip(ref, decayed) if not d], "weight_decay": 0.0}]
+    groups = [{"params": [p for p, d in zip(ref, decayed, strict=True) if d], "weight_decay": WD},
+              {"params": [p for p, d in zip(ref, decayed, strict=True) if not d], "weight_decay": 0.0}]
     cls, extra = {"sgd": (torch.optim.SGD, dict(momentum=0.9, nesterov=kw.get("nesterov", False))),
                   "adam": (torch.optim.Adam, {}),
                   "rmsprop": (torch.optim.RMSprop, dict(momentum=kw.get("momentum", 0.0)))}[name]
@@ -75,21 +77,21 @@ def test_optimizer_on_torch_views_is_the_engines_and_torch_optims(name, kw):
         mine.lr = engine.lr = lr
         for g in oracle.param_groups:
             g["lr"] = lr
-        for t, n, r in zip(tparams, nparams, ref):
+        for t, n, r in zip(tparams, nparams, ref, strict=True):
             g = rng.standard_normal(t.shape).astype(np.float32)
             t.grad, n.grad, r.grad = torch.from_numpy(g.copy()), g.copy(), torch.from_numpy(g.copy())
         mine.step()
         engine.step()
         oracle.step()
-        for t, n, r, v in zip(tparams, nparams, ref, views):
+        for t, n, r, v in zip(tparams, nparams, ref, views, strict=True):
             assert np.shares_memory(v.data, t.detach().numpy())      # still the tensor's own memory
             assert np.array_equal(t.detach().numpy(), n.data), step  # the engine's formulas, bit for bit
             np.testing.assert_allclose(t.detach().numpy(), r.detach().numpy(), rtol=2e-6, atol=2e-7)
     mine.zero_grad()
     assert all(t.grad is None for t in tparams)
     a, b = mine.state_dict(), engine.state_dict()
-    assert a["steps"] == b["steps"] and all(np.array_equal(x[k], y[k]) for x, y in zip(a["state"], b["state"])
-                                            for k in x)
+    assert a["steps"] == b["steps"] and all(np.array_equal(x[k], y[k])
+                                            for x, y in zip(a["state"], b["state"], strict=True) for k in x)
 
 
 # --------------------------------------------------------------------------- #
@@ -173,7 +175,6 @@ def test_checkpoint_round_trip_torch_engine_torch_is_bit_exact(tmp_path):
     run = load_run(tmp_path / "torch")                      # the study's way in; nothing written
     _same_arrays({k: v for k, v in arrays.items() if not k.startswith("optimizer/")}, run.model.state_dict())
     assert sorted(p.name for p in (tmp_path / "torch").iterdir()) == [CHECKPOINT, "metrics.jsonl", "steps.jsonl"]
-    from npapprox.study import study_gradients
     st = study_gradients(run.model, run.data.x_train[:32], run.data.y_train[:32], ["paper4"], repeats=1,
                          include_exact=False)
     assert 0 < st.stats(st.policies[0])["rel_err"] < 0.5
@@ -200,7 +201,6 @@ def test_cli_refuses_bad_engine_options_in_one_line(capsys, extra, match):
 
 
 def test_cli_without_torch_says_how_to_install(monkeypatch, capsys):
-    import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
     assert cli.main(ARGS + ["--engine", "torch"]) == 2
@@ -264,8 +264,9 @@ def test_two_processes_resume_bit_for_bit(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "GLOO_SOCKET_IFNAME": "lo"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                            "--master-addr", "127.0.0.1", "--master-port", str(ddp.free_port()), "-m", "npapprox",
-                           *ARGS, "--engine", "torch", "--policy", "generic4s", "--iterations", "6", "--momentum", "0.9",
-                           "--out", str(tmp_path / "full")], env=env, capture_output=True, text=True, timeout=240, check=False)
+                           *ARGS, "--engine", "torch", "--policy", "generic4s", "--iterations", "6",
+                           "--momentum", "0.9", "--out", str(tmp_path / "full")],
+                          env=env, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "engine torch x 2 processes" in done.stdout
     cut = _cfg(tmp_path, "cut", **kw)

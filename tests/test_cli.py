@@ -19,8 +19,10 @@ import pytest
 import npapprox
 from npapprox import cli, cli_options, limits, nn
 from npapprox.data import load_cifar10, load_dataset
-from npapprox.policy import Exact, Paper
 from npapprox.ledger import footprint, ledger, max_batch, measure_peak
+from npapprox.policy import Exact, Paper
+
+import cifar_archive
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2 ** 30
@@ -122,7 +124,6 @@ def test_a_missing_or_foreign_data_path_is_one_line(tmp_path, capsys):
 
 
 def test_cifar_with_an_empty_test_split_is_refused_naming_the_file(tmp_path, capsys):
-    import cifar_archive  # noqa: PLC0415  (tests/ is on sys.path)
 
     members = cifar_archive.cifar10_members()
     members["test_batch"] = {b"batch_label": b"testing batch 1 of 1", b"labels": [],

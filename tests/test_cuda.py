@@ -21,7 +21,9 @@ g++ is always present: a missing g++ fails (c), it does not skip it.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import glob
+import mmap
 import os
 import re
 import shutil
@@ -30,6 +32,11 @@ import sys
 
 import numpy as np
 import pytest
+
+import npapprox.kernels as K
+from npapprox.kernels import gpu
+from npapprox.kernels import reference as R
+
 from support import (
     BITS,
     CANARY,
@@ -46,10 +53,6 @@ from support import (
     host_impl,
     same,
 )
-
-import npapprox.kernels as K
-from npapprox.kernels import gpu
-from npapprox.kernels import reference as R
 
 CU_FILES = sorted(KERNEL_DIR.glob("*.cu"))
 REQUIRE_NVCC_ENV = "NPAPPROX_REQUIRE_NVCC"
@@ -125,7 +128,6 @@ def _find_nvrtc():
     env = os.environ.get("NPAPPROX_NVRTC")
     if env:
         return env
-    import ctypes.util  # noqa: PLC0415
     found = ctypes.util.find_library("nvrtc")
     if found:
         return found
@@ -256,7 +258,6 @@ class GuardPageLauncher(HostLauncher):
 
     def __init__(self, lib, block=256, extra_blocks=1):
         super().__init__(lib, block, extra_blocks)
-        import mmap  # noqa: PLC0415
         self.page = mmap.PAGESIZE
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.libc.mmap.restype = ctypes.c_void_p

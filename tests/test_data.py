@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gzip
 import hashlib
 import pickle
 import re
 import tarfile
 
-import cifar_archive as ca
 import numpy as np
 import pytest
 
 import npapprox.data as data
 from npapprox.data import cifar as cifar_mod
+
+import cifar_archive as ca
 
 MD5_10 = "c58f30108f718f92721af3b95e74349a"
 MD5_100 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -52,7 +54,7 @@ FORMS = ["archive", "dir-with-archive", "folder", "dir-with-folder"]
 
 
 def assert_split(got, expected):
-    for a, b in zip((got.x_train, got.y_train, got.x_test, got.y_test), expected):
+    for a, b in zip((got.x_train, got.y_train, got.x_test, got.y_test), expected, strict=True):
         assert a.shape == b.shape
         np.testing.assert_array_equal(a, b)
     assert got.x_train.dtype == np.uint8 and got.y_train.dtype == np.int64
@@ -192,7 +194,6 @@ def test_truncated_archive(tmp_path):
 
 
 def test_gzip_of_something_else(tmp_path):
-    import gzip  # noqa: PLC0415
     p = tmp_path / ca.CIFAR10_ARCHIVE
     p.write_bytes(gzip.compress(b"just text, not a tar file\n" * 40))
     _expect_corrupt(p, "not a readable|missing member")
@@ -355,7 +356,7 @@ def test_load_digits_unchanged_and_equal_to_load_dataset(digits_raw):
     raw = digits_raw[0]
     np.testing.assert_array_equal(x_tr, raw - raw.mean(axis=(1, 2, 3), keepdims=True))
     ds = data.load_dataset("digits")
-    for a, b in zip((ds.x_train, ds.y_train, ds.x_test, ds.y_test), (x_tr, y_tr, x_te, y_te)):
+    for a, b in zip((ds.x_train, ds.y_train, ds.x_test, ds.y_test), (x_tr, y_tr, x_te, y_te), strict=True):
         np.testing.assert_array_equal(a, b)
     assert (ds.num_classes, ds.in_channels, ds.image_size) == (10, 1, 8)
     assert np.bincount(y_te).min() >= 35                    # stratified
@@ -565,9 +566,9 @@ def test_deterministic_given_seed_and_epochs_differ():
     def run(seed, epoch):
         return [yb for _, yb in data.batches(x, y, 4, seed, aug, epoch=epoch)]
 
-    assert all(np.array_equal(a, b) for a, b in zip(run(0, 0), run(0, 0)))
-    assert not all(np.array_equal(a, b) for a, b in zip(run(0, 0), run(0, 1)))
-    assert not all(np.array_equal(a, b) for a, b in zip(run(0, 0), run(1, 0)))
+    assert all(np.array_equal(a, b) for a, b in zip(run(0, 0), run(0, 0), strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(run(0, 0), run(0, 1), strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(run(0, 0), run(1, 0), strict=True))
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
@@ -578,7 +579,7 @@ def test_resuming_mid_epoch_reproduces_the_same_batches(drop_last):
     for start in range(len(full) + 1):
         tail = list(data.batches(x, y, 4, 9, aug, drop_last, epoch=3, start=start))
         assert len(tail) == len(full) - start
-        for (a, ay), (b, by) in zip(tail, full[start:]):
+        for (a, ay), (b, by) in zip(tail, full[start:], strict=True):
             np.testing.assert_array_equal(a, b)
             np.testing.assert_array_equal(ay, by)
 
@@ -606,7 +607,7 @@ def test_generator_rng_and_no_rng():
     aug = data.Augment(pad=2)
     a = list(data.batches(x, y, 6, np.random.default_rng(2), aug))
     b = list(data.batches(x, y, 6, np.random.default_rng(2), aug))
-    for (xa, ya), (xb, yb) in zip(a, b):
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ya, yb)
     plain = list(data.batches(x, y, 6))
@@ -625,12 +626,13 @@ def test_seed_keyword_and_boolean_augment():
     want = list(data.batches(x, y, 4, 6, data.Augment(pad=4, flip=True), epoch=1, start=2))
     got = list(data.batches(x, y, 4, seed=6, epoch=1, augment=True, start=2))
     assert len(got) == len(want) == 4
-    for (a, ay), (b, by) in zip(got, want):
+    for (a, ay), (b, by) in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(ay, by)
     plain = list(data.batches(x, y, 4, seed=6, epoch=1, augment=False))
     for (a, ay) in plain:
         np.testing.assert_array_equal(a, x[_index_of(a)])
+        np.testing.assert_array_equal(ay, y[_index_of(a)])
     with pytest.raises(ValueError, match="rng or seed, not both"):
         next(data.batches(x, y, 4, 1, seed=1))
     with pytest.raises(TypeError, match="seed must be an integer"):

@@ -14,25 +14,32 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import re
 import sys
 import textwrap
 import tracemalloc
 import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.special import erf
 
-import fake_device as FD
 import npapprox.kernels as K
-from npapprox import backend, checks, cli
+from npapprox import backend, checks, cli, ops, quant
 from npapprox.kernels import gpu
 from npapprox.kernels import im2col as IM
 from npapprox.ops import conv
+from npapprox.policy import Generic
+from npapprox.quant import paper_params
+from npapprox.tensor import Tensor
 from npapprox.train import NonFiniteLoss, TrainConfig, Trainer
 
-ledger_module = importlib.import_module("npapprox.ledger")   # the name npapprox.ledger is the function
+import fake_device as FD
 from support import HostLauncher
+
+ledger_module = importlib.import_module("npapprox.ledger")   # the name npapprox.ledger is the function
 
 F32 = np.float32
 
@@ -65,12 +72,12 @@ def _package(tmp_path, monkeypatch, files: dict):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(text))
     monkeypatch.syspath_prepend(str(tmp_path))
-    import importlib  # noqa: PLC0415
     importlib.invalidate_caches()
 
 
 def test_cupy_that_fails_to_import_is_reported_not_swallowed(fresh_backend, tmp_path, capsys):
-    _package(tmp_path, fresh_backend, {"cupy/__init__.py": 'raise OSError("libcudart.so.13: cannot open shared object file")\n'})
+    _package(tmp_path, fresh_backend,
+             {"cupy/__init__.py": 'raise OSError("libcudart.so.13: cannot open shared object file")\n'})
     status = backend.gpu_status()
     assert (status.available, status.kind, status.broken) == (False, "import-failed", True)
     assert "libcudart.so.13: cannot open shared object file" in status.reason and "OSError" in status.reason
@@ -182,7 +189,6 @@ def test_lazy_cupyx_import_fails_clearly_and_tolerates_warnings(fresh_backend, t
     with _warnings_as_errors() as shown:
         got = backend.erf(x)
     assert [str(w.message) for w in shown] == ["cupyx.scipy.special: experimental"]
-    from scipy.special import erf  # noqa: PLC0415
     assert np.allclose(np.asarray(got), erf(np.float32([0.0, 0.5, -1.0])))
 
 
@@ -206,7 +212,7 @@ class FakeDeviceLauncher(HostLauncher):
 
 
 @pytest.fixture
-def device(monkeypatch, host_lib):  # noqa: F811
+def device(monkeypatch, host_lib):
     fake = FD.install(monkeypatch)
     monkeypatch.setattr(gpu, "_launcher", lambda: FakeDeviceLauncher(host_lib, fake))
     checks._pending.clear()
@@ -244,7 +250,6 @@ def test_a_training_step_reads_back_twice_plus_once_per_paper_unit(device, monke
     (twice), the predictions. Now: backward's one check of the pending non-finite counts
     (the loss among them) and one read of loss and predictions; a paper unit adds one
     read of its gamma and beta (its parameters are computed on the host)."""
-    from npapprox import quant  # noqa: PLC0415
     t = _trainer(policy)
     xb, yb = t.data.x_train[:32], t.data.y_train[:32]
     units = []
@@ -259,7 +264,6 @@ def test_a_training_step_reads_back_twice_plus_once_per_paper_unit(device, monke
 def test_paper_parameters_of_device_gamma_are_the_host_bytes(device):
     """Computed on the host (CuPy's float64 -> float32 casts would flush the subnormal
     k / h_step of extreme gamma): one read-back of gamma and beta, one upload."""
-    from npapprox.quant import paper_params  # noqa: PLC0415
     gamma = np.float32([1e-38, 3e-39, -1e-45, 1e38, 1.0, 0.0, -2.0])
     beta = np.float32([1e-38, -1e-39, 0.0, 1e38, 2.5, 1.0, 0.5])
     for bits in (1, 4, 8):
@@ -276,8 +280,6 @@ def test_paper_parameters_of_device_gamma_are_the_host_bytes(device):
 
 
 def test_max_pool_argmax_has_no_boolean_mask_write(device):
-    from npapprox import ops  # noqa: PLC0415
-    from npapprox.tensor import Tensor  # noqa: PLC0415
     x = Tensor(device.asarray(np.random.default_rng(1).standard_normal((2, 3, 9, 9)).astype(F32)),
                requires_grad=True)
     FD.reset()
@@ -296,7 +298,6 @@ def test_nonfinite_activations_on_the_device_are_reported_at_the_end_of_backward
     assert checks.pending() == 0
     assert all(np.array_equal(np.asarray(p.data), before[n]) for n, p in t.model.named_parameters())
     # a pack on the device does not raise; the pending count does, at the next flush (end of backward)
-    from npapprox.policy import Generic  # noqa: PLC0415
     ctx = types.SimpleNamespace(fn=types.SimpleNamespace(__name__="ReLU"))
     Generic(4).pack(ctx, "h", device.asarray(np.float32([1.0, np.inf, 2.0, -np.inf])))
     Generic(4).pack(ctx, "g", device.asarray(np.float32([3e38, -3e38])))          # range wider than float32
@@ -390,8 +391,6 @@ def test_the_gpu_extra_brings_nvrtc_and_the_cuda_headers():
     """CuPy 14 compiles every kernel with NVRTC and the CUDA runtime headers; its [ctk]
     extra installs them (cuda-toolkit[cudart,nvrtc,...]) -- without it gpu_available()
     would be False on a machine with a GPU ("Failed to find CUDA headers")."""
-    import re  # noqa: PLC0415  (tomllib needs Python 3.11; the package supports 3.10)
-    from pathlib import Path  # noqa: PLC0415
     text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     extras = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
     assert re.findall(r"^gpu = (.*)$", extras, re.M) == ['["cupy-cuda13x[ctk]"]']

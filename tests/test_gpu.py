@@ -14,17 +14,20 @@ How to run: ``pip install -e ".[test,gpu]"`` on a machine with an NVIDIA GPU, th
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
-from support import resnet, resnet_forward_backward
 
 import npapprox.kernels as K
-from npapprox import ops
+from npapprox import cli, ops
 from npapprox.backend import gpu_status, to_device
+from npapprox.ledger import ledger, measure_peak
 from npapprox.optim import SGD
 from npapprox.policy import Exact, Generic, Paper, storage_policy
-from npapprox.ledger import ledger, measure_peak
 from npapprox.tensor import Tensor
+
+from support import resnet, resnet_forward_backward
 
 # A machine without CuPy or without a device skips, saying why; CuPy installed but unusable (it does
 # not import, or cannot compile a kernel) fails every test instead: an installation to repair.
@@ -37,7 +40,7 @@ F32 = np.float32
 
 @pytest.fixture(scope="module")
 def cp():
-    from npapprox.backend import cupy  # noqa: PLC0415
+    from npapprox.backend import cupy
     return cupy()
 
 
@@ -132,7 +135,7 @@ def test_other_ops_on_gpu_match_cpu(cp):
     for policy in (Exact(), Generic(8)):
         with storage_policy(policy):
             c, g = run("cpu"), run("gpu")
-        for a, b in zip(g, c):
+        for a, b in zip(g, c, strict=True):
             assert _rel(a, b) < (1e-4 if isinstance(policy, Exact) else 1e-2)
 
 
@@ -171,9 +174,7 @@ def test_measured_gpu_peak_is_lower_under_paper4(cp):
 def test_train_command_on_the_gpu(tmp_path, capsys):
     """`npapprox train --device gpu`: a few iterations, metrics written, loss finite, and the
     same first-step loss as on the CPU (same seed, same batch)."""
-    import json  # noqa: PLC0415
 
-    from npapprox import cli  # noqa: PLC0415
 
     rows = {}
     for device in ("cpu", "gpu"):

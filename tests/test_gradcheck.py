@@ -11,11 +11,11 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from gradcheck import away_from_zero, directional_check, distinct_values
-
 import npapprox
 from npapprox import Function, ops
 from npapprox.policy import ACTIVATION
+
+from gradcheck import away_from_zero, directional_check, distinct_values
 
 SEEDS = st.integers(0, 2**32 - 1)
 DIMS = st.integers(1, 4)
@@ -60,7 +60,8 @@ def test_gradcheck_catches_a_missing_gradient_term(monkeypatch):
     # BN's input gradient without its variance term (a classic bug) must be rejected.
     rng = np.random.default_rng(2)
     x, g, b = rng.standard_normal((3, 2, 2, 2)), rng.standard_normal(2), rng.standard_normal(2)
-    bn = lambda x, g, b: ops.batch_norm2d(x, g, b)  # noqa: E731
+    def bn(x, g, b):
+        return ops.batch_norm2d(x, g, b)
     directional_check(bn, [x, g, b], (0,))
 
     def no_variance_term(ctx, gy):
@@ -300,12 +301,12 @@ def test_preact_resnet_float64(shortcut):
     labels = rng.integers(0, 3, 3)
 
     def f(x, *ps):
-        for (mod, name), p in zip(slots, ps):
+        for (mod, name), p in zip(slots, ps, strict=True):
             object.__setattr__(mod, name, p)
         return ops.cross_entropy(model(x), labels)
 
     try:
         directional_check(f, [x, *params], range(len(params) + 1), seed=9)
     finally:
-        for (mod, name), p in zip(slots, params):
+        for (mod, name), p in zip(slots, params, strict=True):
             object.__setattr__(mod, name, npapprox.nn.Parameter(p))

@@ -21,6 +21,14 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from scipy.stats import chi2
+
+import npapprox.kernels as K
+from npapprox.kernels import im2col as im2col_module
+from npapprox.kernels import reference as R
+from npapprox.kernels import switch
+from npapprox.kernels.im2col import im2row
+
 from support import (
     BITS,
     F32,
@@ -33,9 +41,6 @@ from support import (
     paper_step,
     same,
 )
-
-import npapprox.kernels as K
-from npapprox.kernels import reference as R
 
 
 def _cpu():
@@ -236,10 +241,7 @@ def test_dispatch_switch():
 
 
 def test_one_switch_for_all_kernels_and_im2row_still_a_module():
-    from npapprox.kernels import im2col as im2col_module
-    from npapprox.kernels import switch
-    from npapprox.kernels.im2col import im2row  # noqa: F401  (the submodule import keeps working)
-    assert K.im2col is im2col_module
+    assert K.im2col is im2col_module and im2row is im2col_module.im2row
     assert K.use_reference is switch.use_reference and im2col_module.use_reference is switch.use_reference
     assert not switch.reference_forced()
     K.use_reference(True)
@@ -511,7 +513,6 @@ def test_stochastic_rounding_is_unbiased_with_the_bernoulli_variance(reference):
 def test_counter_uniform_is_uniform(seed):
     """mean 1/2 and variance 1/12 within Z standard errors; 64-bin chi-square at false-alarm 1e-6;
     values are multiples of 2**-24 in [0, 1)."""
-    from scipy.stats import chi2
 
     n = 1 << 20
     r = K.counter_uniform(n, seed).astype(np.float64)

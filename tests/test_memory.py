@@ -6,12 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from npapprox import Tensor, nn, ops
+from npapprox import Tensor, nn, ops, quant
 from npapprox.kernels import paper_pack, use_reference
 from npapprox.kernels.bn import BNSource, as_ncm, bn_backward
-from npapprox.policy import ACTIVATION, Exact, FitWindow, Generic, Paper, storage_policy
-from npapprox import quant
 from npapprox.ledger import ledger, measure_peak, transient_bound
+from npapprox.policy import ACTIVATION, Exact, FitWindow, Generic, Paper, storage_policy
 from npapprox.storage import ExactUnit, PaperUnit, PooledRef, SharedRef, Stored
 from npapprox.tensor import topological_order
 
@@ -177,7 +176,7 @@ def test_bn_backward_from_codes_is_byte_identical_to_decoding_first(bits, batch_
                 b = bn_backward(gy, decoded, gamma, inv, batch_stats=batch_stats)
             finally:
                 use_reference(False)
-            for got, want in zip(a, b):
+            for got, want in zip(a, b, strict=True):
                 assert got.tobytes() == want.tobytes(), (shape, reference)
 
 

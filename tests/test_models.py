@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from npapprox import Tensor, cli, nn, no_grad, ops
-from npapprox.policy import PARAM, STAT, UNIT, Exact, Generic, Paper, storage_policy
 from npapprox.ledger import ledger
+from npapprox.policy import PARAM, STAT, UNIT, Exact, Generic, Paper, storage_policy
 
-from model_oracle import against_torch, close  # noqa: E402,F401  (tests/ is on sys.path)
+from model_oracle import against_torch
 
 F32 = np.float32
 

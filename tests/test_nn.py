@@ -222,12 +222,12 @@ def test_sgd_matches_numpy_formula(momentum, wd, nesterov, decay):
         grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
         if step == 1:
             grads[3] = None  # a parameter without gradient is left alone this step
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.grad = g
         opt.step()
         steps.append(grads)
     expected = _sgd_reference(ws, steps, 0.05, momentum, wd, nesterov, decay)
-    for p, e in zip(params, expected):
+    for p, e in zip(params, expected, strict=True):
         assert p.data.dtype == np.float32
         np.testing.assert_allclose(p.data, e, rtol=1e-6, atol=1e-6)
 

@@ -19,8 +19,18 @@ import numpy as np
 import pytest
 
 from npapprox import nn
-from npapprox.optim import (SGD, Adam, ConstantSchedule, CosineSchedule, Optimizer, PaperSchedule, RMSprop,
-                            StepSchedule, make_optimizer, make_schedule)
+from npapprox.optim import (
+    SGD,
+    Adam,
+    ConstantSchedule,
+    CosineSchedule,
+    Optimizer,
+    PaperSchedule,
+    RMSprop,
+    StepSchedule,
+    make_optimizer,
+    make_schedule,
+)
 
 SHAPES = [(2, 3, 3, 3), (2,), (4, 5), (5,)]   # conv kernel, BN/bias vector, linear kernel, bias
 STEPS = 6
@@ -50,7 +60,7 @@ def _lr_at(step, lr):
 def _run(opt, params, grads_per_step, lr, start=0):
     for step, grads in enumerate(grads_per_step, start):
         opt.lr = _lr_at(step, lr)
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.grad = None if g is None else g.copy()
         opt.step()
 
@@ -88,10 +98,10 @@ def test_optimizer_matches_torch(torch, case):
     for step, gs in enumerate(grads):
         for group in topt.param_groups:
             group["lr"] = _lr_at(step, kw["lr"])
-        for t, g in zip(tparams, gs):
+        for t, g in zip(tparams, gs, strict=True):
             t.grad = None if g is None else torch.from_numpy(g.copy())
         topt.step()
-    for i, (p, t) in enumerate(zip(params, tparams)):
+    for i, (p, t) in enumerate(zip(params, tparams, strict=True)):
         assert p.data.dtype == np.float32
         ref = t.detach().numpy()
         np.testing.assert_allclose(p.data, ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()),
@@ -143,7 +153,8 @@ def _rmsprop_numpy(ws, grads_per_step, lr_of, alpha, eps, momentum, wd, decay):
 @pytest.mark.parametrize("decay", ["kernels", "all"])
 def test_adam_and_rmsprop_match_numpy_formulas(decay):
     w0, grads = _initial(2), _gradients(3)
-    lr_of = lambda step: _lr_at(step, 1e-2)  # noqa: E731
+    def lr_of(step):
+        return _lr_at(step, 1e-2)
     cases = [
         (Adam, dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2),
          lambda: _adam_numpy(w0, grads, lr_of, 0.9, 0.999, 1e-8, 1e-2, decay)),
@@ -155,7 +166,7 @@ def test_adam_and_rmsprop_match_numpy_formulas(decay):
     for cls, kw, formula in cases:
         params = [nn.Parameter(w.copy()) for w in w0]
         _run(cls(params, decay=decay, **kw), params, grads, kw["lr"])
-        for i, (p, e) in enumerate(zip(params, formula())):
+        for i, (p, e) in enumerate(zip(params, formula(), strict=True)):
             np.testing.assert_allclose(p.data, e, rtol=1e-5, atol=1e-6, err_msg=f"{cls.__name__} parameter {i}")
 
 
@@ -215,7 +226,7 @@ def test_state_dict_resume_is_bit_identical(case):
     opt2.load_state_dict(state)
     assert opt2.lr == _lr_at(1, kw["lr"]) and opt2.steps == [2, 2, 2, 1]
     _run(opt2, resumed, grads[2:], kw["lr"], start=2)
-    for i, (a, b) in enumerate(zip(full, resumed)):
+    for i, (a, b) in enumerate(zip(full, resumed, strict=True)):
         assert np.array_equal(a.data, b.data), f"{case}: parameter {i} differs after resume"
 
 
@@ -239,7 +250,7 @@ def test_load_state_dict_refuses_a_bad_state_and_changes_nothing():
         opt.load_state_dict({"lr": 0.1})
     after = opt.state_dict()
     assert after["lr"] == before["lr"] and after["steps"] == before["steps"]
-    for s, t in zip(before["state"], after["state"]):
+    for s, t in zip(before["state"], after["state"], strict=True):
         assert all(np.array_equal(s[k], t[k]) for k in s)
 
 
@@ -275,7 +286,7 @@ def test_step_cosine_constant_schedules():
     assert c.lr_at(0) == approx(0.1) and c.lr_at(4) == approx(0.5) and c.lr_at(9) == 1.0
     assert c.lr_at(10) == 1.0 and c.lr_at(60) == approx(0.55) and c.lr_at(110) == approx(0.1)
     lrs = [c.lr_at(i) for i in range(10, 111)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:])), "cosine decreases after the warm-up"
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False)), "cosine decreases after the warm-up"
     assert ConstantSchedule(0.3).lr_at(12345) == 0.3
 
 

@@ -1,5 +1,8 @@
 """npapprox.parallel: whole chunks per core, BLAS held to one thread meanwhile."""
+import sys
 import threading
+import tracemalloc
+import types
 
 import numpy as np
 import pytest
@@ -7,6 +10,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 import npapprox as na
 from npapprox import parallel
+from npapprox.ops import conv
 
 
 def _blas_threads():
@@ -73,7 +77,6 @@ def test_conv_parallel_equals_serial():
         y.backward(gy)
         return y.data, xt.grad, wt.grad
 
-    from npapprox.ops import conv
     old, conv.CHUNK_BYTES = conv.CHUNK_BYTES, 4096          # many chunks
     try:
         with threadpool_limits(2, user_api="blas"):
@@ -89,9 +92,7 @@ def test_conv_parallel_equals_serial():
 def test_measured_peak_does_not_depend_on_when_workers_start(monkeypatch):
     """Every worker's buffers exist before any worker runs: a worker that starts
     late (here: after worker 0 returned) does not lower the measured peak."""
-    import tracemalloc
 
-    from npapprox.ops import conv
     rng = np.random.default_rng(0)
     x = na.Tensor(rng.standard_normal((32, 16, 16, 16)).astype(np.float32), requires_grad=True)
     w = na.Tensor(rng.standard_normal((16, 16, 3, 3)).astype(np.float32), requires_grad=True)
@@ -127,14 +128,12 @@ def test_measured_peak_does_not_depend_on_when_workers_start(monkeypatch):
         monkeypatch.setattr(conv, "run", late)
         delayed = peaks()
     workspace = 16 * 16 * 144 * 4        # one sample's rows: each worker holds several
-    assert all(abs(a - b) < workspace for a, b in zip(normal, delayed)), (normal, delayed)
+    assert all(abs(a - b) < workspace for a, b in zip(normal, delayed, strict=True)), (normal, delayed)
 
 
 def test_a_blas_loaded_after_the_first_scan_is_found(monkeypatch):
     """The BLAS libraries are rescanned once new modules were imported (SciPy's
     OpenBLAS arrives with its import, after the first convolution scanned)."""
-    import sys
-    import types
 
     monkeypatch.setattr(parallel, "_blas", parallel._blas_controller().select(user_api="none"))
     assert parallel._blas_controller().lib_controllers == []           # nothing new imported: cached

@@ -26,6 +26,11 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
+import npapprox.kernels as K
+from npapprox import backend
+from npapprox.kernels import reference as R
+
 from support import (
     BETA_OVER_GAMMA,
     BITS,
@@ -48,10 +53,6 @@ from support import (
     paper_step,
     same,
 )
-
-import npapprox.kernels as K
-from npapprox import backend
-from npapprox.kernels import reference as R
 
 KINDS = ("normal", "wide", "constant", "zeros", "specials", "nonfinite")
 

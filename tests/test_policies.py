@@ -26,10 +26,31 @@ import types
 
 import numpy as np
 import pytest
+
+from npapprox import Tensor, ops
+from npapprox.function import PARAM, STAT, UNIT
+from npapprox.ledger import ledger, measure_peak
+from npapprox.policy import (
+    POLICIES,
+    ApproxForward,
+    Exact,
+    FitWindow,
+    Generic,
+    Naive,
+    Paper,
+    policy_from_name,
+    register_policy,
+    storage_policy,
+)
+from npapprox.storage import BNReLUUnit
+from npapprox.study.plots import line_style
+from npapprox.tensor import topological_order
+
 from support import (
     assert_close,
     bn_forward,
     bn_relu_backward_oracle,
+    c4,
     conv3x3_oracle,
     engine_unit,
     max_rel,
@@ -40,15 +61,6 @@ from support import (
     unit_problem,
     unpack_codes,
 )
-
-from npapprox import Tensor, ops
-from npapprox.function import PARAM, STAT, UNIT
-from npapprox.ledger import ledger, measure_peak
-from npapprox.policy import (POLICIES, ApproxForward, Exact, FitWindow, Generic, Naive, Paper, policy_from_name,
-                             register_policy, storage_policy)
-from npapprox.storage import BNReLUUnit
-from npapprox.study.plots import line_style
-from npapprox.tensor import topological_order
 
 F32, F64 = np.float32, np.float64
 
@@ -157,8 +169,8 @@ def test_paper_gx_differs_from_exact_only_by_the_variance_term():
     _, _, gh2 = proj_oracle(np.zeros(x.shape), w2.astype(F64), r2.astype(F64))
     g = (gh1 + gh2) * (y > 0)
     m = g.shape[0] * g.shape[2] * g.shape[3]
-    c4 = lambda a: a[None, :, None, None]  # noqa: E731
-    var_term = lambda xh: xh * c4((g * xh).sum(axis=(0, 2, 3)) / m)  # noqa: E731
+    def var_term(xh):
+        return xh * c4((g * xh).sum(axis=(0, 2, 3)) / m)
     want = -c4(gamma.astype(F64) * inv_sigma) * (var_term(xhat_hat) - var_term(xhat))
     diff = out["gx"].astype(F64) - exact["gx"]
     np.testing.assert_allclose(diff, want, atol=2e-5 * np.abs(exact["gx"]).max())
@@ -490,8 +502,8 @@ def test_naive_error_grows_with_depth():
         return outs
 
     exact, naive, paper = chain(Exact()), chain(Naive(4)), chain(Paper(4))
-    assert all(np.array_equal(a, b) for a, b in zip(exact, paper)), "Paper's forward must be exact"
-    err = np.array([np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(naive, exact)])
+    assert all(np.array_equal(a, b) for a, b in zip(exact, paper, strict=True)), "Paper's forward must be exact"
+    err = np.array([np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(naive, exact, strict=True)])
     assert err[0] > 0.01
     assert err[-1] > 2 * err[0], f"naive error does not grow: {np.round(err, 4)}"
     assert np.all(np.diff(err[::3]) > 0), f"naive error not increasing along depth: {np.round(err, 4)}"
@@ -564,7 +576,7 @@ def test_stochastic_generic_seeds_change_bytes_and_same_seed_reproduces():
     d, _ = _stored_bytes(model, X8, T8, Generic(4, stochastic=False, seed=1))
     assert len(a) == len(c) == len(d) >= 6
     assert a == b, "same seed, same call sequence: the stored bytes must be identical"
-    assert all(x != y for x, y in zip(a, c)), "a different seed must change every stored tensor"
+    assert all(x != y for x, y in zip(a, c, strict=True)), "a different seed must change every stored tensor"
     assert a != d
     assert np.array_equal(la, lb) and np.array_equal(la, lc)      # the forward never sees the noise
     # one policy object used twice: the per-save counter moves on, the noise is not reused

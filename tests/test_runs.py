@@ -16,10 +16,15 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.figure
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
-from npapprox import checkpoint, cli, nn, ops
+import npapprox.study
+from npapprox import checkpoint, cli, nn, ops, storage_policy
+from npapprox.data import load_dataset
 from npapprox.policy import policy_from_name
 from npapprox.runfolder import CHECKPOINT, METRICS, STEPS
 from npapprox.tensor import Tensor
@@ -62,8 +67,6 @@ META = {"iteration": 7, "history": [{"loss": 0.1 + 0.2}], "name": "é"}
 
 def test_checkpoint_round_trip_is_exact_and_safetensors_reads_it(tmp_path):
     """The independent reader (the safetensors library) sees the same arrays and the metadata."""
-    from safetensors import safe_open  # noqa: PLC0415
-    from safetensors.numpy import load_file  # noqa: PLC0415
 
     path = tmp_path / "c.safetensors"
     checkpoint.save(path, ARRAYS, META)
@@ -99,7 +102,7 @@ def test_a_trainers_checkpoint_names_its_arrays_as_the_model_does(tmp_path):
 
 def test_torch_reads_a_trainers_checkpoint_by_parameter_name(tmp_path, torch):
     """What a PyTorch bridge needs: safetensors.torch loads the file, names and values as the model's."""
-    from safetensors.torch import load_file  # noqa: PLC0415
+    from safetensors.torch import load_file
 
     cfg = TrainConfig(model="resnet8", width=4, batch_size=256, iterations=1, out=str(tmp_path / "r"))
     t = Trainer(cfg, progress=False, log=lambda *_: None)
@@ -110,7 +113,6 @@ def test_torch_reads_a_trainers_checkpoint_by_parameter_name(tmp_path, torch):
 
 
 def test_plain_safetensors_and_pickles_are_refused_without_running_them(tmp_path, capsys):
-    from safetensors.numpy import save_file  # noqa: PLC0415
 
     out = tmp_path / "run"
     assert cli.main(_train_args(out, 2)) == 0
@@ -316,7 +318,6 @@ def _unwritable(tmp_path) -> Path:
 @pytest.mark.parametrize("command", ["train", "compare", "study", "memory"])
 @pytest.mark.parametrize("where", ["a file", "under a file", "unwritable"])
 def test_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, command, where):
-    import npapprox.study  # noqa: PLC0415
 
     def no_work(*_, **__):
         raise AssertionError("work started before --out was checked")
@@ -390,7 +391,6 @@ def test_sigterm_writes_the_checkpoint_and_says_where(tmp_path):
 def _gradient(model, x, y, policy):
     """All parameter gradients as one float64 vector: forward under ``policy``, backward."""
     state = model.state_dict()
-    from npapprox import storage_policy  # noqa: PLC0415
     model.zero_grad()
     with storage_policy(policy_from_name(policy)):
         loss = ops.cross_entropy(model(Tensor(x)), y)
@@ -404,7 +404,6 @@ def test_compare_interleaves_policies_and_reports_gradient_error(tmp_path, capsy
     """The gradient error in the table is the one measured independently at the run's
     final weights (the checkpoint's) on the first training batch; naive4 is far off,
     paper4 is not; plots carry a title; an epoch of one (untimed) step shows no nan."""
-    import matplotlib.figure  # noqa: PLC0415
 
     figures = {}
     save = matplotlib.figure.Figure.savefig
@@ -422,7 +421,6 @@ def test_compare_interleaves_policies_and_reports_gradient_error(tmp_path, capsy
     assert order == [f"== {p}, seed {s}" for s in (0, 1) for p in ("exact", "paper4", "naive4")]
     table = (out / "results.md").read_text()
     assert "nan" not in table and "one run" in table and "resnet8 (width 4) on digits, batch 256" in table
-    from npapprox.data import load_dataset  # noqa: PLC0415
     data = load_dataset("digits", seed=0)
     x, y = data.x_train[:256], data.y_train[:256]
     errors = {}

@@ -23,12 +23,13 @@ import json
 
 import numpy as np
 import pytest
-from support import bn_forward, conv3x3_oracle, paper_oracle
 
 from npapprox import Tensor, cli, nn, ops
 from npapprox import study as S
-from npapprox.policy import Exact, Paper, storage_policy
 from npapprox.ledger import ledger
+from npapprox.policy import Exact, Paper, storage_policy
+
+from support import bn_forward, c4, conv3x3_oracle, paper_oracle
 
 F32, F64 = np.float32, np.float64
 RNG = np.random.default_rng(20191208)
@@ -144,7 +145,6 @@ def test_paper_input_gradient_of_one_unit_differs_only_by_the_variance_term():
     mu = x64.mean(axis=(0, 2, 3), keepdims=True)
     inv_sigma = 1 / np.sqrt(x64.var(axis=(0, 2, 3)) + 1e-5)
     xhat = (x64 - mu) * inv_sigma[None, :, None, None]
-    c4 = lambda a: a[None, :, None, None]  # noqa: E731
     hh = np.maximum(c4(gamma.astype(F64)) * xhat + c4(beta.astype(F64)), 0)
     out, _, _ = conv3x3_oracle(hh, w, np.zeros((n, classes, hw, hw)))
     logits = out.mean(axis=(2, 3))
@@ -154,7 +154,8 @@ def test_paper_input_gradient_of_one_unit_differs_only_by_the_variance_term():
     _, _, gh = conv3x3_oracle(hh, w, np.broadcast_to(dlogits[:, :, None, None] / (hw * hw), out.shape))
     g = gh * (y > 0)
     m = n * hw * hw
-    var_term = lambda xh: xh * c4((g * xh).sum(axis=(0, 2, 3)) / m)  # noqa: E731
+    def var_term(xh):
+        return xh * c4((g * xh).sum(axis=(0, 2, 3)) / m)
     want = c4(gamma.astype(F64) * inv_sigma) * (-var_term(xhat_hat) + var_term(xhat))
 
     diff = g_paper[S.INPUT] - g_exact[S.INPUT]
@@ -247,7 +248,8 @@ def test_statistics_match_their_definitions_and_the_noise_yardstick():
     ge = S.gradients(model, *b1)
     gp = S.gradients(model, *b1, "paper4")
     g2 = S.gradients(model, *b2)
-    flat = lambda g: np.concatenate([v.ravel() for v in g.values()])  # noqa: E731
+    def flat(g):
+        return np.concatenate([v.ravel() for v in g.values()])
     e, p, o = flat(ge), flat(gp), flat(g2)
     row = _overall(st)["paper4"]
     assert row["rel_err"] == pytest.approx(np.linalg.norm(p - e) / np.linalg.norm(e), rel=1e-9)
@@ -296,7 +298,8 @@ def test_resnet_with_other_activations(activation):
     relu = resnet(7, shortcut="projection")
     other = resnet(7, shortcut="projection", activation=activation)
     assert list(other.state_dict()) == list(relu.state_dict())
-    assert all(np.array_equal(a, b) for a, b in zip(other.state_dict().values(), relu.state_dict().values()))
+    assert all(np.array_equal(a, b)
+               for a, b in zip(other.state_dict().values(), relu.state_dict().values(), strict=True))
     led = ledger(other, X16[:4], T16[:4], Paper(4))
     op = {"sigmoid": "Sigmoid", "tanh": "Tanh", "gelu": "GELU"}[activation]
     assert not any(e.op == "BatchNormReLU" for e in led.entries)

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-
-from gradcheck import away_from_zero, distinct_values
+from scipy.special import erfc
 
 import npapprox
 from npapprox import Tensor, ops
+
+from gradcheck import away_from_zero, distinct_values
 
 SEEDS = st.integers(0, 2**32 - 1)
 DIMS = st.integers(1, 4)
@@ -178,7 +179,6 @@ def test_gelu_is_the_exact_erf_form(torch):
 def test_gelu_tail_against_float64():
     # in the negative tail both float32 GELUs lose relative accuracy; ours stays within
     # 1e-6 |x| of the float64 value (x * erfc(-x / sqrt 2) / 2) down to x = -5
-    from scipy.special import erfc
     x = np.linspace(-5, 5, 201).astype(np.float32)
     x64 = x.astype(np.float64)
     err = np.abs(ops.gelu(Tensor(x)).data - 0.5 * x64 * erfc(-x64 / np.sqrt(2)))
@@ -345,9 +345,10 @@ def test_preact_resnet_vs_torch(torch, shortcut, depth, batch, size, width):
     if depth == 20 and shortcut == "pad":  # the named constructor builds this very network
         npapprox.nn.manual_seed(3)
         ref = npapprox.nn.preact_resnet20()
-        assert all(np.array_equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
+        assert all(np.array_equal(a, b)
+                   for a, b in zip(ref.state_dict().values(), model.state_dict().values(), strict=True))
         assert list(ref.state_dict()) == list(model.state_dict())
-    from model_oracle import against_torch  # noqa: PLC0415
+    from model_oracle import against_torch
     from torch_models import TorchPreActResNet  # imports torch: only after the fixture provided it
 
     x = f32(np.random.default_rng(5).standard_normal((batch, 3, size, size)))

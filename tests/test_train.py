@@ -13,7 +13,10 @@ import pytest
 from npapprox import checkpoint, cli, cli_options, nn
 from npapprox.backend import gpu_available
 from npapprox.ledger import measure_peak
-from npapprox.train import CHECKPOINT, NonFiniteLoss, Trainer, TrainConfig
+from npapprox.policy import Paper
+from npapprox.train import CHECKPOINT, NonFiniteLoss, TrainConfig, Trainer
+
+import cifar_archive
 
 TINY = dict(model="resnet8", width=8, data="digits", batch_size=64, lr=0.1, schedule="cosine")
 
@@ -37,7 +40,7 @@ def test_short_training_on_digits_learns(tmp_path, policy):
     assert all(r["stored_bytes"] > 0 and r["peak_bytes"] > r["stored_bytes"] for r in rows)
     steps = [json.loads(line) for line in (tmp_path / policy / "steps.jsonl").read_text().splitlines()]
     assert [s["iteration"] for s in steps] == list(range(1, 4 * t.per_epoch + 1))
-    assert all(b["time"] >= a["time"] for a, b in zip(steps, steps[1:]))
+    assert all(b["time"] >= a["time"] for a, b in zip(steps, steps[1:], strict=False))
 
 
 def test_paper_policy_stores_less_than_exact(tmp_path):
@@ -173,8 +176,6 @@ def test_cli_memory_finds_the_largest_batch_under_a_budget(tmp_path, capsys):
     text = capsys.readouterr().out
     batch = int(re.search(r"largest batch with measured peak <= 24.0 MiB \(25,165,824 B\): (\d+)", text).group(1))
     assert batch >= 16
-    from npapprox import nn
-    from npapprox.policy import Paper
     nn.manual_seed(0)
     model = nn.build_model("resnet8", num_classes=10, in_channels=1, input_size=8, width=4)
     rng = np.random.default_rng(1)
@@ -205,7 +206,6 @@ def test_cli_device_gpu_without_cupy_is_a_clear_error(capsys):
 @pytest.mark.parametrize("data, make", [("cifar10", "make_cifar10"), ("cifar100", "make_cifar100")])
 def test_cli_trains_on_a_cifar_archive(tmp_path, capsys, data, make):
     """End to end on small archives in the exact CIFAR format: load, augment, train, evaluate."""
-    import cifar_archive  # noqa: PLC0415  (tests/ is on sys.path)
 
     archive = getattr(cifar_archive, make)(tmp_path)
     out = tmp_path / "run"
@@ -246,7 +246,7 @@ def test_fit_trains_as_run_does_and_reports_at_its_checkpoints():
     fitted = Trainer(cfg, **quiet)
     losses = fitted.fit()
     assert len(losses) == 5 and all(np.isfinite(losses))
-    for (name, p), (_, q) in zip(ran.model.named_parameters(), fitted.model.named_parameters()):
+    for (name, p), (_, q) in zip(ran.model.named_parameters(), fitted.model.named_parameters(), strict=True):
         assert np.array_equal(p.data, q.data), name
     # a given model and data: checkpoints before iterations 0, 2, 4 and after the last
     nn.manual_seed(cfg.seed)
@@ -256,5 +256,5 @@ def test_fit_trains_as_run_does_and_reports_at_its_checkpoints():
     assert given.model is model and given.data is fitted.data
     given.fit(2, lambda i, since: seen.append((i, len(since))))
     assert seen == [(0, 0), (2, 2), (4, 2), (5, 1)]
-    for (name, p), (_, q) in zip(model.named_parameters(), fitted.model.named_parameters()):
+    for (name, p), (_, q) in zip(model.named_parameters(), fitted.model.named_parameters(), strict=True):
         assert np.array_equal(p.data, q.data), name

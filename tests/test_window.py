@@ -21,15 +21,18 @@ import types
 
 import numpy as np
 import pytest
-import support as S
 from hypothesis import given
 from hypothesis import strategies as st
 
 from npapprox import quant
+from npapprox.backend import to_device
+from npapprox.ledger import ledger
 from npapprox.policy import Exact, FitWindow, Paper, policy_from_name
 from npapprox.storage import BNReLUUnit
-from npapprox.ledger import ledger
+from npapprox.train import TrainConfig, Trainer
 from npapprox.window import TrainingWatch, WindowMonitor, monitoring
+
+import support as S
 
 F32, F64 = np.float32, np.float64
 CTX = types.SimpleNamespace(fn=types.SimpleNamespace(__name__="test"), module=None)
@@ -74,7 +77,8 @@ def codes_oracle(y, gamma, beta, bits, d, s):
     h_hat = |gamma| q_hat [code >= s]; xhat_hat = sign(gamma) q_hat - beta/gamma."""
     nb = 2 ** bits
     g, b = np.asarray(gamma, F64), np.asarray(beta, F64)
-    c4 = lambda a: np.asarray(a)[None, :, None, None]  # noqa: E731
+    def c4(a):
+        return np.asarray(a)[None, :, None, None]
     k = (1.0 / (d * np.abs(g))).astype(F32)
     u = np.clip(y * c4(k), -(nb + 1), nb + 1)
     code = np.clip(c4(s) - 1 + np.ceil(u).astype(np.int64), 0, nb - 1)
@@ -174,7 +178,8 @@ def test_fit_window_properties(case, cut):
     assert code.min() >= 0 and code.max() <= nb - 1
     assert np.array_equal(stored.mask(), y > 0), "mask not exact"
     # error in q = y/|gamma| units, per value
-    c4 = lambda a: np.asarray(a, F64)[None, :, None, None]  # noqa: E731
+    def c4(a):
+        return np.asarray(a, F64)[None, :, None, None]
     q = y.astype(F64) / c4(np.abs(gamma))
     q_hat = stored.xhat().astype(F64) * c4(np.sign(gamma)) + c4(beta.astype(F64) / np.abs(gamma))
     err = np.abs(q_hat - q)
@@ -343,7 +348,6 @@ def test_training_watch_warns_once_when_a_unit_saturates_persistently():
 
 
 def test_trainer_attaches_the_watch():
-    from npapprox.train import TrainConfig, Trainer
     for name, kind in (("paper4", TrainingWatch), ("fit4", TrainingWatch), ("exact", type(None))):
         tr = Trainer(TrainConfig(model="resnet8", policy=name, iterations=1, width=4), progress=False,
                      log=lambda *_: None)
@@ -370,7 +374,6 @@ def test_policy_names():
 @pytest.mark.skipif(not __import__("npapprox.backend", fromlist=["gpu_available"]).gpu_available(),
                     reason="no CUDA device (needs CuPy and an NVIDIA GPU)")
 def test_new_windows_on_the_gpu_store_the_cpu_bytes():
-    from npapprox.backend import to_device
     rng = np.random.default_rng(9)
     gamma, beta = S.channel_params(rng, 6)
     y = S.bn_output(rng, (4, 6, 5, 5), gamma, beta)

@@ -15,12 +15,12 @@ to PyTorch models (docs/bridge.md).
 PyTorch is optional for npapprox; this subpackage is the only place that needs it.
 """
 try:
-    import torch  # noqa: F401
+    import torch  # noqa: F401  (imported only to fail here, naming the extra)
 except ImportError:
     raise ImportError("npapprox.bridge needs PyTorch: pip install 'npapprox[torch]'") from None
 
-from .modules import arrays_to_state_dict, from_torch, state_dict_to_arrays, to_torch  # noqa: E402
-from .storage import current_policy, ledger, storage_policy  # noqa: E402
+from .modules import arrays_to_state_dict, from_torch, state_dict_to_arrays, to_torch
+from .storage import current_policy, ledger, storage_policy
 
 __all__ = ["arrays_to_state_dict", "current_policy", "from_torch", "ledger", "state_dict_to_arrays",
            "storage_policy", "to_torch"]

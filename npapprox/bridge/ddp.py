@@ -35,6 +35,9 @@ import traceback
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from .storage import storage_policy
 
 
 class RankError(RuntimeError):
@@ -71,7 +74,7 @@ def _child(fn, rank, world_size, addr, backend, timeout, threads, results, args)
                                              timeout=datetime.timedelta(seconds=timeout))
         joined = True
         results.put((rank, True, fn(rank, world_size, *args), time.time()))
-    except BaseException:  # noqa: BLE001 - every failure goes back to the parent, named by rank
+    except BaseException:  # any failure goes back to the parent, named by rank
         # reported before leaving the group: the other ranks fail only after this one did
         results.put((rank, False, traceback.format_exc(), time.time()))
     finally:
@@ -148,9 +151,7 @@ def launch(fn, nproc: int, *args, backend: str = "gloo", timeout: float = 60.0, 
 
 
 def _train_worker(rank, world_size, module, batches, policy, lr):
-    from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
 
-    from .storage import storage_policy  # noqa: PLC0415
     nccl = torch.distributed.get_backend() == "nccl"
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}") if nccl else torch.device("cpu")
     # tensors arrive in shared memory (torch's pickling): each rank trains its own copy

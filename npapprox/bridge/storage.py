@@ -38,6 +38,7 @@ stream; both zero-copy. Tensors on the ``meta`` device give a shape-only pass
 from __future__ import annotations
 
 import contextlib
+import copy
 import types
 import weakref
 
@@ -48,7 +49,7 @@ from torch.autograd.function import once_differentiable
 from ..function import ACTIVATION, INDEX, PARAM, STAT, UNIT
 from ..kernels.bn import as_ncm, bn_backward
 from ..ledger import Entry, Ledger
-from ..policy import Paper, Policy
+from ..policy import Exact, Paper, Policy
 from ..storage import BNReLUUnit, SharedRef, Unit, UnitRef
 from .forms import Alias, Kept, Sized, exact_activations, exact_units, sized_activation, sized_unit
 from .views import as_array, as_tensor, kernel_stream
@@ -196,10 +197,8 @@ def ledger(module, x, labels=None, policy: Policy | None = None) -> Ledger:
     produced the saved tensor; a tensor saved twice counts once (form ``alias``).
     ``x`` on the ``meta`` device runs a
     shape-only pass on a meta copy of ``module`` (nothing computed: cheap for any size)."""
-    from ..policy import Exact  # noqa: PLC0415
     policy = (current_policy() or Exact()) if policy is None else policy
     if x.device.type == "meta":
-        import copy  # noqa: PLC0415
         module = copy.deepcopy(module).to("meta")
     with record() as saved, storage_policy(policy):
         out = module(x)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import multiprocessing
 import os
 import signal
 from pathlib import Path
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from ..policy import policy_from_name
 from ..runfolder import CHECKPOINT
@@ -124,7 +126,6 @@ class TorchTrainer(Trainer):
         self.module = to_torch(model).to(self.device)
         if self.world_size == 1:
             return self.module
-        from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
         cuda = self.device.type == "cuda"
         return DistributedDataParallel(self.module, device_ids=[self.device.index] if cuda else None)
 
@@ -272,7 +273,6 @@ _received: list = []         # signals the parent of spawned ranks passed on
 
 def _forward_signals(signum, _frame):
     """The parent of spawned ranks: pass SIGINT/SIGTERM on, keep waiting for their checkpoint."""
-    import multiprocessing  # noqa: PLC0415
     _received.append(signum)
     for p in multiprocessing.active_children():
         try:

@@ -9,11 +9,18 @@ CIFAR-10/100 load from the standard python archives at a given path (never downl
   :mod:`.batching`).
 """
 from .augment import Augment, crop, flip, random_crop, random_flip
-from .batching import (Batch, augment_rng, batch_stream, batches, batches_per_epoch,
-                       epoch_permutation)
+from .batching import Batch, augment_rng, batch_stream, batches, batches_per_epoch, epoch_permutation
 from .cifar import CIFAR10, CIFAR100, CifarData, file_md5, load_cifar10, load_cifar100
-from .dataset import (DATASETS, NORMALIZATIONS, Dataset, channel_normalize, channel_stats,
-                      image_mean_normalize, load_dataset, normalize_splits)
+from .dataset import (
+    DATASETS,
+    NORMALIZATIONS,
+    Dataset,
+    channel_normalize,
+    channel_stats,
+    image_mean_normalize,
+    load_dataset,
+    normalize_splits,
+)
 from .digits import RESIZE_MODES, digits_split, iterate_minibatches, load_digits, resize_images
 
 __all__ = ["CIFAR10", "CIFAR100", "DATASETS", "NORMALIZATIONS", "RESIZE_MODES", "Augment", "Batch",

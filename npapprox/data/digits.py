@@ -27,7 +27,7 @@ RESIZE_MODES = ("pad", "nearest", "bilinear")
 def digits_split(test_fraction: float = 0.2, seed: int = 0):
     """``(x_train, y_train, x_test, y_test)`` with images (N, 1, 8, 8) float32 in [0, 1]
     (un-normalised), labels int64; the split is a seeded permutation, stratified by class."""
-    from sklearn.datasets import load_digits as _sk_digits  # noqa: PLC0415 (heavy import)
+    from sklearn.datasets import load_digits as _sk_digits
 
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from npapprox.backend import array_module, on_gpu
+from npapprox.kernels import paper_decode, paper_mask
 from npapprox.kernels.switch import reference_forced
 
 try:  # built by ``pip install .`` / ``pip install -e .`` from src/_bn.pyx
@@ -71,7 +72,8 @@ def compiled_available() -> bool:
 
 def _use_compiled(*arrays) -> bool:
     return (_compiled is not None and not reference_forced()
-            and all(isinstance(a, np.ndarray) and not on_gpu(a) for a in arrays) and arrays[0].dtype in _COMPILED_DTYPES)
+            and all(isinstance(a, np.ndarray) and not on_gpu(a) for a in arrays)
+            and arrays[0].dtype in _COMPILED_DTYPES)
 
 
 def _moments(x3):
@@ -165,7 +167,6 @@ def bn_backward(gy3, source: BNSource, gamma, inv_sigma, *, batch_stats=True, ne
             _compiled.bn_backward_codes(gy3, packed, np.ascontiguousarray(s, np.int32), x_step, x_off, bits,
                                         np.ascontiguousarray(scale), bool(batch_stats), gx, ggamma, gbeta)
             return gx, ggamma.astype(dtype), gbeta.astype(dtype)
-        from npapprox.kernels import paper_decode, paper_mask  # noqa: PLC0415 (kernels import this module)
         source = BNSource(as_ncm(paper_decode(packed, shape, s, x_step, x_off, bits).astype(dtype, copy=False)),
                           mask=paper_mask(packed, shape, s, bits))
     src, mu, s_inv, mask, relu_beta, _ = source

@@ -1,7 +1,21 @@
 """Modules: layers, containers and models."""
 from .densenet import DenseBlock, DenseLayer, DenseNet, Transition, densenet_bc
-from .layers import (GELU, AvgPool2d, BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Identity, Linear,
-                     MaxPool2d, ReLU, Sigmoid, Tanh, he_normal, manual_seed)
+from .layers import (
+    GELU,
+    AvgPool2d,
+    BatchNorm2d,
+    Conv2d,
+    Flatten,
+    GlobalAvgPool2d,
+    Identity,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sigmoid,
+    Tanh,
+    he_normal,
+    manual_seed,
+)
 from .module import Module, Parameter, Sequential, trace_modules
 from .resnet import PreActBlock, PreActBottleneck, PreActResNet, preact_resnet20, preact_resnet164
 from .vgg import VGG, VGG_CONFIGS, vgg11, vgg16

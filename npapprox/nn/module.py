@@ -129,7 +129,7 @@ class Module:
 
     def _map_arrays(self, fn) -> None:
         for _, mod in self.named_modules():
-            for name, v in list(mod.__dict__.items()):
+            for v in list(mod.__dict__.values()):
                 if isinstance(v, Parameter):
                     v.data, v.grad = fn(v.data), None
             for name, arr in list(mod._buffers.items()):

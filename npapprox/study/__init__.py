@@ -46,10 +46,17 @@ experiments: ``depth``, ``activations``, ``training``, ``optimizers``, ``window`
 """
 from __future__ import annotations
 
-from .experiments import (EXPERIMENTS, StudyConfig, exact_trainer, run_activations, run_depth, run_optimizers,
-                          run_training, train_policy)
-from .grads import (DEFAULT_POLICIES, INPUT, Layer, draws_of, gradients, is_stochastic, layer_order,
-                    sample_batches)
+from .experiments import (
+    EXPERIMENTS,
+    StudyConfig,
+    exact_trainer,
+    run_activations,
+    run_depth,
+    run_optimizers,
+    run_training,
+    train_policy,
+)
+from .grads import DEFAULT_POLICIES, INPUT, Layer, draws_of, gradients, is_stochastic, layer_order, sample_batches
 from .plots import plot_activations, plot_depth, plot_optimizers, plot_training, plot_window
 from .stats import Noise, PolicyGrads, Study, minibatch_noise, study_gradients
 from .tables import activations_table, optimizers_table, training_table, window_table
@@ -59,8 +66,8 @@ __all__ = ["DEFAULT_POLICIES", "EXPERIMENTS", "INPUT", "RUNNERS", "Layer", "Nois
            "StudyConfig", "activations_table", "cifar_like", "draws_of", "exact_trainer", "gradients",
            "is_stochastic", "layer_order", "minibatch_noise", "optimizers_table", "plot_activations", "plot_depth",
            "plot_optimizers", "plot_training", "plot_window", "run", "run_activations", "run_depth",
-           "run_optimizers", "run_training", "run_window", "sample_batches", "study_gradients", "train_policy", "training_table",
-           "window_policies", "window_table"]
+           "run_optimizers", "run_training", "run_window", "sample_batches", "study_gradients", "train_policy",
+           "training_table", "window_policies", "window_table"]
 
 RUNNERS = {"depth": run_depth, "activations": run_activations, "training": run_training,
            "optimizers": run_optimizers, "window": run_window}

@@ -12,9 +12,9 @@ from .stats import Study
 
 def pyplot():
     try:
-        import matplotlib  # noqa: PLC0415 (optional dependency: the plot extra)
+        import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415 (optional dependency)
+        import matplotlib.pyplot as plt
     except ImportError:
         return None
     return plt
@@ -87,7 +87,7 @@ def plot_depth(plt, study: Study, path, title: str = "", policies=None) -> Path 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
     groups = (("conv / linear weights", lambda r: r["kind"] in ("Conv2d", "Linear")),
               ("BN (gamma, beta)", lambda r: r["kind"] == "BatchNorm2d"))
-    for ax, (name, keep) in zip(axes, groups):
+    for ax, (name, keep) in zip(axes, groups, strict=True):
         for p in policies:
             rows = [r for r in study.layer_rows_of(p) if keep(r)]
             if rows:
@@ -120,7 +120,7 @@ def plot_training(plt, points: list, path, title: str = "") -> Path | None:
     if all(v is not None for v in noise):
         axes[0].plot(its, noise, color="0.4", lw=3, alpha=0.35, label="SGD minibatch noise")
         axes[1].axhline(1.0, color="0.4", lw=3, alpha=0.35)
-    for ax, lab in zip(axes, ("||g - g_exact|| / ||g_exact||", "error / minibatch noise")):
+    for ax, lab in zip(axes, ("||g - g_exact|| / ||g_exact||", "error / minibatch noise"), strict=True):
         log_panel(ax, "training iteration (exact SGD)", lab)
     return save_figure(plt, fig, path, title, legend_beside=axes[1])
 
@@ -196,7 +196,7 @@ def plot_window(plt, rows, train_rows, path, title: str = "") -> Path | None:
     bits = sorted({s.bits for s in parsed.values()})
     ws = sorted({s.window for s in parsed.values() if s.window is not None})
     fit_x = (max(ws) if ws else 0) + 2
-    for ax, d in zip(axes, datas):
+    for ax, d in zip(axes, datas, strict=False):
         for j, k in enumerate(bits):
             for it, ls in ((first, "-"), (last, "--")):
                 pts = []

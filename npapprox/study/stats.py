@@ -232,7 +232,7 @@ def study_gradients(model, x, y, policies=DEFAULT_POLICIES, repeats: int = 8, se
     exact = gradients(model, x, y, Exact(), input_grad)
     shapes = {n: g.shape for n, g in exact.items()}
     results = {}
-    for spec, label in zip(specs, labels):
+    for spec, label in zip(specs, labels, strict=True):
         t = time.perf_counter()
         draws = [gradients(model, x, y, p, input_grad) for p in draws_of(spec, repeats, seed)]
         results[label] = _policy_grads(label, is_stochastic(spec), draws, exact)
@@ -243,7 +243,7 @@ def study_gradients(model, x, y, policies=DEFAULT_POLICIES, repeats: int = 8, se
         exact_m = [gradients(model, bx, by) for bx, by in noise_batches]
         noise = minibatch_noise(model, noise_batches, exact_m)
         if systematic:
-            for spec, label in zip(specs, labels):
+            for spec, label in zip(specs, labels, strict=True):
                 acc = {n: np.zeros(shapes[n]) for n in exact_m[0]}
                 sq = dict.fromkeys(acc, 0.0)
                 pols = draws_of(spec, repeats, seed + 1)

@@ -89,7 +89,8 @@ def activations_table(rows) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     noise = [next((r.get("noise") for r in rows if r["activation"] == a), None) for a in acts]
     lines.append("")
-    lines.append("minibatch noise (x ||g_exact||): " + ", ".join(f"{a} {fmt(n)}" for a, n in zip(acts, noise)))
+    lines.append("minibatch noise (x ||g_exact||): "
+                 + ", ".join(f"{a} {fmt(n)}" for a, n in zip(acts, noise, strict=True)))
     return "\n".join(lines)
 
 
