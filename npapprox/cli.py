@@ -36,7 +36,7 @@ from .cli_options import (
 from .ledger import ledger, max_batch
 from .limits import fmt_bytes
 from .nn.zoo import MODELS
-from .policy import POLICY_HELP, policy_from_name
+from .policy import policy_from_name, policy_help
 from .runfolder import claim
 from .study import DEFAULT_POLICIES as STUDY_POLICIES
 from .study import EXPERIMENTS
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one model under one storage policy")
     _run_options(t)
-    t.add_argument("--policy", default="exact", help=POLICY_HELP)
+    t.add_argument("--policy", default="exact", help=policy_help())
     t.add_argument("--seed", type=natural, default=0)
     t.add_argument("--out", default=None, help="output folder: metrics.jsonl, steps.jsonl, checkpoint.safetensors "
                    "(one run per folder)")
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train under several storage policies; table and plots")
     _run_options(c)
     c.add_argument("--policies", type=name_list, default=DEFAULT_POLICIES,
-                   help=f"comma-separated ({POLICY_HELP})")
+                   help=f"comma-separated ({policy_help()})")
     c.add_argument("--seeds", type=seed_list, default="0,1,2",
                    help="comma-separated seeds; several give mean and spread (default 0,1,2)")
     c.add_argument("--out", default="runs/compare", help="output folder (default runs/compare); it holds one "
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--size", type=positive_int, default=32)
     m.add_argument("--channels", type=int_to(10_000), default=3)
     m.add_argument("--classes", type=int_to(100_000), default=10)
-    m.add_argument("--policy", default="paper4", help=POLICY_HELP)
+    m.add_argument("--policy", default="paper4", help=policy_help())
     m.add_argument("--batch", type=positive_int, default=128, help="batch of the ledger (default 128)")
     m.add_argument("--budget", type=byte_size, default=None, help="e.g. 2GiB: search the largest batch whose "
                                                                 "measured peak fits")
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "their own size: digits 8, CIFAR 32)")
     s.add_argument("--batch-size", type=positive_int, default=64)
     s.add_argument("--policies", type=name_list, default=",".join(STUDY_POLICIES),
-                   help=f"comma-separated ({POLICY_HELP}); exact is always measured first (its error is 0)")
+                   help=f"comma-separated ({policy_help()}); exact is always measured first (its error is 0)")
     s.add_argument("--repeats", type=positive_int, default=None,
                    help="draws (seeds) of each stochastic policy (default 8; 4 for training)")
     s.add_argument("--noise-batches", type=int, default=None, help="minibatches of the SGD-noise yardstick "

@@ -40,9 +40,6 @@ policy                 forward propagates           backward uses
 """
 from __future__ import annotations
 
-import re
-from typing import NamedTuple
-
 import numpy as np
 
 from . import checks, quant
@@ -50,6 +47,15 @@ from .backend import array_module
 from .function import ACTIVATION, INDEX, KINDS, PARAM, STAT, UNIT, current_policy, storage_policy
 from .kernels import generic_pack, pack_bits, paper_pack
 from .kernels.bn import as_ncm
+from .policy_names import (
+    POLICIES,
+    PolicyName,
+    PolicySpec,
+    parse_policy_name,
+    policy_from_name,
+    policy_help,
+    register_policy,
+)
 from .storage import (
     BNReLUUnit,
     ExactUnit,
@@ -66,9 +72,10 @@ from .storage import (
     UnitRef,
 )
 
-__all__ = ["ACTIVATION", "INDEX", "KINDS", "MAX_GROUP", "PARAM", "POLICIES", "POLICY_HELP", "STAT", "UNIT",
+__all__ = ["ACTIVATION", "INDEX", "KINDS", "MAX_GROUP", "PARAM", "POLICIES", "STAT", "UNIT",
            "ApproxForward", "Exact", "FitWindow", "Generic", "Naive", "Paper", "Policy", "PolicyName", "PolicySpec",
-           "current_policy", "parse_policy_name", "policy_from_name", "register_policy", "storage_policy"]
+           "current_policy", "parse_policy_name", "policy_from_name", "policy_help", "register_policy",
+           "storage_policy"]
 
 #: the largest generic group. A group larger than the tensor is one group of all
 #: its values, so a larger bound buys nothing; this one keeps the kernels' 64-bit
@@ -82,30 +89,6 @@ def _check_finite(n_nonfinite, ctx, name: str) -> None:
     fn = ctx.fn.__name__
     checks.nonfinite(n_nonfinite, lambda n: f"{fn}: {n} non-finite value(s) in the activation {name!r}; "
                                             "K-bit storage refuses NaN/inf (the forward pass diverged)")
-
-
-class PolicyName(NamedTuple):
-    """A registered family of policy names ``<name>[K][s][-gG][-wW]``: ``cls`` is
-    built from them; ``options`` holds the parts its names take (``K`` bits, ``s``
-    stochastic, ``g`` group, ``w`` window); ``style``: (matplotlib colormap, line
-    style) of the family in plots."""
-
-    cls: type
-    options: str
-    style: tuple
-
-
-#: name -> PolicyName, in registration order; ``policy_from_name``, the command
-#: line and the study's plots read it
-POLICIES: dict[str, PolicyName] = {}
-
-
-def register_policy(name: str, options: str = "K", style: tuple = ("Greys", "-")):
-    """Class decorator: ``policy_from_name`` builds the class from ``<name>...`` names."""
-    def register(cls):
-        POLICIES[name] = PolicyName(cls, options, style)
-        return cls
-    return register
 
 
 class Policy:
@@ -189,12 +172,12 @@ def _unit_in(ctx):
     return next((s for s in ctx.saved.values() if isinstance(s, Unit)), None)
 
 
-@register_policy("exact", options="")
+@register_policy("exact", options="", help="float32, the baseline")
 class Exact(Policy):
     """float32 stored: the paper's exact baseline (one float32 tensor per unit)."""
 
 
-@register_policy("generic", options="Ksg", style=("Greens", "--"))
+@register_policy("generic", options="Ksg", style=("Greens", "--"), help="per-group min/max codes")
 class Generic(Policy):
     """Per-group K-bit min/max quantizer for every activation (units: codes of y
     plus an exact 1-bit mask). ``stochastic=True`` rounds up with probability
@@ -240,7 +223,7 @@ class Generic(Policy):
         return f"Generic(bits={self.bits}, group={self.group}, {rounding})"
 
 
-@register_policy("paper", options="Kw", style=("Blues", "-"))
+@register_policy("paper", options="Kw", style=("Blues", "-"), help="the paper's BN window, W = 3 by default")
 class Paper(Policy):
     """The paper's scheme: each BN -> ReLU unit stores K-bit BN-window codes
     (``npapprox.quant``) in a window of +-``window`` batch standard deviations
@@ -286,7 +269,7 @@ class Paper(Policy):
         return f"Paper(bits={self.bits}{self._window_repr()})"
 
 
-@register_policy("fit", options="Kw")
+@register_policy("fit", options="Kw", help="the window fitted to each batch's range, cut at W")
 class FitWindow(Paper):
     """The paper's codes in a *fitted* window: per channel, the narrowest window
     of 2^K bins with ReLU's threshold on a bin edge that holds the batch's range
@@ -318,7 +301,7 @@ class FitWindow(Paper):
         return f"FitWindow(bits={self.bits}{w})"
 
 
-@register_policy("naive", options="Kw", style=("Oranges", ":"))
+@register_policy("naive", options="Kw", style=("Oranges", ":"), help="K-bit forward and backward")
 class Naive(Paper):
     """Naive low precision: the decoded K-bit approximation is what the next layer
     receives *and* what backward uses, so errors accumulate through the depth.
@@ -339,7 +322,7 @@ class Naive(Paper):
         return f"Naive(bits={self.bits}{self._window_repr()})"
 
 
-@register_policy("approx", options="Kw", style=("Reds", "-."))
+@register_policy("approx", options="Kw", style=("Reds", "-."), help="approximate forward, exact backward")
 class ApproxForward(Paper):
     """Approximate forward, exact backward (the reviewers' ablation): units (and
     ops that save their own output) propagate a decoded K-bit approximation, but
@@ -369,42 +352,3 @@ class ApproxForward(Paper):
 
     def __repr__(self):
         return f"ApproxForward(bits={self.bits}{self._window_repr()})"
-
-
-POLICY_HELP = ("exact | paperK | naiveK | approxK (approximate forward, exact backward), optionally -wW for "
-               "a window of +-W standard deviations (default 3) | fitK (the window fitted to each batch's "
-               "range, optionally -wW: cut at +-W) | genericK (nearest) | genericKs (stochastic), optionally "
-               "-gG for the group size; K in 1, 2, 4, 8. Examples: paper4, paper8-w4, fit4, naive8, generic4s-g64")
-
-
-class PolicySpec(NamedTuple):
-    """A parsed policy name: family (a ``POLICIES`` key), bits (None for exact),
-    stochastic, group and window (None: the class's default)."""
-
-    family: str
-    bits: int | None
-    stochastic: bool
-    group: int | None
-    window: float | None
-
-
-def parse_policy_name(name: str) -> PolicySpec:
-    """The parts of a policy name (see ``POLICY_HELP``), checked against ``POLICIES``."""
-    m = re.fullmatch(r"([a-z]+?)([1248]?)(s?)(?:-g(\d+))?(?:-w(\d+(?:\.\d+)?))?", str(name).strip().lower())
-    entry = POLICIES.get(m.group(1)) if m else None
-    if (entry is None or bool(m.group(2)) != ("K" in entry.options)
-            or any(m.group(i) and opt not in entry.options for i, opt in ((3, "s"), (4, "g"), (5, "w")))
-            or m.group(5) and float(m.group(5)) <= 0):
-        raise ValueError(f"unknown storage policy {name!r}; expected {POLICY_HELP}")
-    return PolicySpec(m.group(1), int(m.group(2)) if m.group(2) else None, bool(m.group(3)),
-                      int(m.group(4)) if m.group(4) else None, float(m.group(5)) if m.group(5) else None)
-
-
-def policy_from_name(name: str, seed: int = 0) -> Policy:
-    """Build a policy from its short name (see ``POLICY_HELP``)."""
-    spec = parse_policy_name(name)
-    options = POLICIES[spec.family].options
-    args = (spec.bits,) if "K" in options else ()
-    kwargs = {"stochastic": spec.stochastic, "seed": seed} if "s" in options else {}
-    kwargs.update({k: v for k, v in (("group", spec.group), ("window", spec.window)) if v is not None})
-    return POLICIES[spec.family].cls(*args, **kwargs)

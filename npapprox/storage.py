@@ -312,27 +312,6 @@ class GenericUnit(Unit):
         return xhat.astype(self.dtype, copy=False).reshape(self.shape)
 
 
-class UnitRef(Stored):
-    """A consumer's saved input that is a unit's output h: rebuilt from the
-    unit's stored form, so it costs nothing (docs/design.md property 4)."""
-
-    __slots__ = ("unit",)
-
-    def __init__(self, unit: Unit):
-        self.unit = unit
-        self.shape, self.dtype = unit.shape, unit.dtype
-
-    form = property(lambda self: f"ref:{self.unit.form}")
-    bits = property(lambda self: 0)
-    payload_nbytes = property(lambda self: 0)
-
-    def restore(self):
-        return self.unit.h()
-
-    def sample_reader(self):
-        return self.unit.h_samples
-
-
 class SharedRef(Stored):
     """A consumer's saved input that its producer already stored (a relu, sigmoid
     or tanh output, in whatever form the policy gave it): a reference to that
@@ -353,6 +332,15 @@ class SharedRef(Stored):
 
     def sample_reader(self):
         return self.target.sample_reader()
+
+
+class UnitRef(SharedRef):
+    """A consumer's saved input that is a unit's output h: rebuilt from the
+    unit's stored form (``Unit.output``: h), so it costs nothing (docs/design.md
+    property 4)."""
+
+    __slots__ = ()
+    unit = property(lambda self: self.target)
 
 
 class PooledRef(Stored):
