@@ -39,6 +39,19 @@ def check_rank(op: str, name: str, t: Tensor, ndim: int, layout: str) -> None:
         raise ValueError(f"{op}: {name} must have {ndim} dimensions {layout}, got shape {tuple(t.shape)}")
 
 
+def affine_args(op: str, x, w, b, x_layout: str, w_layout: str) -> tuple:
+    """``(x, w, b)`` as tensors after the checks a linear or convolution op makes on
+    them: ranks (from the layouts), float dtypes, and a bias of shape (w.shape[0],)."""
+    x, w = as_tensor(x, "x"), as_tensor(w, "w")
+    b = None if b is None else as_tensor(b, "b")
+    check_rank(op, "x", x, x_layout.count(",") + 1, x_layout)
+    check_rank(op, "w", w, w_layout.count(",") + 1, w_layout)
+    check_float(op, x=x, w=w, b=b)
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"{op}: bias shape {tuple(b.shape)} should be ({w.shape[0]},)")
+    return x, w, b
+
+
 def int_rule(minimum: int = 1, maximum: int | None = None) -> str:
     """The rule ``is_int`` checks, in words."""
     return f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .. import nn
 from ..backend import to_device
 from ..nn.module import Module, Parameter
+from ..nn.resnet import shortcut
 from . import storage
 
 
@@ -84,12 +85,8 @@ def _unit(owner, bn, x):
 
 
 def _shortcut(block, x, h):
-    if block.shortcut == "identity":
-        return x
-    if block.shortcut == "projection":
-        return block.proj(h)
-    sc = storage.avg_pool2d(x, block.stride) if block.stride > 1 else x
-    return F.pad(sc, (0, 0, 0, 0, block.extra // 2, block.extra - block.extra // 2))
+    """The engine's shortcut (``nn.resnet.shortcut``) on torch's pool and pad."""
+    return shortcut(block, x, h, storage.avg_pool2d, lambda t, a, b: F.pad(t, (0, 0, 0, 0, a, b)))
 
 
 class PreActBlock(BridgeModule):

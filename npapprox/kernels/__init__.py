@@ -37,21 +37,9 @@ try:  # needs the extension npapprox._quant, built by ``pip install .`` from src
 except ImportError:  # pragma: no cover - only when the package was not built
     _cpu = None
 
-__all__ = [
-    "paper_pack",
-    "paper_decode",
-    "paper_mask",
-    "generic_pack",
-    "generic_decode",
-    "pack_bits",
-    "unpack_bits",
-    "counter_uniform",
-    "packed_nbytes",
-    "num_groups",
-    "use_reference",
-    "compiled_available",
-    "implementation",
-]
+__all__ = ["paper_pack", "paper_decode", "paper_mask", "generic_pack", "generic_decode", "pack_bits",
+           "unpack_bits", "counter_uniform", "packed_nbytes", "num_groups", "use_reference",
+           "compiled_available", "implementation"]
 
 
 def compiled_available() -> bool:

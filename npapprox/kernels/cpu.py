@@ -14,16 +14,8 @@ import numpy as np
 from npapprox import _quant
 from npapprox.kernels import checks
 
-__all__ = [
-    "paper_pack",
-    "paper_decode",
-    "paper_mask",
-    "generic_pack",
-    "generic_decode",
-    "pack_bits",
-    "unpack_bits",
-    "counter_uniform",
-]
+__all__ = ["paper_pack", "paper_decode", "paper_mask", "generic_pack", "generic_decode", "pack_bits",
+           "unpack_bits", "counter_uniform"]
 
 
 def paper_pack(y, k, s, bits):

@@ -29,20 +29,8 @@ import numpy as np
 from npapprox import backend
 from npapprox.kernels import checks
 
-__all__ = [
-    "paper_pack",
-    "paper_decode",
-    "paper_mask",
-    "generic_pack",
-    "generic_decode",
-    "pack_bits",
-    "unpack_bits",
-    "counter_uniform",
-    "KERNELS",
-    "OPTIONS",
-    "source",
-    "DeviceLauncher",
-]
+__all__ = ["paper_pack", "paper_decode", "paper_mask", "generic_pack", "generic_decode", "pack_bits",
+           "unpack_bits", "counter_uniform", "KERNELS", "OPTIONS", "source", "DeviceLauncher"]
 
 #: NVRTC options. --fmad=false: no contraction of a multiply and an add. CuPy adds
 #: -ftz=true to every RawModule after these (it cannot be turned off from here);

@@ -58,19 +58,8 @@ from npapprox.kernels.checks import (
     packed_nbytes,
 )
 
-__all__ = [
-    "BITS",
-    "paper_pack",
-    "paper_decode",
-    "paper_mask",
-    "generic_pack",
-    "generic_decode",
-    "pack_bits",
-    "unpack_bits",
-    "counter_uniform",
-    "packed_nbytes",
-    "num_groups",
-]
+__all__ = ["BITS", "paper_pack", "paper_decode", "paper_mask", "generic_pack", "generic_decode", "pack_bits",
+           "unpack_bits", "counter_uniform", "packed_nbytes", "num_groups"]
 
 _F0 = np.float32(0.0)
 _HALF = np.float32(0.5)

@@ -109,17 +109,19 @@ def _residual(block, x, path):
     h = out if block.shortcut == "projection" else None      # a projection reads h after the branch
     for layer in path:
         out = _unit(block, layer, out) if isinstance(layer, BatchNorm2d) else layer(out)
-    return ops.add(out, _shortcut(block, x, h))
+    return ops.add(out, shortcut(block, x, h))
 
 
-def _shortcut(block, x, h):
-    """The block's shortcut branch: x, a projection of h, or pooled + zero-padded x."""
+def shortcut(block, x, h, pool=ops.avg_pool2d, pad_channels=ops.pad_channels):
+    """The block's shortcut branch: x, a projection of h, or pooled + zero-padded x
+    (``pool(x, stride)``, ``pad_channels(x, before, after)``: the engine's ops, or
+    the PyTorch bridge's)."""
     if block.shortcut == "identity":
         return x
     if block.shortcut == "projection":
         return block.proj(h)
-    sc = ops.avg_pool2d(x, block.stride) if block.stride > 1 else x
-    return ops.pad_channels(sc, block.extra // 2, block.extra - block.extra // 2)
+    sc = pool(x, block.stride) if block.stride > 1 else x
+    return pad_channels(sc, block.extra // 2, block.extra - block.extra // 2)
 
 
 class PreActResNet(Module):

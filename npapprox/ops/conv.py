@@ -7,7 +7,7 @@ from ..backend import array_module
 from ..function import ACTIVATION, PARAM, Function
 from ..kernels.im2col import im2row, row2im
 from ..parallel import deal, run, workers
-from ..validate import as_tensor, check_float, check_int, check_rank, out_size
+from ..validate import affine_args, check_int, out_size
 
 #: im2row rows are built for a few samples at a time, about this many bytes per
 #: worker: the rows then stay in that core's cache between im2row and the matrix
@@ -135,16 +135,10 @@ class Conv2d(Function):
 
 def conv2d(x, w, b=None, stride: int = 1, padding: int = 0):
     """Functional 2-D convolution on NCHW tensors (see ``Conv2d``)."""
-    x, w = as_tensor(x, "x"), as_tensor(w, "w")
-    b = None if b is None else as_tensor(b, "b")
-    check_rank("conv2d", "x", x, 4, "(N, C, H, W)")
-    check_rank("conv2d", "w", w, 4, "(F, C, KH, KW)")
-    check_float("conv2d", x=x, w=w, b=b)
+    x, w, b = affine_args("conv2d", x, w, b, "(N, C, H, W)", "(F, C, KH, KW)")
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"conv2d: input has {x.shape[1]} channels but the kernel expects {w.shape[1]} "
                          f"(x {tuple(x.shape)}, w {tuple(w.shape)})")
-    if b is not None and tuple(b.shape) != (w.shape[0],):
-        raise ValueError(f"conv2d: bias shape {tuple(b.shape)} should be ({w.shape[0]},)")
     stride = check_int("conv2d", "stride", stride)
     padding = check_int("conv2d", "padding", padding, minimum=0)
     out_size("conv2d", x.shape[2], w.shape[2], stride, padding)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..function import ACTIVATION, PARAM, Function
-from ..validate import as_tensor, check_float, check_rank
+from ..validate import affine_args
 
 
 class Linear(Function):
@@ -30,13 +30,7 @@ class Linear(Function):
 
 def linear(x, w, b=None):
     """Functional linear layer (see ``Linear``)."""
-    x, w = as_tensor(x, "x"), as_tensor(w, "w")
-    b = None if b is None else as_tensor(b, "b")
-    check_rank("linear", "x", x, 2, "(N, features)")
-    check_rank("linear", "w", w, 2, "(out, in)")
-    check_float("linear", x=x, w=w, b=b)
+    x, w, b = affine_args("linear", x, w, b, "(N, features)", "(out, in)")
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"linear: input has {x.shape[1]} features but the weight expects {w.shape[1]}")
-    if b is not None and tuple(b.shape) != (w.shape[0],):
-        raise ValueError(f"linear: bias shape {tuple(b.shape)} should be ({w.shape[0]},)")
     return Linear.apply(x, w, b)
