@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "L2 error, cosine, bias of stochastic rounding) per parameter and layer depth, against "
                        "SGD's own minibatch noise. Experiments: depth (error against layer depth, one batch), "
                        "activations (sigmoid/tanh/GELU in place of ReLU), training (error over exact training), "
-                       "optimizers (SGD/Adam/RMSprop trained with approximate gradients). See docs/study.md.")
+                       "optimizers (SGD/Adam/RMSprop trained with approximate gradients), window (the paper's "
+                       "BN window at several widths against the fitted window). See docs/study.md.")
     s.add_argument("--experiment", default="depth", choices=list(EXPERIMENTS) + ["all"])
     s.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)} (default resnet20; "
                    "resnet8 for optimizers)")
