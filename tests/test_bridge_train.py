@@ -262,12 +262,23 @@ def test_two_processes_resume_bit_for_bit(tmp_path):
     kw = dict(policy="generic4s", iterations=6, nproc=2, optimizer="sgd", momentum=0.9)
     # the uninterrupted run: the same command launched by torchrun (2 processes, one node, loopback)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "GLOO_SOCKET_IFNAME": "lo"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(ddp.free_port()), "-m", "npapprox",
-                           *ARGS, "--engine", "torch", "--policy", "generic4s", "--iterations", "6",
-                           "--momentum", "0.9", "--out", str(tmp_path / "full")],
-                          env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
+
+    def torchrun(out):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
+                               "2", "--master-addr", "127.0.0.1", "--master-port", str(ddp.free_port()), "-m",
+                               "npapprox", *ARGS, "--engine", "torch", "--policy", "generic4s", "--iterations", "6",
+                               "--momentum", "0.9", "--out", str(out)],
+                              env=env, capture_output=True, text=True, timeout=240, check=False)
+
+    full = tmp_path / "full"
+    done = torchrun(full)
+    if done.returncode != 0 and "received by PID" in done.stderr:
+        # a rank killed by a signal before training (seen once in CI: SIGABRT in torchrun's start-up, not
+        # reproduced in 9 direct runs): shown, then the launch is tried once more in a fresh folder
+        print("first torchrun launch failed:\n" + done.stderr[:4000] + "\n...\n" + done.stderr[-2000:])
+        full = tmp_path / "full2"
+        done = torchrun(full)
+    assert done.returncode == 0, done.stderr[:4000] + "\n...\n" + done.stderr[-2000:]
     assert "engine torch x 2 processes" in done.stdout
     cut = _cfg(tmp_path, "cut", **kw)
     results = ddp.launch(_stopped_by_rank_1, 2, cut, 3, timeout=60, deadline=240)
@@ -275,8 +286,8 @@ def test_two_processes_resume_bit_for_bit(tmp_path):
     assert results[0][1] != results[1][1]           # each rank its own stochastic-rounding noise
     assert _arrays(tmp_path / "cut")[1]["iteration"] == 3
     btrain.train(cut, resume=True, progress=False, timeout=60)
-    _same_arrays(_arrays(tmp_path / "full")[0], _arrays(tmp_path / "cut")[0])
-    steps = [(tmp_path / r / "steps.jsonl").read_text().splitlines() for r in ("full", "cut")]
+    _same_arrays(_arrays(full)[0], _arrays(tmp_path / "cut")[0])
+    steps = [(folder / "steps.jsonl").read_text().splitlines() for folder in (full, tmp_path / "cut")]
     assert [json.loads(s)["loss"] for s in steps[0]] == [json.loads(s)["loss"] for s in steps[1]]
     assert len(steps[0]) == 6
 
