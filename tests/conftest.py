@@ -5,6 +5,9 @@
 * ``require_torch()`` / the ``torch`` fixture: the PyTorch oracle. Without torch the
   oracle tests are *skipped* (visibly), except when ``NPAPPROX_REQUIRE_ORACLE=1``:
   then a missing torch makes every oracle test *fail*, so CI cannot pass by skipping.
+* ``require_gpu()``: the GPU tests' rule. No CuPy or no device: skip, saying why; CuPy
+  installed but unusable (it does not import, or cannot compile a kernel): fail, an
+  installation to repair, never a silent skip.
 * ``host_lib``: ``quant.cu`` compiled for the host with cuda_shim.h (tests/support.py),
   built once per session for the parity suite and the CUDA tests.
 """
@@ -43,6 +46,19 @@ def require_torch():
         return torch
     return pytest.importorskip(
         "torch", reason=f"PyTorch oracle not installed (set {REQUIRE_ORACLE_ENV}=1 to fail instead)")
+
+
+def require_gpu():
+    """CuPy's module when a CUDA device runs its kernels; skip (no CuPy or no device) or
+    fail (CuPy installed but unusable) otherwise, with the reason."""
+    from npapprox import backend
+
+    status = backend.gpu_status()
+    if status.broken:
+        pytest.fail(f"CuPy is installed but unusable: {status.reason}", pytrace=False)
+    if not status.available:
+        pytest.skip(f"no usable CUDA device: {status.reason}")
+    return backend.cupy()
 
 
 @pytest.fixture(scope="session")

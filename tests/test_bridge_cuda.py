@@ -15,11 +15,10 @@ import copy
 
 import numpy as np
 import pytest
-from conftest import require_torch
+from conftest import require_gpu, require_torch
 
 import npapprox as na
 from npapprox import checkpoint, cli, kernels
-from npapprox.backend import gpu_available
 from npapprox.storage import PaperUnit
 from npapprox.train import CHECKPOINT, TrainConfig, make_trainer
 
@@ -27,8 +26,13 @@ torch = require_torch()
 from npapprox import bridge
 from npapprox.bridge import storage as bstorage
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and gpu_available()),
-                                reason="no CUDA device for torch and CuPy (the bridge's CUDA path needs both)")
+
+@pytest.fixture(autouse=True)
+def _cuda():
+    """The bridge's CUDA path needs torch's CUDA and CuPy (``require_gpu``: a broken CuPy fails)."""
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    require_gpu()
 F = torch.nn.functional
 
 

@@ -18,10 +18,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import require_gpu
 
 import npapprox.kernels as K
 from npapprox import cli, ops
-from npapprox.backend import gpu_status, to_device
+from npapprox.backend import to_device
 from npapprox.ledger import ledger, measure_peak
 from npapprox.optim import SGD
 from npapprox.policy import Exact, Generic, Paper, storage_policy
@@ -29,25 +30,17 @@ from npapprox.tensor import Tensor
 
 from support import resnet, resnet_forward_backward
 
-# A machine without CuPy or without a device skips, saying why; CuPy installed but unusable (it does
-# not import, or cannot compile a kernel) fails every test instead: an installation to repair.
-_STATUS = gpu_status()
-pytestmark = pytest.mark.skipif(not _STATUS.available and not _STATUS.broken,
-                                reason=f"no usable CUDA device: {_STATUS.reason}")
-
 F32 = np.float32
 
 
 @pytest.fixture(scope="module")
 def cp():
-    from npapprox.backend import cupy
-    return cupy()
+    return require_gpu()
 
 
 @pytest.fixture(autouse=True)
 def _restore_dispatch():
-    if _STATUS.broken:
-        pytest.fail(f"CuPy is installed but unusable: {_STATUS.reason}", pytrace=False)
+    require_gpu()            # no device: skip, saying why; CuPy installed but unusable: fail
     yield
     K.use_reference(False)
 

@@ -24,6 +24,7 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import require_gpu
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -59,12 +60,7 @@ KINDS = ("normal", "wide", "constant", "zeros", "specials", "nonfinite")
 
 def device_impl():
     """The CUDA kernels through the dispatch on CuPy arrays; results come back to the host."""
-    status = backend.gpu_status()
-    if status.broken:
-        pytest.fail(f"CuPy is installed but unusable: {status.reason}", pytrace=False)
-    if not status.available:
-        pytest.skip(f"no usable CUDA device: {status.reason}")
-    cp = backend.cupy()
+    cp = require_gpu()
     assert K.implementation(cp.zeros(1, cp.float32)) == "gpu"
 
     def call(kernel, *args):

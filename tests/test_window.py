@@ -21,6 +21,7 @@ import types
 
 import numpy as np
 import pytest
+from conftest import require_gpu
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -371,9 +372,8 @@ def test_policy_names():
             policy_from_name(bad)
 
 
-@pytest.mark.skipif(not __import__("npapprox.backend", fromlist=["gpu_available"]).gpu_available(),
-                    reason="no CUDA device (needs CuPy and an NVIDIA GPU)")
 def test_new_windows_on_the_gpu_store_the_cpu_bytes():
+    require_gpu()
     rng = np.random.default_rng(9)
     gamma, beta = S.channel_params(rng, 6)
     y = S.bn_output(rng, (4, 6, 5, 5), gamma, beta)
