@@ -132,18 +132,22 @@ def test_max_pool_output_is_rebuilt_from_the_unit_and_the_argmax(policy, kernel,
     assert x.grad is not None and np.isfinite(x.grad).all()
 
 
+def _paper_unit(rng, shape, bits):
+    """A PaperUnit of random y (N, C, H, W) under random gamma, beta -> (unit, gamma, beta)."""
+    y = rng.standard_normal(shape).astype(F32)
+    gamma, beta = rng.standard_normal(shape[1]).astype(F32), rng.standard_normal(shape[1]).astype(F32)
+    p = quant.paper_params(gamma, beta, bits)
+    packed, _ = paper_pack(y, p["k"], p["s"], bits)
+    return PaperUnit(packed, p, bits, shape, np.dtype(F32)), gamma, beta
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("shape", [(6, 3, 4, 4), (5, 3, 3, 3), (4, 1, 1, 1)])
 def test_h_of_a_slice_of_samples_equals_the_whole_decode(bits, shape):
     """Conv backward rebuilds its input chunk by chunk (``h_samples``): byte-equal to slicing
     the whole decode, whether the chunk starts on a byte boundary (own bytes) or not."""
     rng = np.random.default_rng(bits)
-    c = shape[1]
-    y = rng.standard_normal(shape).astype(F32)
-    gamma, beta = rng.standard_normal(c).astype(F32), rng.standard_normal(c).astype(F32)
-    p = quant.paper_params(gamma, beta, bits)
-    packed, _ = paper_pack(y, p["k"], p["s"], bits)
-    unit = PaperUnit(packed, p, bits, shape, np.dtype(F32))
+    unit, gamma, beta = _paper_unit(rng, shape, bits)
     x = rng.standard_normal(shape).astype(F32)
     mu, inv = x.mean(axis=(0, 2, 3)), (1 / x.std(axis=(0, 2, 3))).astype(F32)
     exact = ExactUnit(x, mu, inv, gamma, beta)
@@ -161,11 +165,7 @@ def test_bn_backward_from_codes_is_byte_identical_to_decoding_first(bits, batch_
     rng = np.random.default_rng(10 + bits)
     for shape in [(5, 3, 7, 9), (2, 4, 1, 1), (3, 2, 16, 17)]:
         c = shape[1]
-        y = rng.standard_normal(shape).astype(F32)
-        gamma, beta = rng.standard_normal(c).astype(F32), rng.standard_normal(c).astype(F32)
-        p = quant.paper_params(gamma, beta, bits)
-        packed, _ = paper_pack(y, p["k"], p["s"], bits)
-        unit = PaperUnit(packed, p, bits, shape, np.dtype(F32))
+        unit, gamma, beta = _paper_unit(rng, shape, bits)
         gy = as_ncm(rng.standard_normal(shape).astype(F32))
         inv = np.abs(rng.standard_normal(c)).astype(F32)
         decoded = BNSource(as_ncm(unit.xhat()), mask=unit.mask())
