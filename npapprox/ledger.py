@@ -31,7 +31,7 @@ from .backend import gpu_memory_peak, on_gpu
 from .function import Function
 from .limits import fmt_bytes
 from .nn import build_model, input_divisor
-from .ops.conv import _plan
+from .ops.conv import chunk_plan
 from .parallel import workers
 from .policy import ACTIVATION, PARAM, UNIT, Policy, current_policy, storage_policy
 from .storage import Unit, UnitRef
@@ -146,7 +146,7 @@ def conv_workspace(x_shape, w_shape, stride: int, padding: int, xp=np) -> int:
     f, c, kh, kw = w_shape
     L = ((h + 2 * padding - kh) // stride + 1) * ((w + 2 * padding - kw) // stride + 1)
     k = kh * kw * c
-    shares, m_max = _plan(n, L, k, 4, xp)
+    shares, m_max = chunk_plan(n, L, k, 4, xp)
     return 4 * min(len(shares), workers(xp)) * (m_max // L * c * h * w + m_max * (k + f) + 2 * k * f)
 
 

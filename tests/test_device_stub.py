@@ -330,14 +330,14 @@ def test_host_counts_raise_at_once_and_device_counts_are_read_back_once(device):
 def test_conv_chunk_plan_per_backend(monkeypatch):
     fake = FD.FakeCupy()
     # ResNet-20's widest 3x3 conv at batch 128: 32x32 positions, K = 9*16 (576 KiB of rows per sample)
-    shares, m = conv._plan(128, 1024, 144, 4, fake)
+    shares, m = conv.chunk_plan(128, 1024, 144, 4, fake)
     assert shares == [[slice(0, 128)]] and m == 128 * 1024                # one chunk: one im2row, one GEMM
-    shares, m = conv._plan(128, 1024, 144, 4, np)                        # CPU: 2 MiB chunks of 3 samples
+    shares, m = conv.chunk_plan(128, 1024, 144, 4, np)                        # CPU: 2 MiB chunks of 3 samples
     flat = [s for share in shares for s in share]
     assert len(flat) == -(-128 // 3) and m == 3 * 1024
     # a batch whose rows exceed the device budget is split into bounded chunks
     monkeypatch.setattr(conv, "GPU_CHUNK_BYTES", 10 * 1024 * 144 * 4)
-    shares, m = conv._plan(128, 1024, 144, 4, fake)
+    shares, m = conv.chunk_plan(128, 1024, 144, 4, fake)
     flat = [s for share in shares for s in share]
     assert all(s.stop - s.start <= 10 for s in flat) and flat[0].start == 0 and flat[-1].stop == 128
     assert m == 10 * 1024

@@ -25,7 +25,7 @@ def _weight_rows(w):
     return w.transpose(0, 2, 3, 1).reshape(f, kh * kw * c)
 
 
-def _plan(n, rows_per_sample, k, itemsize, xp):
+def chunk_plan(n, rows_per_sample, k, itemsize, xp):
     """Batch slices whose im2row rows ``(B*OH*OW, k)`` take about CHUNK_BYTES
     (GPU_CHUNK_BYTES on the GPU), at least one per worker when the batch allows,
     dealt to the workers (``npapprox.parallel``) -> (one list of slices per
@@ -72,7 +72,7 @@ class Conv2d(Function):
         L = oh * ow
         w2 = _weight_rows(w)                                      # (F, K)
         y = xp.empty((n, f, L), dtype=x.dtype)
-        shares, m_max = _plan(n, L, w2.shape[1], x.dtype.itemsize, xp)
+        shares, m_max = chunk_plan(n, L, w2.shape[1], x.dtype.itemsize, xp)
         # every worker's buffers, made before any worker starts (a deterministic peak)
         rows_ws = [xp.empty((m_max, w2.shape[1]), dtype=x.dtype) for _ in shares]
         yr_ws = [xp.empty((m_max, f), dtype=x.dtype) for _ in shares]
@@ -104,7 +104,7 @@ class Conv2d(Function):
         gy3 = gy.reshape(n, f, L)                                 # (N, F, L)
         gb = gy3.sum(axis=(0, 2)) if need_b else None
         w2 = _weight_rows(w)                                      # (F, K)
-        shares, m_max = _plan(n, L, w2.shape[1], gy.dtype.itemsize, xp)
+        shares, m_max = chunk_plan(n, L, w2.shape[1], gy.dtype.itemsize, xp)
         gx = xp.empty((n, c) + ctx.saved["x"].shape[2:], dtype=gy.dtype) if need_x else None
         # every worker's buffers, made before any worker starts (a deterministic peak)
         rows_ws = [xp.empty((m_max, w2.shape[1]), dtype=gy.dtype) for _ in shares]
