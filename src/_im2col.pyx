@@ -32,8 +32,10 @@ from libc.string cimport memcpy, memset
 
 cdef _check(Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
             Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t stride, Py_ssize_t pad,
-            Py_ssize_t rR, Py_ssize_t rK):
+            Py_ssize_t rR, Py_ssize_t rK, int num_threads):
     """Shapes are trusted inside the nogil loops, so check them once here."""
+    if num_threads < 1:
+        raise ValueError("num_threads must be >= 1")
     if kh < 1 or kw < 1 or stride < 1 or pad < 0:
         raise ValueError("need kh, kw, stride >= 1 and pad >= 0")
     if H + 2 * pad < kh or W + 2 * pad < kw:
@@ -45,12 +47,20 @@ cdef _check(Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                          f"with kh={kh} kw={kw} stride={stride} pad={pad}")
 
 
+cdef inline void* _scratch(size_t nbytes, int* failed) noexcept nogil:
+    """One thread's scratch buffer; a failed malloc sets ``failed[0]`` (read after the region)."""
+    cdef void* t = malloc(nbytes)
+    if t == NULL:
+        failed[0] = 1
+    return t
+
+
 def im2row(const floating[:, :, :, ::1] x,    # IN:  (N, C, H, W)
            floating[:, ::1] rows,              # OUT: (N*OH*OW, kh*kw*C), fully overwritten
            Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t stride, Py_ssize_t pad, int num_threads=1):
     """rows[(n*OH+i)*OW+j, (p*kw+q)*C+c] = xpad[n, c, i*stride+p, j*stride+q]."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    _check(N, C, H, W, kh, kw, stride, pad, rows.shape[0], rows.shape[1])
+    _check(N, C, H, W, kh, kw, stride, pad, rows.shape[0], rows.shape[1], num_threads)
     cdef Py_ssize_t OH = (H + 2 * pad - kh) // stride + 1
     cdef Py_ssize_t OW = (W + 2 * pad - kw) // stride + 1
     cdef Py_ssize_t Hp = H + 2 * pad, Wp = W + 2 * pad, K = kh * kw * C
@@ -62,13 +72,9 @@ def im2row(const floating[:, :, :, ::1] x,    # IN:  (N, C, H, W)
     cdef int* failed = &err        # written through a pointer: shared, not thread-private
     if rows.shape[0] == 0 or K == 0:
         return
-    if num_threads < 1:
-        raise ValueError("num_threads must be >= 1")
     with nogil, parallel(num_threads=num_threads):
-        t = <floating*> malloc(Hp * Wp * C * sizeof(floating))   # one padded NHWC sample
-        if t == NULL:
-            failed[0] = 1
-        else:
+        t = <floating*> _scratch(Hp * Wp * C * sizeof(floating), failed)   # one padded NHWC sample
+        if t != NULL:
             memset(t, 0, Hp * Wp * C * sizeof(floating))          # the border stays zero
         for n in prange(N, schedule="static"):   # every thread must reach the prange
             if t != NULL:
@@ -95,7 +101,7 @@ def row2im(const floating[:, ::1] rows,       # IN:  (N*OH*OW, kh*kw*C)
            Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t stride, Py_ssize_t pad, int num_threads=1):
     """gx = 0; for p, q (decreasing): gx[n, c, i*stride+p-pad, j*stride+q-pad] += rows[...]."""
     cdef Py_ssize_t N = gx.shape[0], C = gx.shape[1], H = gx.shape[2], W = gx.shape[3]
-    _check(N, C, H, W, kh, kw, stride, pad, rows.shape[0], rows.shape[1])
+    _check(N, C, H, W, kh, kw, stride, pad, rows.shape[0], rows.shape[1], num_threads)
     cdef Py_ssize_t OH = (H + 2 * pad - kh) // stride + 1
     cdef Py_ssize_t OW = (W + 2 * pad - kw) // stride + 1
     cdef Py_ssize_t Hp = H + 2 * pad, Wp = W + 2 * pad
@@ -107,12 +113,8 @@ def row2im(const floating[:, ::1] rows,       # IN:  (N*OH*OW, kh*kw*C)
     cdef int* failed = &err
     if gx.shape[0] == 0 or C * H * W == 0:
         return
-    if num_threads < 1:
-        raise ValueError("num_threads must be >= 1")
     with nogil, parallel(num_threads=num_threads):
-        t = <floating*> malloc(Hp * Wp * C * sizeof(floating))   # one padded NHWC gradient
-        if t == NULL:
-            failed[0] = 1
+        t = <floating*> _scratch(Hp * Wp * C * sizeof(floating), failed)   # one padded NHWC gradient
         for n in prange(N, schedule="static"):   # every thread must reach the prange
             if t != NULL:
                 memset(t, 0, Hp * Wp * C * sizeof(floating))

@@ -293,54 +293,43 @@ cdef Py_ssize_t _paper_pack_piece(const Job* job, Py_ssize_t p) noexcept nogil:
     return nf
 
 
+cdef inline void _paper_values(const uint8_t* cs, Py_ssize_t m, int sc, float st, float of, bint relu,
+                               float* o) noexcept nogil:
+    """o[j] = (cs[j] - s + 0.5) * step + off for one channel's segment; under ``relu``
+    +0.0 where cs[j] < s. Every NaN is 0x7fc00000 (the contract)."""
+    cdef Py_ssize_t j
+    cdef float t, r, half = 0.5, zero = 0, qnan = NAN
+    if relu:
+        # where code < s, step and off are replaced by 0: t * 0 + 0 == +0.0 exactly
+        # (t is finite; -0.0 + +0.0 == +0.0), elsewhere the same two roundings. Selecting
+        # the operands, not the result, keeps the loop if-convertible (GCC does not
+        # if-convert a select on a value computed only for it, under -ftrapping-math).
+        for j in range(m):
+            t = <float>(cs[j] - sc) + half
+            r = t * (st if cs[j] >= sc else zero) + (of if cs[j] >= sc else zero)
+            o[j] = r if r == r else qnan
+    else:
+        for j in range(m):
+            t = <float>(cs[j] - sc) + half
+            r = t * st + of                  # two float32 roundings (-ffp-contract=off)
+            o[j] = r if r == r else qnan
+
+
 cdef Py_ssize_t _paper_decode_piece(const Job* job, Py_ssize_t p) noexcept nogil:
-    cdef uint8_t buf[PIECE]
-    cdef Py_ssize_t a = p * PIECE
-    cdef Py_ssize_t b = _piece_end(a, job.n)
-    cdef const uint8_t* codes = _piece_codes(job.packed, a, b, job.bits, buf)
-    cdef Py_ssize_t e = a, end, c, j, m
-    cdef int sc
-    cdef float st, of, t, r, half = 0.5, zero = 0, qnan = NAN
-    cdef const uint8_t* cs
-    cdef float* o
-    while e < b:
-        end = _plane_end(e, b, job.C, job.HW, &c)
-        sc = job.s[c]
-        st = job.step[c]
-        of = job.off[c]
-        cs = codes + (e - a)
-        o = job.outf + e
-        m = end - e
-        if job.relu:
-            # where code < s, step and off are replaced by 0: t * 0 + 0 == +0.0 exactly
-            # (t is finite; -0.0 + +0.0 == +0.0), elsewhere the same two roundings. Selecting
-            # the operands, not the result, keeps the loop if-convertible (GCC does not
-            # if-convert a select on a value computed only for it, under -ftrapping-math).
-            for j in range(m):
-                t = <float>(cs[j] - sc) + half
-                r = t * (st if cs[j] >= sc else zero) + (of if cs[j] >= sc else zero)
-                o[j] = r if r == r else qnan     # every NaN is 0x7fc00000 (the contract)
-        else:
-            for j in range(m):
-                t = <float>(cs[j] - sc) + half
-                r = t * st + of              # two float32 roundings (-ffp-contract=off)
-                o[j] = r if r == r else qnan
-        e = end
-    return 0
-
-
-cdef Py_ssize_t _paper_mask_piece(const Job* job, Py_ssize_t p) noexcept nogil:
+    """paper_decode (values into ``job.outf``) or, with ``job.outf`` NULL, paper_mask
+    (``job.out8[i] = code >= s``, the exact ReLU mask y > 0) of piece p."""
     cdef uint8_t buf[PIECE]
     cdef Py_ssize_t a = p * PIECE
     cdef Py_ssize_t b = _piece_end(a, job.n)
     cdef const uint8_t* codes = _piece_codes(job.packed, a, b, job.bits, buf)
     cdef Py_ssize_t e = a, end, c, j
-    cdef int sc
-    while e < b:
+    while e < b:                             # segments of one channel plane
         end = _plane_end(e, b, job.C, job.HW, &c)
-        sc = job.s[c]
-        for j in range(e, end):
-            job.out8[j] = codes[j - a] >= sc
+        if job.outf == NULL:
+            for j in range(e, end):
+                job.out8[j] = codes[j - a] >= job.s[c]
+        else:
+            _paper_values(codes + (e - a), end - e, job.s[c], job.step[c], job.off[c], job.relu, job.outf + e)
         e = end
     return 0
 
@@ -670,8 +659,9 @@ def paper_mask(const uint8_t[::1] packed,    # IN:  (ceil(n / V),) codes from pa
         return
     job.packed = &packed[0]
     job.out8 = &out[0]
+    job.outf = NULL                          # the mask, not the values
     with nogil:
-        _run(_paper_mask_piece, &job, _npieces(job.n))
+        _run(_paper_decode_piece, &job, _npieces(job.n))
 
 
 cdef bint _generic_job(Job* job, Py_ssize_t n, Py_ssize_t G, int bits, Py_ssize_t nbytes, str name,
