@@ -121,7 +121,7 @@ def test_ptx_keeps_subnormals_and_never_fuses_whatever_the_flags(cu, tmp_path):
     for flags in (("-ftz=true", "--fmad=true"), ("--use_fast_math",)):
         ptx = _nvcc_ptx(nvcc, cu, tmp_path, "-arch=sm_90", "-std=c++17", *flags)
         assert not _FTZ_FORBIDDEN.search(ptx), _FTZ_FORBIDDEN.search(ptx).group(0)
-        assert not re.search(r"\b(fma|mad)\.\S*f32", ptx)
+        assert not re.search(r"\b(fma|mad)\.\S*f(32|64)", ptx)
 
 
 def _find_nvrtc():
@@ -185,7 +185,8 @@ def test_nvrtc_compiles_with_the_runtime_options(arch):
 # --------------------------------------------------------------------------- #
 # (b) signatures and packaging
 # --------------------------------------------------------------------------- #
-_C_TYPES = {"float": "f32", "int": "i32", "long long": "i64", "unsigned int": "u32", "unsigned char": "u8"}
+_C_TYPES = {"float": "f32", "double": "f64", "int": "i32", "long long": "i64", "unsigned int": "u32",
+            "unsigned char": "u8"}
 
 
 def _source_signatures(text):

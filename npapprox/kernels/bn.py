@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from npapprox.backend import array_module, on_gpu
+from npapprox.kernels import gpu as _gpu
 from npapprox.kernels import paper_decode, paper_mask
 from npapprox.kernels.switch import reference_forced
 
@@ -166,6 +167,11 @@ def bn_backward(gy3, source: BNSource, gamma, inv_sigma, *, batch_stats=True, ne
             ggamma, gbeta = np.empty(c), np.empty(c)
             _compiled.bn_backward_codes(gy3, packed, np.ascontiguousarray(s, np.int32), x_step, x_off, bits,
                                         np.ascontiguousarray(scale), bool(batch_stats), gx, ggamma, gbeta)
+            return gx, ggamma.astype(dtype), gbeta.astype(dtype)
+        if on_gpu(gy3) and on_gpu(packed) and dtype == np.float32 and not reference_forced():
+            # the same fused pass in CUDA (quant.cu): xhat and the mask rebuilt per element
+            gx, ggamma, gbeta = _gpu.bn_backward_codes(gy3, packed, s, x_step, x_off, bits, scale,
+                                                       batch_stats=bool(batch_stats), need_gx=need_gx)
             return gx, ggamma.astype(dtype), gbeta.astype(dtype)
         source = BNSource(as_ncm(paper_decode(packed, shape, s, x_step, x_off, bits).astype(dtype, copy=False)),
                           mask=paper_mask(packed, shape, s, bits))
