@@ -1,7 +1,9 @@
 """Batch-norm passes with one dispatch point: fused Cython kernels
 (``src/_bn.pyx``, extension ``npapprox._bn``) for float32/float64 NumPy arrays,
 the ``xp`` reference below otherwise (CuPy arrays, other dtypes, or
-``NPAPPROX_REFERENCE_KERNELS=1`` / ``kernels.use_reference(True)``).
+``NPAPPROX_REFERENCE_KERNELS=1`` / ``kernels.use_reference(True)``). On CuPy
+float32 arrays the backward of a unit's codes runs the CUDA fused pass
+(``kernels.gpu.bn_backward_codes``, same contract as the Cython one).
 
 Arrays are ``(N, C, M)`` views of NCHW tensors (``M = H*W``), per-channel
 vectors ``(C,)``. BN is memory-bound: the reference makes a pass over the

@@ -12,8 +12,15 @@ launcher that runs the same kernels compiled for the host, see
 tests/support.py and tests/test_parity.py), so everything but the CuPy calls themselves is exercised on
 machines without a GPU.
 
+Two fused BN -> ReLU passes sit here too (:func:`bn_apply_pack`,
+:func:`bn_backward_codes`): their contract is :mod:`npapprox.kernels.bn`'s
+(element-wise outputs bit-identical given the same per-channel constants, sums
+in float64); :mod:`npapprox.kernels.bn` sends a unit's codes on CuPy arrays to
+the backward.
+
 Launch rules: 1-D grids of ``BLOCK`` threads, one thread per output byte for
-packing (no atomics) and one per element for decoding; every argument is a
+packing (no atomics) and one per element for decoding; reductions write
+per-thread partials that a second kernel combines in a fixed order; every argument is a
 C-contiguous array of the kernel's element type or a NumPy scalar of exactly the
 kernel's parameter type (``KERNELS`` lists the signatures; a test checks them
 against the ``.cu`` source).

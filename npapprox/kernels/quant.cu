@@ -14,9 +14,10 @@
  *     a machine without a GPU.
  *
  * Rules the code keeps, so that the two builds and the reference agree:
- *   * every float operation is float32 with one rounding, written as an npx_*
- *     primitive (inline PTX on the device, plain C on the host): no fused
- *     multiply-add and no flush-to-zero, whatever the compiler flags;
+ *   * every float operation is float32 with one rounding (the BN sums: float64
+ *     additions of float32 terms), written as an npx_* primitive (inline PTX on
+ *     the device, plain C on the host): no fused multiply-add and no
+ *     flush-to-zero, whatever the compiler flags;
  *   * clamps are min(max(u, lo), hi) with IEEE maxNum / minNum: a NaN u
  *     becomes lo; float -> int conversions only see finite, clamped, integral
  *     values; "v > 0" is decided from the bits;
@@ -25,13 +26,15 @@
  *   * threads never talk to each other: packing is one thread per output byte
  *     (no atomics, no shared memory), reductions are written per thread to
  *     arrays that the caller sums (non-finite counts) or combines in a second
- *     kernel (partial min / max);
+ *     kernel (partial min / max, partial BN sums: in a fixed order);
  *   * every kernel checks its bounds; arrays are flat and C-contiguous; sizes
  *     and indices are 64-bit (long long), scalars have explicit types.
  *
  * Sections, in the order (and with the helper names, npx_ prefixed) of
  * kernels/reference.py and src/_quant.pyx: bit packing, the counter-based noise
- * (npx_uniform), the paper scheme (npx_paper_code), the generic quantizer
+ * (npx_uniform), the paper scheme (npx_paper_code), then the fused BN -> ReLU
+ * passes of kernels/bn.py and src/_bn.pyx (npx_bn_*: BN's contract, element-wise
+ * bits given the per-channel constants, sums in float64), the generic quantizer
  * (npx_group_params, npx_generic_code); before them the float primitives and
  * thread indices this file needs, after them the host-build launchers.
  *
@@ -59,81 +62,37 @@
 /* Host (cuda_shim.h): the same operations in plain C (-ffp-contract=off).    */
 /* ------------------------------------------------------------------------- */
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-static __device__ __forceinline__ float npx_add(float a, float b)
-{
-    float r;
-    asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-static __device__ __forceinline__ float npx_sub(float a, float b)
-{
-    float r;
-    asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-static __device__ __forceinline__ float npx_mul(float a, float b)
-{
-    float r;
-    asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-static __device__ __forceinline__ float npx_fdiv(float a, float b)
-{
-    float r;
-    asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
+/* name(a, b) / name(a): the one PTX instruction op; K, KR, KA are the operands'
+ * constraint letters ("f": .f32 register, "d": .f64 register). */
+#define NPX_PTX2(name, T, K, op)                                               \
+    static __device__ __forceinline__ T name(T a, T b)                         \
+    {                                                                          \
+        T r;                                                                   \
+        asm(op " %0, %1, %2;" : "=" K(r) : K(a), K(b));                        \
+        return r;                                                              \
+    }
+#define NPX_PTX1(name, TR, KR, TA, KA, op)                                     \
+    static __device__ __forceinline__ TR name(TA a)                            \
+    {                                                                          \
+        TR r;                                                                  \
+        asm(op " %0, %1;" : "=" KR(r) : KA(a));                                \
+        return r;                                                              \
+    }
+NPX_PTX2(npx_add, float, "f", "add.rn.f32")
+NPX_PTX2(npx_sub, float, "f", "sub.rn.f32")
+NPX_PTX2(npx_mul, float, "f", "mul.rn.f32")
+NPX_PTX2(npx_fdiv, float, "f", "div.rn.f32")
 /* max.f32 / min.f32: a NaN operand yields the other operand (IEEE maxNum / minNum) */
-static __device__ __forceinline__ float npx_max(float a, float b)
-{
-    float r;
-    asm("max.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-static __device__ __forceinline__ float npx_min(float a, float b)
-{
-    float r;
-    asm("min.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-static __device__ __forceinline__ float npx_ceil(float a)
-{
-    float r;
-    asm("cvt.rpi.f32.f32 %0, %1;" : "=f"(r) : "f"(a));
-    return r;
-}
-static __device__ __forceinline__ float npx_floor(float a)
-{
-    float r;
-    asm("cvt.rmi.f32.f32 %0, %1;" : "=f"(r) : "f"(a));
-    return r;
-}
+NPX_PTX2(npx_max, float, "f", "max.f32")
+NPX_PTX2(npx_min, float, "f", "min.f32")
+NPX_PTX1(npx_ceil, float, "f", float, "f", "cvt.rpi.f32.f32")
+NPX_PTX1(npx_floor, float, "f", float, "f", "cvt.rmi.f32.f32")
 /* float64 sums of float32 terms (the BN reductions): widening keeps subnormals, the
  * narrowing of a per-channel constant rounds once to nearest even */
-static __device__ __forceinline__ double npx_widen(float a)
-{
-    double r;
-    asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(a));
-    return r;
-}
-static __device__ __forceinline__ float npx_narrow(double a)
-{
-    float r;
-    asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(a));
-    return r;
-}
-static __device__ __forceinline__ double npx_dadd(double a, double b)
-{
-    double r;
-    asm("add.rn.f64 %0, %1, %2;" : "=d"(r) : "d"(a), "d"(b));
-    return r;
-}
-static __device__ __forceinline__ double npx_ddiv(double a, double b)
-{
-    double r;
-    asm("div.rn.f64 %0, %1, %2;" : "=d"(r) : "d"(a), "d"(b));
-    return r;
-}
+NPX_PTX1(npx_widen, double, "d", float, "f", "cvt.f64.f32")
+NPX_PTX1(npx_narrow, float, "f", double, "d", "cvt.rn.f32.f64")
+NPX_PTX2(npx_dadd, double, "d", "add.rn.f64")
+NPX_PTX2(npx_ddiv, double, "d", "div.rn.f64")
 #else
 static inline float npx_add(float a, float b) { return __fadd_rn(a, b); }
 static inline float npx_sub(float a, float b) { return __fsub_rn(a, b); }
@@ -320,6 +279,26 @@ static __device__ __forceinline__ void npx_plane_next(npx_plane_pos* p, long lon
     }
 }
 
+/* The element this thread handles, one thread per element of an (N, C, HW) tensor of
+ * n values, and its channel *c; -1 for an extra thread. */
+static __device__ __forceinline__ long long npx_element_of_thread(long long n, long long C, long long HW,
+                                                                  long long* c)
+{
+    const long long i = npx_thread_index();
+    if (i >= n)
+        return -1;
+    *c = npx_plane_of(i, C, HW).c;
+    return i;
+}
+
+/* A per-element kernel's first line: declares i and c (npx_element_of_thread), and
+ * returns from an extra thread. */
+#define NPX_ELEMENT_AND_CHANNEL(n, C, HW)                                      \
+    long long c;                                                               \
+    const long long i = npx_element_of_thread(n, C, HW, &c);                   \
+    if (i < 0)                                                                 \
+        return
+
 /* The body of the paper packing kernels, one thread per output byte b: encodes the
  * values [b*V, b*V + V), value(i, c) giving flat value i (of channel c), and writes
  * out[b] and nonfinite[b] (how many of them are NaN or +-inf; the caller sums it). */
@@ -366,10 +345,7 @@ extern "C" __global__ void npx_paper_decode(const unsigned char* __restrict__ pa
                                             long long n, long long C, long long HW, int bits, int relu,
                                             float* __restrict__ out)          /* OUT (n,) */
 {
-    const long long i = npx_thread_index();
-    if (i >= n)
-        return;
-    const long long c = npx_plane_of(i, C, HW).c;
+    NPX_ELEMENT_AND_CHANNEL(n, C, HW);
     const int code = npx_code_at(packed, i, bits);
     const int sc = s[c];
     float v = npx_paper_value(code, sc, step[c], off[c]);
@@ -384,10 +360,8 @@ extern "C" __global__ void npx_paper_mask(const unsigned char* __restrict__ pack
                                           long long n, long long C, long long HW, int bits,
                                           unsigned char* __restrict__ out)    /* OUT (n,) */
 {
-    const long long i = npx_thread_index();
-    if (i >= n)
-        return;
-    out[i] = npx_code_at(packed, i, bits) >= s[npx_plane_of(i, C, HW).c] ? 1 : 0;
+    NPX_ELEMENT_AND_CHANNEL(n, C, HW);
+    out[i] = npx_code_at(packed, i, bits) >= s[c] ? 1 : 0;
 }
 
 /* ------------------------------------------------------------------------- */
@@ -501,10 +475,7 @@ extern "C" __global__ void npx_bn_codes_grad(const float* __restrict__ gy,      
                                              long long n, long long C, long long M, int bits, int batch_stats,
                                              float* __restrict__ gx)            /* OUT (n,) */
 {
-    const long long i = npx_thread_index();
-    if (i >= n)
-        return;
-    const long long c = npx_plane_of(i, C, M).c;
+    NPX_ELEMENT_AND_CHANNEL(n, C, M);
     float xhat;
     const float g = npx_unit_g(gy[i], packed, i, bits, s[c], x_step[c], x_off[c], &xhat);
     gx[i] = batch_stats ? npx_mul(scale[c], npx_sub(npx_sub(g, a[c]), npx_mul(xhat, kk[c])))
