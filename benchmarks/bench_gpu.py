@@ -19,7 +19,9 @@ budget. Needs CuPy and a CUDA device; refuses (exit status 2) without one.
    bandwidth, ``cupy.copyto`` between two tensors of that size, reported as
    source bytes / time (like benchmarks/bench_kernels.py; the DRAM traffic is
    twice that), and a read (``x.sum()``). Every benchmarked result is first
-   checked byte for byte against the Cython kernels on the host.
+   checked byte for byte against the Cython kernels on the host. Then the fused
+   BN -> ReLU passes at K = 4 (``gpu.bn_apply_pack``, ``gpu.bn_backward_codes``)
+   and, for comparison, the backward that decodes xhat and the mask first.
 2. Training: pre-activation ResNet-20 (CIFAR shapes, 3x32x32, 10 classes), SGD
    with momentum, batch 128 of random data on the device: median time of one
    step (forward + backward + update, synchronised) under each policy, warm-up
@@ -166,6 +168,47 @@ def bench_kernels(cp, args):
         lambda: run.launch("npx_generic_decode", n, dp, dlo, dsc, np.int64(n), np.int64(256), np.int32(4), fout),
         ok)
     row("generic K=4 G=256 decode", "call", lambda: K.generic_decode(dp, dlo, dsc, 4, 256, shape), ok)
+    _bench_fused_bn(cp, row, y, y_host, gamma, beta)
+
+
+def _bench_fused_bn(cp, row, y, y_host, gamma, beta):
+    """The fused BN -> ReLU passes at K = 4 (y stands for x and for gy): the forward
+    (h and the codes from x, no y kept) and the backward from the codes, against the
+    backward that decodes xhat and the mask into arrays first (the path before the
+    fused kernels). Checked on the host: the codes against the Cython paper_pack of
+    NumPy's y, h and gx bit for bit (gx at the kernel's own per-channel constants)."""
+    import npapprox.kernels as K
+    from npapprox.kernels import bn as B
+    from npapprox.kernels import cpu, gpu
+    from npapprox.quant import paper_params
+
+    shape, C = y_host.shape, y_host.shape[1]
+    p = paper_params(gamma, beta, 4)
+    mu, d = np.zeros(C, np.float32), {key: cp.asarray(v) for key, v in p.items()}
+    dmu, dscale, dbeta = cp.asarray(mu), cp.asarray(gamma), cp.asarray(beta)
+    x3 = y_host.reshape(shape[0], C, -1)
+    yy = ((x3 - mu[:, None]) * gamma[:, None] + beta[:, None]).reshape(shape)     # bn_apply's formula
+    h, packed, nf = gpu.bn_apply_pack(y, dmu, dscale, dbeta, d["k"], d["s"], 4)
+    ok = _same(packed, cpu.paper_pack(yy, p["k"], p["s"], 4)[0]) and _same(h, yy * (yy > 0)) and int(nf) == 0
+    row("BN+ReLU forward and K=4 codes (fused)", "call",
+        lambda: gpu.bn_apply_pack(y, dmu, dscale, dbeta, d["k"], d["s"], 4), ok)
+    codes = (packed, d["s"], d["x_step"], d["x_off"])
+    gx, ggamma, gbeta = gpu.bn_backward_codes(y, *codes, 4, dscale)
+    host_packed = packed.get()
+    xhat = cpu.paper_decode(host_packed, shape, p["s"], p["x_step"], p["x_off"], 4).reshape(x3.shape)
+    g = x3 * cpu.paper_mask(host_packed, shape, p["s"], 4).reshape(x3.shape)
+    count = x3.shape[0] * x3.shape[2]
+    a, k = (gbeta.get() / count).astype(np.float32), (ggamma.get() / count).astype(np.float32)
+    ok = _same(gx, (gamma[:, None] * (g - a[:, None] - xhat * k[:, None])).reshape(shape))
+    row("BN+ReLU backward from K=4 codes (fused)", "call",
+        lambda: gpu.bn_backward_codes(y, *codes, 4, dscale), ok)
+    one, y3 = cp.ones(C, np.float32), B.as_ncm(y)
+
+    def decode_first():
+        xh = K.paper_decode(packed, shape, d["s"], d["x_step"], d["x_off"], 4)
+        return B.bn_backward(y3, B.BNSource(B.as_ncm(xh), mask=K.paper_mask(packed, shape, d["s"], 4)), dscale, one)
+
+    row("BN+ReLU backward, xhat and mask decoded first", "call", decode_first, True)
 
 
 def _train_setup(cp, batch, seed=0):

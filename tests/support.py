@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -281,6 +282,88 @@ def check_generic(impl, x, bits, group, stochastic, seed):
     assert same(impl("generic_decode", *ref[:3], bits, group, x.shape),
                 R.generic_decode(*ref[:3], bits, group, x.shape)), f"{impl.name}: decode differs"
     return ref
+
+
+def same_but_nan_payloads(a, b):
+    """``same`` except that NaNs may carry any payload: element-wise BN outputs keep the
+    hardware's NaN (x86: the operand's payload, as NumPy; a GPU: 0x7fffffff)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    nan = np.isnan(a)
+    return bool(np.array_equal(nan, np.isnan(b)) and np.array_equal(as_bytes(a[~nan]), as_bytes(b[~nan])))
+
+
+def _same_bn(impl, a, b):
+    """Bytes equal; on a real device up to NaN payloads (``same_but_nan_payloads``)."""
+    return same(a, b) if impl.name != "device" else same_but_nan_payloads(a, b)
+
+
+def check_bn_apply_pack(impl, x, mu, scale, beta, k, s, bits):
+    """The fused forward of a BN -> ReLU unit against its definition: y = (x - mu) * scale +
+    beta (NumPy float32, bn_apply's formula), h = y * (y > 0), paper_pack(y) of the reference
+    (bytes and non-finite count). Returns y."""
+    shape = x.shape
+    x3 = x.reshape(shape[0], shape[1], int(np.prod(shape[2:], dtype=np.int64)))
+    with np.errstate(all="ignore"):
+        y = ((x3 - mu[:, None]) * scale[:, None] + beta[:, None]).reshape(shape)
+        h = y * (y > 0)
+    ref_packed, ref_nf = R.paper_pack(y, k, s, bits)
+    got_h, packed, nf = impl("bn_apply_pack", x, mu, scale, beta, k, s, bits)
+    assert same(packed, ref_packed), f"{impl.name}: packed bytes differ"
+    assert nf == ref_nf == int(np.sum(~np.isfinite(y))), f"{impl.name}: non-finite count {nf} != {ref_nf}"
+    assert _same_bn(impl, got_h, h), f"{impl.name}: h differs"
+    return y
+
+
+def _fsum_bound(terms):
+    """The exact sum of each channel's float64 ``terms (N, C, M)`` and the bound of a float64
+    sum of them in any order, ``(n - 1) * 2^-53 * sum |terms|`` (inf / NaN where one is)."""
+    flat = terms.transpose(1, 0, 2).reshape(terms.shape[1], -1)
+    exact = np.array([math.fsum(row) if np.isfinite(row).all() else row.sum() for row in flat])
+    with np.errstate(all="ignore"):
+        bound = max(flat.shape[1] - 1, 0) * 2.0 ** -53 * np.abs(flat).sum(axis=1)
+    return exact, bound
+
+
+def check_bn_backward_codes(impl, gy, packed, s, x_step, x_off, bits, scale, batch_stats):
+    """The fused backward of a unit from its codes against its definition, with xhat and
+    the mask decoded by the reference (``paper_decode``, ``paper_mask``) and g = gy * mask:
+
+    * gbeta, ggamma (float64): within the float64 rounding bound of the exact sums of
+      the terms g and g * xhat (float32 products, the reference's terms; ``math.fsum``);
+      NaN / inf exactly where the float64 sum of the terms has them;
+    * gx: bit for bit the reference's formula at the kernel's own constants
+      a = float32(gbeta / count), k = float32(ggamma / count) (running statistics:
+      scale * g), and None when not asked for, with the same sums."""
+    shape = gy.shape
+    N, C, M = shape[0], shape[1], int(np.prod(shape[2:], dtype=np.int64))
+    gx, ggamma, gbeta = impl("bn_backward_codes", gy, packed, s, x_step, x_off, bits, scale, batch_stats, True)
+    xhat = R.paper_decode(packed, shape, s, x_step, x_off, bits).reshape(N, C, M)
+    mask = R.paper_mask(packed, shape, s, bits).reshape(N, C, M)
+    gy3 = gy.reshape(N, C, M)
+    with np.errstate(all="ignore"):
+        g = gy3 * mask
+        terms = g * xhat
+    for got, what, tm in ((gbeta, "gbeta", g), (ggamma, "ggamma", terms)):
+        assert got.dtype == np.float64 and got.shape == (C,), f"{impl.name}: {what} {got.dtype} {got.shape}"
+        exact, bound = _fsum_bound(tm.astype(np.float64))
+        fin = np.isfinite(exact)
+        assert same(np.isnan(got), np.isnan(exact)) and same(got[np.isinf(exact)], exact[np.isinf(exact)]), what
+        assert (np.abs(got[fin] - exact[fin]) <= bound[fin]).all(), f"{impl.name}: {what} {got} vs {exact}"
+    count = gy3.shape[0] * gy3.shape[2]
+    with np.errstate(all="ignore"):
+        if batch_stats:
+            a = (gbeta / count).astype(np.float32)[:, None]
+            k = (ggamma / count).astype(np.float32)[:, None]
+            want = scale[:, None] * (g - a - xhat * k)
+        else:
+            want = scale[:, None] * g
+    assert want.dtype == np.float32
+    assert _same_bn(impl, gx, want.reshape(shape)), f"{impl.name}: gx differs (batch_stats={batch_stats})"
+    none, ggamma2, gbeta2 = impl("bn_backward_codes", gy, packed, s, x_step, x_off, bits, scale, batch_stats, False)
+    assert none is None and same(ggamma2, ggamma) and same(gbeta2, gbeta)
+    return gx, ggamma, gbeta
 
 
 # --------------------------------------------------------------------------- #

@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 
 import npapprox.kernels as K
+from npapprox import quant
 from npapprox.kernels import gpu
 from npapprox.kernels import reference as R
 
@@ -46,6 +47,8 @@ from support import (
     HostLauncher,
     bn_output,
     channel_params,
+    check_bn_apply_pack,
+    check_bn_backward_codes,
     check_generic,
     check_paper_gb,
     declare_host_functions,
@@ -121,7 +124,7 @@ def test_ptx_keeps_subnormals_and_never_fuses_whatever_the_flags(cu, tmp_path):
     for flags in (("-ftz=true", "--fmad=true"), ("--use_fast_math",)):
         ptx = _nvcc_ptx(nvcc, cu, tmp_path, "-arch=sm_90", "-std=c++17", *flags)
         assert not _FTZ_FORBIDDEN.search(ptx), _FTZ_FORBIDDEN.search(ptx).group(0)
-        assert not re.search(r"\b(fma|mad)\.\S*f32", ptx)
+        assert not re.search(r"\b(fma|mad)\.\S*f(32|64)", ptx)
 
 
 def _find_nvrtc():
@@ -185,7 +188,8 @@ def test_nvrtc_compiles_with_the_runtime_options(arch):
 # --------------------------------------------------------------------------- #
 # (b) signatures and packaging
 # --------------------------------------------------------------------------- #
-_C_TYPES = {"float": "f32", "int": "i32", "long long": "i64", "unsigned int": "u32", "unsigned char": "u8"}
+_C_TYPES = {"float": "f32", "double": "f64", "int": "i32", "long long": "i64", "unsigned int": "u32",
+            "unsigned char": "u8"}
 
 
 def _source_signatures(text):
@@ -296,6 +300,18 @@ class GuardPageLauncher(HostLauncher):
             raw[...] = view
 
 
+def _check_fused_bn(run, rng, y, gamma, beta, bits):
+    """Both fused BN passes of quant.cu on the unit with BN output ``y`` (see support.py's checks)."""
+    C = y.shape[1]
+    p = quant.paper_params(gamma, beta, bits)
+    mu, scale = rng.standard_normal(C).astype(np.float32), rng.uniform(0.5, 2, C).astype(np.float32)
+    check_bn_apply_pack(run, y, mu, scale, beta, p["k"], p["s"], bits)
+    packed, _ = R.paper_pack(y, p["k"], p["s"], bits)
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    for batch_stats in (True, False):
+        check_bn_backward_codes(run, gy, packed, p["s"], p["x_step"], p["x_off"], bits, gamma * scale, batch_stats)
+
+
 def _guard_page_child(lib_path):
     """Run every kernel through GuardPageLauncher on odd sizes (the child of the test below)."""
     lib = ctypes.CDLL(lib_path)
@@ -307,6 +323,7 @@ def _guard_page_child(lib_path):
         y = bn_output(rng, shape, gamma, beta, special=0.3, nonfinite=0.05)
         for bits in BITS:
             check_paper_gb(run, y, gamma, beta, bits)
+            _check_fused_bn(run, rng, y, gamma, beta, bits)
             for group in (1, 3, 8, 13, 2 ** 40):
                 for stochastic in (False, True):
                     check_generic(run, y, bits, group, stochastic, 5)
@@ -329,6 +346,18 @@ def test_host_generic_any_split_of_a_group_gives_the_same_bytes(host_lib, monkey
             check_generic(host_impl(host_lib), generic_input(rng, n, kind), 4, group, kind == "normal", 3)
 
 
+@pytest.mark.parametrize("sub, max_tasks", [(1, 1 << 16), (5, 1 << 16), (64, 3), (7, 1)])
+def test_host_fused_bn_sums_any_split_of_a_channel(host_lib, monkeypatch, sub, max_tasks):
+    """The partial BN sums (interleaved tasks per channel, capped) only change the order of a
+    float64 sum: every split stays within its rounding bound and gives the formula's gx."""
+    monkeypatch.setattr(gpu, "BN_SUB", sub)
+    monkeypatch.setattr(gpu, "MAX_SUB_TASKS", max_tasks)
+    rng = np.random.default_rng(sub * 100 + max_tasks)
+    for shape in ((3, 2, 7, 5), (1, 3, 1, 1), (9, 4), (2, 1, 300)):
+        gamma, beta = channel_params(rng, shape[1])
+        _check_fused_bn(host_impl(host_lib), rng, bn_output(rng, shape, gamma, beta), gamma, beta, 4)
+
+
 @pytest.mark.parametrize("block, extra", [(1, 0), (3, 2), (32, 0), (97, 1), (1024, 3)])
 def test_host_launch_geometry_does_not_change_bytes(host_lib, block, extra):
     run = host_impl(host_lib, block=block, extra_blocks=extra)
@@ -341,6 +370,7 @@ def test_host_launch_geometry_does_not_change_bytes(host_lib, block, extra):
             for stochastic in (False, True):
                 check_generic(run, y, bits, group, stochastic, 11)
         assert same(run("counter_uniform", 333, 5), R.counter_uniform(333, 5))
+        _check_fused_bn(run, rng, bn_output(rng, y.shape, gamma, beta), gamma, beta, bits)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="guard pages use Linux mmap flags")
@@ -373,4 +403,14 @@ def test_host_wrappers_raise_the_reference_errors(host):
                                 4, 64, (2, 3))
     with pytest.raises(ValueError, match="seed"):
         gpu.counter_uniform_with(host, 3, -1)
+    with pytest.raises(ValueError, match="mu must have shape"):
+        gpu.bn_apply_pack_with(host, y, k[:2], k, k, k, s, 4)
+    with pytest.raises(ValueError, match="float32"):
+        gpu.bn_apply_pack_with(host, y.astype(np.float64), k, k, k, k, s, 4)
+    with pytest.raises(ValueError, match="packed holds"):
+        gpu.bn_backward_codes_with(host, y, np.zeros(3, np.uint8), s, k, k, 4, k)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        gpu.bn_backward_codes_with(host, y, np.zeros(24, np.uint8), s, k, k, 2, k[:1])
+    with pytest.raises(ValueError, match="gy must be float32"):
+        gpu.bn_backward_codes_with(host, y.astype(np.float16), np.zeros(24, np.uint8), s, k, k, 2, k)
     assert host.launches == []                                  # checks run before any launch

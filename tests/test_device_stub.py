@@ -28,6 +28,7 @@ from scipy.special import erf
 
 import npapprox.kernels as K
 from npapprox import backend, checks, cli, ops, quant
+from npapprox.kernels import bn as BN
 from npapprox.kernels import gpu
 from npapprox.kernels import im2col as IM
 from npapprox.ops import conv
@@ -240,6 +241,36 @@ def test_kernels_see_device_arrays_and_run_in_their_device_context(device):
     packed, nf = K.paper_pack(y, device.asarray(np.ones(3, F32)), device.asarray(np.int32([8, 8, 8])), 4)
     assert FD._DEVICE.entered == entered + 1 and FD._DEVICE.active == 0
     assert isinstance(packed, FD.DeviceArray) and isinstance(nf, FD.DeviceArray)   # the count stays on the device
+
+
+def test_bn_backward_of_device_codes_launches_the_fused_pass_and_decodes_nothing(device, host_lib, monkeypatch):
+    """A paper unit's BN backward on device arrays runs quant.cu's fused pass (partial sums,
+    per-channel sums, gx) straight from the codes: no decoder runs, nothing is read back,
+    and the result is the CPU's (the Cython fused pass) up to the sums' rounding."""
+    launches = []
+
+    class Recording(FakeDeviceLauncher):
+        def launch(self, name, threads, *args):
+            launches.append(name)
+            return super().launch(name, threads, *args)
+
+    monkeypatch.setattr(gpu, "_launcher", lambda: Recording(host_lib, device))
+    rng = np.random.default_rng(4)
+    shape = (3, 4, 5, 5)
+    gamma, beta = np.float32([1.2, -0.6, 0.0, 2.0]), np.float32([0.1, 0.5, 1.0, -7.0])
+    p = paper_params(gamma, beta, 4)
+    y = (rng.standard_normal(shape) * gamma[:, None, None] + beta[:, None, None]).astype(F32)
+    packed, _ = K.reference.paper_pack(y, p["k"], p["s"], 4)
+    gy, inv_sigma = rng.standard_normal(shape).astype(F32), np.float32([0.5, 1.0, 2.0, 3.0])
+    codes = (packed, shape, p["s"], p["x_step"], p["x_off"], 4)
+    on_device = BN.BNSource(None, codes=tuple(device.asarray(a) if isinstance(a, np.ndarray) else a for a in codes))
+    FD.reset()
+    got = BN.bn_backward(BN.as_ncm(device.asarray(gy)), on_device, device.asarray(gamma), device.asarray(inv_sigma))
+    assert launches == ["npx_bn_codes_sums", "npx_bn_codes_finish", "npx_bn_codes_grad"]
+    assert FD.total() == 0 and all(isinstance(a, FD.DeviceArray) for a in got)
+    want = BN.bn_backward(BN.as_ncm(gy), BN.BNSource(None, codes=codes), gamma, inv_sigma)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-6 * float(np.abs(w).max()))
 
 
 @pytest.mark.parametrize("policy", ["exact", "paper4", "generic4"])

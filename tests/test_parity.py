@@ -29,7 +29,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import npapprox.kernels as K
-from npapprox import backend
+from npapprox import backend, quant
+from npapprox.kernels import bn as B
+from npapprox.kernels import gpu
 from npapprox.kernels import reference as R
 
 from support import (
@@ -43,6 +45,8 @@ from support import (
     Impl,
     bn_output,
     channel_params,
+    check_bn_apply_pack,
+    check_bn_backward_codes,
     check_generic,
     check_paper,
     check_paper_gb,
@@ -64,9 +68,13 @@ def device_impl():
     assert K.implementation(cp.zeros(1, cp.float32)) == "gpu"
 
     def call(kernel, *args):
+        if kernel.startswith("bn_"):                  # the fused BN passes: gpu.py's public functions
+            return getattr(gpu, kernel)(*args)
         return K.counter_uniform(*args, xp=cp) if kernel == "counter_uniform" else getattr(K, kernel)(*args)
 
     def get(out):
+        if out is None:
+            return None
         if isinstance(out, (int, np.integer)):
             return int(out)
         assert isinstance(out, cp.ndarray), "expected a CuPy array from the device path"
@@ -293,6 +301,121 @@ def test_every_decoded_nan_is_the_canonical_quiet_nan(impl):
         want = (2 * m * (2 if relu else 4) + 2, [hex(CANONICAL_NAN)])
         assert _nan_bits(R.paper_decode(packed, (1, C, 4), s, step, off, 2, relu)) == want
         assert _nan_bits(impl("paper_decode", packed, (1, C, 4), s, step, off, 2, relu)) == want, relu
+
+
+# --------------------------------------------------------------------------- #
+# The fused BN -> ReLU passes (quant.cu's npx_bn_*; their Cython counterparts are
+# tested in tests/test_bn.py)
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module", params=["host", "device"])
+def fused(request):
+    if request.param == "host":
+        return host_impl(request.getfixturevalue("host_lib"))
+    return device_impl()
+
+
+# odd sizes whose codes end inside a byte at every K < 8, (N, C) and (N, C, L) shapes, many blocks
+FUSED_SHAPES = [(0, 3, 4, 4), (1, 1, 1, 1), (2, 3, 5, 7), (3, 5, 1, 3), (1, 2, 3), (5, 7), (2, 3, 61, 67)]
+SUBNORMALS = np.float32([1e-45, -1e-45, 3e-42, -7e-40, 1.1754942e-38, -5.877472e-39])
+
+
+def _unit_constants(rng, C):
+    """gamma, beta (gamma < 0, == 0, tiny; |beta/gamma| up to 1e3), mu, inv_sigma, scale = gamma * inv_sigma."""
+    gamma, beta = channel_params(rng, C)
+    mu = (rng.standard_normal(C) * 2).astype(F32)
+    inv_sigma = rng.uniform(0.2, 4.0, C).astype(F32)
+    return gamma, beta, mu, inv_sigma, gamma * inv_sigma
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
+def test_bn_apply_pack_edge_cases(fused, bits, shape):
+    """h and the codes of y = BN(x) in one pass: bn_apply's y and paper_pack(y)'s bytes."""
+    rng = np.random.default_rng(zlib.crc32(repr(("apply", bits, shape)).encode()))
+    gamma, beta, mu, inv_sigma, scale = _unit_constants(rng, shape[1])
+    x = bn_output(rng, shape, np.ones(shape[1], F32), mu, special=0.3, nonfinite=0.02)
+    check_bn_apply_pack(fused, x, mu, scale, beta, *paper_params(gamma, beta, bits), bits)
+    # every special x in every channel setting, mu = 0 and inv_sigma = 1: y = x * gamma + beta,
+    # subnormal y where beta = 0 (x subnormal, or x * gamma underflowing)
+    C = len(GAMMAS) * len(BETA_OVER_GAMMA)
+    gamma = np.repeat(np.array(GAMMAS, F32), len(BETA_OVER_GAMMA))
+    beta = (np.tile(np.array(BETA_OVER_GAMMA), len(GAMMAS)) * np.abs(gamma)).astype(F32)
+    vals = np.concatenate([SPECIALS, -SPECIALS, SUBNORMALS, NONFINITE, np.float32([0.5, -0.5, 3.0, 1e-3])])
+    x = np.ascontiguousarray(np.broadcast_to(vals[:, None, None], (vals.size, C, 3)))
+    y = check_bn_apply_pack(fused, x, np.zeros(C, F32), gamma, beta, *paper_params(gamma, beta, bits), bits)
+    assert ((y != 0) & (np.abs(y) < np.finfo(F32).tiny)).any()            # subnormal y were encoded
+
+
+def test_bn_apply_pack_flags_nonfinite(fused):
+    """NaN / inf in x, and y overflowing to inf, are counted as paper_pack counts them."""
+    rng = np.random.default_rng(31)
+    gamma, beta, mu, inv_sigma, scale = _unit_constants(rng, 3)
+    scale[2] = F32(1e30)                                                  # y overflows for |x - mu| > 3.4e8
+    for shape in ((2, 3, 4, 5), (1, 3, 1, 1), (5, 3, 3, 3)):
+        x = rng.standard_normal(shape).astype(F32)
+        x.reshape(-1)[:3] = np.float32([np.nan, np.inf, -np.inf])
+        x[-1, 2, -1, -1] = F32(1e10)
+        for bits in BITS:
+            y = check_bn_apply_pack(fused, x, mu, scale, beta, *paper_params(gamma, beta, bits), bits)
+            assert np.isinf(y[-1, 2, -1, -1]) and np.isnan(y.flat[0])       # the overflow is counted too
+
+
+def _unit_codes(rng, shape, bits):
+    """A unit as the paper policy stores it: codes of y = BN output, quant.paper_params's maps."""
+    gamma, beta = channel_params(rng, shape[1])
+    y = bn_output(rng, shape, gamma, beta, special=0.2)
+    p = quant.paper_params(gamma, beta, bits)
+    packed, _ = R.paper_pack(y, p["k"], p["s"], bits)
+    inv_sigma = rng.uniform(0.2, 4.0, shape[1]).astype(F32)
+    return packed, p["s"], p["x_step"], p["x_off"], gamma * inv_sigma
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_bn_backward_codes_edge_cases(fused, bits, shape, batch_stats):
+    """gx bit for bit at the kernel's constants, sums within float64 rounding of exact sums;
+    gy with signed zeros and subnormals, gamma < 0, == 0, |beta/gamma| > 3."""
+    rng = np.random.default_rng(zlib.crc32(repr(("backward", bits, shape)).encode()))
+    packed, s, x_step, x_off, scale = _unit_codes(rng, shape, bits)
+    gy = rng.standard_normal(shape).astype(F32)
+    pick = rng.random(shape) < 0.2
+    gy[pick] = rng.choice(np.concatenate([SUBNORMALS, np.float32([0.0, -0.0, 1e-7, 1e4])]), int(pick.sum()))
+    check_bn_backward_codes(fused, gy, packed, s, x_step, x_off, bits, scale, batch_stats)
+
+
+def test_bn_backward_codes_nonfinite_gradient(fused):
+    """A NaN or inf in gy: NaN / inf sums in its channel only, gx still the formula's bits."""
+    rng = np.random.default_rng(41)
+    shape = (3, 4, 5, 3)
+    for bits in BITS:
+        packed, s, x_step, x_off, scale = _unit_codes(rng, shape, bits)
+        mask = R.paper_mask(packed, shape, s, bits)
+        gy = rng.standard_normal(shape).astype(F32)
+        on = np.argwhere(mask[:, :2])                                     # positions the mask lets through
+        gy[tuple(on[on[:, 1] == 0][0])] = np.nan
+        gy[tuple(on[on[:, 1] == 1][0])] = np.inf
+        for batch_stats in (True, False):
+            _, ggamma, gbeta = check_bn_backward_codes(fused, gy, packed, s, x_step, x_off, bits, scale, batch_stats)
+            assert np.isnan(gbeta[0]) and gbeta[1] == np.inf and np.isfinite(gbeta[2:]).all()
+
+
+def test_bn_backward_on_device_arrays_runs_the_fused_kernels():
+    """bn.bn_backward of a unit's codes on CuPy arrays is gpu.bn_backward_codes (sums cast to float32)."""
+    cp = require_gpu()
+    rng = np.random.default_rng(51)
+    shape = (4, 3, 6, 5)
+    packed, s, x_step, x_off, _ = _unit_codes(rng, shape, 4)
+    gamma, inv_sigma = np.float32([1.0, -0.5, 2.0]), np.float32([0.7, 1.5, 3.0])
+    gy, packed, s, x_step, x_off = (cp.asarray(a) for a in (rng.standard_normal(shape).astype(F32), packed, s,
+                                                               x_step, x_off))
+    source = B.BNSource(None, codes=(packed, shape, s, x_step, x_off, 4))
+    got = B.bn_backward(B.as_ncm(gy), source, cp.asarray(gamma), cp.asarray(inv_sigma))
+    want = gpu.bn_backward_codes(gy, packed, s, x_step, x_off, 4, cp.asarray(gamma * inv_sigma))
+    assert all(isinstance(a, cp.ndarray) for a in got)
+    assert same(cp.asnumpy(got[0]), cp.asnumpy(want[0]).reshape(got[0].shape))
+    assert same(cp.asnumpy(got[1]), cp.asnumpy(want[1]).astype(F32))
+    assert same(cp.asnumpy(got[2]), cp.asnumpy(want[2]).astype(F32))
 
 
 # --------------------------------------------------------------------------- #

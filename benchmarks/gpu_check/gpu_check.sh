@@ -171,6 +171,64 @@ if "basic" in GROUPS:
         return info
 
     @probe
+    def fused_bn_kernels():             # npx_bn_apply_pack, npx_bn_codes_*: bytes vs the reference, timing
+        from npapprox.kernels import bn as BN
+        from npapprox.kernels import use_reference
+        from npapprox.quant import paper_params
+        rng = np.random.default_rng(12)
+        shape, C = (8, 16, 9, 11), 16                     # odd planes: codes end inside bytes
+        x = rng.standard_normal(shape).astype(np.float32)
+        x[0, 0, 0, :3] = [np.nan, np.inf, 1e-45]
+        gamma = rng.uniform(-2, 2, C).astype(np.float32)
+        gamma[1] = 0
+        beta = rng.uniform(-1, 1, C).astype(np.float32)
+        beta[2] = 5 * abs(gamma[2])
+        mu, scale = rng.standard_normal(C).astype(np.float32), (gamma * rng.uniform(0.5, 2, C)).astype(np.float32)
+        with np.errstate(all="ignore"):
+            y = ((x.reshape(8, C, -1) - mu[:, None]) * scale[:, None] + beta[:, None]).reshape(shape)
+            h = y * (y > 0)
+        gy = rng.standard_normal(shape).astype(np.float32)
+        info = {}
+        for bits in (1, 2, 4, 8):
+            p = paper_params(gamma, beta, bits)
+            rp, rn = R.paper_pack(y, p["k"], p["s"], bits)
+            gh, gp, gn = G.bn_apply_pack(*(cp.asarray(a) for a in (x, mu, scale, beta, p["k"], p["s"])), bits)
+            hd, nan = cp.asnumpy(gh), np.isnan(h)
+            info[f"apply_pack K={bits} packed, count, h (NaN payloads aside)"] = [
+                same(gp, rp), int(gn) == rn, bool((np.isnan(hd) == nan).all() and hd[~nan].tobytes() == h[~nan].tobytes())]
+            dev = [cp.asarray(a) for a in (gy, rp, p["s"], p["x_step"], p["x_off"])]
+            gx, gg, gb = G.bn_backward_codes(*dev, bits, cp.asarray(scale))
+            gg, gb = cp.asnumpy(gg), cp.asnumpy(gb)
+            xh = R.paper_decode(rp, shape, p["s"], p["x_step"], p["x_off"], bits).reshape(8, C, -1)
+            g = gy.reshape(8, C, -1) * R.paper_mask(rp, shape, p["s"], bits).reshape(8, C, -1)
+            t = (g * xh).astype(np.float64)
+            n = g.shape[0] * g.shape[2]                   # N*M values per channel
+            a, k = (gb / n).astype(np.float32), (gg / n).astype(np.float32)
+            want = scale[:, None] * (g - a[:, None] - xh * k[:, None])
+            close = [bool((np.abs(got - terms.sum(axis=(0, 2))) <= 1e-12 * np.abs(terms).sum(axis=(0, 2))).all())
+                     for got, terms in ((gb, g.astype(np.float64)), (gg, t))]
+            info[f"backward K={bits} gx bits, gbeta, ggamma"] = [same(gx, want.reshape(shape))] + close
+        shape = (64, 16, 32, 32)                          # speed: fused pass vs decoding first (CuPy reference)
+        y = cp.asarray(rng.standard_normal(shape).astype(np.float32))
+        p = paper_params(np.ones(16, np.float32), np.zeros(16, np.float32), 4)
+        packed, _ = K.paper_pack(y, cp.asarray(p["k"]), cp.asarray(p["s"]), 4)
+        codes = (packed, shape, cp.asarray(p["s"]), cp.asarray(p["x_step"]), cp.asarray(p["x_off"]), 4)
+        gy3, one = BN.as_ncm(y), cp.ones(16, cp.float32)
+        for label, forced in (("fused ms", False), ("decode-first ms", True)):
+            use_reference(forced)
+            try:
+                BN.bn_backward(gy3, BN.BNSource(None, codes=codes), one, one)
+                cp.cuda.Device().synchronize()
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    BN.bn_backward(gy3, BN.BNSource(None, codes=codes), one, one)
+                cp.cuda.Device().synchronize()
+                info[f"bn_backward 64x16x32x32 K=4 {label}"] = round(100 * (time.perf_counter() - t0), 3)
+            finally:
+                use_reference(False)
+        return info
+
+    @probe
     def paper_params_extreme_gamma():   # computed on the host: CuPy's f64 -> f32 casts would flush k / h_step
         from npapprox.quant import paper_params
         gamma = np.float32([1e-38, 3e-39, -1e-45, 1e38, 1.0, 0.0])

@@ -1,7 +1,9 @@
 """Batch-norm passes with one dispatch point: fused Cython kernels
 (``src/_bn.pyx``, extension ``npapprox._bn``) for float32/float64 NumPy arrays,
 the ``xp`` reference below otherwise (CuPy arrays, other dtypes, or
-``NPAPPROX_REFERENCE_KERNELS=1`` / ``kernels.use_reference(True)``).
+``NPAPPROX_REFERENCE_KERNELS=1`` / ``kernels.use_reference(True)``). On CuPy
+float32 arrays the backward of a unit's codes runs the CUDA fused pass
+(``kernels.gpu.bn_backward_codes``, same contract as the Cython one).
 
 Arrays are ``(N, C, M)`` views of NCHW tensors (``M = H*W``), per-channel
 vectors ``(C,)``. BN is memory-bound: the reference makes a pass over the
@@ -28,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from npapprox.backend import array_module, on_gpu
+from npapprox.kernels import gpu as _gpu
 from npapprox.kernels import paper_decode, paper_mask
 from npapprox.kernels.switch import reference_forced
 
@@ -166,6 +169,11 @@ def bn_backward(gy3, source: BNSource, gamma, inv_sigma, *, batch_stats=True, ne
             ggamma, gbeta = np.empty(c), np.empty(c)
             _compiled.bn_backward_codes(gy3, packed, np.ascontiguousarray(s, np.int32), x_step, x_off, bits,
                                         np.ascontiguousarray(scale), bool(batch_stats), gx, ggamma, gbeta)
+            return gx, ggamma.astype(dtype), gbeta.astype(dtype)
+        if on_gpu(gy3) and on_gpu(packed) and dtype == np.float32 and not reference_forced():
+            # the same fused pass in CUDA (quant.cu): xhat and the mask rebuilt per element
+            gx, ggamma, gbeta = _gpu.bn_backward_codes(gy3, packed, s, x_step, x_off, bits, scale,
+                                                       batch_stats=bool(batch_stats), need_gx=need_gx)
             return gx, ggamma.astype(dtype), gbeta.astype(dtype)
         source = BNSource(as_ncm(paper_decode(packed, shape, s, x_step, x_off, bits).astype(dtype, copy=False)),
                           mask=paper_mask(packed, shape, s, bits))

@@ -12,8 +12,15 @@ launcher that runs the same kernels compiled for the host, see
 tests/support.py and tests/test_parity.py), so everything but the CuPy calls themselves is exercised on
 machines without a GPU.
 
+Two fused BN -> ReLU passes sit here too (:func:`bn_apply_pack`,
+:func:`bn_backward_codes`): their contract is :mod:`npapprox.kernels.bn`'s
+(element-wise outputs bit-identical given the same per-channel constants, sums
+in float64); :mod:`npapprox.kernels.bn` sends a unit's codes on CuPy arrays to
+the backward.
+
 Launch rules: 1-D grids of ``BLOCK`` threads, one thread per output byte for
-packing (no atomics) and one per element for decoding; every argument is a
+packing (no atomics) and one per element for decoding; reductions write
+per-thread partials that a second kernel combines in a fixed order; every argument is a
 C-contiguous array of the kernel's element type or a NumPy scalar of exactly the
 kernel's parameter type (``KERNELS`` lists the signatures; a test checks them
 against the ``.cu`` source).
@@ -30,7 +37,8 @@ from npapprox import backend
 from npapprox.kernels import checks
 
 __all__ = ["paper_pack", "paper_decode", "paper_mask", "generic_pack", "generic_decode", "pack_bits",
-           "unpack_bits", "counter_uniform", "KERNELS", "OPTIONS", "source", "DeviceLauncher"]
+           "unpack_bits", "counter_uniform", "bn_apply_pack", "bn_backward_codes", "KERNELS", "OPTIONS",
+           "source", "DeviceLauncher"]
 
 #: NVRTC options. --fmad=false: no contraction of a multiply and an add. CuPy adds
 #: -ftz=true to every RawModule after these (it cannot be turned off from here);
@@ -39,17 +47,26 @@ OPTIONS = ("--fmad=false", "-std=c++17")
 
 BLOCK = 256          # threads per block
 SUB = 32             # generic min/max: elements per partial task (interleaved within a group)
-MAX_SUB_TASKS = 1 << 16   # at most this many partial tasks per group
+MAX_SUB_TASKS = 1 << 16   # at most this many partial tasks per group (per channel for the BN sums)
+BN_SUB = 64          # BN backward sums: values per partial task (interleaved within a channel)
 
 # Parameters of every kernel, in order (tests/test_cuda.py checks them against quant.cu):
 # "in:T" / "out:T" a pointer to a C-contiguous array of element type T that the kernel
 # reads (const) / writes; "T" alone a scalar passed as that exact NumPy type.
-# T: f32 float, i32 int, i64 long long, u32 unsigned int, u8 unsigned char.
+# T: f32 float, f64 double, i32 int, i64 long long, u32 unsigned int, u8 unsigned char.
 KERNELS = {
     "npx_paper_pack": ("in:f32", "in:f32", "in:i32", "i64", "i64", "i64", "i32", "out:u8", "out:u8"),
     "npx_paper_decode": ("in:u8", "in:i32", "in:f32", "in:f32", "i64", "i64", "i64", "i32", "i32",
                          "out:f32"),
     "npx_paper_mask": ("in:u8", "in:i32", "i64", "i64", "i64", "i32", "out:u8"),
+    "npx_bn_apply_pack": ("in:f32", "in:f32", "in:f32", "in:f32", "in:f32", "in:i32", "i64", "i64", "i64", "i32",
+                          "out:f32", "out:u8", "out:u8"),
+    "npx_bn_codes_sums": ("in:f32", "in:u8", "in:i32", "in:f32", "in:f32", "i64", "i64", "i64", "i32", "i64",
+                          "out:f64", "out:f64"),
+    "npx_bn_codes_finish": ("in:f64", "in:f64", "i64", "i64", "i64", "i32", "out:f64", "out:f64", "out:f32",
+                            "out:f32"),
+    "npx_bn_codes_grad": ("in:f32", "in:u8", "in:i32", "in:f32", "in:f32", "in:f32", "in:f32", "in:f32", "i64",
+                          "i64", "i64", "i32", "i32", "out:f32"),
     "npx_generic_minmax": ("in:f32", "i64", "i64", "i64", "i64", "out:i32", "out:i32", "out:i32"),
     "npx_generic_params": ("in:i32", "in:i32", "in:i32", "i64", "i64", "i32", "out:f32", "out:f32",
                            "out:f32", "out:i64"),
@@ -61,7 +78,7 @@ KERNELS = {
 }
 
 #: NumPy type of each element / scalar type code
-TYPES = {"f32": np.float32, "i32": np.int32, "i64": np.int64, "u32": np.uint32, "u8": np.uint8}
+TYPES = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64, "u32": np.uint32, "u8": np.uint8}
 
 
 def source() -> str:
@@ -162,6 +179,49 @@ def paper_mask_with(run, packed, shape, s, bits):
     return out
 
 
+def bn_apply_pack_with(run, x, mu, scale, beta, k, s, bits):
+    xp = run.xp
+    x, k, s, bits, shape, C, hw = checks.check_paper_pack(run.asarray(x), run.asarray(k), s, bits)
+    mu, scale, beta = (checks.check_channel_param(xp, a, C, np.float32, name)
+                       for a, name in ((mu, "mu"), (scale, "scale"), (beta, "beta")))
+    n = int(x.size)
+    nbytes = checks.packed_nbytes(n, bits)
+    h = xp.empty(shape, dtype=np.float32)
+    out = xp.empty(nbytes, dtype=np.uint8)
+    bad = xp.empty(nbytes, dtype=np.uint8)
+    run.launch("npx_bn_apply_pack", nbytes, x.reshape(-1), mu, scale, beta, k, s, _i64(n), _i64(C), _i64(hw),
+               np.int32(bits), h.reshape(-1), out, bad)
+    return h, out, bad.sum(dtype=np.int64) if nbytes else 0
+
+
+def bn_backward_codes_with(run, gy, packed, s, x_step, x_off, bits, scale, batch_stats=True, need_gx=True):
+    xp = run.xp
+    gy = checks.check_float32(run.asarray(gy), "gy")
+    packed, shape, C, hw, s, x_step, x_off, bits = checks.check_paper_decode(
+        run.asarray(packed), gy.shape, s, run.asarray(x_step), run.asarray(x_off), bits)
+    scale = checks.check_channel_param(xp, scale, C, np.float32, "scale")
+    N, n = shape[0], int(gy.size)
+    gx = xp.empty(shape, dtype=np.float32) if need_gx else None
+    gbeta, ggamma = xp.zeros(C, dtype=np.float64), xp.zeros(C, dtype=np.float64)
+    if n == 0:
+        return gx, ggamma, gbeta
+    nsub = min(-(-(N * hw) // BN_SUB), MAX_SUB_TASKS)   # partial tasks per channel
+    part_g = xp.empty(C * nsub, dtype=np.float64)
+    part_gx = xp.empty(C * nsub, dtype=np.float64)
+    a = xp.empty(C, dtype=np.float32)
+    kk = xp.empty(C, dtype=np.float32)
+    stats = np.int32(1 if batch_stats else 0)
+    gyf = gy.reshape(-1)
+    run.launch("npx_bn_codes_sums", C * nsub, gyf, packed, s, x_step, x_off, _i64(N), _i64(C), _i64(hw),
+               np.int32(bits), _i64(nsub), part_g, part_gx)
+    run.launch("npx_bn_codes_finish", C, part_g, part_gx, _i64(C), _i64(nsub), _i64(N * hw), stats,
+               gbeta, ggamma, a, kk)
+    if need_gx:
+        run.launch("npx_bn_codes_grad", n, gyf, packed, s, x_step, x_off, scale, a, kk, _i64(n), _i64(C), _i64(hw),
+                   np.int32(bits), stats, gx.reshape(-1))
+    return gx, ggamma, gbeta
+
+
 def generic_pack_with(run, x, bits, group, stochastic=False, seed=0):
     xp = run.xp
     x, bits, group, seed = checks.check_generic_pack(run.asarray(x), bits, group, seed)
@@ -251,6 +311,33 @@ def paper_mask(packed, shape, s, bits):
     """See :func:`npapprox.kernels.reference.paper_mask`."""
     with _device_of(packed):
         return paper_mask_with(_launcher(), packed, shape, s, bits)
+
+
+def bn_apply_pack(x, mu, scale, beta, k, s, bits):
+    """The forward of a BN -> ReLU unit and its paper-scheme storage in one pass.
+
+    ``x`` float32 ``(N, C, *spatial)``; ``mu``, ``scale = gamma * inv_sigma``, ``beta``
+    float32 ``(C,)`` (as :func:`npapprox.kernels.bn.bn_apply` takes them); ``k``, ``s``,
+    ``bits`` the paper parameters (as :func:`paper_pack`). With ``y = (x - mu) * scale +
+    beta`` (``bn_apply``'s bytes; y itself is never stored) returns ``(h, packed,
+    n_nonfinite)``: ``h = y * (y > 0)`` of x's shape, and ``paper_pack(y, k, s, bits)``'s
+    bytes and non-finite count (a 0-d device array, not read back)."""
+    with _device_of(x):
+        return bn_apply_pack_with(_launcher(), x, mu, scale, beta, k, s, bits)
+
+
+def bn_backward_codes(gy, packed, s, x_step, x_off, bits, scale, batch_stats=True, need_gx=True):
+    """BN's backward of a BN -> ReLU unit straight from its paper codes (``BNSource.codes``).
+
+    ``gy`` float32 ``(N, C, *spatial)`` (the unit's output gradient); ``packed``, ``s``,
+    ``x_step``, ``x_off``, ``bits`` the unit's codes and xhat map; ``scale = gamma *
+    inv_sigma`` (C,). xhat and the mask are rebuilt from the codes per element, no decoded
+    array exists. Returns ``(gx or None, ggamma, gbeta)``: gx float32 of gy's shape
+    (:func:`npapprox.kernels.bn.bn_backward`'s formula, bit for bit given its per-channel
+    constants), ggamma and gbeta float64 ``(C,)`` summed in float64 (order: quant.cu,
+    ``npx_bn_codes_sums``). Three launches: partial sums, per-channel sums, gx."""
+    with _device_of(gy):
+        return bn_backward_codes_with(_launcher(), gy, packed, s, x_step, x_off, bits, scale, batch_stats, need_gx)
 
 
 def generic_pack(x, bits, group, stochastic=False, seed=0):

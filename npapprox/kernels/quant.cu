@@ -14,9 +14,10 @@
  *     a machine without a GPU.
  *
  * Rules the code keeps, so that the two builds and the reference agree:
- *   * every float operation is float32 with one rounding, written as an npx_*
- *     primitive (inline PTX on the device, plain C on the host): no fused
- *     multiply-add and no flush-to-zero, whatever the compiler flags;
+ *   * every float operation is float32 with one rounding (the BN sums: float64
+ *     additions of float32 terms), written as an npx_* primitive (inline PTX on
+ *     the device, plain C on the host): no fused multiply-add and no
+ *     flush-to-zero, whatever the compiler flags;
  *   * clamps are min(max(u, lo), hi) with IEEE maxNum / minNum: a NaN u
  *     becomes lo; float -> int conversions only see finite, clamped, integral
  *     values; "v > 0" is decided from the bits;
@@ -25,13 +26,15 @@
  *   * threads never talk to each other: packing is one thread per output byte
  *     (no atomics, no shared memory), reductions are written per thread to
  *     arrays that the caller sums (non-finite counts) or combines in a second
- *     kernel (partial min / max);
+ *     kernel (partial min / max, partial BN sums: in a fixed order);
  *   * every kernel checks its bounds; arrays are flat and C-contiguous; sizes
  *     and indices are 64-bit (long long), scalars have explicit types.
  *
  * Sections, in the order (and with the helper names, npx_ prefixed) of
  * kernels/reference.py and src/_quant.pyx: bit packing, the counter-based noise
- * (npx_uniform), the paper scheme (npx_paper_code), the generic quantizer
+ * (npx_uniform), the paper scheme (npx_paper_code), then the fused BN -> ReLU
+ * passes of kernels/bn.py and src/_bn.pyx (npx_bn_*: BN's contract, element-wise
+ * bits given the per-channel constants, sums in float64), the generic quantizer
  * (npx_group_params, npx_generic_code); before them the float primitives and
  * thread indices this file needs, after them the host-build launchers.
  *
@@ -59,55 +62,37 @@
 /* Host (cuda_shim.h): the same operations in plain C (-ffp-contract=off).    */
 /* ------------------------------------------------------------------------- */
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-static __device__ __forceinline__ float npx_add(float a, float b)
-{
-    float r;
-    asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-static __device__ __forceinline__ float npx_sub(float a, float b)
-{
-    float r;
-    asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-static __device__ __forceinline__ float npx_mul(float a, float b)
-{
-    float r;
-    asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-static __device__ __forceinline__ float npx_fdiv(float a, float b)
-{
-    float r;
-    asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
+/* name(a, b) / name(a): the one PTX instruction op; K, KR, KA are the operands'
+ * constraint letters ("f": .f32 register, "d": .f64 register). */
+#define NPX_PTX2(name, T, K, op)                                               \
+    static __device__ __forceinline__ T name(T a, T b)                         \
+    {                                                                          \
+        T r;                                                                   \
+        asm(op " %0, %1, %2;" : "=" K(r) : K(a), K(b));                        \
+        return r;                                                              \
+    }
+#define NPX_PTX1(name, TR, KR, TA, KA, op)                                     \
+    static __device__ __forceinline__ TR name(TA a)                            \
+    {                                                                          \
+        TR r;                                                                  \
+        asm(op " %0, %1;" : "=" KR(r) : KA(a));                                \
+        return r;                                                              \
+    }
+NPX_PTX2(npx_add, float, "f", "add.rn.f32")
+NPX_PTX2(npx_sub, float, "f", "sub.rn.f32")
+NPX_PTX2(npx_mul, float, "f", "mul.rn.f32")
+NPX_PTX2(npx_fdiv, float, "f", "div.rn.f32")
 /* max.f32 / min.f32: a NaN operand yields the other operand (IEEE maxNum / minNum) */
-static __device__ __forceinline__ float npx_max(float a, float b)
-{
-    float r;
-    asm("max.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-static __device__ __forceinline__ float npx_min(float a, float b)
-{
-    float r;
-    asm("min.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-    return r;
-}
-static __device__ __forceinline__ float npx_ceil(float a)
-{
-    float r;
-    asm("cvt.rpi.f32.f32 %0, %1;" : "=f"(r) : "f"(a));
-    return r;
-}
-static __device__ __forceinline__ float npx_floor(float a)
-{
-    float r;
-    asm("cvt.rmi.f32.f32 %0, %1;" : "=f"(r) : "f"(a));
-    return r;
-}
+NPX_PTX2(npx_max, float, "f", "max.f32")
+NPX_PTX2(npx_min, float, "f", "min.f32")
+NPX_PTX1(npx_ceil, float, "f", float, "f", "cvt.rpi.f32.f32")
+NPX_PTX1(npx_floor, float, "f", float, "f", "cvt.rmi.f32.f32")
+/* float64 sums of float32 terms (the BN reductions): widening keeps subnormals, the
+ * narrowing of a per-channel constant rounds once to nearest even */
+NPX_PTX1(npx_widen, double, "d", float, "f", "cvt.f64.f32")
+NPX_PTX1(npx_narrow, float, "f", double, "d", "cvt.rn.f32.f64")
+NPX_PTX2(npx_dadd, double, "d", "add.rn.f64")
+NPX_PTX2(npx_ddiv, double, "d", "div.rn.f64")
 #else
 static inline float npx_add(float a, float b) { return __fadd_rn(a, b); }
 static inline float npx_sub(float a, float b) { return __fsub_rn(a, b); }
@@ -117,6 +102,10 @@ static inline float npx_max(float a, float b) { return fmaxf(a, b); }
 static inline float npx_min(float a, float b) { return fminf(a, b); }
 static inline float npx_ceil(float a) { return ceilf(a); }
 static inline float npx_floor(float a) { return floorf(a); }
+static inline double npx_widen(float a) { return (double)a; }
+static inline float npx_narrow(double a) { return (float)a; }
+static inline double npx_dadd(double a, double b) { return a + b; }
+static inline double npx_ddiv(double a, double b) { return a / b; }
 #endif
 
 /* v > 0 from the bits (flag-independent): +0 < v <= +inf; false for -0.0 and NaN. */
@@ -167,12 +156,20 @@ static __device__ __forceinline__ int npx_lg_values(int bits)
     return bits == 8 ? 0 : bits == 4 ? 1 : bits == 2 ? 2 : 3;
 }
 
-/* The output byte this thread packs (one thread per output byte of n values, V = 2^lg
- * per byte), or -1 for an extra thread. */
-static __device__ __forceinline__ long long npx_byte_index(long long n, int lg)
+/* The output byte this thread packs, one thread per output byte of n values: byte b
+ * holds values [i, i + V), i = b * V, V = 8 / bits (the last byte fewer when n ends
+ * inside it); b = -1 for an extra thread. */
+struct npx_byte_job {
+    long long b, i;
+    int V;
+};
+
+static __device__ __forceinline__ npx_byte_job npx_byte_of_thread(long long n, int bits)
 {
+    const int lg = npx_lg_values(bits);
     const long long b = npx_thread_index();
-    return b < ((n + (1 << lg) - 1) >> lg) ? b : -1;
+    npx_byte_job job = {b < ((n + (1 << lg) - 1) >> lg) ? b : -1, b << lg, 1 << lg};
+    return job;
 }
 
 /* The code of flat value i: bits [(i % V) * bits, ...) of byte i / V. */
@@ -190,16 +187,14 @@ extern "C" __global__ void npx_pack_bits(const unsigned char* __restrict__ codes
                                          long long n, int bits,
                                          unsigned char* __restrict__ out)          /* OUT (nbytes,) */
 {
-    const int lg = npx_lg_values(bits);
-    const long long b = npx_byte_index(n, lg);
-    if (b < 0)
+    const npx_byte_job job = npx_byte_of_thread(n, bits);
+    if (job.b < 0)
         return;
-    const int V = 1 << lg;
-    long long i = b << lg;
+    long long i = job.i;
     unsigned int byte = 0;
-    for (int j = 0; j < V && i < n; ++j, ++i)
+    for (int j = 0; j < job.V && i < n; ++j, ++i)
         byte |= (unsigned int)codes[i] << (j * bits);
-    out[b] = (unsigned char)byte;
+    out[job.b] = (unsigned char)byte;
 }
 
 /* One thread per element: codes[i] = (packed[i / V] >> ((i % V) * bits)) & (2^bits - 1). */
@@ -254,9 +249,84 @@ static __device__ __forceinline__ int npx_paper_code(float v, float k, int s, in
     return npx_positive(v) ? npx_imax(code, s) : npx_imin(code, s - 1);   /* exact mask; NaN: else */
 }
 
-/* One thread per output byte b (nbytes = ceil(n / V) threads): encodes values
- * [b*V, b*V + V) and writes out[b] and nonfinite[b] (how many of them are NaN or
- * +-inf; the caller sums the array). */
+/* The value a paper code decodes to (reference.paper_decode without relu):
+ * (float(code - s) + 0.5) * step + off, two roundings, no FMA. */
+static __device__ __forceinline__ float npx_paper_value(int code, int s, float step, float off)
+{
+    const float t = npx_add(__int2float_rn(code - s), 0.5f);
+    return npx_add(npx_mul(t, step), off);
+}
+
+/* Where flat index i of an (N, C, HW) tensor lies: its channel c = (i / HW) % C and its
+ * position r inside the channel plane; npx_plane_next moves to i + 1 without a division. */
+struct npx_plane_pos {
+    long long r, c;
+};
+
+static __device__ __forceinline__ npx_plane_pos npx_plane_of(long long i, long long C, long long HW)
+{
+    const long long plane = npx_idiv(i, HW);
+    npx_plane_pos p = {i - plane * HW, plane - npx_idiv(plane, C) * C};
+    return p;
+}
+
+static __device__ __forceinline__ void npx_plane_next(npx_plane_pos* p, long long C, long long HW)
+{
+    if (++p->r == HW) {                           /* next channel plane */
+        p->r = 0;
+        if (++p->c == C)
+            p->c = 0;
+    }
+}
+
+/* The element this thread handles, one thread per element of an (N, C, HW) tensor of
+ * n values, and its channel *c; -1 for an extra thread. */
+static __device__ __forceinline__ long long npx_element_of_thread(long long n, long long C, long long HW,
+                                                                  long long* c)
+{
+    const long long i = npx_thread_index();
+    if (i >= n)
+        return -1;
+    *c = npx_plane_of(i, C, HW).c;
+    return i;
+}
+
+/* A per-element kernel's first line: declares i and c (npx_element_of_thread), and
+ * returns from an extra thread. */
+#define NPX_ELEMENT_AND_CHANNEL(n, C, HW)                                      \
+    long long c;                                                               \
+    const long long i = npx_element_of_thread(n, C, HW, &c);                   \
+    if (i < 0)                                                                 \
+        return
+
+/* The body of the paper packing kernels, one thread per output byte b: encodes the
+ * values [b*V, b*V + V), value(i, c) giving flat value i (of channel c), and writes
+ * out[b] and nonfinite[b] (how many of them are NaN or +-inf; the caller sums it). */
+template <typename Value>
+static __device__ __forceinline__ void npx_paper_pack_byte(Value value, const float* __restrict__ k,
+                                                           const int* __restrict__ s, long long n, long long C,
+                                                           long long HW, int bits,
+                                                           unsigned char* __restrict__ out,
+                                                           unsigned char* __restrict__ nonfinite)
+{
+    const npx_byte_job job = npx_byte_of_thread(n, bits);
+    if (job.b < 0)
+        return;
+    const int nb = 1 << bits;
+    long long i = job.i;
+    npx_plane_pos p = npx_plane_of(i, C, HW);
+    unsigned int byte = 0, bad = 0;
+    for (int j = 0; j < job.V && i < n; ++j, ++i) {
+        const float v = value(i, p.c);
+        bad += npx_nonfinite(v);
+        byte |= (unsigned int)npx_paper_code(v, k[p.c], s[p.c], nb) << (j * bits);
+        npx_plane_next(&p, C, HW);
+    }
+    out[job.b] = (unsigned char)byte;
+    nonfinite[job.b] = (unsigned char)bad;
+}
+
+/* One thread per output byte (nbytes = ceil(n / V) threads): the codes of y. */
 extern "C" __global__ void npx_paper_pack(const float* __restrict__ y,     /* IN  (n,) */
                                           const float* __restrict__ k,     /* IN  (C,) */
                                           const int* __restrict__ s,       /* IN  (C,) in [1, NB-1] */
@@ -264,29 +334,7 @@ extern "C" __global__ void npx_paper_pack(const float* __restrict__ y,     /* IN
                                           unsigned char* __restrict__ out,        /* OUT (nbytes,) */
                                           unsigned char* __restrict__ nonfinite)  /* OUT (nbytes,) */
 {
-    const int lg = npx_lg_values(bits);
-    const long long b = npx_byte_index(n, lg);
-    if (b < 0)
-        return;
-    const int V = 1 << lg;
-    const int nb = 1 << bits;
-    long long i = b << lg;
-    const long long plane = npx_idiv(i, HW);
-    long long r = i - plane * HW;                 /* position inside the channel plane */
-    long long c = plane - npx_idiv(plane, C) * C;  /* plane % C */
-    unsigned int byte = 0, bad = 0;
-    for (int j = 0; j < V && i < n; ++j, ++i) {
-        const float v = y[i];
-        bad += npx_nonfinite(v);
-        byte |= (unsigned int)npx_paper_code(v, k[c], s[c], nb) << (j * bits);
-        if (++r == HW) {                          /* next channel plane */
-            r = 0;
-            if (++c == C)
-                c = 0;
-        }
-    }
-    out[b] = (unsigned char)byte;
-    nonfinite[b] = (unsigned char)bad;
+    npx_paper_pack_byte([&](long long i, long long) { return y[i]; }, k, s, n, C, HW, bits, out, nonfinite);
 }
 
 /* One thread per element: out = (float(code - s) + 0.5) * step + off, +0.0 where relu and code < s. */
@@ -297,15 +345,10 @@ extern "C" __global__ void npx_paper_decode(const unsigned char* __restrict__ pa
                                             long long n, long long C, long long HW, int bits, int relu,
                                             float* __restrict__ out)          /* OUT (n,) */
 {
-    const long long i = npx_thread_index();
-    if (i >= n)
-        return;
-    const long long plane = npx_idiv(i, HW);
-    const long long c = plane - npx_idiv(plane, C) * C;
+    NPX_ELEMENT_AND_CHANNEL(n, C, HW);
     const int code = npx_code_at(packed, i, bits);
     const int sc = s[c];
-    const float t = npx_add(__int2float_rn(code - sc), 0.5f);
-    float v = npx_add(npx_mul(t, step[c]), off[c]);         /* two roundings, no FMA */
+    float v = npx_paper_value(code, sc, step[c], off[c]);
     if (relu && code < sc)
         v = 0.0f;
     out[i] = npx_canonical_nan(v);
@@ -317,14 +360,127 @@ extern "C" __global__ void npx_paper_mask(const unsigned char* __restrict__ pack
                                           long long n, long long C, long long HW, int bits,
                                           unsigned char* __restrict__ out)    /* OUT (n,) */
 {
-    const long long i = npx_thread_index();
-    if (i >= n)
-        return;
-    const long long plane = npx_idiv(i, HW);
-    const long long c = plane - npx_idiv(plane, C) * C;
+    NPX_ELEMENT_AND_CHANNEL(n, C, HW);
     out[i] = npx_code_at(packed, i, bits) >= s[c] ? 1 : 0;
 }
 
+/* ------------------------------------------------------------------------- */
+/* Fused BN -> ReLU unit passes (kernels/bn.py): (N, C, M) tensors, M = H*W,  */
+/* channel (i / M) % C; element-wise results bit-identical to bn.py's given   */
+/* the same per-channel constants, reductions in float64                      */
+/* ------------------------------------------------------------------------- */
+
+/* The forward of a unit and its storage in one pass: y = (x - mu) * scale + beta
+ * (bn.bn_apply: three roundings, scale = gamma * inv_sigma), h = y * (y > 0) (-0.0
+ * where y < 0, NaN stays NaN), and the paper codes of y (npx_paper_pack's bytes and
+ * non-finite counts). One thread per output byte of codes; y is never stored. */
+extern "C" __global__ void npx_bn_apply_pack(const float* __restrict__ x,      /* IN  (n,) */
+                                             const float* __restrict__ mu,     /* IN  (C,) */
+                                             const float* __restrict__ scale,  /* IN  (C,) */
+                                             const float* __restrict__ beta,   /* IN  (C,) */
+                                             const float* __restrict__ k,      /* IN  (C,) */
+                                             const int* __restrict__ s,        /* IN  (C,) in [1, NB-1] */
+                                             long long n, long long C, long long M, int bits,
+                                             float* __restrict__ h,                  /* OUT (n,) */
+                                             unsigned char* __restrict__ out,        /* OUT (nbytes,) */
+                                             unsigned char* __restrict__ nonfinite)  /* OUT (nbytes,) */
+{
+    npx_paper_pack_byte([&](long long i, long long c) {
+        const float y = npx_add(npx_mul(npx_sub(x[i], mu[c]), scale[c]), beta[c]);
+        h[i] = npx_mul(y, npx_positive(y) ? 1.0f : 0.0f);
+        return y;
+    }, k, s, n, C, M, bits, out, nonfinite);
+}
+
+/* What the backward of a unit reads at flat index i, rebuilt from its code: returns
+ * g = gy * mask as NumPy's gy * bool (gy where code >= s, gy * 0.0 elsewhere: -0.0,
+ * NaN kept) and sets *xhat to the paper_decode value of the code (NaN canonical). */
+static __device__ __forceinline__ float npx_unit_g(float gy, const unsigned char* __restrict__ packed,
+                                                   long long i, int bits, int s, float step, float off,
+                                                   float* xhat)
+{
+    const int code = npx_code_at(packed, i, bits);
+    *xhat = npx_canonical_nan(npx_paper_value(code, s, step, off));
+    return code >= s ? gy : npx_mul(gy, 0.0f);
+}
+
+/* Backward pass 1: partial sums. Channel c's N*M values are split into nsub
+ * interleaved tasks: task t = c * nsub + j adds, in float64 and in increasing q, the
+ * values at channel positions q = j, j + nsub, j + 2 nsub, ... (q = n*M + m: adjacent
+ * threads read adjacent addresses) of g and of the float32 product g * xhat (the
+ * reference's terms, bit for bit). C * nsub threads. */
+extern "C" __global__ void npx_bn_codes_sums(const float* __restrict__ gy,             /* IN  (N*C*M,) */
+                                             const unsigned char* __restrict__ packed, /* IN  (nbytes,) */
+                                             const int* __restrict__ s,         /* IN  (C,) */
+                                             const float* __restrict__ x_step,  /* IN  (C,) */
+                                             const float* __restrict__ x_off,   /* IN  (C,) */
+                                             long long N, long long C, long long M, int bits, long long nsub,
+                                             double* __restrict__ part_g,       /* OUT (C*nsub,) */
+                                             double* __restrict__ part_gx)      /* OUT (C*nsub,) */
+{
+    const long long t = npx_thread_index();
+    if (t >= C * nsub)
+        return;
+    const long long c = npx_idiv(t, nsub);
+    const int sc = s[c];
+    const float step = x_step[c], off = x_off[c];
+    double sg = 0.0, sgx = 0.0;
+    for (long long q = t - c * nsub; q < N * M; q += nsub) {
+        const long long n = npx_idiv(q, M);
+        const long long i = (n * C + c) * M + (q - n * M);
+        float xhat;
+        const float g = npx_unit_g(gy[i], packed, i, bits, sc, step, off, &xhat);
+        sg = npx_dadd(sg, npx_widen(g));
+        sgx = npx_dadd(sgx, npx_widen(npx_mul(g, xhat)));
+    }
+    part_g[t] = sg;
+    part_gx[t] = sgx;
+}
+
+/* Backward pass 2, one thread per channel: gbeta = sum g and ggamma = sum g * xhat
+ * (the nsub partials added in order j = 0, 1, ...), and the constants of pass 3,
+ * a = float32(gbeta / count), kk = float32(ggamma / count) (0 with running statistics). */
+extern "C" __global__ void npx_bn_codes_finish(const double* __restrict__ part_g,   /* IN  (C*nsub,) */
+                                               const double* __restrict__ part_gx,  /* IN  (C*nsub,) */
+                                               long long C, long long nsub, long long count, int batch_stats,
+                                               double* __restrict__ gbeta,          /* OUT (C,) */
+                                               double* __restrict__ ggamma,         /* OUT (C,) */
+                                               float* __restrict__ a,               /* OUT (C,) */
+                                               float* __restrict__ kk)              /* OUT (C,) */
+{
+    const long long c = npx_thread_index();
+    if (c >= C)
+        return;
+    double sg = 0.0, sgx = 0.0;
+    for (long long j = c * nsub; j < (c + 1) * nsub; ++j) {
+        sg = npx_dadd(sg, part_g[j]);
+        sgx = npx_dadd(sgx, part_gx[j]);
+    }
+    gbeta[c] = sg;
+    ggamma[c] = sgx;
+    a[c] = batch_stats ? npx_narrow(npx_ddiv(sg, (double)count)) : 0.0f;
+    kk[c] = batch_stats ? npx_narrow(npx_ddiv(sgx, (double)count)) : 0.0f;
+}
+
+/* Backward pass 3, one thread per element: gx = scale * ((g - a) - xhat * kk) with
+ * batch statistics, scale * g with running ones (bn.bn_backward's formula, its order). */
+extern "C" __global__ void npx_bn_codes_grad(const float* __restrict__ gy,             /* IN  (n,) */
+                                             const unsigned char* __restrict__ packed, /* IN  (nbytes,) */
+                                             const int* __restrict__ s,         /* IN  (C,) */
+                                             const float* __restrict__ x_step,  /* IN  (C,) */
+                                             const float* __restrict__ x_off,   /* IN  (C,) */
+                                             const float* __restrict__ scale,   /* IN  (C,) gamma * inv_sigma */
+                                             const float* __restrict__ a,       /* IN  (C,) */
+                                             const float* __restrict__ kk,      /* IN  (C,) */
+                                             long long n, long long C, long long M, int bits, int batch_stats,
+                                             float* __restrict__ gx)            /* OUT (n,) */
+{
+    NPX_ELEMENT_AND_CHANNEL(n, C, M);
+    float xhat;
+    const float g = npx_unit_g(gy[i], packed, i, bits, s[c], x_step[c], x_off[c], &xhat);
+    gx[i] = batch_stats ? npx_mul(scale[c], npx_sub(npx_sub(g, a[c]), npx_mul(xhat, kk[c])))
+                        : npx_mul(scale[c], g);
+}
 
 /* ------------------------------------------------------------------------- */
 /* Generic per-group quantizer: group g = i / G (G <= n, the caller clamps)  */
@@ -437,18 +593,16 @@ extern "C" __global__ void npx_generic_encode(const float* __restrict__ x,      
                                               unsigned int seed,
                                               unsigned char* __restrict__ out)    /* OUT (nbytes,) */
 {
-    const int lg = npx_lg_values(bits);
-    const long long b = npx_byte_index(n, lg);
-    if (b < 0)
+    const npx_byte_job job = npx_byte_of_thread(n, bits);
+    if (job.b < 0)
         return;
-    const int V = 1 << lg;
     const int levels = (1 << bits) - 1;
-    long long i = b << lg;
+    long long i = job.i;
     long long g = npx_idiv(i, G);
     long long r = i - g * G;                      /* position inside the group */
     float glo = lo[g], ginv = inv[g];
     unsigned int byte = 0;
-    for (int j = 0; j < V && i < n; ++j, ++i) {
+    for (int j = 0; j < job.V && i < n; ++j, ++i) {
         const float noise = stochastic ? npx_uniform((unsigned int)i, seed) : 0.5f;
         byte |= (unsigned int)npx_generic_code(x[i], glo, ginv, noise, levels) << (j * bits);
         if (++r == G) {                           /* next group */
@@ -460,7 +614,7 @@ extern "C" __global__ void npx_generic_encode(const float* __restrict__ x,      
             }
         }
     }
-    out[b] = (unsigned char)byte;
+    out[job.b] = (unsigned char)byte;
 }
 
 /* One thread per element: out = lo[g] + float(code) * scale[g] (two roundings). */
@@ -524,6 +678,43 @@ extern "C" void npx_host_paper_mask(unsigned int grid, unsigned int block, const
                                     unsigned char* out)
 {
     npx_host_launch(grid, block, [&] { npx_paper_mask(packed, s, n, C, HW, bits, out); });
+}
+
+extern "C" void npx_host_bn_apply_pack(unsigned int grid, unsigned int block, const float* x, const float* mu,
+                                       const float* scale, const float* beta, const float* k, const int* s,
+                                       long long n, long long C, long long M, int bits, float* h,
+                                       unsigned char* out, unsigned char* nonfinite)
+{
+    npx_host_launch(grid, block, [&] { npx_bn_apply_pack(x, mu, scale, beta, k, s, n, C, M, bits, h, out, nonfinite); });
+}
+
+extern "C" void npx_host_bn_codes_sums(unsigned int grid, unsigned int block, const float* gy,
+                                       const unsigned char* packed, const int* s, const float* x_step,
+                                       const float* x_off, long long N, long long C, long long M, int bits,
+                                       long long nsub, double* part_g, double* part_gx)
+{
+    npx_host_launch(grid, block, [&] {
+        npx_bn_codes_sums(gy, packed, s, x_step, x_off, N, C, M, bits, nsub, part_g, part_gx);
+    });
+}
+
+extern "C" void npx_host_bn_codes_finish(unsigned int grid, unsigned int block, const double* part_g,
+                                         const double* part_gx, long long C, long long nsub, long long count,
+                                         int batch_stats, double* gbeta, double* ggamma, float* a, float* kk)
+{
+    npx_host_launch(grid, block, [&] {
+        npx_bn_codes_finish(part_g, part_gx, C, nsub, count, batch_stats, gbeta, ggamma, a, kk);
+    });
+}
+
+extern "C" void npx_host_bn_codes_grad(unsigned int grid, unsigned int block, const float* gy,
+                                       const unsigned char* packed, const int* s, const float* x_step,
+                                       const float* x_off, const float* scale, const float* a, const float* kk,
+                                       long long n, long long C, long long M, int bits, int batch_stats, float* gx)
+{
+    npx_host_launch(grid, block, [&] {
+        npx_bn_codes_grad(gy, packed, s, x_step, x_off, scale, a, kk, n, C, M, bits, batch_stats, gx);
+    });
 }
 
 extern "C" void npx_host_generic_minmax(unsigned int grid, unsigned int block, const float* x, long long n,
