@@ -177,8 +177,9 @@ def _memory(args) -> int:
         if peak is None:
             res = details["residual"]
             print(f"largest batch with predicted peak <= {fmt_bytes(args.budget)} ({args.budget:,} B): {batch} for "
-                  f"{what}; from the line through the measured peaks of {', '.join(map(str, details['probes']))} "
-                  f"images ({fmt_bytes(details['per_image'])} per image"
+                  f"{what}; from the lines through the measured peaks of each stretch between two ops at "
+                  f"{', '.join(map(str, details['probes']))} images ({fmt_bytes(details['per_image'])} per image "
+                  f"where it binds"
                   + ("" if res is None else f", missing the smallest by {res:,} B") + "); --confirm measures it")
         else:
             print(f"largest batch with measured peak <= {fmt_bytes(args.budget)} ({args.budget:,} B): {batch} "
@@ -254,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "measured peak fits")
     m.add_argument("--confirm", action="store_true", help="with --budget: measure the predicted batch too "
                    "and the next one, until a batch fits and the next does not (forward + backward passes at those "
-                   "batches; without it the answer is the line through the "
-                   "measured peaks of 32, 64 and 128 images)")
+                   "batches; without it the answer is predicted from the "
+                   "measured peaks of 32, 64 and 128 images, a line per stretch between two ops)")
     m.add_argument("--verbose", action="store_true", help="every saved entry, not only the totals")
     m.add_argument("--json", default=None, help="also write the totals to this file")
 

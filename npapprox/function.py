@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
-from .tensor import Tensor, is_grad_enabled
+from .tensor import Tensor, is_grad_enabled, notify_observers
 
 ACTIVATION = "activation"
 UNIT = "unit"
@@ -202,4 +202,5 @@ class Function:
             out._ctx = ctx
         else:
             ctx.release()
+        notify_observers()
         return out

@@ -43,6 +43,7 @@ from .backend import array_module, to_device
 
 class _GradMode(threading.local):
     enabled = True          # each thread starts with recording on
+    observers = ()          # told after each op's forward and each backward step (``observing``)
 
 
 _grad_mode = _GradMode()
@@ -60,6 +61,22 @@ def no_grad():
         yield
     finally:
         _grad_mode.enabled = previous
+
+
+@contextlib.contextmanager
+def observing(fn):
+    """Call ``fn()`` after every op's forward and every step of a backward walk run
+    in this thread inside the block (``ledger.measure_profile`` reads memory there)."""
+    previous, _grad_mode.observers = _grad_mode.observers, _grad_mode.observers + (fn,)
+    try:
+        yield
+    finally:
+        _grad_mode.observers = previous
+
+
+def notify_observers() -> None:
+    for fn in _grad_mode.observers:
+        fn()
 
 
 class Tensor:
@@ -158,6 +175,7 @@ class Tensor:
                         _accumulate(grads, id(parent), pg)
             ctx.release()
             del g
+            notify_observers()
         checks.flush()  # the GPU's pending non-finite counts: one read-back per backward
 
     # --- operators (thin wrappers over npapprox.ops) --------------------------

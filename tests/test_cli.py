@@ -274,7 +274,7 @@ def test_budget_written_with_an_exponent_runs_the_search(capsys, tmp_path):
         ("resnet8", [1, 8, 8], "Paper(bits=4)", 10**7)
     assert result["batch"] == result["predicted"] and not result["measured"] and result["peak"] is None
     batch = int(re.search(r"largest batch with predicted peak <= 9.5 MiB \(10,000,000 B\): (\d+) for "
-                          r"resnet8 on 1x8x8 inputs under Paper\(bits=4\); from the line through", out).group(1))
+                          r"resnet8 on 1x8x8 inputs under Paper\(bits=4\); from the lines through", out).group(1))
     nn.manual_seed(0)
     model = nn.build_model("resnet8", num_classes=10, in_channels=1, input_size=8, width=4)
     x = np.random.default_rng(1).standard_normal((batch, 1, 8, 8), dtype=np.float32)

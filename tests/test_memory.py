@@ -9,7 +9,7 @@ import pytest
 from npapprox import Tensor, nn, ops, quant
 from npapprox.kernels import paper_pack, use_reference
 from npapprox.kernels.bn import BNSource, as_ncm, bn_backward
-from npapprox.ledger import ledger, measure_peak, transient_bound
+from npapprox.ledger import ledger, measure_peak, measure_profile, transient_bound
 from npapprox.policy import ACTIVATION, Exact, FitWindow, Generic, Paper, storage_policy
 from npapprox.storage import ExactUnit, PaperUnit, PooledRef, SharedRef, Stored
 from npapprox.tensor import topological_order
@@ -229,3 +229,24 @@ def test_shared_forms_are_kept_once_in_memory():
     assert isinstance(ref, SharedRef) and ref.target is own and ref.payload_nbytes == 0
     assert ref.restore().tobytes() == own.restore().tobytes()
     assert z._ctx.fn.SAVES["x"] == ACTIVATION
+
+
+@pytest.mark.parametrize("policy", [Paper(4), Paper(2), Generic(4)], ids=repr)
+def test_the_stretch_lines_predict_a_larger_batchs_measured_peak(policy):
+    """``measure_profile``: one measured peak per stretch between two ops, the same
+    stretches at every batch, its maximum the measured peak (the same in a second
+    run); the line of each stretch through 64 and 128 images predicts the peak
+    measured at 320 images (the budget search's model, docs/storage.md) within 0.5%."""
+    nn.manual_seed(0)
+    model = nn.build_model("resnet8", num_classes=10, in_channels=3, input_size=32, width=8)
+    rng = np.random.default_rng(0)
+
+    def run(n):
+        x, y = rng.standard_normal((n, 3, 32, 32), dtype=np.float32), rng.integers(0, 10, n)
+        return measure_profile(model, x, y, policy), measure_peak(model, x, y, policy)
+
+    (p64, _), (p128, _), (p320, peak320) = run(64), run(128), run(320)
+    assert len(p64) == len(p128) == len(p320) > 40
+    assert abs(p320.max() - peak320) <= 0.005 * peak320      # two runs: the same stretches and peak
+    predicted = (p128 + (p128 - p64) / 64 * (320 - 128)).max()
+    assert abs(predicted - peak320) <= 0.005 * peak320, (predicted, peak320)
