@@ -1,4 +1,6 @@
 """npapprox.parallel: whole chunks per core, BLAS held to one thread meanwhile."""
+import multiprocessing as mp
+import os
 import sys
 import threading
 import tracemalloc
@@ -9,7 +11,7 @@ import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import npapprox as na
-from npapprox import parallel
+from npapprox import _quant, parallel
 from npapprox.ops import conv
 
 
@@ -139,3 +141,102 @@ def test_a_blas_loaded_after_the_first_scan_is_found(monkeypatch):
     assert parallel._blas_controller().lib_controllers == []           # nothing new imported: cached
     monkeypatch.setitem(sys.modules, "_npapprox_test_new_module", types.ModuleType("m"))
     assert parallel._blas_controller().lib_controllers                 # rescanned
+
+
+def _in_thread(fn, timeout=30):
+    """fn() in a thread; fails (instead of hanging the suite) when it does not return in time."""
+    out = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # handed to the test
+            out["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "parallel.run hung"
+    return out
+
+
+def test_a_worker_exception_propagates_without_hanging_and_the_pool_still_works():
+    def fn(k):
+        if k == 1:
+            raise ValueError(f"worker {k} failed")
+        return k
+
+    with threadpool_limits(2, user_api="blas"):
+        got = _in_thread(lambda: parallel.run(fn, 2))
+        assert isinstance(got.get("error"), ValueError) and "worker 1 failed" in str(got["error"])
+        assert _in_thread(lambda: parallel.run(lambda k: 10 * k, 2))["value"] == [0, 10]   # next region
+
+
+def test_the_first_exception_in_worker_order_is_raised():
+    def fn(k):
+        raise RuntimeError(f"w{k}")
+
+    with threadpool_limits(2, user_api="blas"), pytest.raises(RuntimeError, match="w0"):
+        parallel.run(fn, 2)
+
+
+def test_inside_a_region_kernels_and_nested_runs_are_serial():
+    """Every thread of a region runs OpenMP kernels on one thread (no second pool
+    per worker competing for the cores), sees one worker, and a nested run calls
+    fn in order on its own thread; all is restored after the region."""
+    def probe(k):
+        nested = parallel.run(lambda j: (j, threading.get_ident()), 3)
+        return _quant.omp_threads(), parallel.workers(), parallel.inside(), nested, threading.get_ident()
+
+    before = _quant.omp_threads()
+    with threadpool_limits(2, user_api="blas"):
+        out = parallel.run(probe, 2)
+        assert parallel.workers() == 2 and not parallel.inside()
+    for omp, wk, ins, nested, ident in out:
+        assert (omp, wk, ins) == (1, 1, True)
+        assert nested == [(0, ident), (1, ident), (2, ident)]
+    assert _quant.omp_threads() == before
+
+
+def test_conv_bit_identical_run_to_run_and_gw_in_worker_order():
+    """Two runs with the same worker count give the same bits (y, gx and gw: the
+    workers' partial weight gradients are added in worker order), and the
+    1-worker run gives y and gx bit for bit (gw: the same partial sums, added
+    in another order)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((37, 6, 11, 11)).astype(np.float32)
+    w = rng.standard_normal((10, 6, 3, 3)).astype(np.float32)
+    gy = rng.standard_normal((37, 10, 11, 11)).astype(np.float32)
+
+    def once():
+        xt, wt = na.Tensor(x, requires_grad=True), na.Tensor(w, requires_grad=True)
+        y = na.ops.conv2d(xt, wt, padding=1)
+        y.backward(gy)
+        return y.data.tobytes(), xt.grad.tobytes(), wt.grad.tobytes()
+
+    old, conv.CHUNK_BYTES = conv.CHUNK_BYTES, 3000          # many chunks per worker
+    try:
+        with threadpool_limits(2, user_api="blas"):
+            runs = [once() for _ in range(3)]
+        with threadpool_limits(1, user_api="blas"):
+            serial = once()
+    finally:
+        conv.CHUNK_BYTES = old
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0][:2] == serial[:2]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_forked_child_starts_its_own_workers():
+    with threadpool_limits(2, user_api="blas"):
+        parallel.run(lambda k: k, 2)                        # the parent's workers exist
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=lambda: q.put(parallel.run(lambda k: k + 1, 2)))
+        p.start()
+        p.join(30)
+        alive = p.is_alive()
+        if alive:
+            p.kill()
+        assert not alive and p.exitcode == 0
+        assert q.get(timeout=5) == [1, 2]
