@@ -12,7 +12,9 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 import npapprox as na
 from npapprox import _quant, parallel
+from npapprox.kernels import cpu, reference
 from npapprox.ops import conv
+from npapprox.quant import paper_params
 
 
 def _blas_threads():
@@ -240,3 +242,28 @@ def test_a_forked_child_starts_its_own_workers():
             p.kill()
         assert not alive and p.exitcode == 0
         assert q.get(timeout=5) == [1, 2]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_paper_kernels_on_the_pool_give_the_references_bytes(bits):
+    """A tensor big enough for the pool (kernels.cpu.POOL_MIN), with samples that
+    do not end on a byte below 8 bits (12321 values each): the workers' sample ranges start on
+    a byte, and the bytes, decoded values and mask equal the reference's
+    (non-finite inputs counted across the ranges)."""
+    rng = np.random.default_rng(bits)
+    shape = (67, 3, 37, 111)
+    assert shape[0] * np.prod(shape[1:]) >= cpu.POOL_MIN and (bits == 8 or (np.prod(shape[1:]) * bits) % 8)
+    y = rng.standard_normal(shape).astype(np.float32)
+    y[0, 0, 0, :3] = [np.inf, -np.inf, np.nan]
+    y[-1, -1, -1, -1] = np.nan
+    p = paper_params(np.array([1.0, -0.5, 0.0], np.float32), np.array([0.1, 0.0, 2.0], np.float32), bits)
+    want, want_nf = reference.paper_pack(y, p["k"], p["s"], bits)
+    with threadpool_limits(2, user_api="blas"):
+        assert parallel.workers() == 2
+        got, nf = cpu.paper_pack(y, p["k"], p["s"], bits)
+        assert got.tobytes() == want.tobytes() and nf == want_nf == 4
+        for relu in (False, True):
+            dec = cpu.paper_decode(got, shape, p["s"], p["x_step"], p["x_off"], bits, relu=relu)
+            ref = reference.paper_decode(want, shape, p["s"], p["x_step"], p["x_off"], bits, relu=relu)
+            assert dec.tobytes() == ref.tobytes()
+        assert np.array_equal(cpu.paper_mask(got, shape, p["s"], bits), reference.paper_mask(want, shape, p["s"], bits))
