@@ -12,6 +12,8 @@ reference to its producer's unit).
 """
 from __future__ import annotations
 
+import math
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -216,6 +218,20 @@ class ExactUnit(Unit):
         return BNSource(as_ncm(self.x), self.mu, self.inv_sigma, relu_beta=self.beta)
 
 
+@lru_cache(maxsize=64)
+def _host_zeros(c):
+    z = np.zeros(c, np.float32)
+    z.flags.writeable = False
+    return z
+
+
+def _zeros(s):
+    """float32 zeros like the per-channel ``s``: h's offset (0 by construction), one
+    read-only host array per channel count, so a conv chunk's decode makes none."""
+    xp = array_module(s)
+    return _host_zeros(s.shape[0]) if xp is np else xp.zeros(s.shape, np.float32)
+
+
 class PaperUnit(Unit):
     """The paper's form: K-bit codes of q = y/|gamma| in a per-channel window of
     +-3 batch standard deviations (``npapprox.quant``), plus the per-channel
@@ -239,27 +255,28 @@ class PaperUnit(Unit):
     meta_nbytes = property(lambda self: sum(int(v.nbytes) for v in self.params.values()))
 
     def _decode(self, step, off, relu, sl=slice(None)):
-        """Decode the samples ``sl``: straight from their own bytes when they start and end
-        on a byte boundary (codes are packed in C order), else from the whole batch."""
-        p = dict(self.params, h_off=array_module(self.s).zeros(self.s.shape, np.float32))
-        n, per = self.shape[0], int(np.prod(self.shape[1:], dtype=np.int64))
+        """Decode the samples ``sl`` (``off`` None: 0): straight from their own bytes when
+        they start and end on a byte boundary (codes are packed in C order), else from
+        the whole batch."""
+        n, per = self.shape[0], math.prod(self.shape[1:])
         start, stop, _ = sl.indices(n)
         packed = self.packed
         if (start, stop) != (0, n):
             if (start * per * self.bits) % 8 or ((stop * per * self.bits) % 8 and stop != n) or stop <= start:
                 return self._decode(step, off, relu)[sl]
             packed = packed[start * per * self.bits // 8:-(-stop * per * self.bits // 8)]
-        return paper_decode(packed, (stop - start,) + self.shape[1:], self.s, p[step], p[off], self.bits,
+        off = _zeros(self.s) if off is None else self.params[off]
+        return paper_decode(packed, (stop - start,) + self.shape[1:], self.s, self.params[step], off, self.bits,
                             relu=relu).astype(self.dtype, copy=False)
 
     def xhat(self):
         return self._decode("x_step", "x_off", relu=False)
 
     def h(self):
-        return self._decode("h_step", "h_off", relu=True)
+        return self._decode("h_step", None, relu=True)
 
     def h_samples(self, sl):
-        return self._decode("h_step", "h_off", relu=True, sl=sl)
+        return self._decode("h_step", None, relu=True, sl=sl)
 
     def mask(self):
         return paper_mask(self.packed, self.shape, self.s, self.bits)

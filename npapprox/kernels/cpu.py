@@ -34,10 +34,9 @@ def _by_samples(shape, bits, kernel, values, packed):
     sample ranges covering ``shape[0]``: one range per worker of the pool (each
     starting on a byte of ``packed``) or, for a small tensor, one call -> the
     results in sample order."""
-    n = shape[0] if shape else 1
-    per = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
-    w = parallel.workers()
-    if w <= 1 or n * per < POOL_MIN:
+    n, per = shape[0], math.prod(shape[1:])
+    w = parallel.workers() if n * per >= POOL_MIN else 1
+    if w <= 1:
         return [kernel(values, packed)]
     g = 8 // math.gcd(per * bits, 8)                 # samples per whole number of bytes
     units = -(-n // g)
