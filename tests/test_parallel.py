@@ -267,3 +267,21 @@ def test_paper_kernels_on_the_pool_give_the_references_bytes(bits):
             ref = reference.paper_decode(want, shape, p["s"], p["x_step"], p["x_off"], bits, relu=relu)
             assert dec.tobytes() == ref.tobytes()
         assert np.array_equal(cpu.paper_mask(got, shape, p["s"], bits), reference.paper_mask(want, shape, p["s"], bits))
+
+
+@pytest.mark.parametrize("n, rows, k", [(128, 64, 576), (128, 1024, 144), (37, 100, 27), (3, 1024, 144), (1, 8, 8)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_chunk_plan_balances_the_workers(n, rows, k, threads):
+    """Every sample in exactly one chunk, in order; chunks within the byte budget
+    (or one sample), sizes differing by at most one; the workers' sample totals
+    differ by at most one (ResNet-20's 64-channel 8x8 conv at batch 128 used to
+    give one worker 70 samples and the other 58)."""
+    with threadpool_limits(threads, user_api="blas"):
+        shares, m = conv.chunk_plan(n, rows, k, 4, np)
+    flat = sorted((s for share in shares for s in share), key=lambda s: s.start)
+    assert [s.start for s in flat] == [0] + [s.stop for s in flat[:-1]] and flat[-1].stop == n
+    sizes = [s.stop - s.start for s in flat]
+    assert max(sizes) - min(sizes) <= 1 and m == max(sizes) * rows
+    assert max(sizes) == 1 or max(sizes) * rows * k * 4 <= conv.CHUNK_BYTES
+    totals = [sum(s.stop - s.start for s in share) for share in shares]
+    assert len(shares) == min(threads, n) and max(totals) - min(totals) <= 1
