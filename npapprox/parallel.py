@@ -147,10 +147,10 @@ def run(fn, n: int) -> list:
         while len(_workers) < n - 1:                  # threads for workers 1 .. n-1
             _workers.append(_Worker(len(_workers) + 1))
         libs = _blas_controller().lib_controllers if ThreadpoolController is not None else []
-        blas_before = [lib.num_threads for lib in libs]
+        omp_before = _omp_threads(1)               # set first, restored last: an OpenMP-threaded
+        blas_before = [lib.num_threads for lib in libs]   # BLAS sets OpenMP's count too
         for lib in libs:
             lib.set_num_threads(1)
-        omp_before = _omp_threads(1)
         _local.inside = True
         team = _workers[:n - 1]
         try:
@@ -164,9 +164,9 @@ def run(fn, n: int) -> list:
             error = _join(team) or error              # none still runs when BLAS gets its threads back
         finally:
             _local.inside = False
-            _omp_threads(omp_before)
             for lib, t in zip(libs, blas_before, strict=True):
                 lib.set_num_threads(t)
+            _omp_threads(omp_before)
         error = error or next((w.error for w in team if w.error is not None), None)
         results = [first] + [w.result for w in team]
         for w in team:
