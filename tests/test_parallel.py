@@ -285,3 +285,23 @@ def test_chunk_plan_balances_the_workers(n, rows, k, threads):
     assert max(sizes) == 1 or max(sizes) * rows * k * 4 <= conv.CHUNK_BYTES
     totals = [sum(s.stop - s.start for s in share) for share in shares]
     assert len(shares) == min(threads, n) and max(totals) - min(totals) <= 1
+
+
+def test_an_interrupt_in_the_calling_thread_waits_for_the_workers():
+    """Ctrl-C while worker 0 (the caller) runs: ``run`` raises it only once the
+    other workers are done, so none is left running into the next region (whose
+    results it would otherwise hand back)."""
+    finished = threading.Event()
+
+    def fn(k):
+        if k == 0:
+            raise KeyboardInterrupt
+        finished.wait(0.2)          # still running when worker 0 is interrupted
+        finished.set()
+        return k
+
+    with threadpool_limits(2, user_api="blas"):
+        with pytest.raises(KeyboardInterrupt):
+            parallel.run(fn, 2)
+        assert finished.is_set()
+        assert parallel.run(lambda k: -k, 2) == [0, -1]
