@@ -135,6 +135,35 @@ class GenericPacked(Stored):
         return generic_decode(self.packed, self.lo, self.scale, self.bits, self.group,
                               self.shape).astype(self.dtype, copy=False)
 
+    def sample_reader(self):
+        # samples decoded from their own codes and groups when every sample starts on a
+        # byte and on a group (both run in C order); else the whole array, rebuilt once
+        return self.samples if _samples_aligned(self.shape, self.bits, self.group) else super().sample_reader()
+
+    def samples(self, sl):
+        """``restore()[sl]`` for a slice ``sl`` of samples, decoding only theirs (needs
+        ``_samples_aligned``)."""
+        a, b, count = _value_range(self.shape, sl)
+        g0, g1 = a // self.group, -(-b // self.group)
+        return generic_decode(self.packed[a * self.bits // 8:b * self.bits // 8], self.lo[g0:g1],
+                              self.scale[g0:g1], self.bits, self.group,
+                              (count,) + self.shape[1:]).astype(self.dtype, copy=False)
+
+
+def _value_range(shape, sl):
+    """``(a, b, count)``: the flat values ``[a, b)`` of the ``count`` samples ``sl`` (a
+    slice of step 1) of an array of ``shape`` in C order."""
+    start, stop, _ = sl.indices(shape[0])
+    per = math.prod(shape[1:])
+    count = max(0, stop - start)
+    return start * per, (start + count) * per, count
+
+
+def _samples_aligned(shape, bits, group=1) -> bool:
+    """Every sample of ``shape`` starts on a byte of its ``bits``-bit codes and on a group."""
+    per = math.prod(shape[1:])
+    return per % group == 0 and (per * bits) % 8 == 0
+
 
 # --------------------------------------------------------------------------- #
 # BN -> ReLU units: one stored object from which the unit's backward (mask,
@@ -319,6 +348,20 @@ class GenericUnit(Unit):
     def h(self):
         y = self.y.restore()
         return y * self.mask()
+
+    def _aligned(self) -> bool:
+        return _samples_aligned(self.shape, self.y.bits, self.y.group) and _samples_aligned(self.shape, 1)
+
+    def sample_reader(self):
+        # per chunk from its own codes and mask bits; else h rebuilt once, not per chunk
+        return self.h_samples if self._aligned() else Stored.sample_reader(self)
+
+    def h_samples(self, sl):
+        if not self._aligned():
+            return self.h()[sl]
+        a, b, count = _value_range(self.shape, sl)
+        mask = unpack_bits(self.mask_bits[a // 8:-(-b // 8)], b - a, 1).reshape((count,) + self.shape[1:])
+        return self.y.samples(sl) * mask.astype(bool)
 
     def xhat(self):
         xp = array_module(self.gamma)
