@@ -20,7 +20,7 @@ kernel called from a worker (a BN pass rebuilding a conv chunk's input) runs
 serially on that worker, and ``run`` there calls ``fn`` in order.
 
 The workers are persistent threads, each woken by releasing a lock it waits on
-and reporting back by releasing another (the cheapest hand-over CPython has: a
+and reporting back by releasing another (a cheap hand-over in CPython: a
 ``run`` costs tens of microseconds, not a futures round-trip). Chunks are dealt
 to the workers round-robin (``deal``) and results come back in worker order
 (``run``), so a run is deterministic for a given worker count. The caller
