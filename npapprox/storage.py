@@ -307,6 +307,10 @@ class PaperUnit(Unit):
     def h_samples(self, sl):
         return self._decode("h_step", None, relu=True, sl=sl)
 
+    def sample_reader(self):
+        # samples that do not start on a byte would each decode the whole batch: h once
+        return self.h_samples if _samples_aligned(self.shape, self.bits) else Stored.sample_reader(self)
+
     def mask(self):
         return paper_mask(self.packed, self.shape, self.s, self.bits)
 

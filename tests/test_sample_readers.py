@@ -1,12 +1,14 @@
-"""Generic stored forms read a few samples at a time (conv backward's chunks):
-byte-equal to slicing the whole decode, and without decoding the whole batch."""
+"""Stored forms read a few samples at a time (conv backward's chunks):
+byte-equal to slicing the whole decode, and without decoding the whole batch
+for every chunk."""
 import tracemalloc
 
 import numpy as np
 import pytest
 
-from npapprox.kernels import generic_pack, pack_bits
-from npapprox.storage import GenericPacked, GenericUnit
+from npapprox import quant, storage
+from npapprox.kernels import generic_pack, pack_bits, paper_pack
+from npapprox.storage import GenericPacked, GenericUnit, PaperUnit
 
 F32 = np.float32
 
@@ -51,3 +53,27 @@ def test_an_aligned_chunk_decodes_only_its_samples():
         tracemalloc.stop()
         one_sample = 4 * int(np.prod(shape[1:]))
         assert peak < 12 * one_sample, (type(form).__name__, peak)  # 2 samples and their temporaries, not 32
+
+
+@pytest.mark.parametrize("bits, aligned", [(8, True), (4, False), (2, False), (1, False)])
+def test_a_paper_unit_whose_samples_end_mid_byte_decodes_the_batch_once(bits, aligned, monkeypatch):
+    """27 values a sample: whole bytes at K = 8 only. Otherwise the reader
+    decodes all of h once, not once per chunk, and still gives its slices."""
+    rng = np.random.default_rng(bits)
+    shape = (8, 3, 3, 3)
+    y = rng.standard_normal(shape).astype(F32)
+    p = quant.paper_params(np.ones(3, F32), np.zeros(3, F32), bits)
+    unit = PaperUnit(paper_pack(y, p["k"], p["s"], bits)[0], p, bits, shape, np.dtype(F32))
+    whole = unit.h()
+    calls = []
+    decode = storage.paper_decode
+
+    def counted(packed, shp, *args, **kwargs):
+        calls.append(shp[0])
+        return decode(packed, shp, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "paper_decode", counted)
+    read = unit.sample_reader()
+    got = [read(slice(a, a + 2)) for a in range(0, 8, 2)]
+    assert b"".join(g.tobytes() for g in got) == whole.tobytes()
+    assert calls == ([2, 2, 2, 2] if aligned else [8])
