@@ -1,4 +1,4 @@
-"""Side-by-side timing: npapprox (exact mode) against PyTorch on the CPU.
+"""Side-by-side timing: npapprox (exact mode) against PyTorch on the CPU; storage policies' steps.
 
 One training step (forward, backward, SGD) of pre-activation ResNet-20 on
 32x32x3 inputs, and convolution forward / forward+backward at CIFAR shapes.
@@ -10,12 +10,20 @@ repeats and the ratio npapprox / PyTorch.
     python benchmarks/bench_engine.py [--batch 128] [--repeats 5] [--threads 2] [--rounds 2]
 
 Needs the oracle extra (torch==2.13.0).
+
+``--policies`` times instead one SGD step of each model under each storage
+policy (exact, paper4, paper2 by default), the policies interleaved in one
+process so that they share the machine's state; the table shows medians and
+each policy's ratio to exact (no torch needed):
+
+    python benchmarks/bench_engine.py --policies [--models resnet20,resnet164] [--repeats 3]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -115,6 +123,51 @@ def _worker(engine: str, batch: int, repeats: int, threads: int, skip_step: bool
     return {"info": info, "times": res}
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def policy_steps(models: list, policies: list, batch: int, repeats: int, threads: int) -> None:
+    """Median time of one SGD step per model and storage policy, interleaved; ratios to the first policy."""
+    import numpy as np
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import npapprox as na
+    from npapprox.policy_names import policy_from_name
+
+    threadpool_limits(threads)
+    blas = "; ".join(f"{i['internal_api']} {i.get('version')} ({i.get('architecture')}, {i['num_threads']} threads)"
+                     for i in threadpool_info() if i["user_api"] == "blas")
+    print(f"CPU: {_cpu_model()} ({os.cpu_count()} logical cores); npapprox {na.__version__}, BLAS {blas}; "
+          f"batch {batch}, medians of {repeats} interleaved steps after one warm-up round")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, batch)
+    print(f"{'model':<10} " + " ".join(f"{p + ' ms':>11} {'ratio':>6}" for p in policies), flush=True)
+    for name in models:
+        na.nn.manual_seed(0)
+        model = na.nn.build_model(name, num_classes=10, in_channels=3, input_size=32)
+        opt = na.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        times = {p: [] for p in policies}
+        for r in range(repeats + 1):
+            for p in policies:
+                t0 = time.perf_counter()
+                with na.storage_policy(policy_from_name(p)):
+                    loss = na.ops.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if r:
+                    times[p].append(time.perf_counter() - t0)
+        med = {p: statistics.median(v) for p, v in times.items()}
+        print(f"{name:<10} " + " ".join(f"{med[p] * 1e3:>11.0f} {med[p] / med[policies[0]]:>6.2f}" for p in policies),
+              flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=128)
@@ -122,8 +175,16 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="alternating worker runs per engine")
     p.add_argument("--skip-step", action="store_true", help="only the per-op table")
+    p.add_argument("--policies", nargs="?", const="exact,paper4,paper2", metavar="LIST",
+                   help="time steps under these storage policies instead (default exact,paper4,paper2)")
+    p.add_argument("--models", default="resnet20,resnet164", help="with --policies (default resnet20,resnet164)")
     p.add_argument("--worker", choices=["npapprox", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.policies:
+        policy_steps([m.strip() for m in args.models.split(",") if m.strip()],
+                     [q.strip() for q in args.policies.split(",") if q.strip()], args.batch, args.repeats,
+                     args.threads)
+        return
     if args.worker:
         print(json.dumps(_worker(args.worker, args.batch, args.repeats, args.threads, args.skip_step)))
         return

@@ -1,4 +1,4 @@
-"""Chunk-level parallelism for the convolution's CPU path.
+"""One pool of worker threads for the CPU kernels: convolution chunks, storage kernels.
 
 A convolution works on chunks of a few samples (``ops.conv``): im2row, one
 tall GEMM, a transposing copy, row2im -- each call only a few hundred
@@ -10,19 +10,28 @@ rows also stay in that core's own cache: a 3x3 conv forward+backward at batch
 128 ran 29% / 19% / 11% faster at 16 / 32 / 64 channels on 2 cores (one
 side-by-side measurement during development; see docs/architecture.md).
 
-The number of workers is the number of threads NumPy's BLAS may use (read with
-threadpoolctl at each call, so ``threadpoolctl.threadpool_limits`` applies);
-while the workers run, BLAS is held to one thread. Chunks are dealt to the
-workers round-robin (``deal``) and results come back in worker order (``run``),
-so a run is deterministic for a given worker count. The caller allocates every
-worker's buffers before ``run``, so a measured peak does not depend on when
-each thread happens to start.
+The number of workers is the number of threads NumPy's BLAS may use (read at
+each call, so ``threadpoolctl.threadpool_limits`` applies). While the workers
+run (a *parallel region*, one ``run`` call), BLAS is held to one thread and
+every thread of the region runs the OpenMP kernels (BN, storage) on one thread:
+the pool's threads are the only ones working, none of OpenMP's or OpenBLAS's
+own compete with them for the cores. Inside a region ``workers()`` is 1, so a
+kernel called from a worker (a BN pass rebuilding a conv chunk's input) runs
+serially on that worker, and ``run`` there calls ``fn`` in order.
+
+The workers are persistent threads, each woken by releasing a lock it waits on
+and reporting back by releasing another (a cheap hand-over in CPython: a
+``run`` costs tens of microseconds, not a futures round-trip). Chunks are dealt
+to the workers round-robin (``deal``) and results come back in worker order
+(``run``), so a run is deterministic for a given worker count. The caller
+allocates every worker's buffers before ``run``, so a measured peak does not
+depend on when each thread happens to start.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -31,11 +40,17 @@ try:
 except ImportError:  # pragma: no cover - a dependency; without it convolutions run serially
     ThreadpoolController = None
 
-_lock = threading.Lock()          # one parallel region at a time changes BLAS's thread count
+try:
+    from npapprox._quant import omp_threads as _omp_threads
+except ImportError:  # pragma: no cover - the extension not built: no OpenMP kernels either
+    def _omp_threads(n=0):
+        return 1
+
+_lock = threading.Lock()          # one parallel region at a time (it changes BLAS's thread count)
 _blas = None                      # threadpoolctl controller of the BLAS libraries loaded (NumPy's,
 _blas_seen = -1                   # SciPy's once imported, ...): rescanned when len(sys.modules) changed
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_local = threading.local()        # .inside: this thread is running a region's fn
+_workers: list = []               # _Worker k+1 at index k (the calling thread is worker 0)
 
 
 def _blas_controller():
@@ -47,9 +62,15 @@ def _blas_controller():
     return _blas
 
 
+def inside() -> bool:
+    """True in a thread that is running a parallel region's ``fn``."""
+    return getattr(_local, "inside", False)
+
+
 def workers(xp=np) -> int:
-    """How many chunks run at once: the BLAS thread count on NumPy arrays (1: serial)."""
-    if xp is not np:
+    """How many chunks run at once: the BLAS thread count on NumPy arrays (1: serial,
+    also inside a parallel region and on CuPy arrays)."""
+    if xp is not np or inside():
         return 1
     blas = _blas_controller()
     if blas is None or not blas.lib_controllers:
@@ -64,23 +85,92 @@ def deal(chunks: list, xp=np) -> list:
     return [chunks[k::n] for k in range(n)]
 
 
+class _Worker(threading.Thread):
+    """Worker k of every region: waits on ``go``, runs ``fn(k)``, releases ``done``."""
+
+    def __init__(self, k):
+        super().__init__(name=f"npapprox-worker-{k}", daemon=True)
+        self.k, self.fn, self.result, self.error = k, None, None, None
+        self.go, self.done = threading.Lock(), threading.Lock()
+        self.go.acquire()
+        self.done.acquire()
+        self.start()
+
+    def run(self):
+        _omp_threads(1)            # this thread's OpenMP kernels run on it alone, for good
+        _local.inside = True
+        while True:
+            self.go.acquire()
+            try:
+                self.result, self.error = self.fn(self.k), None
+            except BaseException as e:  # handed to the caller, which re-raises it
+                self.result, self.error = None, e
+            self.fn = None
+            self.done.release()
+
+
+def _forget_workers():
+    """In a forked child the workers do not exist: start new ones when needed."""
+    global _lock
+    _workers.clear()
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers)
+
+
+def _join(team):
+    """Wait until every worker of ``team`` is done, even through a KeyboardInterrupt
+    (returned, to be raised once they are: a worker left running would hand its
+    result to the next region)."""
+    interrupted = None
+    for w in team:
+        while True:
+            try:
+                w.done.acquire()
+                break
+            except BaseException as e:  # KeyboardInterrupt in the wait: keep waiting
+                interrupted = e
+    return interrupted
+
+
 def run(fn, n: int) -> list:
     """``[fn(0), ..., fn(n-1)]``, the calls running in parallel (the calling
-    thread runs ``fn(0)``) with BLAS held to one thread; ``n = len(deal(...))``.
-    Not reentrant: ``fn`` must not call ``run``."""
-    if n <= 1:
-        return [fn(0)]
-    global _pool, _pool_size
+    thread runs ``fn(0)``) with BLAS and OpenMP held to one thread per worker;
+    ``n = len(deal(...))``. Every call finishes before ``run`` returns or raises
+    (the first exception in worker order). Inside a region (``fn`` calling
+    ``run``) the calls run in order on the calling thread."""
+    if n <= 1 or inside():
+        return [fn(k) for k in range(n)]
     with _lock:
-        if _pool_size < n - 1:                        # threads for workers 1 .. n-1
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="npapprox-conv")
-            _pool_size = n - 1
-        with _blas_controller().limit(limits=1):
-            futures = [_pool.submit(fn, k) for k in range(1, n)]
+        while len(_workers) < n - 1:                  # threads for workers 1 .. n-1
+            _workers.append(_Worker(len(_workers) + 1))
+        libs = _blas_controller().lib_controllers if ThreadpoolController is not None else []
+        omp_before = _omp_threads(1)               # set first, restored last: an OpenMP-threaded
+        blas_before = [lib.num_threads for lib in libs]   # BLAS sets OpenMP's count too
+        for lib in libs:
+            lib.set_num_threads(1)
+        _local.inside = True
+        team = _workers[:n - 1]
+        try:
+            for w in team:
+                w.fn = fn
+                w.go.release()
             try:
-                first = fn(0)
-            finally:
-                wait(futures)                         # none still runs when BLAS gets its threads back
-            return [first] + [f.result() for f in futures]
+                first, error = fn(0), None
+            except BaseException as e:
+                first, error = None, e
+            error = _join(team) or error              # none still runs when BLAS gets its threads back
+        finally:
+            _local.inside = False
+            for lib, t in zip(libs, blas_before, strict=True):
+                lib.set_num_threads(t)
+            _omp_threads(omp_before)
+        error = error or next((w.error for w in team if w.error is not None), None)
+        results = [first] + [w.result for w in team]
+        for w in team:
+            w.result = w.error = None
+        if error is not None:
+            raise error
+        return results

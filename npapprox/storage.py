@@ -12,6 +12,8 @@ reference to its producer's unit).
 """
 from __future__ import annotations
 
+import math
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -133,6 +135,35 @@ class GenericPacked(Stored):
         return generic_decode(self.packed, self.lo, self.scale, self.bits, self.group,
                               self.shape).astype(self.dtype, copy=False)
 
+    def sample_reader(self):
+        # samples decoded from their own codes and groups when every sample starts on a
+        # byte and on a group (both run in C order); else the whole array, rebuilt once
+        return self.samples if _samples_aligned(self.shape, self.bits, self.group) else super().sample_reader()
+
+    def samples(self, sl):
+        """``restore()[sl]`` for a slice ``sl`` of samples, decoding only theirs (needs
+        ``_samples_aligned``)."""
+        a, b, count = _value_range(self.shape, sl)
+        g0, g1 = a // self.group, -(-b // self.group)
+        return generic_decode(self.packed[a * self.bits // 8:b * self.bits // 8], self.lo[g0:g1],
+                              self.scale[g0:g1], self.bits, self.group,
+                              (count,) + self.shape[1:]).astype(self.dtype, copy=False)
+
+
+def _value_range(shape, sl):
+    """``(a, b, count)``: the flat values ``[a, b)`` of the ``count`` samples ``sl`` (a
+    slice of step 1) of an array of ``shape`` in C order."""
+    start, stop, _ = sl.indices(shape[0])
+    per = math.prod(shape[1:])
+    count = max(0, stop - start)
+    return start * per, (start + count) * per, count
+
+
+def _samples_aligned(shape, bits, group=1) -> bool:
+    """Every sample of ``shape`` starts on a byte of its ``bits``-bit codes and on a group."""
+    per = math.prod(shape[1:])
+    return per % group == 0 and (per * bits) % 8 == 0
+
 
 # --------------------------------------------------------------------------- #
 # BN -> ReLU units: one stored object from which the unit's backward (mask,
@@ -216,6 +247,20 @@ class ExactUnit(Unit):
         return BNSource(as_ncm(self.x), self.mu, self.inv_sigma, relu_beta=self.beta)
 
 
+@lru_cache(maxsize=64)
+def _host_zeros(c):
+    z = np.zeros(c, np.float32)
+    z.flags.writeable = False
+    return z
+
+
+def _zeros(s):
+    """float32 zeros like the per-channel ``s``: h's offset (0 by construction), one
+    read-only host array per channel count, so a conv chunk's decode makes none."""
+    xp = array_module(s)
+    return _host_zeros(s.shape[0]) if xp is np else xp.zeros(s.shape, np.float32)
+
+
 class PaperUnit(Unit):
     """The paper's form: K-bit codes of q = y/|gamma| in a per-channel window of
     +-3 batch standard deviations (``npapprox.quant``), plus the per-channel
@@ -239,27 +284,32 @@ class PaperUnit(Unit):
     meta_nbytes = property(lambda self: sum(int(v.nbytes) for v in self.params.values()))
 
     def _decode(self, step, off, relu, sl=slice(None)):
-        """Decode the samples ``sl``: straight from their own bytes when they start and end
-        on a byte boundary (codes are packed in C order), else from the whole batch."""
-        p = dict(self.params, h_off=array_module(self.s).zeros(self.s.shape, np.float32))
-        n, per = self.shape[0], int(np.prod(self.shape[1:], dtype=np.int64))
+        """Decode the samples ``sl`` (``off`` None: 0): straight from their own bytes when
+        they start and end on a byte boundary (codes are packed in C order), else from
+        the whole batch."""
+        n, per = self.shape[0], math.prod(self.shape[1:])
         start, stop, _ = sl.indices(n)
         packed = self.packed
         if (start, stop) != (0, n):
             if (start * per * self.bits) % 8 or ((stop * per * self.bits) % 8 and stop != n) or stop <= start:
                 return self._decode(step, off, relu)[sl]
             packed = packed[start * per * self.bits // 8:-(-stop * per * self.bits // 8)]
-        return paper_decode(packed, (stop - start,) + self.shape[1:], self.s, p[step], p[off], self.bits,
+        off = _zeros(self.s) if off is None else self.params[off]
+        return paper_decode(packed, (stop - start,) + self.shape[1:], self.s, self.params[step], off, self.bits,
                             relu=relu).astype(self.dtype, copy=False)
 
     def xhat(self):
         return self._decode("x_step", "x_off", relu=False)
 
     def h(self):
-        return self._decode("h_step", "h_off", relu=True)
+        return self._decode("h_step", None, relu=True)
 
     def h_samples(self, sl):
-        return self._decode("h_step", "h_off", relu=True, sl=sl)
+        return self._decode("h_step", None, relu=True, sl=sl)
+
+    def sample_reader(self):
+        # samples that do not start on a byte would each decode the whole batch: h once
+        return self.h_samples if _samples_aligned(self.shape, self.bits) else Stored.sample_reader(self)
 
     def mask(self):
         return paper_mask(self.packed, self.shape, self.s, self.bits)
@@ -302,6 +352,20 @@ class GenericUnit(Unit):
     def h(self):
         y = self.y.restore()
         return y * self.mask()
+
+    def _aligned(self) -> bool:
+        return _samples_aligned(self.shape, self.y.bits, self.y.group) and _samples_aligned(self.shape, 1)
+
+    def sample_reader(self):
+        # per chunk from its own codes and mask bits; else h rebuilt once, not per chunk
+        return self.h_samples if self._aligned() else Stored.sample_reader(self)
+
+    def h_samples(self, sl):
+        if not self._aligned():
+            return self.h()[sl]
+        a, b, count = _value_range(self.shape, sl)
+        mask = unpack_bits(self.mask_bits[a // 8:-(-b // 8)], b - a, 1).reshape((count,) + self.shape[1:])
+        return self.y.samples(sl) * mask.astype(bool)
 
     def xhat(self):
         xp = array_module(self.gamma)

@@ -748,3 +748,26 @@ def generic_decode(const uint8_t[::1] packed,  # IN:  (ceil(n / V),) codes from 
     job.outf = &out[0]
     with nogil:
         _run(_generic_decode_piece, &job, _npieces(job.n))
+
+
+# --------------------------------------------------------------------------- #
+# The calling thread's OpenMP team size (npapprox.parallel's workers run every
+# kernel on one thread: its pool, not a second one per worker, uses the cores)
+# --------------------------------------------------------------------------- #
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    static int npa_omp_swap(int n) { int old = omp_get_max_threads(); if (n > 0) omp_set_num_threads(n); return old; }
+    #else
+    static int npa_omp_swap(int n) { (void)n; return 1; }
+    #endif
+    """
+    int npa_omp_swap(int n) noexcept nogil
+
+
+def omp_threads(int n=0):
+    """The calling thread's OpenMP thread count for its next parallel regions (every
+    compiled kernel shares one OpenMP runtime); set to ``n`` when ``n > 0``. Returns
+    the previous count (1 without OpenMP)."""
+    return npa_omp_swap(n)

@@ -365,7 +365,8 @@ def test_conv_chunk_plan_per_backend(monkeypatch):
     assert shares == [[slice(0, 128)]] and m == 128 * 1024                # one chunk: one im2row, one GEMM
     shares, m = conv.chunk_plan(128, 1024, 144, 4, np)                        # CPU: 2 MiB chunks of 3 samples
     flat = [s for share in shares for s in share]
-    assert len(flat) == -(-128 // 3) and m == 3 * 1024
+    assert m == 3 * 1024 and {s.stop - s.start for s in flat} <= {2, 3} and flat[-1].stop == 128
+    assert len({len(share) for share in shares}) == 1                          # as many chunks per worker
     # a batch whose rows exceed the device budget is split into bounded chunks
     monkeypatch.setattr(conv, "GPU_CHUNK_BYTES", 10 * 1024 * 144 * 4)
     shares, m = conv.chunk_plan(128, 1024, 144, 4, fake)

@@ -1,4 +1,6 @@
 """npapprox.parallel: whole chunks per core, BLAS held to one thread meanwhile."""
+import multiprocessing as mp
+import os
 import sys
 import threading
 import tracemalloc
@@ -9,8 +11,10 @@ import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import npapprox as na
-from npapprox import parallel
+from npapprox import _quant, parallel
+from npapprox.kernels import cpu, reference
 from npapprox.ops import conv
+from npapprox.quant import paper_params
 
 
 def _blas_threads():
@@ -65,7 +69,8 @@ def test_a_failing_worker_raises_after_every_worker_finished(failing):
 def test_conv_parallel_equals_serial():
     """Each chunk is computed the same way whichever core runs it: y and gx are
     bit-identical to a serial run; gw adds the workers' partial sums, so it
-    agrees to rounding."""
+    agrees to rounding. Runs with the same worker count are bit-identical, gw
+    too (the partials are added in worker order)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((40, 8, 12, 12)).astype(np.float32)
     w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
@@ -80,11 +85,12 @@ def test_conv_parallel_equals_serial():
     old, conv.CHUNK_BYTES = conv.CHUNK_BYTES, 4096          # many chunks
     try:
         with threadpool_limits(2, user_api="blas"):
-            par = run()
+            par, again = run(), run()
         with threadpool_limits(1, user_api="blas"):
             ser = run()
     finally:
         conv.CHUNK_BYTES = old
+    assert [a.tobytes() for a in par] == [a.tobytes() for a in again]
     assert np.array_equal(par[0], ser[0]) and np.array_equal(par[1], ser[1])
     np.testing.assert_allclose(par[2], ser[2], rtol=1e-5, atol=1e-4)
 
@@ -139,3 +145,137 @@ def test_a_blas_loaded_after_the_first_scan_is_found(monkeypatch):
     assert parallel._blas_controller().lib_controllers == []           # nothing new imported: cached
     monkeypatch.setitem(sys.modules, "_npapprox_test_new_module", types.ModuleType("m"))
     assert parallel._blas_controller().lib_controllers                 # rescanned
+
+
+def _in_thread(fn, timeout=30):
+    """fn() in a thread; fails (instead of hanging the suite) when it does not return in time."""
+    out = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # handed to the test
+            out["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "parallel.run hung"
+    return out
+
+
+def test_a_worker_exception_propagates_without_hanging_and_the_pool_still_works():
+    def fn(k):
+        if k == 1:
+            raise ValueError(f"worker {k} failed")
+        return k
+
+    with threadpool_limits(2, user_api="blas"):
+        got = _in_thread(lambda: parallel.run(fn, 2))
+        assert isinstance(got.get("error"), ValueError) and "worker 1 failed" in str(got["error"])
+        assert _in_thread(lambda: parallel.run(lambda k: 10 * k, 2))["value"] == [0, 10]   # next region
+
+
+def test_the_first_exception_in_worker_order_is_raised():
+    def fn(k):
+        raise RuntimeError(f"w{k}")
+
+    with threadpool_limits(2, user_api="blas"), pytest.raises(RuntimeError, match="w0"):
+        parallel.run(fn, 2)
+
+
+def test_inside_a_region_kernels_and_nested_runs_are_serial():
+    """Every thread of a region runs OpenMP kernels on one thread (no second pool
+    per worker competing for the cores), sees one worker, and a nested run calls
+    fn in order on its own thread; all is restored after the region."""
+    def probe(k):
+        nested = parallel.run(lambda j: (j, threading.get_ident()), 3)
+        return _quant.omp_threads(), parallel.workers(), parallel.inside(), nested, threading.get_ident()
+
+    before = _quant.omp_threads()
+    with threadpool_limits(2, user_api="blas"):
+        out = parallel.run(probe, 2)
+        assert parallel.workers() == 2 and not parallel.inside()
+    for omp, wk, ins, nested, ident in out:
+        assert (omp, wk, ins) == (1, 1, True)
+        assert nested == [(0, ident), (1, ident), (2, ident)]
+    assert _quant.omp_threads() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_forked_child_starts_its_own_workers():
+    with threadpool_limits(2, user_api="blas"):
+        parallel.run(lambda k: k, 2)                        # the parent's workers exist
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=lambda: q.put(parallel.run(lambda k: k + 1, 2)))
+        p.start()
+        p.join(30)
+        alive = p.is_alive()
+        if alive:
+            p.kill()
+        assert not alive and p.exitcode == 0
+        assert q.get(timeout=5) == [1, 2]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_paper_kernels_on_the_pool_give_the_references_bytes(bits):
+    """A tensor big enough for the pool (kernels.cpu.POOL_MIN), with samples that
+    do not end on a byte below 8 bits (12321 values each): the workers' sample ranges start on
+    a byte, and the bytes, decoded values and mask equal the reference's
+    (non-finite inputs counted across the ranges)."""
+    rng = np.random.default_rng(bits)
+    shape = (67, 3, 37, 111)
+    assert shape[0] * np.prod(shape[1:]) >= cpu.POOL_MIN and (bits == 8 or (np.prod(shape[1:]) * bits) % 8)
+    y = rng.standard_normal(shape).astype(np.float32)
+    y[0, 0, 0, :3] = [np.inf, -np.inf, np.nan]
+    y[-1, -1, -1, -1] = np.nan
+    p = paper_params(np.array([1.0, -0.5, 0.0], np.float32), np.array([0.1, 0.0, 2.0], np.float32), bits)
+    want, want_nf = reference.paper_pack(y, p["k"], p["s"], bits)
+    with threadpool_limits(2, user_api="blas"):
+        assert parallel.workers() == 2
+        got, nf = cpu.paper_pack(y, p["k"], p["s"], bits)
+        assert got.tobytes() == want.tobytes() and nf == want_nf == 4
+        for relu in (False, True):
+            dec = cpu.paper_decode(got, shape, p["s"], p["x_step"], p["x_off"], bits, relu=relu)
+            ref = reference.paper_decode(want, shape, p["s"], p["x_step"], p["x_off"], bits, relu=relu)
+            assert dec.tobytes() == ref.tobytes()
+        assert np.array_equal(cpu.paper_mask(got, shape, p["s"], bits), reference.paper_mask(want, shape, p["s"], bits))
+
+
+@pytest.mark.parametrize("n, rows, k", [(128, 64, 576), (128, 1024, 144), (37, 100, 27), (3, 1024, 144), (1, 8, 8)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_chunk_plan_balances_the_workers(n, rows, k, threads):
+    """Every sample in exactly one chunk, in order; chunks within the byte budget
+    (or one sample), sizes differing by at most one; the workers' sample totals
+    differ by at most one (ResNet-20's 64-channel 8x8 conv at batch 128 used to
+    give one worker 70 samples and the other 58)."""
+    with threadpool_limits(threads, user_api="blas"):
+        shares, m = conv.chunk_plan(n, rows, k, 4, np)
+    flat = sorted((s for share in shares for s in share), key=lambda s: s.start)
+    assert [s.start for s in flat] == [0] + [s.stop for s in flat[:-1]] and flat[-1].stop == n
+    sizes = [s.stop - s.start for s in flat]
+    assert max(sizes) - min(sizes) <= 1 and m == max(sizes) * rows
+    assert max(sizes) == 1 or max(sizes) * rows * k * 4 <= conv.CHUNK_BYTES
+    totals = [sum(s.stop - s.start for s in share) for share in shares]
+    assert len(shares) == min(threads, n) and max(totals) - min(totals) <= 1
+
+
+def test_an_interrupt_in_the_calling_thread_waits_for_the_workers():
+    """Ctrl-C while worker 0 (the caller) runs: ``run`` raises it only once the
+    other workers are done, so none is left running into the next region (whose
+    results it would otherwise hand back)."""
+    finished = threading.Event()
+
+    def fn(k):
+        if k == 0:
+            raise KeyboardInterrupt
+        finished.wait(0.2)          # still running when worker 0 is interrupted
+        finished.set()
+        return k
+
+    with threadpool_limits(2, user_api="blas"):
+        with pytest.raises(KeyboardInterrupt):
+            parallel.run(fn, 2)
+        assert finished.is_set()
+        assert parallel.run(lambda k: -k, 2) == [0, -1]

@@ -83,11 +83,10 @@ def check_s(xp, s, C, bits):
     host; a device ``s`` was checked where it was made (``quant.paper_params``
     computes it on the host): reading it back here would stall the GPU at every call."""
     if array_module(s) is np:
-        h = check_channel_param(np, s, C, np.int32, "s")
-        nb = 1 << bits
-        if C and (int(h.min()) < 1 or int(h.max()) > nb - 1):
-            raise ValueError(f"s must lie in [1, {nb - 1}] for bits={bits}, got range "
-                             f"[{int(h.min())}, {int(h.max())}]")
+        s = check_channel_param(np, s, C, np.int32, "s")
+        lo, hi = (int(s.min()), int(s.max())) if C else (1, 1)
+        if lo < 1 or hi > (1 << bits) - 1:
+            raise ValueError(f"s must lie in [1, {(1 << bits) - 1}] for bits={bits}, got range [{lo}, {hi}]")
     return check_channel_param(xp, s, C, np.int32, "s")
 
 
@@ -146,8 +145,7 @@ def check_paper_decode(packed, shape, s, step, off, bits):
     xp = array_module(packed)
     bits = check_bits(bits)
     shape, C, hw = check_shape(shape)
-    n = int(np.prod(shape, dtype=np.int64))
-    packed = check_packed(packed, n, bits)
+    packed = check_packed(packed, shape[0] * C * hw, bits)
     s = check_s(xp, s, C, bits)
     if step is not None:
         step = check_channel_param(xp, step, C, np.float32, "step")

@@ -6,31 +6,63 @@ output bytes. These wrappers only validate, allocate the outputs and call the
 compiled kernels on flat C-contiguous views; the loops are in src/_quant.pyx.
 NumPy arrays only. Importing this module fails when the extension was not built
 (the dispatch in :mod:`npapprox.kernels` then falls back to the reference).
+
+The paper kernels of a large tensor run on the pool of :mod:`npapprox.parallel`
+(the convolution's): one contiguous range of samples per worker, each starting
+on a byte of the packed codes, so the bytes are those of one call. Small
+tensors, and calls from inside a parallel region (a conv chunk's decode), run
+on the calling thread.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from npapprox import _quant
+from npapprox import _quant, parallel
 from npapprox.kernels import checks
+
+#: fewer values than this: one call on the calling thread (a region costs more than it saves)
+POOL_MIN = 1 << 18
 
 __all__ = ["paper_pack", "paper_decode", "paper_mask", "generic_pack", "generic_decode", "pack_bits",
            "unpack_bits", "counter_uniform"]
+
+
+def _by_samples(shape, bits, kernel, values, packed):
+    """``kernel(values[i0:i1], packed[j0:j1])`` on the flat values and packed bytes of
+    sample ranges covering ``shape[0]``: one range per worker of the pool (each
+    starting on a byte of ``packed``) or, for a small tensor, one call -> the
+    results in sample order."""
+    n, per = shape[0], math.prod(shape[1:])
+    w = parallel.workers() if n * per >= POOL_MIN else 1
+    if w <= 1:
+        return [kernel(values, packed)]
+    g = 8 // math.gcd(per * bits, 8)                 # samples per whole number of bytes
+    units = -(-n // g)
+    bounds = sorted({min(n, g * (units * i // w)) for i in range(w + 1)})
+
+    def work(k):
+        a, b = bounds[k] * per, bounds[k + 1] * per
+        return kernel(values[a:b], packed[a * bits // 8:-(-b * bits // 8)])
+
+    return parallel.run(work, len(bounds) - 1)
 
 
 def paper_pack(y, k, s, bits):
     """See :func:`npapprox.kernels.reference.paper_pack`. Returns ``(packed, n_nonfinite)``."""
     y, k, s, bits, shape, C, hw = checks.check_paper_pack(y, k, s, bits)
     out = np.empty(checks.packed_nbytes(y.size, bits), dtype=np.uint8)
-    nf = _quant.paper_pack(y.reshape(-1), k, s, bits, C, hw, out)
-    return out, int(nf)
+    nf = _by_samples(shape, bits, lambda v, p: _quant.paper_pack(v, k, s, bits, C, hw, p), y.reshape(-1), out)
+    return out, int(sum(nf))
 
 
 def paper_decode(packed, shape, s, step, off, bits, relu=False):
     """See :func:`npapprox.kernels.reference.paper_decode`."""
     packed, shape, C, hw, s, step, off, bits = checks.check_paper_decode(packed, shape, s, step, off, bits)
     out = np.empty(shape, dtype=np.float32)
-    _quant.paper_decode(packed, s, step, off, bits, C, hw, bool(relu), out.reshape(-1))
+    _by_samples(shape, bits, lambda o, p: _quant.paper_decode(p, s, step, off, bits, C, hw, bool(relu), o),
+                out.reshape(-1), packed)
     return out
 
 
@@ -38,7 +70,8 @@ def paper_mask(packed, shape, s, bits):
     """See :func:`npapprox.kernels.reference.paper_mask`."""
     packed, shape, C, hw, s, _, _, bits = checks.check_paper_decode(packed, shape, s, None, None, bits)
     out = np.empty(shape, dtype=np.bool_)
-    _quant.paper_mask(packed, s, bits, C, hw, out.reshape(-1).view(np.uint8))
+    _by_samples(shape, bits, lambda o, p: _quant.paper_mask(p, s, bits, C, hw, o),
+                out.reshape(-1).view(np.uint8), packed)
     return out
 
 

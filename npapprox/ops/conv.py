@@ -26,16 +26,21 @@ def _weight_rows(w):
 
 
 def chunk_plan(n, rows_per_sample, k, itemsize, xp):
-    """Batch slices whose im2row rows ``(B*OH*OW, k)`` take about CHUNK_BYTES
-    (GPU_CHUNK_BYTES on the GPU), at least one per worker when the batch allows,
-    dealt to the workers (``npapprox.parallel``) -> (one list of slices per
-    worker, rows of the largest chunk: the first). A function of the shapes and
-    the backend only."""
+    """Batch slices whose im2row rows ``(B*OH*OW, k)`` take at most about
+    CHUNK_BYTES (GPU_CHUNK_BYTES on the GPU), as many per worker and of sizes
+    differing by at most one sample (the larger ones first), dealt to the
+    workers (``npapprox.parallel``): every worker gets the same number of samples
+    give or take one, so none waits for another at the end -> (one list of slices
+    per worker, rows of the largest chunk: the first). A function of the shapes,
+    the backend and the worker count only."""
     budget = CHUNK_BYTES if xp is np else GPU_CHUNK_BYTES
     step = max(1, budget // max(1, rows_per_sample * k * itemsize))
-    step = max(1, min(step, -(-n // workers(xp))))              # an empty batch: no chunks
-    shares = deal([slice(i, min(n, i + step)) for i in range(0, n, step)], xp)
-    return shares, min(step, n) * rows_per_sample
+    w = workers(xp)
+    c = min(n, w * -(-n // (w * step)))                         # chunks; an empty batch: none
+    size, big = divmod(n, c) if c else (0, 0)
+    starts = [i * size + min(i, big) for i in range(c + 1)]
+    shares = deal([slice(starts[i], starts[i + 1]) for i in range(c)], xp)
+    return shares, (size + (big > 0)) * rows_per_sample
 
 
 class Conv2d(Function):

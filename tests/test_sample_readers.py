@@ -1,0 +1,79 @@
+"""Stored forms read a few samples at a time (conv backward's chunks):
+byte-equal to slicing the whole decode, and without decoding the whole batch
+for every chunk."""
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from npapprox import quant, storage
+from npapprox.kernels import generic_pack, pack_bits, paper_pack
+from npapprox.storage import GenericPacked, GenericUnit, PaperUnit
+
+F32 = np.float32
+
+
+def _forms(shape, bits, group, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(F32)
+    x.reshape(-1)[::7] = 0.0                                   # constant runs, exact zeros
+    packed, lo, scale, _ = generic_pack(x, bits, group)
+    y = GenericPacked(packed, lo, scale, bits, group, shape, np.dtype(F32))
+    c = shape[1]
+    unit = GenericUnit(y, pack_bits((x > 0).reshape(-1).astype(np.uint8), 1), rng.standard_normal(c).astype(F32),
+                       rng.standard_normal(c).astype(F32))
+    return y, unit
+
+
+@pytest.mark.parametrize("shape, bits, group", [
+    ((7, 4, 8, 8), 4, 256),      # samples start on bytes and groups: each chunk decoded on its own
+    ((6, 16, 4, 4), 8, 1),
+    ((5, 2, 2, 2), 1, 8),
+    ((7, 3, 5, 5), 2, 75),       # samples end mid-byte: the whole array, rebuilt once
+    ((7, 4, 8, 8), 4, 100),      # groups straddle samples: the same
+])
+def test_sample_readers_equal_slices_of_the_whole_decode(shape, bits, group):
+    y, unit = _forms(shape, bits, group)
+    for form, whole in ((y, y.restore()), (unit, unit.h())):
+        read = form.sample_reader()
+        for a in range(shape[0]):
+            for b in range(a + 1, shape[0] + 1):
+                assert read(slice(a, b)).tobytes() == whole[a:b].tobytes(), (type(form).__name__, a, b)
+        if form is unit:
+            assert unit.h_samples(slice(1, 3)).tobytes() == whole[1:3].tobytes()
+
+
+def test_an_aligned_chunk_decodes_only_its_samples():
+    shape = (32, 16, 16, 16)                               # 512 KiB of float32
+    y, unit = _forms(shape, 4, 256)
+    for form in (y, unit):
+        tracemalloc.start()
+        form.sample_reader()(slice(5, 7))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        one_sample = 4 * int(np.prod(shape[1:]))
+        assert peak < 12 * one_sample, (type(form).__name__, peak)  # 2 samples and their temporaries, not 32
+
+
+@pytest.mark.parametrize("bits, aligned", [(8, True), (4, False), (2, False), (1, False)])
+def test_a_paper_unit_whose_samples_end_mid_byte_decodes_the_batch_once(bits, aligned, monkeypatch):
+    """27 values a sample: whole bytes at K = 8 only. Otherwise the reader
+    decodes all of h once, not once per chunk, and still gives its slices."""
+    rng = np.random.default_rng(bits)
+    shape = (8, 3, 3, 3)
+    y = rng.standard_normal(shape).astype(F32)
+    p = quant.paper_params(np.ones(3, F32), np.zeros(3, F32), bits)
+    unit = PaperUnit(paper_pack(y, p["k"], p["s"], bits)[0], p, bits, shape, np.dtype(F32))
+    whole = unit.h()
+    calls = []
+    decode = storage.paper_decode
+
+    def counted(packed, shp, *args, **kwargs):
+        calls.append(shp[0])
+        return decode(packed, shp, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "paper_decode", counted)
+    read = unit.sample_reader()
+    got = [read(slice(a, a + 2)) for a in range(0, 8, 2)]
+    assert b"".join(g.tobytes() for g in got) == whole.tobytes()
+    assert calls == ([2, 2, 2, 2] if aligned else [8])
