@@ -319,9 +319,9 @@ class BatchNormReLU(torch.autograd.Function):
             y = F.batch_norm(x, running_mean, running_var, gamma, beta, training=False, eps=eps)
             mean, invstd, reserve, impl = running_mean.clone(), torch.rsqrt(running_var + eps), None, 0
         ctx.batch = batch
-        h = torch.relu(y)
         ctx.unit = _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running_mean is not None, reserve, impl,
                                module)
+        h = y.relu_()       # in place: the unit keeps codes of y (or x), never y itself
         ctx.gamma, ctx.invstd = gamma.detach(), invstd
         _note("BatchNormReLU", "unit", UNIT, ctx.unit, policy)
         _note("BatchNormReLU", "gamma", PARAM, Kept(gamma, param=True), policy)
@@ -347,21 +347,29 @@ class BatchNormReLU(torch.autograd.Function):
         return gx, ggamma, gbeta, None, None, None, None, None, None, None
 
 
+def _stand_in(x_meta):
+    """An uninitialised tensor of the input's (shape, dtype, device): what torch's pool
+    backward kernels read of their input (its sizes), without keeping the input."""
+    shape, dtype, device = x_meta
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 class AvgPool(torch.autograd.Function):
     """y = average of each k x k block (stride k, no padding), x (N, C, H, W) ->
     (N, C, H//k, W//k). Backward gx = gy / k^2 spread over its block (0 on rows or
-    columns the pool dropped): nothing saved, bit-identical to torch's."""
+    columns the pool dropped): torch's own average-pool backward, which reads only
+    the input's sizes, so nothing is saved and the gradient is torch's, bit for bit."""
 
     @staticmethod
     def forward(ctx, x, k):
-        ctx.k, ctx.shape = k, x.shape
+        ctx.k, ctx.x_meta = k, (x.shape, x.dtype, x.device)
         return F.avg_pool2d(x, k)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
-        k, (h, w) = ctx.k, ctx.shape[2:]
-        gx = (gy / (k * k)).repeat_interleave(k, 2).repeat_interleave(k, 3)
-        return F.pad(gx, (0, w - gx.shape[3], 0, h - gx.shape[2])), None
+        k = [ctx.k, ctx.k]
+        return torch.ops.aten.avg_pool2d_backward(gy, _stand_in(ctx.x_meta), k, k, [0, 0], False, True, None), None
 
 
 def _window_starts(s, pad, out_shape, device):
@@ -419,9 +427,8 @@ class MaxPool(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy):
         pooled, ctx.pooled = ctx.pooled, None
-        shape, dtype, device = ctx.x_meta
-        gx = torch.ops.aten.max_pool2d_with_indices_backward(gy, torch.empty(shape, dtype=dtype, device=device),
-                                                             *ctx.args, 1, False, pooled.indices())
+        gx = torch.ops.aten.max_pool2d_with_indices_backward(gy, _stand_in(ctx.x_meta), *ctx.args, 1, False,
+                                                             pooled.indices())
         return gx, None, None, None, None, None
 
 
