@@ -107,11 +107,15 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per variant per round")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads of torch and of npapprox's kernels (BLAS and OpenMP pools; default: as they start)")
     ap.add_argument("--cpu-time", action="store_true", help="time steps by process CPU time (use with --threads 1)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+        with contextlib.suppress(ImportError):
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(args.threads)          # BLAS sets npapprox.parallel's worker count
     clock = time.process_time if args.cpu_time else time.perf_counter
     na.nn.manual_seed(0)
     base = bridge.to_torch(na.nn.preact_resnet20())
