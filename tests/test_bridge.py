@@ -459,6 +459,24 @@ def test_max_pool_argmax_bytes_are_the_engines(pool):
     assert torch.equal(tx.grad, tx0.grad)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 7, 5)], ids=["even", "odd-rows-dropped"])
+def test_avg_pool_saves_nothing_and_its_gradient_is_torchs(shape):
+    """The bridge's average pool keeps no tensor for backward (the engine's pool saves
+    nothing), and its input gradient is F.avg_pool2d's, bit for bit (rows and columns
+    the pool drops get 0)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    gy = torch.from_numpy(rng.standard_normal((shape[0], shape[1], shape[2] // 2, shape[3] // 2)).astype(np.float32))
+    tx = torch.from_numpy(x).requires_grad_()
+    with bstorage.record() as saved, bridge.storage_policy(na.Paper(4)):
+        y = bstorage.avg_pool2d(tx * 1, 2)
+    assert type(y.grad_fn).__name__ == "AvgPoolBackward" and saved == []
+    y.backward(gy)
+    tx0 = torch.from_numpy(x).requires_grad_()
+    F.avg_pool2d(tx0, 2).backward(gy)
+    assert torch.equal(tx.grad, tx0.grad)
+
+
 def _graph_nodes(fn):
     seen, todo = [], [fn]
     while todo:
