@@ -10,8 +10,11 @@ hook; the bridge: its ledger) and the measured peak of torch's allocator over
 the step (torch profiler memory events; the bridge's NumPy codes are not torch
 allocations: tracemalloc's peak is listed beside it). "ratio" compares medians,
 "min ratio" the fastest steps (less sensitive to other jobs on the machine).
+``--cpu-time`` times each step by the process's CPU time instead of the wall
+clock: with ``--threads 1`` it counts the work done and not the time other jobs
+hold the cores (for a loaded machine; the wall clock is what users see).
 
-    python benchmarks/bench_bridge.py [--batch 128] [--repeats 5] [--rounds 2] [--threads N]
+    python benchmarks/bench_bridge.py [--batch 128] [--repeats 5] [--rounds 2] [--threads N] [--cpu-time]
 
 Needs the torch extra (torch==2.13.0). Target: Paper(4) within 1.10x of plain torch.
 """
@@ -47,6 +50,16 @@ def cpu_model() -> str:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
+
+
+def thread_pools() -> str:
+    """The BLAS and OpenMP libraries loaded, their kernels and thread counts (threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "threadpoolctl not installed"
+    return "; ".join(f"{i['internal_api']} {i.get('version') or ''} ({i.get('architecture') or '-'}, "
+                     f"{i['num_threads']} threads)" for i in threadpool_info())
 
 
 def step(model, opt, x, y, policy):
@@ -94,10 +107,16 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per variant per round")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads of torch and of npapprox's kernels (BLAS and OpenMP pools; default: as they start)")
+    ap.add_argument("--cpu-time", action="store_true", help="time steps by process CPU time (use with --threads 1)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+        with contextlib.suppress(ImportError):
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(args.threads)          # BLAS sets npapprox.parallel's worker count
+    clock = time.process_time if args.cpu_time else time.perf_counter
     na.nn.manual_seed(0)
     base = bridge.to_torch(na.nn.preact_resnet20())
     rng = np.random.default_rng(0)
@@ -112,14 +131,16 @@ def main(argv=None):
         for name, policy in VARIANTS.items():
             model, opt, times = runs[name]
             for _ in range(args.repeats):
-                t0 = time.perf_counter()
+                t0 = clock()
                 step(model, opt, x, y, policy)
-                times.append(time.perf_counter() - t0)
+                times.append(clock() - t0)
 
     print(f"ResNet-20, batch {args.batch}, one training step (forward, backward, SGD); "
           f"{args.rounds} rounds x {args.repeats} steps per variant, interleaved")
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; times: {'process CPU time' if args.cpu_time else 'wall clock'}")
+    print(f"thread pools and BLAS: {thread_pools()}; torch: MKL {torch.backends.mkl.is_available()}, "
+          f"oneDNN {torch.backends.mkldnn.is_available()}")
     plain = statistics.median(runs["plain torch"][2])
     plain_min = min(runs["plain torch"][2])
     head = (f"{'variant':<20} {'median ms':>10} {'min ms':>8} {'ratio':>6} {'min ratio':>9} {'saved for backward':>19} "

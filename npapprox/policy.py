@@ -215,7 +215,7 @@ class Generic(Policy):
         return self.pack(ctx, name, array)
 
     def store_unit(self, ctx, name, u):
-        mask = pack_bits((u.y > 0).astype(np.uint8).reshape(-1), 1)
+        mask = pack_bits((u.y > 0).reshape(-1).view(np.uint8), 1)
         return GenericUnit(self.pack(ctx, name, u.y), mask, u.gamma, u.beta)
 
     def __repr__(self):

@@ -345,13 +345,16 @@ class GenericUnit(Unit):
     payload_nbytes = property(lambda self: self.y.payload_nbytes + int(self.mask_bits.nbytes))
     meta_nbytes = property(lambda self: self.y.meta_nbytes)
 
+    # y.restore() is a fresh array: h and xhat are computed in it, one pass per operation
+
     def mask(self):
         n = int(np.prod(self.shape))
-        return unpack_bits(self.mask_bits, n, 1).reshape(self.shape).astype(bool)
+        return unpack_bits(self.mask_bits, n, 1).reshape(self.shape).view(bool)    # codes are 0 or 1
 
     def h(self):
+        """y * mask."""
         y = self.y.restore()
-        return y * self.mask()
+        return array_module(y).multiply(y, self.mask(), out=y)
 
     def _aligned(self) -> bool:
         return _samples_aligned(self.shape, self.y.bits, self.y.group) and _samples_aligned(self.shape, 1)
@@ -368,12 +371,16 @@ class GenericUnit(Unit):
         return self.y.samples(sl) * mask.astype(bool)
 
     def xhat(self):
+        """(y - beta) / gamma, 0 where gamma == 0."""
         xp = array_module(self.gamma)
         g = self.gamma.astype(self.dtype)
-        safe = xp.where(g == 0, 1, g)
         y3 = as_ncm(self.y.restore())
-        xhat = xp.where((g == 0)[:, None], 0, (y3 - self.beta[:, None]) / safe[:, None])
-        return xhat.astype(self.dtype, copy=False).reshape(self.shape)
+        xp.subtract(y3, self.beta[:, None], out=y3)
+        zero = g == 0
+        xp.divide(y3, xp.where(zero, 1, g)[:, None], out=y3)
+        if xp is not np or zero.any():       # (no host read of a device array)
+            xp.copyto(y3, 0, where=zero[:, None])
+        return y3.reshape(self.shape)
 
 
 class SharedRef(Stored):

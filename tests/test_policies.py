@@ -635,3 +635,24 @@ def test_a_registered_policy_is_built_by_name_and_drawn_in_its_style():
         assert line_style(fake_plt, "generic4s")["color"] == ("Purples", 0.7)     # stochastic: its own colour
     finally:
         del POLICIES["halfexact"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_generic_unit_rebuilds_h_xhat_and_mask_as_the_formulas(dtype):
+    """A ``GenericUnit`` (computed in place in the decoded y): h = y * mask,
+    xhat = (y - beta) / gamma (0 where gamma == 0), the mask y > 0 of the forward's
+    y, bit for bit the plain NumPy formulas on the decoded y; gamma < 0 and 0 included."""
+    rng = np.random.default_rng(5)
+    y = rng.standard_normal((3, 4, 5, 5)).astype(dtype)
+    gamma = np.array([1.5, -0.5, 0.0, 0.25], np.float32)
+    beta = np.array([0.1, -0.2, 0.3, 0.0], np.float32)
+    ctx = types.SimpleNamespace(fn=types.SimpleNamespace(__name__="test"))
+    unit = Generic(4, group=16).store_unit(ctx, "unit", BNReLUUnit(None, y, None, None, gamma, beta))
+    y_dec = unit.y.restore()
+    g = gamma.astype(dtype)[:, None, None]
+    want_xhat = np.where(g == 0, 0, (y_dec - beta[:, None, None]) / np.where(g == 0, 1, g))
+    bits = np.uint32 if dtype == np.float32 else np.uint64
+    assert np.array_equal(unit.mask(), y > 0) and unit.mask().dtype == np.bool_
+    assert np.array_equal(unit.h().view(bits), (y_dec * (y > 0)).view(bits))
+    assert unit.xhat().dtype == dtype and np.array_equal(unit.xhat().view(bits), want_xhat.astype(dtype).view(bits))
+    assert np.all(unit.xhat()[:, 2] == 0) and unit.y.restore().tobytes() == y_dec.tobytes()   # codes untouched

@@ -18,6 +18,8 @@ Inside ``storage_policy(policy)`` (the engine's policy objects, ``npapprox.polic
     a unit's output h (the next conv's input)  ACTIVATION  ``UnitRef``: rebuilt from the unit, 0 bytes
     a tensor saved before (tanh's output, then  ACTIVATION  ``SharedRef`` to the first save's form, 0 bytes
       the next conv's input)
+    a max-pool output whose input is one of    ACTIVATION  ``PooledRef``: the input's form + the pool's
+      the above (VGG: the conv after a pool)                argmax, 0 bytes
     an integer tensor (indices, labels)        INDEX       the tensor
     a parameter (leaf needing grad, or a view) PARAM       the tensor (0 bytes: the model's)
     fewer than 2 dims (statistics, scalars)    STAT        the tensor
@@ -28,7 +30,9 @@ Inside ``storage_policy(policy)`` (the engine's policy objects, ``npapprox.polic
 
 * a non-overlapping average pool (the ResNets' pad shortcut, DenseNet's
   transitions) runs as ``AvgPool`` (torch's forward, a backward that needs no
-  saved input), as the engine's pool saves nothing.
+  saved input), as the engine's pool saves nothing; a max pool runs as
+  ``MaxPool`` (torch's forward and backward), keeping what the engine's keeps:
+  the argmax's window offset (uint8), not its input.
 
 CPU tensors reach the Cython kernels as NumPy views (``Tensor.numpy()``), CUDA
 tensors the CUDA kernels as CuPy arrays through DLPack, on torch's current
@@ -50,7 +54,7 @@ from ..function import ACTIVATION, INDEX, PARAM, STAT, UNIT
 from ..kernels.bn import as_ncm, bn_backward
 from ..ledger import Entry, Ledger
 from ..policy import Exact, Paper, Policy
-from ..storage import BNReLUUnit, SharedRef, Unit, UnitRef
+from ..storage import BNReLUUnit, PooledRef, SharedRef, Unit, UnitRef
 from .forms import Alias, Kept, Sized, exact_activations, exact_units, sized_activation, sized_unit
 from .views import as_array, as_tensor, kernel_stream
 
@@ -58,6 +62,7 @@ _stack: list = []            # policies in force, innermost last; empty: plain t
 _names: list = []            # names of the bridge modules whose forward runs
 _units: dict = {}            # id(unit output h) -> (weakref to h, its stored unit)
 _shared: dict = {}           # id(saved activation) -> (weakref to it, its stored form): saved once
+_pooled: dict = {}           # id(max-pool output) -> (weakref to it, its PooledRef)
 _records: list = []          # lists collecting (Entry, stored) while ``record()`` runs
 _kept: dict = {}             # tensors kept as they are while recording (to count each once)
 
@@ -211,9 +216,20 @@ def ledger(module, x, labels=None, policy: Policy | None = None) -> Ledger:
 # --------------------------------------------------------------------------- #
 # saved-tensor hooks
 # --------------------------------------------------------------------------- #
-def _unit_of(t):
-    hit = _units.get(id(t))
+def _lookup(table: dict, t):
+    hit = table.get(id(t))
     return hit[1] if hit is not None and hit[0]() is t else None
+
+
+def _shared_form(t):
+    """The stored form from which ``t`` is rebuilt for free (the engine's
+    ``Policy.shared_form``): a reference to its unit, to its first save, or its
+    pool's; None when nothing stored it."""
+    unit = _lookup(_units, t)
+    if unit is not None:
+        return UnitRef(unit)
+    shared = _lookup(_shared, t)                    # saved before (a tanh's output, then its conv's input)
+    return SharedRef(shared) if shared is not None else _lookup(_pooled, t)
 
 
 def _remember(table: dict, t, stored) -> None:
@@ -224,12 +240,9 @@ def _remember(table: dict, t, stored) -> None:
 
 def _classify(t, policy):
     """(kind, stored form) for a tensor an op saves (table in the module docstring)."""
-    unit = _unit_of(t)
-    if unit is not None:
-        return ACTIVATION, UnitRef(unit)
-    hit = _shared.get(id(t))
-    if hit is not None and hit[0]() is t:           # saved before (a tanh's output, then its conv's input)
-        return ACTIVATION, SharedRef(hit[1])
+    shared = _shared_form(t)
+    if shared is not None:
+        return ACTIVATION, shared
     base = t._base if t._is_view() else t
     if not t.is_floating_point():
         return INDEX, Kept(t)
@@ -306,9 +319,9 @@ class BatchNormReLU(torch.autograd.Function):
             y = F.batch_norm(x, running_mean, running_var, gamma, beta, training=False, eps=eps)
             mean, invstd, reserve, impl = running_mean.clone(), torch.rsqrt(running_var + eps), None, 0
         ctx.batch = batch
-        h = torch.relu(y)
         ctx.unit = _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running_mean is not None, reserve, impl,
                                module)
+        h = y.relu_()       # in place: the unit keeps codes of y (or x), never y itself
         ctx.gamma, ctx.invstd = gamma.detach(), invstd
         _note("BatchNormReLU", "unit", UNIT, ctx.unit, policy)
         _note("BatchNormReLU", "gamma", PARAM, Kept(gamma, param=True), policy)
@@ -334,21 +347,89 @@ class BatchNormReLU(torch.autograd.Function):
         return gx, ggamma, gbeta, None, None, None, None, None, None, None
 
 
+def _stand_in(x_meta):
+    """An uninitialised tensor of the input's (shape, dtype, device): what torch's pool
+    backward kernels read of their input (its sizes), without keeping the input."""
+    shape, dtype, device = x_meta
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 class AvgPool(torch.autograd.Function):
     """y = average of each k x k block (stride k, no padding), x (N, C, H, W) ->
     (N, C, H//k, W//k). Backward gx = gy / k^2 spread over its block (0 on rows or
-    columns the pool dropped): nothing saved, bit-identical to torch's."""
+    columns the pool dropped): torch's own average-pool backward, which reads only
+    the input's sizes, so nothing is saved and the gradient is torch's, bit for bit."""
 
     @staticmethod
     def forward(ctx, x, k):
-        ctx.k, ctx.shape = k, x.shape
+        ctx.k, ctx.x_meta = k, (x.shape, x.dtype, x.device)
         return F.avg_pool2d(x, k)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
-        k, (h, w) = ctx.k, ctx.shape[2:]
-        gx = (gy / (k * k)).repeat_interleave(k, 2).repeat_interleave(k, 3)
-        return F.pad(gx, (0, w - gx.shape[3], 0, h - gx.shape[2])), None
+        k = [ctx.k, ctx.k]
+        return torch.ops.aten.avg_pool2d_backward(gy, _stand_in(ctx.x_meta), k, k, [0, 0], False, True, None), None
+
+
+def _window_starts(s, pad, out_shape, device):
+    """(row, column) of each output's window's first position in the input, (OH, 1) and (1, OW)."""
+    oh, ow = out_shape[2:]
+    return ((torch.arange(oh, device=device) * s - pad)[:, None],
+            (torch.arange(ow, device=device) * s - pad)[None, :])
+
+
+class TorchPooledRef(PooledRef):
+    """``storage.PooledRef`` on torch tensors: the pool's output rebuilt by gathering
+    the rebuilt input at the argmax (``argmax``: uint8 window offsets ``p*k+q``).
+    Exact when the input's form is."""
+
+    __slots__ = ("x_shape",)
+
+    def __init__(self, source, argmax, kernel, stride, padding, dtype, x_shape):
+        super().__init__(source, argmax, kernel, stride, padding, dtype)
+        self.x_shape = tuple(x_shape)
+
+    def indices(self):
+        """torch's max-pool indices (int64, flat in each input plane) from the offsets."""
+        k, w = self.kernel, self.x_shape[3]
+        r0, c0 = _window_starts(self.stride, self.padding, self.shape, self.argmax.device)
+        a = self.argmax.long()
+        return (r0 + a // k) * w + (c0 + a % k)
+
+    def restore(self):
+        x = as_tensor(self.source.output())
+        return x.flatten(2).gather(2, self.indices().flatten(2)).view(self.shape)
+
+
+class MaxPool(torch.autograd.Function):
+    """y[n,c,i,j] = max of x over window (i, j) (k x k, stride s, padding -inf);
+    x (N, C, H, W) -> (N, C, OH, OW): torch's max pool. Keeps what the engine's
+    ``ops.MaxPool2d`` keeps: the argmax as a window offset ``p*k+q`` (uint8, INDEX),
+    and the stored form of x when x has one, from which a consumer of y rebuilds it
+    (``TorchPooledRef``, 0 bytes). Backward: torch's max-pool backward on the
+    indices rebuilt from the offsets (bit-identical to plain torch's)."""
+
+    @staticmethod
+    def forward(ctx, x, k, s, pad, source, policy):
+        y, idx = torch.ops.aten.max_pool2d_with_indices(x, k, s, pad)
+        r0, c0 = _window_starts(s, pad, y.shape, x.device)
+        w = x.shape[3]
+        argmax = ((idx // w - r0) * k + (idx % w - c0)).to(torch.uint8)
+        ctx.pooled = TorchPooledRef(source, argmax, k, s, pad, x.dtype, x.shape)
+        ctx.args, ctx.x_meta = (k, s, pad), (x.shape, x.dtype, x.device)
+        _note("MaxPool2d", "argmax", INDEX, Kept(argmax), policy)
+        if source is not None:
+            _remember(_pooled, y, ctx.pooled)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        pooled, ctx.pooled = ctx.pooled, None
+        gx = torch.ops.aten.max_pool2d_with_indices_backward(gy, _stand_in(ctx.x_meta), *ctx.args, 1, False,
+                                                             pooled.indices())
+        return gx, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- #
@@ -369,6 +450,13 @@ def batch_norm(bn, x):
     return F.relu(y) if bn.relu else y
 
 
+def max_pool2d(x, kernel: int, stride: int | None = None, padding: int = 0):
+    stride = kernel if stride is None else stride
+    if _recording(x):
+        return MaxPool.apply(x, kernel, stride, padding, _shared_form(x), _stack[-1])
+    return F.max_pool2d(x, kernel, stride, padding)
+
+
 def avg_pool2d(x, kernel: int, stride: int | None = None):
     stride = kernel if stride is None else stride
     if stride == kernel and _recording(x):
@@ -376,6 +464,6 @@ def avg_pool2d(x, kernel: int, stride: int | None = None):
     return F.avg_pool2d(x, kernel, stride)
 
 
-__all__ = ["Alias", "AvgPool", "BatchNormReLU", "EXACT_OUTPUTS", "Kept", "Sized", "TorchExactUnit", "as_array",
-           "as_tensor", "avg_pool2d", "batch_norm", "check_policy", "current_policy", "kernel_stream", "ledger",
-           "module_scope", "record", "storage_policy"]
+__all__ = ["Alias", "AvgPool", "BatchNormReLU", "EXACT_OUTPUTS", "Kept", "MaxPool", "Sized", "TorchExactUnit",
+           "TorchPooledRef", "as_array", "as_tensor", "avg_pool2d", "batch_norm", "check_policy", "current_policy",
+           "kernel_stream", "ledger", "max_pool2d", "module_scope", "record", "storage_policy"]
