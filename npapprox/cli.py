@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--confirm", action="store_true", help="with --budget: measure the predicted batch too "
                    "and the next one, until a batch fits and the next does not (forward + backward passes at those "
                    "batches; without it the answer is predicted from the "
-                   "measured peaks of 32, 64 and 128 images, a line per stretch between two ops)")
+                   "measured peaks of 128 and 256 images, a line per stretch between two ops)")
     m.add_argument("--verbose", action="store_true", help="every saved entry, not only the totals")
     m.add_argument("--json", default=None, help="also write the totals to this file")
 
