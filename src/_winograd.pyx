@@ -1,0 +1,296 @@
+"""Compiled Winograd tile transforms (module ``npapprox._winograd``).
+
+The pure-``xp`` reference, the layouts and the dispatch live in
+``npapprox/kernels/winograd.py``; these kernels must stay bit-identical to it.
+Every transform is ``Y = L X L^T`` on a tile ``X`` whose entries are vectors of
+K channels, computed in two stages with the same order of operations as the
+reference (``_rows``: for each output row, the terms with a non-zero
+coefficient in increasing column order, the first one assigned, the others
+added)::
+
+    T[i, l] = sum_j L[i, j] X[j, l]        (rows)
+    Y[i, k] = sum_l L[k, l] T[i, l]        (columns)
+
+A multiplication by a coefficient 1 or -1 is exact, so ``x + (-1)*y`` is the
+``x - y`` of a hand-written transform, bit for bit.
+
+* float32 and float64 through the ``floating`` fused type, C-contiguous typed
+  memoryviews, no GIL; the channel vector of K values is the inner, contiguous
+  (vectorised) loop everywhere.
+* ``prange`` over samples with ``num_threads`` OpenMP threads (default 1: the
+  convolution runs whole chunks on each core, ``npapprox.parallel``). Each
+  thread owns a scratch sample in channels-last layout, zero-padded to whole
+  tiles, as in ``_im2col.pyx``.
+* ``input_tiles_adjoint`` sums overlapping tiles: each gx element starts from
+  +0.0 and receives its tiles' contributions in increasing (tile row, tile
+  column) order, the order of the reference.
+
+Compiler directives and flags (-O3 -ffp-contract=off, OpenMP) are set once, in setup.py.
+"""
+from cython cimport floating
+from cython.parallel cimport parallel, prange
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+
+
+cdef inline void _rows(const floating* L, Py_ssize_t r, Py_ssize_t a,
+                       const floating* src, Py_ssize_t s_j, Py_ssize_t s_l, Py_ssize_t nl,
+                       floating* dst, Py_ssize_t d_i, Py_ssize_t d_l, Py_ssize_t K) noexcept nogil:
+    """dst[i, l, :] = sum_j L[i, j] * src[j, l, :] for i < r, l < nl (element (j, l) of
+    src at src + j*s_j + l*s_l, (i, l) of dst at dst + i*d_i + l*d_l)."""
+    cdef Py_ssize_t i, j, l, k
+    cdef floating c
+    cdef floating* d
+    cdef const floating* s
+    cdef bint first
+    for i in range(r):
+        for l in range(nl):
+            d = dst + i * d_i + l * d_l
+            first = True
+            for j in range(a):
+                c = L[i * a + j]
+                if c == 0:
+                    continue
+                s = src + j * s_j + l * s_l
+                if first:
+                    for k in range(K):
+                        d[k] = c * s[k]
+                    first = False
+                else:
+                    for k in range(K):
+                        d[k] = d[k] + c * s[k]
+            if first:
+                for k in range(K):
+                    d[k] = 0
+
+
+cdef inline void _tx(const floating* L, Py_ssize_t r, Py_ssize_t a,
+                     const floating* src, Py_ssize_t s_row, Py_ssize_t s_col, floating* tmp,
+                     floating* dst, Py_ssize_t d_row, Py_ssize_t d_col, Py_ssize_t K) noexcept nogil:
+    """dst = L src L^T: src (a, a, K) with strides (s_row, s_col, 1), dst (r, r, K) with
+    strides (d_row, d_col, 1), tmp an (r, a, K) scratch."""
+    _rows(L, r, a, src, s_row, s_col, a, tmp, a * K, K, K)
+    _rows(L, r, a, tmp, K, a * K, r, dst, d_col, d_row, K)
+
+
+cdef _tiles(Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t m, Py_ssize_t *TH, Py_ssize_t *TW):
+    if m < 1 or OH < 1 or OW < 1:
+        raise ValueError("need m >= 1 and an output of at least 1x1")
+    TH[0] = (OH + m - 1) // m
+    TW[0] = (OW + m - 1) // m
+
+
+def transform(const floating[:, :, :, ::1] src,   # IN:  (N, a, a, K)
+              floating[:, :, :, ::1] dst,         # OUT: (N, r, r, K)
+              const floating[:, ::1] L):          # (r, a)
+    """dst[n] = L src[n] L^T (the filter transform and its adjoint)."""
+    cdef Py_ssize_t N = src.shape[0], a = src.shape[1], K = src.shape[3], r = L.shape[0]
+    if L.shape[1] != a or src.shape[2] != a or dst.shape[0] != N or dst.shape[1] != r \
+            or dst.shape[2] != r or dst.shape[3] != K:
+        raise ValueError("transform: shapes do not match")
+    if N == 0 or K == 0:
+        return
+    cdef floating* tmp = <floating*> malloc(r * a * K * sizeof(floating))
+    if tmp == NULL:
+        raise MemoryError("winograd transform scratch")
+    cdef Py_ssize_t n
+    with nogil:
+        for n in range(N):
+            _tx(&L[0, 0], r, a, &src[n, 0, 0, 0], a * K, K, tmp, &dst[n, 0, 0, 0], r * K, K, K)
+    free(tmp)
+
+
+def input_tiles(const floating[:, :, :, ::1] x,   # IN:  (B, C, H, W)
+                floating[:, :, ::1] v,            # OUT: (a*a, B*TH*TW, C), fully overwritten
+                const floating[:, ::1] L,         # (a, a): B^T
+                Py_ssize_t m, Py_ssize_t pad, int num_threads=1):
+    """v[u*a + w, (n*TH + ti)*TW + tj, c] = (L d L^T)[u, w], d = the a x a tile of
+    xpad[n, c] at (ti*m, tj*m), zero beyond the padded input."""
+    cdef Py_ssize_t B = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], a = L.shape[1]
+    cdef Py_ssize_t TH, TW
+    _tiles(H + 2 * pad - (a - m), W + 2 * pad - (a - m), m, &TH, &TW)
+    cdef Py_ssize_t Hs = TH * m + a - m, Ws = TW * m + a - m, P = B * TH * TW
+    if L.shape[0] != a or v.shape[0] != a * a or v.shape[1] != P or v.shape[2] != C or pad < 0:
+        raise ValueError("input_tiles: shapes do not match")
+    if num_threads < 1:
+        raise ValueError("num_threads must be >= 1")
+    if P == 0 or C == 0:
+        return
+    cdef Py_ssize_t n, c, h, w, ti, tj, p
+    cdef floating* t
+    cdef floating* tmp
+    cdef floating* dst
+    cdef const floating* src
+    cdef int err = 0
+    cdef int* failed = &err        # written through a pointer: shared, not thread-private
+    with nogil, parallel(num_threads=num_threads):
+        t = <floating*> malloc((Hs * Ws + a * a) * C * sizeof(floating))   # sample, then a tile's scratch
+        if t == NULL:
+            failed[0] = 1
+        else:
+            memset(t, 0, Hs * Ws * C * sizeof(floating))                    # the border stays zero
+        for n in prange(B, schedule="static"):
+            if t != NULL:
+                tmp = t + Hs * Ws * C
+                for c in range(C):
+                    for h in range(H):
+                        src = &x[n, c, h, 0]
+                        dst = t + ((h + pad) * Ws + pad) * C + c
+                        for w in range(W):
+                            dst[w * C] = src[w]
+                for ti in range(TH):
+                    for tj in range(TW):
+                        p = (n * TH + ti) * TW + tj
+                        _tx(&L[0, 0], a, a, t + (ti * m * Ws + tj * m) * C, Ws * C, C, tmp,
+                            &v[0, p, 0], a * P * C, P * C, C)
+        free(t)
+    if err:
+        raise MemoryError("winograd input scratch")
+
+
+def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
+                        floating[:, :, :, ::1] gx,      # OUT: (B, C, H, W), fully overwritten
+                        const floating[:, ::1] L,       # (a, a): B, the transpose of input_tiles' L
+                        Py_ssize_t m, Py_ssize_t pad, int num_threads=1):
+    """gx = 0; for each tile in increasing (ti, tj): gxpad[n, c, tile] += (L g L^T), g the
+    tile's (a, a) values of gv; the padding is dropped."""
+    cdef Py_ssize_t B = gx.shape[0], C = gx.shape[1], H = gx.shape[2], W = gx.shape[3], a = L.shape[1]
+    cdef Py_ssize_t TH, TW
+    _tiles(H + 2 * pad - (a - m), W + 2 * pad - (a - m), m, &TH, &TW)
+    cdef Py_ssize_t Hs = TH * m + a - m, Ws = TW * m + a - m, P = B * TH * TW
+    if L.shape[0] != a or gv.shape[0] != a * a or gv.shape[1] != P or gv.shape[2] != C or pad < 0:
+        raise ValueError("input_tiles_adjoint: shapes do not match")
+    if num_threads < 1:
+        raise ValueError("num_threads must be >= 1")
+    if P == 0 or C == 0:
+        return
+    cdef Py_ssize_t n, c, h, w, ti, tj, p, u, k
+    cdef floating* t
+    cdef floating* tmp
+    cdef floating* tile
+    cdef floating* dst
+    cdef const floating* src
+    cdef int err = 0
+    cdef int* failed = &err
+    with nogil, parallel(num_threads=num_threads):
+        t = <floating*> malloc((Hs * Ws + 2 * a * a) * C * sizeof(floating))
+        if t == NULL:
+            failed[0] = 1
+        for n in prange(B, schedule="static"):
+            if t != NULL:
+                tmp = t + Hs * Ws * C
+                tile = tmp + a * a * C
+                memset(t, 0, Hs * Ws * C * sizeof(floating))
+                for ti in range(TH):
+                    for tj in range(TW):
+                        p = (n * TH + ti) * TW + tj
+                        _tx(&L[0, 0], a, a, &gv[0, p, 0], a * P * C, P * C, tmp, tile, a * C, C, C)
+                        for u in range(a):          # one tile row: a*C contiguous values
+                            dst = t + ((ti * m + u) * Ws + tj * m) * C
+                            for k in range(a * C):
+                                dst[k] = dst[k] + tile[u * a * C + k]
+                for c in range(C):
+                    for h in range(H):
+                        src = t + ((h + pad) * Ws + pad) * C + c
+                        dst = &gx[n, c, h, 0]
+                        for w in range(W):
+                            dst[w] = src[w * C]
+        free(t)
+    if err:
+        raise MemoryError("winograd input-adjoint scratch")
+
+
+def output_tiles(const floating[:, :, ::1] mt,    # IN:  (a*a, B*TH*TW, F)
+                 floating[:, :, :, ::1] y,        # OUT: (B, F, OH, OW), fully overwritten
+                 const floating[:, ::1] L,        # (m, a): A^T
+                 int num_threads=1):
+    """y[n, f, ti*m + i, tj*m + k] = (L M L^T)[i, k], M the tile's (a, a) values of mt
+    (outputs beyond OH, OW dropped)."""
+    cdef Py_ssize_t B = y.shape[0], F = y.shape[1], OH = y.shape[2], OW = y.shape[3]
+    cdef Py_ssize_t m = L.shape[0], a = L.shape[1]
+    cdef Py_ssize_t TH, TW
+    _tiles(OH, OW, m, &TH, &TW)
+    cdef Py_ssize_t Hs = TH * m, Ws = TW * m, P = B * TH * TW
+    if mt.shape[0] != a * a or mt.shape[1] != P or mt.shape[2] != F:
+        raise ValueError("output_tiles: shapes do not match")
+    if num_threads < 1:
+        raise ValueError("num_threads must be >= 1")
+    if P == 0 or F == 0:
+        return
+    cdef Py_ssize_t n, f, h, w, ti, tj, p
+    cdef floating* t
+    cdef floating* tmp
+    cdef floating* dst
+    cdef const floating* src
+    cdef int err = 0
+    cdef int* failed = &err
+    with nogil, parallel(num_threads=num_threads):
+        t = <floating*> malloc((Hs * Ws + m * a) * F * sizeof(floating))
+        if t == NULL:
+            failed[0] = 1
+        for n in prange(B, schedule="static"):
+            if t != NULL:
+                tmp = t + Hs * Ws * F
+                for ti in range(TH):
+                    for tj in range(TW):
+                        p = (n * TH + ti) * TW + tj
+                        _tx(&L[0, 0], m, a, &mt[0, p, 0], a * P * F, P * F, tmp,
+                            t + (ti * m * Ws + tj * m) * F, Ws * F, F, F)
+                for f in range(F):
+                    for h in range(OH):
+                        src = t + h * Ws * F + f
+                        dst = &y[n, f, h, 0]
+                        for w in range(OW):
+                            dst[w] = src[w * F]
+        free(t)
+    if err:
+        raise MemoryError("winograd output scratch")
+
+
+def output_tiles_adjoint(const floating[:, :, :, ::1] gy,   # IN:  (B, F, OH, OW)
+                         floating[:, :, ::1] gm,            # OUT: (a*a, B*TH*TW, F), fully overwritten
+                         const floating[:, ::1] L,          # (a, m): A, the transpose of output_tiles' L
+                         int num_threads=1):
+    """gm[u*a + w, (n*TH + ti)*TW + tj, f] = (L g L^T)[u, w], g the m x m tile of gy[n, f]
+    at (ti*m, tj*m), zero beyond OH, OW."""
+    cdef Py_ssize_t B = gy.shape[0], F = gy.shape[1], OH = gy.shape[2], OW = gy.shape[3]
+    cdef Py_ssize_t a = L.shape[0], m = L.shape[1]
+    cdef Py_ssize_t TH, TW
+    _tiles(OH, OW, m, &TH, &TW)
+    cdef Py_ssize_t Hs = TH * m, Ws = TW * m, P = B * TH * TW
+    if gm.shape[0] != a * a or gm.shape[1] != P or gm.shape[2] != F:
+        raise ValueError("output_tiles_adjoint: shapes do not match")
+    if num_threads < 1:
+        raise ValueError("num_threads must be >= 1")
+    if P == 0 or F == 0:
+        return
+    cdef Py_ssize_t n, f, h, w, ti, tj, p
+    cdef floating* t
+    cdef floating* tmp
+    cdef floating* dst
+    cdef const floating* src
+    cdef int err = 0
+    cdef int* failed = &err
+    with nogil, parallel(num_threads=num_threads):
+        t = <floating*> malloc((Hs * Ws + a * m) * F * sizeof(floating))
+        if t == NULL:
+            failed[0] = 1
+        else:
+            memset(t, 0, Hs * Ws * F * sizeof(floating))     # beyond OH, OW stays zero
+        for n in prange(B, schedule="static"):
+            if t != NULL:
+                tmp = t + Hs * Ws * F
+                for f in range(F):
+                    for h in range(OH):
+                        src = &gy[n, f, h, 0]
+                        dst = t + h * Ws * F + f
+                        for w in range(OW):
+                            dst[w * F] = src[w]
+                for ti in range(TH):
+                    for tj in range(TW):
+                        p = (n * TH + ti) * TW + tj
+                        _tx(&L[0, 0], a, m, t + (ti * m * Ws + tj * m) * F, Ws * F, F, tmp,
+                            &gm[0, p, 0], a * P * F, P * F, F)
+        free(t)
+    if err:
+        raise MemoryError("winograd output-adjoint scratch")
