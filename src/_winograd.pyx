@@ -37,31 +37,64 @@ cdef inline void _rows(const floating* L, Py_ssize_t r, Py_ssize_t a,
                        const floating* src, Py_ssize_t s_j, Py_ssize_t s_l, Py_ssize_t nl,
                        floating* dst, Py_ssize_t d_i, Py_ssize_t d_l, Py_ssize_t K) noexcept nogil:
     """dst[i, l, :] = sum_j L[i, j] * src[j, l, :] for i < r, l < nl (element (j, l) of
-    src at src + j*s_j + l*s_l, (i, l) of dst at dst + i*d_i + l*d_l)."""
-    cdef Py_ssize_t i, j, l, k
-    cdef floating c
+    src at src + j*s_j + l*s_l, (i, l) of dst at dst + i*d_i + l*d_l; a <= 8). One pass
+    over K per output, the row's non-zero terms summed left to right in registers
+    (the same roundings as adding them one at a time: no contraction, no reassociation)."""
+    cdef Py_ssize_t i, j, l, k, nz
+    cdef floating c0, c1, c2, c3, c4, c5
+    cdef floating cs[8]
+    cdef Py_ssize_t js[8]
     cdef floating* d
-    cdef const floating* s
-    cdef bint first
+    cdef const floating* s0
+    cdef const floating* s1
+    cdef const floating* s2
+    cdef const floating* s3
+    cdef const floating* s4
+    cdef const floating* s5
+    for j in range(8):
+        cs[j], js[j] = 0, 0
     for i in range(r):
+        nz = 0
+        for j in range(a):
+            if L[i * a + j] != 0:
+                cs[nz] = L[i * a + j]
+                js[nz] = j
+                nz += 1
+        c0, c1, c2, c3, c4, c5 = cs[0], cs[1], cs[2], cs[3], cs[4], cs[5]
         for l in range(nl):
             d = dst + i * d_i + l * d_l
-            first = True
-            for j in range(a):
-                c = L[i * a + j]
-                if c == 0:
-                    continue
-                s = src + j * s_j + l * s_l
-                if first:
-                    for k in range(K):
-                        d[k] = c * s[k]
-                    first = False
-                else:
-                    for k in range(K):
-                        d[k] = d[k] + c * s[k]
-            if first:
+            s0 = src + js[0] * s_j + l * s_l
+            s1 = src + js[1] * s_j + l * s_l
+            s2 = src + js[2] * s_j + l * s_l
+            s3 = src + js[3] * s_j + l * s_l
+            s4 = src + js[4] * s_j + l * s_l
+            s5 = src + js[5] * s_j + l * s_l
+            if nz == 1:
+                for k in range(K):
+                    d[k] = c0 * s0[k]
+            elif nz == 2:
+                for k in range(K):
+                    d[k] = c0 * s0[k] + c1 * s1[k]
+            elif nz == 3:
+                for k in range(K):
+                    d[k] = (c0 * s0[k] + c1 * s1[k]) + c2 * s2[k]
+            elif nz == 4:
+                for k in range(K):
+                    d[k] = ((c0 * s0[k] + c1 * s1[k]) + c2 * s2[k]) + c3 * s3[k]
+            elif nz == 5:
+                for k in range(K):
+                    d[k] = (((c0 * s0[k] + c1 * s1[k]) + c2 * s2[k]) + c3 * s3[k]) + c4 * s4[k]
+            elif nz == 6:
+                for k in range(K):
+                    d[k] = ((((c0 * s0[k] + c1 * s1[k]) + c2 * s2[k]) + c3 * s3[k]) + c4 * s4[k]) \
+                        + c5 * s5[k]
+            else:                                   # a row of zeros, or more terms than unrolled
                 for k in range(K):
                     d[k] = 0
+                for j in range(nz):
+                    s0 = src + js[j] * s_j + l * s_l
+                    for k in range(K):
+                        d[k] = (c0 * s0[k]) if j == 0 else d[k] + cs[j] * s0[k]
 
 
 cdef inline void _tx(const floating* L, Py_ssize_t r, Py_ssize_t a,
@@ -74,8 +107,8 @@ cdef inline void _tx(const floating* L, Py_ssize_t r, Py_ssize_t a,
 
 
 cdef _tiles(Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t m, Py_ssize_t *TH, Py_ssize_t *TW):
-    if m < 1 or OH < 1 or OW < 1:
-        raise ValueError("need m >= 1 and an output of at least 1x1")
+    if m < 1 or m > 6 or OH < 1 or OW < 1:
+        raise ValueError("need 1 <= m <= 6 and an output of at least 1x1")
     TH[0] = (OH + m - 1) // m
     TW[0] = (OW + m - 1) // m
 
@@ -86,7 +119,7 @@ def transform(const floating[:, :, :, ::1] src,   # IN:  (N, a, a, K)
     """dst[n] = L src[n] L^T (the filter transform and its adjoint)."""
     cdef Py_ssize_t N = src.shape[0], a = src.shape[1], K = src.shape[3], r = L.shape[0]
     if L.shape[1] != a or src.shape[2] != a or dst.shape[0] != N or dst.shape[1] != r \
-            or dst.shape[2] != r or dst.shape[3] != K:
+            or dst.shape[2] != r or dst.shape[3] != K or a > 8:
         raise ValueError("transform: shapes do not match")
     if N == 0 or K == 0:
         return

@@ -45,6 +45,7 @@ tile order. The switch of :mod:`npapprox.kernels.switch`
 from __future__ import annotations
 
 from fractions import Fraction as Fr
+from functools import lru_cache
 
 import numpy as np
 
@@ -82,10 +83,18 @@ def compiled_available() -> bool:
 
 
 def _matrix(m: int, which: str, dtype):
-    """One of B^T ("BT"), B, G, G^T ("GT"), A^T ("AT"), A of F(m, 3), as a C-contiguous array of dtype."""
+    """One of B^T ("BT"), B, G, G^T ("GT"), A^T ("AT"), A of F(m, 3), as a C-contiguous
+    read-only array of dtype (each coefficient rounded once, from its exact value to float64)."""
+    return _matrix_cached(m, which, np.dtype(dtype))
+
+
+@lru_cache(maxsize=None)
+def _matrix_cached(m, which, dtype):
     bt, g, at = (np.array([[float(c) for c in row] for row in mat]) for mat in _MATRICES[m])
     mats = {"BT": bt, "B": bt.T, "G": g, "GT": g.T, "AT": at, "A": at.T}
-    return np.ascontiguousarray(mats[which], dtype=dtype)
+    out = np.ascontiguousarray(mats[which], dtype=dtype)
+    out.flags.writeable = False
+    return out
 
 
 def tile_grid(OH: int, OW: int, m: int) -> tuple[int, int]:

@@ -16,6 +16,8 @@ from ..validate import affine_args, check_int, out_size
 #: worker: the rows then stay in that core's cache between im2row and the matrix
 #: product, instead of a 9x-activation-sized buffer going through main memory.
 CHUNK_BYTES = 2 << 20
+#: Winograd's tile stacks of a chunk (V, M: T x P x channels) take about this many bytes
+WINOGRAD_CHUNK_BYTES = 1 << 20
 #: On the GPU the cache argument does not hold and every chunk costs a few kernel
 #: launches: a whole batch is one chunk (one im2row, one GEMM), up to this many
 #: bytes of rows (a bound on the workspace in device memory).
@@ -76,13 +78,14 @@ def _weight_rows(w):
     return w.transpose(0, 2, 3, 1).reshape(f, kh * kw * c)
 
 
-def chunk_plan(n, rows_per_sample, k, itemsize, xp):
+def chunk_plan(n, rows_per_sample, k, itemsize, xp, budget=None):
     """Batch slices whose im2row rows ``(B*OH*OW, k)`` take about CHUNK_BYTES
     (GPU_CHUNK_BYTES on the GPU), at least one per worker when the batch allows,
     dealt to the workers (``npapprox.parallel``) -> (one list of slices per
     worker, rows of the largest chunk: the first). A function of the shapes and
     the backend only."""
-    budget = CHUNK_BYTES if xp is np else GPU_CHUNK_BYTES
+    if budget is None:
+        budget = CHUNK_BYTES if xp is np else GPU_CHUNK_BYTES
     step = max(1, budget // max(1, rows_per_sample * k * itemsize))
     step = max(1, min(step, -(-n // workers(xp))))              # an empty batch: no chunks
     shares = deal([slice(i, min(n, i + step)) for i in range(0, n, step)], xp)
@@ -218,8 +221,8 @@ def _im2row_backward(gy, w, x_of, x_shape, s, pad, need_x, need_w):
 
 def _winograd_plan(n, c, f, tiles, T, itemsize):
     """chunk_plan for Winograd: a chunk's tile stacks V (T, P, C) and M (T, P, F)
-    take about CHUNK_BYTES -> (shares, P of the largest chunk)."""
-    return chunk_plan(n, tiles, T * max(c, f), itemsize, np)
+    take about WINOGRAD_CHUNK_BYTES -> (shares, P of the largest chunk)."""
+    return chunk_plan(n, tiles, T * max(c, f), itemsize, np, WINOGRAD_CHUNK_BYTES)
 
 
 def _winograd_forward(x, w, pad, m):
