@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from threadpoolctl import threadpool_limits
 
 from npapprox import Tensor, ops
 from npapprox.kernels import winograd as WG
@@ -173,7 +174,7 @@ def test_winograd_matches_im2row_and_float64_oracle(s, m, bias, layout, seed):
                            pad, r.astype(np.float64), "im2row")
     want_y = _naive_conv(x, w, pad) + (0 if b is None else b.astype(np.float64)[None, :, None, None])
     _close(got[0], want_y, m, "forward vs float64")
-    for name, g, want, exact in zip(("y", "gx", "gw", "gb"), got, ref, f64):
+    for name, g, want, exact in zip(("y", "gx", "gw", "gb"), got, ref, f64, strict=True):
         if want is not None:
             assert g.dtype == np.float32
             _close(g, want.astype(np.float64), m, f"{name} vs im2row")
@@ -194,7 +195,7 @@ def test_winograd_matches_torch(torch, m):
         xt, wt, bt = (torch.tensor(np.ascontiguousarray(a), requires_grad=True) for a in (x, w, b))
         yt = F_.conv2d(xt, wt, bt, padding=pad)
         (yt * torch.from_numpy(r)).sum().backward()
-        for name, g, want in zip(("y", "gx", "gw", "gb"), got, (yt, xt.grad, wt.grad, bt.grad)):
+        for name, g, want in zip(("y", "gx", "gw", "gb"), got, (yt, xt.grad, wt.grad, bt.grad), strict=True):
             _close(g, want.detach().numpy().astype(np.float64), m, f"{name} vs torch {(B, C, F, H, W, pad)}")
 
 
@@ -233,7 +234,7 @@ def test_forced_reference_gives_the_same_bytes(m):
     compiled = _conv_with_grads(x, w, None, 1, r, f"winograd{m}")
     use_reference(True)
     reference = _conv_with_grads(x, w, None, 1, r, f"winograd{m}")
-    for a, b in zip(compiled[:3], reference[:3]):
+    for a, b in zip(compiled[:3], reference[:3], strict=True):
         assert same(a, b)
 
 
@@ -290,7 +291,6 @@ def test_environment_variable_picks_the_algorithm():
 
 def test_deterministic_across_runs_and_chunkings():
     """Same bytes run to run, with 1 and 2 workers (chunks dealt differently)."""
-    from threadpoolctl import threadpool_limits
     rng = np.random.default_rng(9)
     x = rng.standard_normal((40, 32, 8, 8)).astype(np.float32)
     w = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
@@ -298,5 +298,5 @@ def test_deterministic_across_runs_and_chunkings():
     for threads in (1, 2):
         with threadpool_limits(threads, user_api="blas"):
             runs = [_conv_with_grads(x, w, None, 1, r, "winograd") for _ in range(2)]
-        for a, b in zip(runs[0][:3], runs[1][:3]):
+        for a, b in zip(runs[0][:3], runs[1][:3], strict=True):
             assert same(a, b)
