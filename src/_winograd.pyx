@@ -138,18 +138,23 @@ def input_tiles(const floating[:, :, :, ::1] x,   # IN:  (B, C, H, W)
                 const floating[:, ::1] L,         # (a, a): B^T
                 Py_ssize_t m, Py_ssize_t pad, int num_threads=1):
     """v[u*a + w, (n*TH + ti)*TW + tj, c] = (L d L^T)[u, w], d = the a x a tile of
-    xpad[n, c] at (ti*m, tj*m), zero beyond the padded input."""
+    xpad[n, c] at (ti*m, tj*m), zero beyond the padded input.
+
+    The sample is first copied into a column-split scratch s[h, l, tj, c] =
+    xpad[n, c, h, tj*m + l] (l < a: overlapping columns copied twice), so that a
+    whole row of tiles is one ``_tx`` on vectors of TW*C contiguous values, its
+    output going straight to the TW*C contiguous values v[t, p0:p0 + TW, :]."""
     cdef Py_ssize_t B = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], a = L.shape[1]
     cdef Py_ssize_t TH, TW
     _tiles(H + 2 * pad - (a - m), W + 2 * pad - (a - m), m, &TH, &TW)
-    cdef Py_ssize_t Hs = TH * m + a - m, Ws = TW * m + a - m, P = B * TH * TW
+    cdef Py_ssize_t Hs = TH * m + a - m, P = B * TH * TW, R = a * TW * C     # R: one scratch row
     if L.shape[0] != a or v.shape[0] != a * a or v.shape[1] != P or v.shape[2] != C or pad < 0:
         raise ValueError("input_tiles: shapes do not match")
     if num_threads < 1:
         raise ValueError("num_threads must be >= 1")
     if P == 0 or C == 0:
         return
-    cdef Py_ssize_t n, c, h, w, ti, tj, p
+    cdef Py_ssize_t n, c, h, l, tj, ti, col
     cdef floating* t
     cdef floating* tmp
     cdef floating* dst
@@ -157,25 +162,26 @@ def input_tiles(const floating[:, :, :, ::1] x,   # IN:  (B, C, H, W)
     cdef int err = 0
     cdef int* failed = &err        # written through a pointer: shared, not thread-private
     with nogil, parallel(num_threads=num_threads):
-        t = <floating*> malloc((Hs * Ws + a * a) * C * sizeof(floating))   # sample, then a tile's scratch
+        t = <floating*> malloc((Hs + a) * R * sizeof(floating))   # the sample, then a row of tiles' scratch
         if t == NULL:
             failed[0] = 1
         else:
-            memset(t, 0, Hs * Ws * C * sizeof(floating))                    # the border stays zero
+            memset(t, 0, Hs * R * sizeof(floating))               # the padding stays zero
         for n in prange(B, schedule="static"):
             if t != NULL:
-                tmp = t + Hs * Ws * C
+                tmp = t + Hs * R
                 for c in range(C):
                     for h in range(H):
                         src = &x[n, c, h, 0]
-                        dst = t + ((h + pad) * Ws + pad) * C + c
-                        for w in range(W):
-                            dst[w * C] = src[w]
+                        dst = t + (h + pad) * R + c
+                        for l in range(a):
+                            for tj in range(TW):
+                                col = tj * m + l - pad
+                                if 0 <= col < W:
+                                    dst[(l * TW + tj) * C] = src[col]
                 for ti in range(TH):
-                    for tj in range(TW):
-                        p = (n * TH + ti) * TW + tj
-                        _tx(&L[0, 0], a, a, t + (ti * m * Ws + tj * m) * C, Ws * C, C, tmp,
-                            &v[0, p, 0], a * P * C, P * C, C)
+                    _tx(&L[0, 0], a, a, t + ti * m * R, R, TW * C, tmp,
+                        &v[0, (n * TH + ti) * TW, 0], a * P * C, P * C, TW * C)
         free(t)
     if err:
         raise MemoryError("winograd input scratch")
@@ -186,18 +192,22 @@ def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
                         const floating[:, ::1] L,       # (a, a): B, the transpose of input_tiles' L
                         Py_ssize_t m, Py_ssize_t pad, int num_threads=1):
     """gx = 0; for each tile in increasing (ti, tj): gxpad[n, c, tile] += (L g L^T), g the
-    tile's (a, a) values of gv; the padding is dropped."""
+    tile's (a, a) values of gv; the padding is dropped.
+
+    A row of tiles is one ``_tx`` on vectors of TW*C values; its tiles are then added
+    into a channels-last scratch sample, w decreasing outside tj increasing, so that
+    each element receives its tiles in increasing tj (and, row after row, ti) order."""
     cdef Py_ssize_t B = gx.shape[0], C = gx.shape[1], H = gx.shape[2], W = gx.shape[3], a = L.shape[1]
     cdef Py_ssize_t TH, TW
     _tiles(H + 2 * pad - (a - m), W + 2 * pad - (a - m), m, &TH, &TW)
-    cdef Py_ssize_t Hs = TH * m + a - m, Ws = TW * m + a - m, P = B * TH * TW
+    cdef Py_ssize_t Hs = TH * m + a - m, Ws = TW * m + a - m, P = B * TH * TW, R = a * TW * C
     if L.shape[0] != a or gv.shape[0] != a * a or gv.shape[1] != P or gv.shape[2] != C or pad < 0:
         raise ValueError("input_tiles_adjoint: shapes do not match")
     if num_threads < 1:
         raise ValueError("num_threads must be >= 1")
     if P == 0 or C == 0:
         return
-    cdef Py_ssize_t n, c, h, w, ti, tj, p, u, k
+    cdef Py_ssize_t n, c, h, w, ti, tj, u, k
     cdef floating* t
     cdef floating* tmp
     cdef floating* tile
@@ -206,22 +216,24 @@ def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
     cdef int err = 0
     cdef int* failed = &err
     with nogil, parallel(num_threads=num_threads):
-        t = <floating*> malloc((Hs * Ws + 2 * a * a) * C * sizeof(floating))
+        t = <floating*> malloc((Hs * Ws * C + 2 * a * R) * sizeof(floating))
         if t == NULL:
             failed[0] = 1
         for n in prange(B, schedule="static"):
             if t != NULL:
                 tmp = t + Hs * Ws * C
-                tile = tmp + a * a * C
+                tile = tmp + a * R                                   # (a, a, TW, C)
                 memset(t, 0, Hs * Ws * C * sizeof(floating))
                 for ti in range(TH):
-                    for tj in range(TW):
-                        p = (n * TH + ti) * TW + tj
-                        _tx(&L[0, 0], a, a, &gv[0, p, 0], a * P * C, P * C, tmp, tile, a * C, C, C)
-                        for u in range(a):          # one tile row: a*C contiguous values
-                            dst = t + ((ti * m + u) * Ws + tj * m) * C
-                            for k in range(a * C):
-                                dst[k] = dst[k] + tile[u * a * C + k]
+                    _tx(&L[0, 0], a, a, &gv[0, (n * TH + ti) * TW, 0], a * P * C, P * C, tmp,
+                        tile, R, TW * C, TW * C)
+                    for u in range(a):
+                        for w in range(a - 1, -1, -1):
+                            for tj in range(TW):
+                                dst = t + ((ti * m + u) * Ws + tj * m + w) * C
+                                src = tile + ((u * a + w) * TW + tj) * C
+                                for k in range(C):
+                                    dst[k] = dst[k] + src[k]
                 for c in range(C):
                     for h in range(H):
                         src = t + ((h + pad) * Ws + pad) * C + c
@@ -238,19 +250,20 @@ def output_tiles(const floating[:, :, ::1] mt,    # IN:  (a*a, B*TH*TW, F)
                  const floating[:, ::1] L,        # (m, a): A^T
                  int num_threads=1):
     """y[n, f, ti*m + i, tj*m + k] = (L M L^T)[i, k], M the tile's (a, a) values of mt
-    (outputs beyond OH, OW dropped)."""
+    (outputs beyond OH, OW dropped). A row of tiles is one ``_tx`` on vectors of TW*F
+    values, into a scratch o[i, k, tj, f], then scattered into y."""
     cdef Py_ssize_t B = y.shape[0], F = y.shape[1], OH = y.shape[2], OW = y.shape[3]
     cdef Py_ssize_t m = L.shape[0], a = L.shape[1]
     cdef Py_ssize_t TH, TW
     _tiles(OH, OW, m, &TH, &TW)
-    cdef Py_ssize_t Hs = TH * m, Ws = TW * m, P = B * TH * TW
+    cdef Py_ssize_t P = B * TH * TW, R = TW * F
     if mt.shape[0] != a * a or mt.shape[1] != P or mt.shape[2] != F:
         raise ValueError("output_tiles: shapes do not match")
     if num_threads < 1:
         raise ValueError("num_threads must be >= 1")
     if P == 0 or F == 0:
         return
-    cdef Py_ssize_t n, f, h, w, ti, tj, p
+    cdef Py_ssize_t n, f, i, k, tj, ti, h, w
     cdef floating* t
     cdef floating* tmp
     cdef floating* dst
@@ -258,23 +271,26 @@ def output_tiles(const floating[:, :, ::1] mt,    # IN:  (a*a, B*TH*TW, F)
     cdef int err = 0
     cdef int* failed = &err
     with nogil, parallel(num_threads=num_threads):
-        t = <floating*> malloc((Hs * Ws + m * a) * F * sizeof(floating))
+        t = <floating*> malloc((m * m + m * a) * R * sizeof(floating))
         if t == NULL:
             failed[0] = 1
         for n in prange(B, schedule="static"):
             if t != NULL:
-                tmp = t + Hs * Ws * F
+                tmp = t + m * m * R
                 for ti in range(TH):
-                    for tj in range(TW):
-                        p = (n * TH + ti) * TW + tj
-                        _tx(&L[0, 0], m, a, &mt[0, p, 0], a * P * F, P * F, tmp,
-                            t + (ti * m * Ws + tj * m) * F, Ws * F, F, F)
-                for f in range(F):
-                    for h in range(OH):
-                        src = t + h * Ws * F + f
-                        dst = &y[n, f, h, 0]
-                        for w in range(OW):
-                            dst[w] = src[w * F]
+                    _tx(&L[0, 0], m, a, &mt[0, (n * TH + ti) * TW, 0], a * P * F, P * F, tmp,
+                        t, m * R, R, R)
+                    for f in range(F):
+                        for i in range(m):
+                            h = ti * m + i
+                            if h < OH:
+                                dst = &y[n, f, h, 0]
+                                for k in range(m):
+                                    src = t + (i * m + k) * R + f
+                                    for tj in range(TW):
+                                        w = tj * m + k
+                                        if w < OW:
+                                            dst[w] = src[tj * F]
         free(t)
     if err:
         raise MemoryError("winograd output scratch")
@@ -285,19 +301,20 @@ def output_tiles_adjoint(const floating[:, :, :, ::1] gy,   # IN:  (B, F, OH, OW
                          const floating[:, ::1] L,          # (a, m): A, the transpose of output_tiles' L
                          int num_threads=1):
     """gm[u*a + w, (n*TH + ti)*TW + tj, f] = (L g L^T)[u, w], g the m x m tile of gy[n, f]
-    at (ti*m, tj*m), zero beyond OH, OW."""
+    at (ti*m, tj*m), zero beyond OH, OW. A row of tiles is gathered into a scratch
+    g[i, k, tj, f], then one ``_tx`` on vectors of TW*F values writes gm."""
     cdef Py_ssize_t B = gy.shape[0], F = gy.shape[1], OH = gy.shape[2], OW = gy.shape[3]
     cdef Py_ssize_t a = L.shape[0], m = L.shape[1]
     cdef Py_ssize_t TH, TW
     _tiles(OH, OW, m, &TH, &TW)
-    cdef Py_ssize_t Hs = TH * m, Ws = TW * m, P = B * TH * TW
+    cdef Py_ssize_t P = B * TH * TW, R = TW * F
     if gm.shape[0] != a * a or gm.shape[1] != P or gm.shape[2] != F:
         raise ValueError("output_tiles_adjoint: shapes do not match")
     if num_threads < 1:
         raise ValueError("num_threads must be >= 1")
     if P == 0 or F == 0:
         return
-    cdef Py_ssize_t n, f, h, w, ti, tj, p
+    cdef Py_ssize_t n, f, i, k, tj, ti, h, w
     cdef floating* t
     cdef floating* tmp
     cdef floating* dst
@@ -305,25 +322,22 @@ def output_tiles_adjoint(const floating[:, :, :, ::1] gy,   # IN:  (B, F, OH, OW
     cdef int err = 0
     cdef int* failed = &err
     with nogil, parallel(num_threads=num_threads):
-        t = <floating*> malloc((Hs * Ws + a * m) * F * sizeof(floating))
+        t = <floating*> malloc((m * m + a * m) * R * sizeof(floating))
         if t == NULL:
             failed[0] = 1
-        else:
-            memset(t, 0, Hs * Ws * F * sizeof(floating))     # beyond OH, OW stays zero
         for n in prange(B, schedule="static"):
             if t != NULL:
-                tmp = t + Hs * Ws * F
-                for f in range(F):
-                    for h in range(OH):
-                        src = &gy[n, f, h, 0]
-                        dst = t + h * Ws * F + f
-                        for w in range(OW):
-                            dst[w * F] = src[w]
+                tmp = t + m * m * R
                 for ti in range(TH):
-                    for tj in range(TW):
-                        p = (n * TH + ti) * TW + tj
-                        _tx(&L[0, 0], a, m, t + (ti * m * Ws + tj * m) * F, Ws * F, F, tmp,
-                            &gm[0, p, 0], a * P * F, P * F, F)
+                    for f in range(F):
+                        for i in range(m):
+                            h = ti * m + i
+                            for k in range(m):
+                                dst = t + (i * m + k) * R + f
+                                for tj in range(TW):
+                                    w = tj * m + k
+                                    dst[tj * F] = gy[n, f, h, w] if h < OH and w < OW else 0
+                    _tx(&L[0, 0], a, m, t, m * R, R, tmp, &gm[0, (n * TH + ti) * TW, 0], a * P * F, P * F, R)
         free(t)
     if err:
         raise MemoryError("winograd output-adjoint scratch")
