@@ -262,7 +262,11 @@ def test_stored_input_is_read_chunk_by_chunk():
 def test_auto_rule_and_which_shapes_have_a_winograd_path():
     CV.use_algorithm("auto")
     assert CV.winograd_tile((8, 64, 8, 8), (64, 64, 3, 3), 1, 1) == CV.WINOGRAD_TILE
+    assert CV.winograd_tile((8, 16, 32, 32), (16, 16, 3, 3), 1, 1) == CV.WINOGRAD_TILE
     assert CV.winograd_tile((8, 3, 32, 32), (16, 3, 3, 3), 1, 1) == 0             # few channels: im2row
+    assert CV.winograd_tile((8, 8, 32, 32), (8, 8, 3, 3), 1, 1) == 0
+    assert CV.winograd_tile((8, 256, 2, 2), (256, 256, 3, 3), 1, 1) == 0          # less than one 4x4 tile
+    assert CV.winograd_tile((8, 256, 4, 4), (256, 256, 3, 3), 1, 0) == 0
     CV.use_algorithm("winograd")
     assert CV.winograd_tile((8, 3, 32, 32), (16, 3, 3, 3), 1, 0) == CV.WINOGRAD_TILE
     for x_shape, w_shape, stride in [((2, 64, 8, 8), (64, 64, 3, 3), 2), ((2, 64, 8, 8), (64, 64, 1, 1), 1),

@@ -57,10 +57,12 @@ def winograd_tile(x_shape, w_shape, stride: int, padding: int, xp=np) -> int:
     """The Winograd tile m of F(m x m, 3 x 3) this convolution runs with, 0 for im2row.
 
     Only 3x3 stride-1 convolutions of NumPy arrays have a Winograd path. "auto"
-    takes it where it measured faster than im2row on a side-by-side run
-    (``benchmarks/bench_conv.py``; docs/kernels.md): at least 32 input and output
-    channels. A function of the shapes and the switch only, so a run is
-    deterministic."""
+    takes F(4x4, 3x3) where it measured faster than im2row side by side
+    (``benchmarks/bench_conv.py --more``; docs/kernels.md): enough channels for
+    the GEMMs to outweigh the transforms, C*F/(C+F) >= 8 (the transforms cost
+    ~C+F per pixel, the products ~C*F), and an output of at least one whole
+    tile each way (a 2x2 output would fill a fourth of a 4x4 tile). A function
+    of the shapes and the switch only, so a run is deterministic."""
     if xp is not np or tuple(w_shape[2:]) != (3, 3) or stride != 1:
         return 0
     name = conv_algorithm()
@@ -68,7 +70,8 @@ def winograd_tile(x_shape, w_shape, stride: int, padding: int, xp=np) -> int:
         return 0
     if name == "auto":
         f, c = w_shape[:2]
-        return WINOGRAD_TILE if min(c, f) >= 32 else 0
+        oh, ow = (s + 2 * padding - 2 for s in x_shape[2:])
+        return WINOGRAD_TILE if c * f >= 8 * (c + f) and min(oh, ow) >= WINOGRAD_TILE else 0
     return int(name[-1]) if name[-1].isdigit() else WINOGRAD_TILE
 
 
@@ -223,6 +226,19 @@ def _winograd_plan(n, c, f, tiles, T, itemsize):
     """chunk_plan for Winograd: a chunk's tile stacks V (T, P, C) and M (T, P, F)
     take about WINOGRAD_CHUNK_BYTES -> (shares, P of the largest chunk)."""
     return chunk_plan(n, tiles, T * max(c, f), itemsize, np, WINOGRAD_CHUNK_BYTES)
+
+
+def winograd_workspace(x_shape, w_shape, padding: int, m: int, itemsize: int = 4) -> int:
+    """Bytes of Winograd's backward workspace (``_winograd_backward``): per worker the
+    input samples of one chunk (decoded from their stored form), V / gV (T, P, C), gM
+    (T, P, F) and two (T, C, F) weight-gradient partials; and U (T, C, F)."""
+    n, c, h, w = x_shape
+    f = w_shape[0]
+    th, tw = wino.tile_grid(h + 2 * padding - 2, w + 2 * padding - 2, m)
+    T = (m + 2) ** 2
+    shares, p_max = _winograd_plan(n, c, f, th * tw, T, itemsize)
+    per_worker = p_max // (th * tw) * c * h * w + T * p_max * (c + f) + 2 * T * c * f
+    return itemsize * (min(len(shares), workers(np)) * per_worker + T * c * f)
 
 
 def _winograd_forward(x, w, pad, m):
