@@ -267,6 +267,8 @@ def test_auto_rule_and_which_shapes_have_a_winograd_path():
     assert CV.winograd_tile((8, 8, 32, 32), (8, 8, 3, 3), 1, 1) == 0
     assert CV.winograd_tile((8, 256, 2, 2), (256, 256, 3, 3), 1, 1) == 0          # less than one 4x4 tile
     assert CV.winograd_tile((8, 256, 4, 4), (256, 256, 3, 3), 1, 0) == 0
+    assert CV.winograd_tile((8, 16, 8, 8), (16, 16, 3, 3), 1, 1) == 0              # too little work per sample
+    assert CV.winograd_tile((8, 32, 8, 8), (32, 32, 3, 3), 1, 1) == CV.WINOGRAD_TILE
     CV.use_algorithm("winograd")
     assert CV.winograd_tile((8, 3, 32, 32), (16, 3, 3, 3), 1, 0) == CV.WINOGRAD_TILE
     for x_shape, w_shape, stride in [((2, 64, 8, 8), (64, 64, 3, 3), 2), ((2, 64, 8, 8), (64, 64, 1, 1), 1),

@@ -58,11 +58,12 @@ def winograd_tile(x_shape, w_shape, stride: int, padding: int, xp=np) -> int:
 
     Only 3x3 stride-1 convolutions of NumPy arrays have a Winograd path. "auto"
     takes F(4x4, 3x3) where it measured faster than im2row side by side
-    (``benchmarks/bench_conv.py --more``; docs/kernels.md): enough channels for
-    the GEMMs to outweigh the transforms, C*F/(C+F) >= 8 (the transforms cost
-    ~C+F per pixel, the products ~C*F), and an output of at least one whole
-    tile each way (a 2x2 output would fill a fourth of a 4x4 tile). A function
-    of the shapes and the switch only, so a run is deterministic."""
+    (``benchmarks/bench_conv.py --more``; docs/kernels.md): with h = C*F/(C+F)
+    (the transforms cost ~C+F per pixel, the products ~C*F), h >= 8, an output
+    of at least one whole tile each way (a 2x2 output would fill a fourth of a
+    4x4 tile) and h*OH*OW >= 1024 (below, per-chunk overheads ate the gain:
+    16->16 at 8x8 ran 1.09x im2row's time). A function of the shapes and the
+    switch only, so a run is deterministic."""
     if xp is not np or tuple(w_shape[2:]) != (3, 3) or stride != 1:
         return 0
     name = conv_algorithm()
@@ -71,7 +72,8 @@ def winograd_tile(x_shape, w_shape, stride: int, padding: int, xp=np) -> int:
     if name == "auto":
         f, c = w_shape[:2]
         oh, ow = (s + 2 * padding - 2 for s in x_shape[2:])
-        return WINOGRAD_TILE if c * f >= 8 * (c + f) and min(oh, ow) >= WINOGRAD_TILE else 0
+        h = c * f / (c + f)
+        return WINOGRAD_TILE if h >= 8 and min(oh, ow) >= WINOGRAD_TILE and h * oh * ow >= 1024 else 0
     return int(name[-1]) if name[-1].isdigit() else WINOGRAD_TILE
 
 
