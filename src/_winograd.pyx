@@ -15,12 +15,14 @@ A multiplication by a coefficient 1 or -1 is exact, so ``x + (-1)*y`` is the
 ``x - y`` of a hand-written transform, bit for bit.
 
 * float32 and float64 through the ``floating`` fused type, C-contiguous typed
-  memoryviews, no GIL; the channel vector of K values is the inner, contiguous
-  (vectorised) loop everywhere.
+  memoryviews, no GIL.
+* One row of TW tiles at a time: in the tile stacks (a*a, P, K) the row's
+  tiles are TW*K contiguous values per tile position, so ``_tx`` runs on
+  vectors of TW*K values (the inner, vectorised loop) rather than K: a few
+  dozen long loops per row of tiles instead of per tile. The image side is
+  copied into / out of a per-thread scratch laid out the same way.
 * ``prange`` over samples with ``num_threads`` OpenMP threads (default 1: the
-  convolution runs whole chunks on each core, ``npapprox.parallel``). Each
-  thread owns a scratch sample in channels-last layout, zero-padded to whole
-  tiles, as in ``_im2col.pyx``.
+  convolution runs whole chunks on each core, ``npapprox.parallel``).
 * ``input_tiles_adjoint`` sums overlapping tiles: each gx element starts from
   +0.0 and receives its tiles' contributions in increasing (tile row, tile
   column) order, the order of the reference.

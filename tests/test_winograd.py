@@ -20,7 +20,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from threadpoolctl import threadpool_limits
 
-from npapprox import Tensor, ops
+from npapprox import Tensor, cli, ops
 from npapprox.kernels import winograd as WG
 from npapprox.kernels.switch import use_reference
 from npapprox.ops import conv as CV
@@ -293,6 +293,14 @@ def test_environment_variable_picks_the_algorithm():
     env = dict(os.environ, NPAPPROX_CONV="fast")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode != 0 and "NPAPPROX_CONV must be one of auto, im2row, winograd" in res.stderr
+
+
+def test_bad_environment_value_is_a_one_line_cli_error(monkeypatch, capsys):
+    """The command line checks $NPAPPROX_CONV before any work: one line, exit 2."""
+    monkeypatch.setenv("NPAPPROX_CONV", "fast")
+    rc = cli.main(["memory", "--model", "resnet20"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.splitlines()) == 1 and "NPAPPROX_CONV must be one of" in err, err
 
 
 def test_deterministic_across_runs_and_chunkings():
