@@ -17,28 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_engine import _times  # noqa: E402  (the benchmarks directory is not a package)
+from bench_engine import _times, side_by_side_parser  # noqa: E402  (the benchmarks directory is not a package)
+from bench_kernels import _cpu_model  # noqa: E402  (likewise, after the sys.path insert)
 
 RESNET20 = [(3, 16, 32), (16, 16, 32), (32, 32, 16), (64, 64, 8)]        # (C, F, H), 3x3, stride 1, pad 1
 MORE = [(8, 8, 32), (16, 16, 8), (100, 12, 32), (128, 128, 4), (256, 256, 2), (64, 64, 32)]
 ENGINES = ("im2row", "winograd2", "winograd4", "auto", "torch")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _inputs(c, f, h, n):
@@ -109,11 +98,7 @@ def _errors(dump, shapes):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2, help="alternating worker runs per engine")
+    p = side_by_side_parser(__doc__)
     p.add_argument("--more", action="store_true", help="also shapes outside ResNet-20 (the auto rule's evidence)")
     p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--shapes", help=argparse.SUPPRESS)

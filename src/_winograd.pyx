@@ -34,6 +34,8 @@ from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
+from _layout cimport nhwc_to_nchw
+
 
 cdef inline void _rows(const floating* L, Py_ssize_t r, Py_ssize_t a,
                        const floating* src, Py_ssize_t s_j, Py_ssize_t s_l, Py_ssize_t nl,
@@ -108,11 +110,21 @@ cdef inline void _tx(const floating* L, Py_ssize_t r, Py_ssize_t a,
     _rows(L, r, a, tmp, K, a * K, r, dst, d_col, d_row, K)
 
 
-cdef _tiles(Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t m, Py_ssize_t *TH, Py_ssize_t *TW):
-    if m < 1 or m > 6 or OH < 1 or OW < 1:
-        raise ValueError("need 1 <= m <= 6 and an output of at least 1x1")
+cdef int _plan(str name, Py_ssize_t B, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t m, Py_ssize_t a,
+               Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2, Py_ssize_t K, int num_threads,
+               Py_ssize_t* TH, Py_ssize_t* TW) except -1:
+    """Shapes are trusted inside the nogil loops, so check them once here: an OH x OW
+    output in TH x TW tiles of m x m, the tile stack (s0, s1, s2) = (a*a, B*TH*TW, K).
+    Returns 1 when there is work to do (no tile or no channel: 0)."""
+    if m < 1 or a != m + 2 or OH < 1 or OW < 1:
+        raise ValueError(f"{name}: need a = m + 2, m >= 1 and an output of at least 1x1")
     TH[0] = (OH + m - 1) // m
     TW[0] = (OW + m - 1) // m
+    if s0 != a * a or s1 != B * TH[0] * TW[0] or s2 != K:
+        raise ValueError(f"{name}: shapes do not match")
+    if num_threads < 1:
+        raise ValueError("num_threads must be >= 1")
+    return 1 if s1 > 0 and K > 0 else 0
 
 
 def transform(const floating[:, :, :, ::1] src,   # IN:  (N, a, a, K)
@@ -148,14 +160,12 @@ def input_tiles(const floating[:, :, :, ::1] x,   # IN:  (B, C, H, W)
     output going straight to the TW*C contiguous values v[t, p0:p0 + TW, :]."""
     cdef Py_ssize_t B = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], a = L.shape[1]
     cdef Py_ssize_t TH, TW
-    _tiles(H + 2 * pad - (a - m), W + 2 * pad - (a - m), m, &TH, &TW)
-    cdef Py_ssize_t Hs = TH * m + a - m, P = B * TH * TW, R = a * TW * C     # R: one scratch row
-    if L.shape[0] != a or v.shape[0] != a * a or v.shape[1] != P or v.shape[2] != C or pad < 0:
-        raise ValueError("input_tiles: shapes do not match")
-    if num_threads < 1:
-        raise ValueError("num_threads must be >= 1")
-    if P == 0 or C == 0:
+    if L.shape[0] != a or pad < 0:
+        raise ValueError("input_tiles: L must be square and pad >= 0")
+    if not _plan("input_tiles", B, H + 2 * pad - 2, W + 2 * pad - 2, m, a, v.shape[0], v.shape[1], v.shape[2],
+                 C, num_threads, &TH, &TW):
         return
+    cdef Py_ssize_t Hs = TH * m + 2, P = B * TH * TW, R = a * TW * C     # R: one scratch row
     cdef Py_ssize_t n, c, h, l, tj, ti, col
     cdef floating* t
     cdef floating* tmp
@@ -201,14 +211,12 @@ def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
     each element receives its tiles in increasing tj (and, row after row, ti) order."""
     cdef Py_ssize_t B = gx.shape[0], C = gx.shape[1], H = gx.shape[2], W = gx.shape[3], a = L.shape[1]
     cdef Py_ssize_t TH, TW
-    _tiles(H + 2 * pad - (a - m), W + 2 * pad - (a - m), m, &TH, &TW)
-    cdef Py_ssize_t Hs = TH * m + a - m, Ws = TW * m + a - m, P = B * TH * TW, R = a * TW * C
-    if L.shape[0] != a or gv.shape[0] != a * a or gv.shape[1] != P or gv.shape[2] != C or pad < 0:
-        raise ValueError("input_tiles_adjoint: shapes do not match")
-    if num_threads < 1:
-        raise ValueError("num_threads must be >= 1")
-    if P == 0 or C == 0:
+    if L.shape[0] != a or pad < 0:
+        raise ValueError("input_tiles_adjoint: L must be square and pad >= 0")
+    if not _plan("input_tiles_adjoint", B, H + 2 * pad - 2, W + 2 * pad - 2, m, a, gv.shape[0], gv.shape[1],
+                 gv.shape[2], C, num_threads, &TH, &TW):
         return
+    cdef Py_ssize_t Hs = TH * m + 2, Ws = TW * m + 2, P = B * TH * TW, R = a * TW * C
     cdef Py_ssize_t n, c, h, w, ti, tj, u, k
     cdef floating* t
     cdef floating* tmp
@@ -236,15 +244,46 @@ def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
                                 src = tile + ((u * a + w) * TW + tj) * C
                                 for k in range(C):
                                     dst[k] = dst[k] + src[k]
-                for c in range(C):
-                    for h in range(H):
-                        src = t + ((h + pad) * Ws + pad) * C + c
-                        dst = &gx[n, c, h, 0]
-                        for w in range(W):
-                            dst[w] = src[w * C]
+                nhwc_to_nchw(t + (pad * Ws + pad) * C, Ws * C, C, H, W, &gx[n, 0, 0, 0])
         free(t)
     if err:
         raise MemoryError("winograd input-adjoint scratch")
+
+
+cdef void _output_pass(floating* mt, floating* y, const floating* L, Py_ssize_t B, Py_ssize_t F,
+                       Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t m, Py_ssize_t TH, Py_ssize_t TW,
+                       bint adjoint, int num_threads, int* failed) noexcept nogil:
+    """``output_tiles`` (mt -> y, L = A^T (m, a)) or, ``adjoint``, its transpose (y -> mt,
+    L = A (a, m)), one row of tiles at a time through a scratch o[i, k, tj, f] holding
+    the row's m x m output tiles: one ``_tx`` on vectors of TW*F values between o and
+    mt, and a scalar copy between o and y (zeros past OH, OW read, those outputs dropped)."""
+    cdef Py_ssize_t a = m + 2, P = B * TH * TW, R = TW * F
+    cdef Py_ssize_t n, f, i, k, tj, ti, h, w
+    cdef floating* t
+    cdef floating* o
+    with parallel(num_threads=num_threads):
+        t = <floating*> malloc((m * m + m * a) * R * sizeof(floating))   # o, then _tx's scratch
+        if t == NULL:
+            failed[0] = 1
+        for n in prange(B, schedule="static"):
+            if t != NULL:
+                for ti in range(TH):
+                    if not adjoint:
+                        _tx(L, m, a, mt + (n * TH + ti) * TW * F, a * P * F, P * F, t + m * m * R, t, m * R, R, R)
+                    for f in range(F):
+                        for i in range(m):
+                            h = ti * m + i
+                            for k in range(m):
+                                for tj in range(TW):
+                                    w = tj * m + k
+                                    o = t + (i * m + k) * R + tj * F + f
+                                    if adjoint:
+                                        o[0] = y[((n * F + f) * OH + h) * OW + w] if h < OH and w < OW else 0
+                                    elif h < OH and w < OW:
+                                        y[((n * F + f) * OH + h) * OW + w] = o[0]
+                    if adjoint:
+                        _tx(L, a, m, t, m * R, R, t + m * m * R, mt + (n * TH + ti) * TW * F, a * P * F, P * F, R)
+        free(t)
 
 
 def output_tiles(const floating[:, :, ::1] mt,    # IN:  (a*a, B*TH*TW, F)
@@ -252,48 +291,13 @@ def output_tiles(const floating[:, :, ::1] mt,    # IN:  (a*a, B*TH*TW, F)
                  const floating[:, ::1] L,        # (m, a): A^T
                  int num_threads=1):
     """y[n, f, ti*m + i, tj*m + k] = (L M L^T)[i, k], M the tile's (a, a) values of mt
-    (outputs beyond OH, OW dropped). A row of tiles is one ``_tx`` on vectors of TW*F
-    values, into a scratch o[i, k, tj, f], then scattered into y."""
-    cdef Py_ssize_t B = y.shape[0], F = y.shape[1], OH = y.shape[2], OW = y.shape[3]
-    cdef Py_ssize_t m = L.shape[0], a = L.shape[1]
+    (outputs beyond OH, OW dropped)."""
     cdef Py_ssize_t TH, TW
-    _tiles(OH, OW, m, &TH, &TW)
-    cdef Py_ssize_t P = B * TH * TW, R = TW * F
-    if mt.shape[0] != a * a or mt.shape[1] != P or mt.shape[2] != F:
-        raise ValueError("output_tiles: shapes do not match")
-    if num_threads < 1:
-        raise ValueError("num_threads must be >= 1")
-    if P == 0 or F == 0:
-        return
-    cdef Py_ssize_t n, f, i, k, tj, ti, h, w
-    cdef floating* t
-    cdef floating* tmp
-    cdef floating* dst
-    cdef const floating* src
     cdef int err = 0
-    cdef int* failed = &err
-    with nogil, parallel(num_threads=num_threads):
-        t = <floating*> malloc((m * m + m * a) * R * sizeof(floating))
-        if t == NULL:
-            failed[0] = 1
-        for n in prange(B, schedule="static"):
-            if t != NULL:
-                tmp = t + m * m * R
-                for ti in range(TH):
-                    _tx(&L[0, 0], m, a, &mt[0, (n * TH + ti) * TW, 0], a * P * F, P * F, tmp,
-                        t, m * R, R, R)
-                    for f in range(F):
-                        for i in range(m):
-                            h = ti * m + i
-                            if h < OH:
-                                dst = &y[n, f, h, 0]
-                                for k in range(m):
-                                    src = t + (i * m + k) * R + f
-                                    for tj in range(TW):
-                                        w = tj * m + k
-                                        if w < OW:
-                                            dst[w] = src[tj * F]
-        free(t)
+    if _plan("output_tiles", y.shape[0], y.shape[2], y.shape[3], L.shape[0], L.shape[1], mt.shape[0],
+             mt.shape[1], mt.shape[2], y.shape[1], num_threads, &TH, &TW):
+        _output_pass(<floating*> &mt[0, 0, 0], &y[0, 0, 0, 0], &L[0, 0], y.shape[0], y.shape[1], y.shape[2],
+                     y.shape[3], L.shape[0], TH, TW, False, num_threads, &err)
     if err:
         raise MemoryError("winograd output scratch")
 
@@ -303,43 +307,12 @@ def output_tiles_adjoint(const floating[:, :, :, ::1] gy,   # IN:  (B, F, OH, OW
                          const floating[:, ::1] L,          # (a, m): A, the transpose of output_tiles' L
                          int num_threads=1):
     """gm[u*a + w, (n*TH + ti)*TW + tj, f] = (L g L^T)[u, w], g the m x m tile of gy[n, f]
-    at (ti*m, tj*m), zero beyond OH, OW. A row of tiles is gathered into a scratch
-    g[i, k, tj, f], then one ``_tx`` on vectors of TW*F values writes gm."""
-    cdef Py_ssize_t B = gy.shape[0], F = gy.shape[1], OH = gy.shape[2], OW = gy.shape[3]
-    cdef Py_ssize_t a = L.shape[0], m = L.shape[1]
+    at (ti*m, tj*m), zero beyond OH, OW."""
     cdef Py_ssize_t TH, TW
-    _tiles(OH, OW, m, &TH, &TW)
-    cdef Py_ssize_t P = B * TH * TW, R = TW * F
-    if gm.shape[0] != a * a or gm.shape[1] != P or gm.shape[2] != F:
-        raise ValueError("output_tiles_adjoint: shapes do not match")
-    if num_threads < 1:
-        raise ValueError("num_threads must be >= 1")
-    if P == 0 or F == 0:
-        return
-    cdef Py_ssize_t n, f, i, k, tj, ti, h, w
-    cdef floating* t
-    cdef floating* tmp
-    cdef floating* dst
-    cdef const floating* src
     cdef int err = 0
-    cdef int* failed = &err
-    with nogil, parallel(num_threads=num_threads):
-        t = <floating*> malloc((m * m + a * m) * R * sizeof(floating))
-        if t == NULL:
-            failed[0] = 1
-        for n in prange(B, schedule="static"):
-            if t != NULL:
-                tmp = t + m * m * R
-                for ti in range(TH):
-                    for f in range(F):
-                        for i in range(m):
-                            h = ti * m + i
-                            for k in range(m):
-                                dst = t + (i * m + k) * R + f
-                                for tj in range(TW):
-                                    w = tj * m + k
-                                    dst[tj * F] = gy[n, f, h, w] if h < OH and w < OW else 0
-                    _tx(&L[0, 0], a, m, t, m * R, R, tmp, &gm[0, (n * TH + ti) * TW, 0], a * P * F, P * F, R)
-        free(t)
+    if _plan("output_tiles_adjoint", gy.shape[0], gy.shape[2], gy.shape[3], L.shape[1], L.shape[0],
+             gm.shape[0], gm.shape[1], gm.shape[2], gy.shape[1], num_threads, &TH, &TW):
+        _output_pass(&gm[0, 0, 0], <floating*> &gy[0, 0, 0, 0], &L[0, 0], gy.shape[0], gy.shape[1], gy.shape[2],
+                     gy.shape[3], L.shape[1], TH, TW, True, num_threads, &err)
     if err:
         raise MemoryError("winograd output-adjoint scratch")
