@@ -29,8 +29,6 @@ from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
-from _layout cimport nhwc_to_nchw
-
 
 cdef _check(Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
             Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t stride, Py_ssize_t pad,
@@ -125,7 +123,12 @@ def row2im(const floating[:, ::1] rows,       # IN:  (N*OH*OW, kh*kw*C)
                             dst = t + ((i * stride + p) * Wp + j * stride) * C
                             for k in range(kw * C):   # the window row's kw*C values are contiguous
                                 dst[k] = dst[k] + src[k]
-                nhwc_to_nchw(t + (pad * Wp + pad) * C, Wp * C, C, H, W, &gx[n, 0, 0, 0])
+                for c in range(C):
+                    for h in range(H):
+                        src = t + ((h + pad) * Wp + pad) * C + c
+                        dst = &gx[n, c, h, 0]
+                        for w in range(W):
+                            dst[w] = src[w * C]
         free(t)
     if err:
         raise MemoryError("row2im scratch buffer")

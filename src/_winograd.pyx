@@ -34,8 +34,6 @@ from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
-from _layout cimport nhwc_to_nchw
-
 
 cdef inline void _rows(const floating* L, Py_ssize_t r, Py_ssize_t a,
                        const floating* src, Py_ssize_t s_j, Py_ssize_t s_l, Py_ssize_t nl,
@@ -206,9 +204,12 @@ def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
     """gx = 0; for each tile in increasing (ti, tj): gxpad[n, c, tile] += (L g L^T), g the
     tile's (a, a) values of gv; the padding is dropped.
 
-    A row of tiles is one ``_tx`` on vectors of TW*C values; its tiles are then added
-    into a channels-last scratch sample, w decreasing outside tj increasing, so that
-    each element receives its tiles in increasing tj (and, row after row, ti) order."""
+    A row of tiles is one ``_tx`` on vectors of TW*C values, into tile[u, w, tj, c]. The
+    sample is summed in a column-split scratch s[h, l, b, c] = gxpad[n, c, h, b*m + l]
+    (l < m: each column once), where all tiles' (u, w) values of a row are one vector
+    add of TW*C values (into blocks b = tj for w < m, b = tj + 1 for w >= m); w
+    decreasing, so each element receives tile tj - 1 before tile tj, rows of tiles in
+    increasing ti."""
     cdef Py_ssize_t B = gx.shape[0], C = gx.shape[1], H = gx.shape[2], W = gx.shape[3], a = L.shape[1]
     cdef Py_ssize_t TH, TW
     if L.shape[0] != a or pad < 0:
@@ -216,8 +217,9 @@ def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
     if not _plan("input_tiles_adjoint", B, H + 2 * pad - 2, W + 2 * pad - 2, m, a, gv.shape[0], gv.shape[1],
                  gv.shape[2], C, num_threads, &TH, &TW):
         return
-    cdef Py_ssize_t Hs = TH * m + 2, Ws = TW * m + 2, P = B * TH * TW, R = a * TW * C
-    cdef Py_ssize_t n, c, h, w, ti, tj, u, k
+    # Q: one column phase of a scratch row ((TW + 1) blocks of C), m*Q: one scratch row
+    cdef Py_ssize_t Hs = TH * m + 2, P = B * TH * TW, R = a * TW * C, Q = (TW + 1) * C
+    cdef Py_ssize_t n, c, h, l, b, col, ti, u, w, k
     cdef floating* t
     cdef floating* tmp
     cdef floating* tile
@@ -226,25 +228,32 @@ def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
     cdef int err = 0
     cdef int* failed = &err
     with nogil, parallel(num_threads=num_threads):
-        t = <floating*> malloc((Hs * Ws * C + 2 * a * R) * sizeof(floating))
+        t = <floating*> malloc((Hs * m * Q + 2 * a * R) * sizeof(floating))
         if t == NULL:
             failed[0] = 1
         for n in prange(B, schedule="static"):
             if t != NULL:
-                tmp = t + Hs * Ws * C
+                tmp = t + Hs * m * Q
                 tile = tmp + a * R                                   # (a, a, TW, C)
-                memset(t, 0, Hs * Ws * C * sizeof(floating))
+                memset(t, 0, Hs * m * Q * sizeof(floating))
                 for ti in range(TH):
                     _tx(&L[0, 0], a, a, &gv[0, (n * TH + ti) * TW, 0], a * P * C, P * C, tmp,
                         tile, R, TW * C, TW * C)
                     for u in range(a):
                         for w in range(a - 1, -1, -1):
-                            for tj in range(TW):
-                                dst = t + ((ti * m + u) * Ws + tj * m + w) * C
-                                src = tile + ((u * a + w) * TW + tj) * C
-                                for k in range(C):
-                                    dst[k] = dst[k] + src[k]
-                nhwc_to_nchw(t + (pad * Ws + pad) * C, Ws * C, C, H, W, &gx[n, 0, 0, 0])
+                            dst = t + (ti * m + u) * m * Q + ((w - m) * Q + C if w >= m else w * Q)
+                            src = tile + (u * a + w) * TW * C
+                            for k in range(TW * C):
+                                dst[k] = dst[k] + src[k]
+                for c in range(C):
+                    for h in range(H):
+                        src = t + (h + pad) * m * Q + c
+                        dst = &gx[n, c, h, 0]
+                        for l in range(m):
+                            for b in range(TW + 1):
+                                col = b * m + l - pad
+                                if 0 <= col < W:
+                                    dst[col] = src[(l * (TW + 1) + b) * C]
         free(t)
     if err:
         raise MemoryError("winograd input-adjoint scratch")
