@@ -84,8 +84,8 @@ def _weight_rows(w):
 
 
 def chunk_plan(n, rows_per_sample, k, itemsize, xp, budget=None):
-    """Batch slices whose im2row rows ``(B*OH*OW, k)`` take about CHUNK_BYTES
-    (GPU_CHUNK_BYTES on the GPU), at least one per worker when the batch allows,
+    """Batch slices whose im2row rows ``(B*OH*OW, k)`` take about ``budget`` bytes
+    (default CHUNK_BYTES, GPU_CHUNK_BYTES on the GPU), at least one per worker when the batch allows,
     dealt to the workers (``npapprox.parallel``) -> (one list of slices per
     worker, rows of the largest chunk: the first). A function of the shapes and
     the backend only."""
