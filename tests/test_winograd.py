@@ -238,6 +238,15 @@ def test_forced_reference_gives_the_same_bytes(m):
         assert same(a, b)
 
 
+@pytest.mark.parametrize("m", WG.TILES)
+def test_empty_batch(m):
+    """No sample: empty output and input gradient, zero weight and bias gradients."""
+    x, w, b = np.zeros((0, 3, 5, 6), np.float32), np.ones((4, 3, 3, 3), np.float32), np.ones(4, np.float32)
+    y, gx, gw, gb = _conv_with_grads(x, w, b, 1, np.zeros((0, 4, 5, 6), np.float32), f"winograd{m}")
+    assert y.shape == (0, 4, 5, 6) and gx.shape == x.shape
+    assert np.array_equal(gw, np.zeros_like(w)) and np.array_equal(gb, np.zeros_like(b))
+
+
 def test_stored_input_is_read_chunk_by_chunk():
     """A conv whose input is stored as a unit's paper codes: Winograd's weight gradient is
     the float64 oracle's at the input the unit decodes (the one backward reads)."""

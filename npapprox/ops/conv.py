@@ -150,7 +150,8 @@ class Conv2d(Function):
         need_x, need_w, need_b = ctx.needs_input_grad
         x_of = ctx.sample_reader("x") if need_w else None         # a chunk's samples -> their input
         x_shape = (gy.shape[0], w.shape[1]) + tuple(ctx.saved["x"].shape[2:])
-        gb = gy.reshape(gy.shape[0], gy.shape[1], -1).sum(axis=(0, 2)) if need_b else None
+        n, f, oh, ow = gy.shape
+        gb = gy.reshape(n, f, oh * ow).sum(axis=(0, 2)) if need_b else None
         if ctx.tile:
             gx, gw = _winograd_backward(gy, w, x_of, x_shape, ctx.padding, ctx.tile, need_x, need_w)
         else:
