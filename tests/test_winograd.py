@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from threadpoolctl import threadpool_limits
 
 from npapprox import Tensor, cli, ops
+from npapprox.function import Context
 from npapprox.kernels import winograd as WG
 from npapprox.kernels.switch import use_reference
 from npapprox.ops import conv as CV
@@ -263,6 +264,29 @@ def test_stored_input_is_read_chunk_by_chunk():
     CV.use_algorithm("im2row")
     ref, _ = engine_unit(problem, Exact())
     _close(out["o1"], ref["o1"].astype(np.float64), WG.TILES[-1], "o1 vs im2row")
+
+
+def test_backward_reads_the_input_a_chunk_at_a_time(monkeypatch):
+    """The saved input is read through ``ctx.sample_reader`` in chunks smaller than the
+    batch that together cover every sample once (no decoded input of the whole batch)."""
+    reads = []
+    reader = Context.sample_reader
+
+    def spy(ctx, name):
+        read = reader(ctx, name)
+
+        def chunk(sl):
+            reads.append((sl.start, sl.stop))
+            return read(sl)
+        return chunk
+
+    monkeypatch.setattr(Context, "sample_reader", spy)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64, 32, 16, 16)).astype(np.float32)
+    w = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
+    _conv_with_grads(x, w, None, 1, np.ones((64, 32, 16, 16), np.float32), "winograd")
+    assert len(reads) > 1 and all(b - a < 64 for a, b in reads)
+    assert sorted(i for a, b in reads for i in range(a, b)) == list(range(64))
 
 
 # --------------------------------------------------------------------------- #
