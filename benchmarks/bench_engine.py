@@ -168,12 +168,18 @@ def policy_steps(models: list, policies: list, batch: int, repeats: int, threads
               flush=True)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def side_by_side_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of every side-by-side benchmark (this one, bench_conv.py)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="alternating worker runs per engine")
+    return p
+
+
+def main(argv=None):
+    p = side_by_side_parser(__doc__)
     p.add_argument("--skip-step", action="store_true", help="only the per-op table")
     p.add_argument("--policies", nargs="?", const="exact,paper4,paper2", metavar="LIST",
                    help="time steps under these storage policies instead (default exact,paper4,paper2)")

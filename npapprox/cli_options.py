@@ -16,6 +16,7 @@ from .ledger import footprint
 from .limits import fmt_bytes
 from .nn.resnet import ACTIVATIONS
 from .nn.zoo import MODELS, input_divisor
+from .ops.conv import conv_algorithm
 from .optim import OPTIMIZER_NAMES
 from .policy import policy_from_name
 from .runfolder import check_out
@@ -131,6 +132,7 @@ def check_args(args) -> None:
     and the model, and whether the model and a batch fit in memory (before
     anything large is allocated). Raises ValueError."""
     cmd, state = args.command, False
+    conv_algorithm()                                   # a bad $NPAPPROX_CONV, before any work
     if cmd in ("train", "compare"):
         run = train_config(args, "exact", 0, None)                     # after --preset
         model, data, size, width, batch = run.model, run.data, run.size, run.width, run.batch_size

@@ -32,7 +32,7 @@ from .backend import gpu_memory_peak, on_gpu
 from .function import Function
 from .limits import fmt_bytes
 from .nn import build_model, input_divisor
-from .ops.conv import chunk_plan
+from .ops.conv import chunk_plan, winograd_tile, winograd_workspace
 from .parallel import workers
 from .policy import ACTIVATION, PARAM, UNIT, Policy, current_policy, storage_policy
 from .storage import Unit, UnitRef
@@ -142,7 +142,11 @@ TRANSIENT_BUFFERS = 2.5
 def conv_workspace(x_shape, w_shape, stride: int, padding: int, xp=np) -> int:
     """Bytes of one conv's backward workspace (``ops.conv``: per worker the input
     samples of one chunk, decoded from their stored form (m / L, C, H, W), its rows
-    (m, K), its output rows (m, F) and two (K, F) weight-gradient partials)."""
+    (m, K), its output rows (m, F) and two (K, F) weight-gradient partials; on
+    Winograd's path ``ops.conv.winograd_workspace``)."""
+    tile = winograd_tile(x_shape, w_shape, stride, padding, xp)
+    if tile:                                    # a 3x3 stride-1 conv on Winograd's path
+        return winograd_workspace(x_shape, w_shape, padding, tile)
     n, _, h, w = x_shape
     f, c, kh, kw = w_shape
     L = ((h + 2 * padding - kh) // stride + 1) * ((w + 2 * padding - kw) // stride + 1)
