@@ -245,9 +245,10 @@ class ExactUnit(Unit):
         return self._apply(want_y=False, want_h=True)[1].reshape(self.shape)
 
     def h_samples(self, sl):
+        # called by a worker of npapprox.parallel (a conv chunk): on this thread
         x = self.x[sl]
         return bn_apply(as_ncm(x), self.mu, self.gamma * self.inv_sigma, self.beta,
-                        want_y=False, want_h=True)[1].reshape(x.shape)
+                        want_y=False, want_h=True, serial=True)[1].reshape(x.shape)
 
     def bn_source(self) -> BNSource:
         # xhat and the mask are rebuilt inside the fused backward pass from x:

@@ -105,6 +105,8 @@ def _by_samples(kernel, x3, serial=False) -> list:
     (``npapprox.parallel``; one range on the calling thread when ``serial`` or small)
     -> the results, in worker order."""
     n = 1 if serial or x3.size < PARALLEL_MIN else len(deal(list(range(x3.shape[0]))))
+    if n == 1:
+        return [kernel(0, x3.shape[0])]
     bounds = [x3.shape[0] * k // n for k in range(n + 1)]
     return run(lambda k: kernel(bounds[k], bounds[k + 1]), n)
 
