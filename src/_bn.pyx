@@ -22,8 +22,8 @@ worker, with the GIL released.
   thread count. They are more accurate than the reference's float32 sums and
   differ from them in the last bits.
 * One read of memory per input where the algebra allows: the statistics read x
-  once (a row's sum and its squared deviations around the row's own mean while
-  the row is in L1, rows combined with Chan's formula); the backward reads gy and
+  once (a row's sum, then its squared deviations around the row's own mean while
+  the row is in L1; rows combined with Chan's formula); the backward reads gy and
   its source twice (the sums, then gx), as the per-channel sums are needed
   before gx; the fused forward of a unit writes h and its K-bit codes in the one
   pass that computes y.
@@ -81,7 +81,7 @@ cdef inline double _sum_row(const floating* p, Py_ssize_t m) noexcept nogil:
 
 
 cdef inline double _sqdev_row(const floating* p, Py_ssize_t m, double mu) noexcept nogil:
-    """sum((p[0:m] - mu)^2) in float64, same partial-sum scheme."""
+    """sum((p[0:m] - mu)^2) in float64, the partial-sum scheme of ``_sum_row``."""
     cdef double a[LANES]
     cdef double d
     cdef Py_ssize_t i = 0
@@ -103,9 +103,8 @@ def row_moments(const floating[:, :, ::1] x,   # IN:  (N, C, M)
                 double[:, :, ::1] part,         # OUT: (2, N, C) rows n0 <= n < n1 written
                 Py_ssize_t n0=0, Py_ssize_t n1=-1):
     """Per row: part[0, n, c] = S = sum(x[n, c]) and part[1, n, c] = sum((x[n, c] - S/M)^2)
-    (float64), the row read once (the second sum runs while it is in L1)."""
+    (float64), the row read once from memory (the second sum runs while it is in L1)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2], n, c
-    cdef const floating* row
     cdef double sr
     n1 = _rows_end(n0, n1, N)
     if part.shape[0] != 2 or part.shape[1] != N or part.shape[2] != C:
@@ -115,10 +114,9 @@ def row_moments(const floating[:, :, ::1] x,   # IN:  (N, C, M)
     with nogil:
         for n in range(n0, n1):
             for c in range(C):
-                row = &x[n, c, 0]
-                sr = _sum_row(row, M)
+                sr = _sum_row(&x[n, c, 0], M)     # then the row's squared deviations, while it is in L1
                 part[0, n, c] = sr
-                part[1, n, c] = _sqdev_row(row, M, sr / <double> M)
+                part[1, n, c] = _sqdev_row(&x[n, c, 0], M, sr / <double> M)
 
 
 def moments_of_rows(const double[:, :, ::1] part,   # IN:  (2, N, C) from row_moments
@@ -330,51 +328,59 @@ cdef inline void _load_block(const Source* S, const floating* pg, Py_ssize_t sta
         return
     mu, inv_sigma = (<const floating*> S.mu)[c], (<const floating*> S.inv_sigma)[c]
     ps = <const floating*> S.src + start
-    for i in range(nb):
-        xh[i] = (ps[i] - mu) * inv_sigma
     if S.mode == SRC_RELU:
         beta = (<const floating*> S.beta)[c]
         for i in range(nb):
+            xh[i] = (ps[i] - mu) * inv_sigma
             g[i] = pg[i] if ((ps[i] - mu) * scale + beta) > 0 else pg[i] * 0
     elif S.mode == SRC_MASK:
         pm = S.mask + start
         for i in range(nb):
+            xh[i] = (ps[i] - mu) * inv_sigma
             g[i] = pg[i] if pm[i] != 0 else pg[i] * 0
     else:
         for i in range(nb):
+            xh[i] = (ps[i] - mu) * inv_sigma
             g[i] = pg[i]
+
+
+cdef inline double _dot_row(const floating* a, const floating* b, Py_ssize_t m) noexcept nogil:
+    """sum(a[0:m] * b[0:m]) in float64, each product rounded to a's precision (as the
+    reference's ``(g * xhat).sum()``); the partial-sum scheme of ``_sum_row``."""
+    cdef double acc[LANES]
+    cdef Py_ssize_t i = 0
+    cdef int j
+    cdef floating p
+    _zero(acc)
+    while i + LANES <= m:
+        for j in range(LANES):
+            p = a[i + j] * b[i + j]
+            acc[j] += p
+        i += LANES
+    while i < m:
+        p = a[i] * b[i]
+        acc[0] += p
+        i += 1
+    return _tree(acc)
 
 
 cdef void _row_sums(const Source* S, const floating* gy, Py_ssize_t row, Py_ssize_t M, Py_ssize_t c,
                     floating scale, double* sum_g, double* sum_gx) noexcept nogil:
-    """Over one row: *sum_g = sum g, *sum_gx = sum g * xhat (float64: 16 partial sums,
-    a fixed tree)."""
+    """Over one row: *sum_g = sum g, *sum_gx = sum g * xhat (float64: per block of the
+    row, 16 partial sums in a fixed tree; the blocks added in order)."""
     cdef floating g[BLOCK]
     cdef floating xh[BLOCK]
     cdef uint8_t cb[BLOCK]
-    cdef double ab[LANES]
-    cdef double ag[LANES]
-    cdef Py_ssize_t i, j0, nb
-    cdef int j
-    _zero(ab)
-    _zero(ag)
-    j0 = 0
+    cdef double sb = 0, sg = 0
+    cdef Py_ssize_t j0 = 0, nb
     while j0 < M:
         nb = min(<Py_ssize_t> BLOCK, M - j0)
         _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb)
-        i = 0
-        while i + LANES <= nb:
-            for j in range(LANES):
-                ab[j] += g[i + j]
-                ag[j] += g[i + j] * xh[i + j]
-            i += LANES
-        while i < nb:
-            ab[0] += g[i]
-            ag[0] += g[i] * xh[i]
-            i += 1
+        sb += _sum_row(g, nb)
+        sg += _dot_row(g, xh, nb)
         j0 += BLOCK
-    sum_g[0] = _tree(ab)
-    sum_gx[0] = _tree(ag)
+    sum_g[0] = sb
+    sum_gx[0] = sg
 
 
 cdef void _row_grad(const Source* S, const floating* gy, Py_ssize_t row, Py_ssize_t M, Py_ssize_t c,
