@@ -461,21 +461,40 @@ def sums_of_rows(const double[:, :, ::1] part,   # IN:  (2, N, C) row sums (bn_b
         _sums_of_rows(&part[0, 0, 0], part.shape[1], part.shape[2], &ggamma[0], &gbeta[0])
 
 
-cdef inline double* _phase_args(int phase, Py_ssize_t N, Py_ssize_t C, Py_ssize_t M, double[:, :, ::1] part,
-                                double[::1] ggamma, double[::1] gbeta, list keep) except? NULL:
-    """Checks the phase and the per-channel outputs -> the (2, N, C) table of row sums
-    (allocated here for phase 0, kept alive by ``keep``)."""
+cdef inline void _no_source(Source* S, int mode, int bits) noexcept:
+    S.src = S.mu = S.inv_sigma = S.beta = NULL
+    S.mask = S.packed = NULL
+    S.s, S.step, S.off, S.mode, S.bits = NULL, NULL, NULL, mode, bits
+
+
+cdef _backward_call(Source* S, const floating[:, :, ::1] gy, const floating[::1] scale, bint batch_stats,
+                    floating[:, :, ::1] gx, double[::1] ggamma, double[::1] gbeta, double[:, :, ::1] part,
+                    int phase, Py_ssize_t n0, Py_ssize_t n1):
+    """The checks both entry points share, then ``_backward`` without the GIL. Phase 0
+    allocates its (2, N, C) table of row sums here."""
     import numpy as np
+    cdef Py_ssize_t N = gy.shape[0], C = gy.shape[1], M = gy.shape[2]
+    _check_like(gx, N, C, M, "gx")
     if phase not in (PHASE_ALL, PHASE_SUMS, PHASE_GRAD):
         raise ValueError("phase must be 0 (all), 1 (row sums) or 2 (gx)")
-    if ggamma.shape[0] != C or gbeta.shape[0] != C:
-        raise ValueError("ggamma and gbeta must have one entry per channel")
+    if ggamma.shape[0] != C or gbeta.shape[0] != C or scale.shape[0] != C:
+        raise ValueError("per-channel arrays must have one entry per channel")
     if phase == PHASE_ALL and part is None:
         part = np.empty((2, N, C))
-        keep.append(part)
     if phase != PHASE_GRAD and (part is None or part.shape[0] != 2 or part.shape[1] != N or part.shape[2] != C):
         raise ValueError("part must have shape (2, N, C)")
-    return NULL if phase == PHASE_GRAD or N * C == 0 else &part[0, 0, 0]
+    n1 = _rows_end(n0, n1, N)
+    if C == 0:
+        return
+    if N * M == 0:
+        ggamma[:] = 0
+        gbeta[:] = 0
+        return
+    cdef double* ppart = NULL if phase == PHASE_GRAD else &part[0, 0, 0]
+    cdef floating* pgx = _ptr(gx)
+    with nogil:
+        _backward(S, &gy[0, 0, 0], N, C, M, &scale[0], batch_stats, phase, n0, n1, ppart, pgx,
+                  &ggamma[0], &gbeta[0])
 
 
 def bn_backward(const floating[:, :, ::1] gy,       # IN:  (N, C, M) output gradient
@@ -501,33 +520,19 @@ def bn_backward(const floating[:, :, ::1] gy,       # IN:  (N, C, M) output grad
     (then ``sums_of_rows``); phase 2: gx of those samples from ggamma, gbeta."""
     cdef Py_ssize_t N = gy.shape[0], C = gy.shape[1], M = gy.shape[2]
     cdef Source S
-    cdef list keep = []
-    cdef double* ppart
-    cdef floating* pgx
     if src.shape[0] != N or src.shape[1] != C or src.shape[2] != M:
         raise ValueError("src shape does not match gy")
-    _check_like(gx, N, C, M, "gx")
     if mask_mode == 2 and (mask is None or mask.shape[0] != N or mask.shape[1] != C or mask.shape[2] != M):
         raise ValueError("mask shape does not match gy")
     if mask_mode not in (0, 1, 2):
         raise ValueError("mask_mode must be 0, 1 or 2")
-    if mu.shape[0] != C or inv_sigma.shape[0] != C or scale.shape[0] != C or beta.shape[0] != C:
+    if mu.shape[0] != C or inv_sigma.shape[0] != C or beta.shape[0] != C:
         raise ValueError("per-channel arrays must have one entry per channel")
-    ppart = _phase_args(phase, N, C, M, part, ggamma, gbeta, keep)
-    n1 = _rows_end(n0, n1, N)
-    if C == 0:
-        return
-    if N * M == 0:
-        ggamma[:] = 0
-        gbeta[:] = 0
-        return
-    S.src, S.mu, S.inv_sigma, S.beta, S.mode = &src[0, 0, 0], &mu[0], &inv_sigma[0], &beta[0], mask_mode
-    S.mask = &mask[0, 0, 0] if mask_mode == 2 else NULL
-    S.packed, S.s, S.step, S.off, S.bits = NULL, NULL, NULL, NULL, 0
-    pgx = _ptr(gx)
-    with nogil:
-        _backward(&S, &gy[0, 0, 0], N, C, M, &scale[0], batch_stats, phase, n0, n1, ppart, pgx,
-                  &ggamma[0], &gbeta[0])
+    _no_source(&S, mask_mode, 0)
+    if N * C * M:
+        S.src, S.mu, S.inv_sigma, S.beta = &src[0, 0, 0], &mu[0], &inv_sigma[0], &beta[0]
+        S.mask = &mask[0, 0, 0] if mask_mode == 2 else NULL
+    _backward_call(&S, gy, scale, batch_stats, gx, ggamma, gbeta, part, phase, n0, n1)
 
 
 def bn_backward_codes(const float[:, :, ::1] gy,       # IN:  (N, C, M) output gradient of the unit (gh)
@@ -550,27 +555,13 @@ def bn_backward_codes(const float[:, :, ::1] gy,       # IN:  (N, C, M) output g
     inv_sigma = 1, mask_mode 2, so the same bytes. Phases as ``bn_backward``."""
     cdef Py_ssize_t N = gy.shape[0], C = gy.shape[1], M = gy.shape[2]
     cdef Source S
-    cdef list keep = []
-    cdef double* ppart
-    cdef float* pgx
     if bits not in (1, 2, 4, 8):
         raise ValueError("bits must be 1, 2, 4 or 8")
     if packed.shape[0] != (N * C * M * bits + 7) // 8:
         raise ValueError("packed does not hold N*C*M codes")
-    _check_like(gx, N, C, M, "gx")
-    if s.shape[0] != C or x_step.shape[0] != C or x_off.shape[0] != C or scale.shape[0] != C:
+    if s.shape[0] != C or x_step.shape[0] != C or x_off.shape[0] != C:
         raise ValueError("per-channel arrays must have one entry per channel")
-    ppart = _phase_args(phase, N, C, M, part, ggamma, gbeta, keep)
-    n1 = _rows_end(n0, n1, N)
-    if C == 0:
-        return
-    if N * M == 0:
-        ggamma[:] = 0
-        gbeta[:] = 0
-        return
-    S.src, S.mu, S.inv_sigma, S.beta, S.mask = NULL, NULL, NULL, NULL, NULL
-    S.packed, S.s, S.step, S.off, S.mode, S.bits = &packed[0], &s[0], &x_step[0], &x_off[0], SRC_CODES, bits
-    pgx = _ptr(gx)
-    with nogil:
-        _backward(&S, &gy[0, 0, 0], N, C, M, &scale[0], batch_stats, phase, n0, n1, ppart, pgx,
-                  &ggamma[0], &gbeta[0])
+    _no_source(&S, SRC_CODES, bits)
+    if N * C * M:
+        S.packed, S.s, S.step, S.off = &packed[0], &s[0], &x_step[0], &x_off[0]
+    _backward_call(&S, gy, scale, batch_stats, gx, ggamma, gbeta, part, phase, n0, n1)
