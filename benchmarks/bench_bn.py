@@ -74,6 +74,13 @@ def main(argv=None):
     fused = hasattr(B, "bn_apply_pack")
     print(f"CPU: {_cpu_model()} ({os.cpu_count()} logical CPUs)   numpy {np.__version__}   "
           f"python {platform.python_version()}")
+    try:
+        from threadpoolctl import threadpool_info
+        pools = "; ".join(f"{i['user_api']}:{i['internal_api']} {i.get('architecture', '')} {i['num_threads']} threads"
+                          for i in threadpool_info())
+    except ImportError:
+        pools = "threadpoolctl not installed"
+    print(f"thread pools (BLAS unused here; its thread count sets the workers): {pools}")
     print(f"threads: {args.threads} (npapprox.parallel workers: {parallel.workers()})   "
           f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"repeats: {args.repeats}, best (median) of each; K = {args.bits}; "
