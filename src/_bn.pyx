@@ -305,10 +305,12 @@ cdef inline void _codes_of(const uint8_t* packed, Py_ssize_t start, Py_ssize_t m
         cb[i] = (packed[j >> lv] >> ((j & vmask) * bits)) & cmask
 
 
-cdef inline void _load_block(const Source* S, const floating* pg, Py_ssize_t start, Py_ssize_t nb,
-                             Py_ssize_t c, floating scale, floating* g, floating* xh, uint8_t* cb) noexcept nogil:
+cdef inline const floating* _load_block(const Source* S, const floating* pg, Py_ssize_t start, Py_ssize_t nb,
+                                        Py_ssize_t c, floating scale, floating* g, floating* xh,
+                                        uint8_t* cb) noexcept nogil:
     """Block [start, start + nb) of the flat tensor (inside one row of channel c; pg
-    points at gy there): g = gy * mask and xh = xhat. Selects, so each loop
+    points at gy there): xh = xhat, and g = gy * mask, returned (pg itself without a
+    mask, the buffer g otherwise). Selects, so each loop
     vectorises; gy * 0 keeps NumPy's bits for gy * False (-0.0, NaN). Codes decode as
     ``paper_decode``: float32(float32(code - s) + 0.5) * step + off, two roundings;
     the mask is code >= s."""
@@ -325,7 +327,7 @@ cdef inline void _load_block(const Source* S, const floating* pg, Py_ssize_t sta
             t = <float> (cb[i] - s) + half
             xh[i] = t * step + off
             g[i] = pg[i] if cb[i] >= s else pg[i] * 0
-        return
+        return g
     mu, inv_sigma = (<const floating*> S.mu)[c], (<const floating*> S.inv_sigma)[c]
     ps = <const floating*> S.src + start
     if S.mode == SRC_RELU:
@@ -341,7 +343,8 @@ cdef inline void _load_block(const Source* S, const floating* pg, Py_ssize_t sta
     else:
         for i in range(nb):
             xh[i] = (ps[i] - mu) * inv_sigma
-            g[i] = pg[i]
+        return pg
+    return g
 
 
 cdef inline double _dot_row(const floating* a, const floating* b, Py_ssize_t m) noexcept nogil:
@@ -373,11 +376,12 @@ cdef void _row_sums(const Source* S, const floating* gy, Py_ssize_t row, Py_ssiz
     cdef uint8_t cb[BLOCK]
     cdef double sb = 0, sg = 0
     cdef Py_ssize_t j0 = 0, nb
+    cdef const floating* gp
     while j0 < M:
         nb = min(<Py_ssize_t> BLOCK, M - j0)
-        _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb)
-        sb += _sum_row(g, nb)
-        sg += _dot_row(g, xh, nb)
+        gp = _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb)
+        sb += _sum_row(gp, nb)
+        sg += _dot_row(gp, xh, nb)
         j0 += BLOCK
     sum_g[0] = sb
     sum_gx[0] = sg
@@ -392,17 +396,18 @@ cdef void _row_grad(const Source* S, const floating* gy, Py_ssize_t row, Py_ssiz
     cdef uint8_t cb[BLOCK]
     cdef Py_ssize_t i, j0, nb
     cdef floating* po
+    cdef const floating* gp
     j0 = 0
     while j0 < M:
         nb = min(<Py_ssize_t> BLOCK, M - j0)
-        _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb)
+        gp = _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb)
         po = gx + row + j0
         if batch_stats:
             for i in range(nb):
-                po[i] = scale * (g[i] - a - xh[i] * k)
+                po[i] = scale * (gp[i] - a - xh[i] * k)
         else:
             for i in range(nb):
-                po[i] = scale * g[i]
+                po[i] = scale * gp[i]
         j0 += BLOCK
 
 
