@@ -45,7 +45,7 @@ import numpy as np
 from . import checks, quant
 from .backend import array_module
 from .function import ACTIVATION, INDEX, KINDS, PARAM, STAT, UNIT, current_policy, storage_policy
-from .kernels import generic_pack, pack_bits, paper_pack
+from .kernels import generic_pack, pack_bits
 from .kernels.bn import as_ncm
 from .policy_names import (
     POLICIES,
@@ -245,13 +245,14 @@ class Paper(Policy):
         return quant.paper_params(u.gamma, u.beta, self.bits, self.window)
 
     def store_unit(self, ctx, name, u):
+        # the window depends on gamma and beta only, so the codes are written in the BN
+        # pass itself (BNReLUUnit.pack); FitWindow reads y's range first (its own pass)
         params = self.unit_params(u)
-        y = u.y if u.y.dtype == np.float32 else u.y.astype(np.float32)
-        packed, bad = paper_pack(y, params["k"], params["s"], self.bits)
-        _check_finite(bad, ctx, name)
         if self.monitor is not None:
             self.monitor.record(ctx, u, params, self)
-        return self.unit_form(packed, params, self.bits, u.y.shape, u.y.dtype)
+        packed, bad = u.pack(params["k"], params["s"], self.bits)
+        _check_finite(bad, ctx, name)
+        return self.unit_form(packed, params, self.bits, u.shape, u.dtype)
 
     def store_activation(self, ctx, name, array):
         return self.fallback.store_activation(ctx, name, array)

@@ -14,26 +14,66 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import NamedTuple
 
 import numpy as np
 
 from .backend import array_module
-from .kernels import generic_decode, paper_decode, paper_mask, unpack_bits
-from .kernels.bn import BNSource, as_ncm, bn_apply
+from .kernels import generic_decode, paper_decode, paper_mask, paper_pack, unpack_bits
+from .kernels.bn import BNSource, as_ncm, bn_apply, bn_apply_pack
 
 
-class BNReLUUnit(NamedTuple):
-    """What a BN -> ReLU op hands to ``ctx.save(unit=...)``: its input, its
-    pre-ReLU output y = gamma * xhat + beta and the statistics (all (N, C, H, W)
-    or (C,))."""
+class BNReLUUnit:
+    """What a BN -> ReLU op hands to ``ctx.save(unit=...)``: its input x, the
+    statistics and parameters (all (N, C, H, W) or (C,)), and its outputs made on
+    demand, so that a policy asks for exactly what it keeps:
 
-    x: object
-    y: object
-    mu: object
-    inv_sigma: object
-    gamma: object
-    beta: object
+    * ``y`` -- the pre-ReLU output y = gamma * xhat + beta, computed by one
+      ``bn_apply`` pass the first time it is read (or given: the bridge hands over
+      a y it already has);
+    * ``pack(k, s, bits)`` -- the paper codes of y, ``paper_pack(y, ...)``; before y
+      exists, in the pass that writes h (``kernels.bn.bn_apply_pack``), so no y of
+      the batch is made;
+    * ``output()`` -- h = relu(y) for the next op: the fused pass's h, or y turned
+      into h in place, or one ``bn_apply`` pass writing h alone (exact keeps only
+      x). All three give the same bits."""
+
+    __slots__ = ("x", "_y", "mu", "inv_sigma", "gamma", "beta", "_h")
+
+    def __init__(self, x, y, mu, inv_sigma, gamma, beta):
+        self.x, self._y, self.mu, self.inv_sigma, self.gamma, self.beta = x, y, mu, inv_sigma, gamma, beta
+        self._h = None
+
+    shape = property(lambda self: tuple((self.x if self.x is not None else self._y).shape))
+    dtype = property(lambda self: (self.x if self.x is not None else self._y).dtype)
+
+    def _args(self):
+        return as_ncm(self.x), self.mu, self.gamma * self.inv_sigma, self.beta
+
+    @property
+    def y(self):
+        if self._y is None:
+            self._y = bn_apply(*self._args())[0].reshape(self.x.shape)
+        return self._y
+
+    def pack(self, k, s, bits):
+        """``paper_pack(y as float32, k, s, bits)`` -> ``(packed, n_nonfinite)``."""
+        if self._y is not None or self._h is not None:
+            y = self.y
+            return paper_pack(y if y.dtype == np.float32 else y.astype(np.float32), k, s, bits)
+        h, packed, n_nonfinite = bn_apply_pack(*self._args(), k, s, bits)
+        self._h = h.reshape(self.x.shape)
+        return packed, n_nonfinite
+
+    def output(self):
+        """h = y * (y > 0); the unit lets go of its y and h (y's buffer may have become h)."""
+        if self._h is not None:
+            h = self._h
+        elif self._y is not None:
+            h = array_module(self._y).multiply(self._y, self._y > 0, out=self._y)
+        else:
+            h = bn_apply(*self._args(), want_y=False, want_h=True)[1].reshape(self.x.shape)
+        self._y = self._h = None
+        return h
 
 
 class Stored:
@@ -237,9 +277,10 @@ class ExactUnit(Unit):
         return self._apply(want_y=False, want_h=True)[1].reshape(self.shape)
 
     def h_samples(self, sl):
+        # called by a worker of npapprox.parallel (a conv chunk): on this thread
         x = self.x[sl]
         return bn_apply(as_ncm(x), self.mu, self.gamma * self.inv_sigma, self.beta,
-                        want_y=False, want_h=True)[1].reshape(x.shape)
+                        want_y=False, want_h=True, serial=True)[1].reshape(x.shape)
 
     def bn_source(self) -> BNSource:
         # xhat and the mask are rebuilt inside the fused backward pass from x:

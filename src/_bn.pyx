@@ -1,75 +1,189 @@
 """Compiled batch-norm kernels (module ``npapprox._bn``): fused passes over NCHW.
 
 The ``xp`` reference and the dispatch live in ``npapprox/kernels/bn.py``.
-Arrays are viewed as ``(N, C, M)`` with ``M = H*W``; every kernel runs a
-``prange`` over channels (each channel's reduction is done by one thread in a
-fixed order, so results do not depend on the thread count).
+Arrays are viewed as ``(N, C, M)`` with ``M = H*W``; a *row* is one ``(n, c)``,
+M contiguous values. Every kernel walks the rows of samples ``n0 <= n < n1``
+(default: all) in memory order -- so the hardware prefetchers see one stream,
+not a jump to another page every row -- and has no parallel region of its own:
+the dispatch gives each worker of ``npapprox.parallel`` (the pool of the
+convolutions) a contiguous range of samples and calls the kernel once per
+worker, with the GIL released.
 
 * Element-wise results are bit-identical to the reference given the same
   per-channel constants (same float operations in the same order;
   ``-ffp-contract=off``): ``y = (x - mu) * scale + beta``, ``h = y * (y > 0)``,
-  ``xhat = (src - mu) * inv_sigma``.
-* Reductions accumulate in float64 over 8 interleaved partial sums (so the
-  compiler can vectorise them without reassociating anything), combined in a
-  fixed order. They are more accurate than the reference's float32 sums and
+  ``xhat = (src - mu) * inv_sigma``, the paper codes of y (``_paper_codes``, as
+  ``paper_pack``) and their decoded xhat (as ``paper_decode``).
+* Reductions are done per row in float64 over 16 interleaved partial sums (so
+  the compiler can vectorise them without reassociating anything), combined in
+  a fixed tree, into a ``(2, N, C)`` table of row partials; the table is then
+  summed per channel over n in order (``*_of_rows``). A row's partial does not
+  depend on which worker computed it, so the results do not depend on the
+  thread count. They are more accurate than the reference's float32 sums and
   differ from them in the last bits.
+* One read of memory per input where the algebra allows: the statistics read x
+  once (a row's sum, then its squared deviations around the row's own mean while
+  the row is in L1; rows combined with Chan's formula); the backward reads gy and
+  its source twice (the sums, then gx), as the per-channel sums are needed
+  before gx; the fused forward of a unit writes h and its K-bit codes in the one
+  pass that computes y.
+* The inner loops are plain loops over contiguous rows (raw pointers), written
+  so that GCC vectorises them (``-fopt-info-vec``): selects instead of branches,
+  no value computed only to be selected.
 """
 from cython cimport floating
-from cython.parallel cimport prange
+from libc.stdint cimport int32_t, uint8_t
+from libc.string cimport memcpy
+
+include "_codes.pxi"   # _pack, _unpack, _paper_codes (shared with src/_quant.pyx)
+
+
+cdef enum:
+    BLOCK = 256   # values per block (a multiple of 16): a block's g, xhat and codes live on the stack
+    LANES = 16    # interleaved float64 partial sums
+
+
+cdef inline Py_ssize_t _rows_end(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t N) except -1:
+    """The checked end of the sample range [n0, n1) (n1 = -1: N)."""
+    if n1 == -1:
+        n1 = N
+    if not 0 <= n0 <= n1 <= N:
+        raise ValueError(f"sample range [{n0}, {n1}) is not inside [0, {N})")
+    return n1
+
+
+cdef inline double _tree(const double* a) noexcept nogil:
+    """a[0] + ... + a[15] in a fixed tree."""
+    return ((((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))
+            + (((a[8] + a[9]) + (a[10] + a[11])) + ((a[12] + a[13]) + (a[14] + a[15]))))
+
+
+cdef inline void _zero(double* a) noexcept nogil:
+    cdef int j
+    for j in range(LANES):
+        a[j] = 0
 
 
 cdef inline double _sum_row(const floating* p, Py_ssize_t m) noexcept nogil:
-    """sum(p[0:m]) in float64: 8 interleaved partial sums, then a fixed tree."""
-    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
+    """sum(p[0:m]) in float64: 16 interleaved partial sums, then a fixed tree."""
+    cdef double a[LANES]
     cdef Py_ssize_t i = 0
-    while i + 8 <= m:
-        a0 += p[i]; a1 += p[i + 1]; a2 += p[i + 2]; a3 += p[i + 3]
-        a4 += p[i + 4]; a5 += p[i + 5]; a6 += p[i + 6]; a7 += p[i + 7]
-        i += 8
+    cdef int j
+    _zero(a)
+    while i + LANES <= m:
+        for j in range(LANES):
+            a[j] += p[i + j]
+        i += LANES
     while i < m:
-        a0 += p[i]
+        a[0] += p[i]
         i += 1
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    return _tree(a)
 
 
 cdef inline double _sqdev_row(const floating* p, Py_ssize_t m, double mu) noexcept nogil:
-    """sum((p[0:m] - mu)^2) in float64, same partial-sum scheme."""
-    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
-    cdef double d0, d1, d2, d3, d4, d5, d6, d7
+    """sum((p[0:m] - mu)^2) in float64, the partial-sum scheme of ``_sum_row``."""
+    cdef double a[LANES]
+    cdef double d
     cdef Py_ssize_t i = 0
-    while i + 8 <= m:
-        d0 = p[i] - mu; d1 = p[i + 1] - mu; d2 = p[i + 2] - mu; d3 = p[i + 3] - mu
-        d4 = p[i + 4] - mu; d5 = p[i + 5] - mu; d6 = p[i + 6] - mu; d7 = p[i + 7] - mu
-        a0 += d0 * d0; a1 += d1 * d1; a2 += d2 * d2; a3 += d3 * d3
-        a4 += d4 * d4; a5 += d5 * d5; a6 += d6 * d6; a7 += d7 * d7
-        i += 8
+    cdef int j
+    _zero(a)
+    while i + LANES <= m:
+        for j in range(LANES):
+            d = p[i + j] - mu
+            a[j] += d * d
+        i += LANES
     while i < m:
-        d0 = p[i] - mu
-        a0 += d0 * d0
+        d = p[i] - mu
+        a[0] += d * d
         i += 1
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    return _tree(a)
+
+
+def row_moments(const floating[:, :, ::1] x,   # IN:  (N, C, M)
+                double[:, :, ::1] part,         # OUT: (2, N, C) rows n0 <= n < n1 written
+                Py_ssize_t n0=0, Py_ssize_t n1=-1):
+    """Per row: part[0, n, c] = S = sum(x[n, c]) and part[1, n, c] = sum((x[n, c] - S/M)^2)
+    (float64), the row read once from memory (the second sum runs while it is in L1)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2], n, c
+    cdef double sr
+    n1 = _rows_end(n0, n1, N)
+    if part.shape[0] != 2 or part.shape[1] != N or part.shape[2] != C:
+        raise ValueError("part must have shape (2, N, C)")
+    if M == 0:
+        raise ValueError("batch statistics need at least one value per channel")
+    with nogil:
+        for n in range(n0, n1):
+            for c in range(C):
+                sr = _sum_row(&x[n, c, 0], M)     # then the row's squared deviations, while it is in L1
+                part[0, n, c] = sr
+                part[1, n, c] = _sqdev_row(&x[n, c, 0], M, sr / <double> M)
+
+
+def moments_of_rows(const double[:, :, ::1] part,   # IN:  (2, N, C) from row_moments
+                    Py_ssize_t M,
+                    double[::1] mean,                # OUT: (C,)
+                    double[::1] var):                # OUT: (C,) biased
+    """Per channel, over n in order: mean = sum_n S_n / Mt and, by Chan's formula (the
+    same sum of squared deviations in real arithmetic), var = sum_n (Q_n + M (S_n/M -
+    mean)^2) / Mt, Mt = N*M."""
+    cdef Py_ssize_t N = part.shape[1], C = part.shape[2], n, c
+    cdef double s, q, d, count = <double> (N * M)
+    if mean.shape[0] != C or var.shape[0] != C:
+        raise ValueError("mean and var must have one entry per channel")
+    if N * M == 0:
+        raise ValueError("batch statistics need at least one value per channel")
+    for c in range(C):
+        s = 0
+        for n in range(N):
+            s = s + part[0, n, c]
+        mean[c] = s / count
+        q = 0
+        for n in range(N):
+            d = part[0, n, c] / <double> M - mean[c]
+            q = q + (part[1, n, c] + <double> M * (d * d))
+        var[c] = q / count
 
 
 def bn_stats(const floating[:, :, ::1] x,     # IN:  (N, C, M)
              double[::1] mean,                 # OUT: (C,)
              double[::1] var):                 # OUT: (C,) biased
-    """Two passes per channel: mean = sum(x)/(N*M), var = sum((x - mean)^2)/(N*M)."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2], n, c
-    cdef double s, count = <double> (N * M)
-    if mean.shape[0] != C or var.shape[0] != C:
-        raise ValueError("mean and var must have one entry per channel")
-    if N * M == 0:
+    """mean = sum(x)/(N*M), var = sum((x - mean)^2)/(N*M) per channel, on this thread
+    (``row_moments`` then ``moments_of_rows``)."""
+    import numpy as np
+    if x.shape[0] * x.shape[2] == 0:
         raise ValueError("batch statistics need at least one value per channel")
-    with nogil:
-        for c in prange(C, schedule="static"):
-            s = 0
-            for n in range(N):
-                s = s + _sum_row(&x[n, c, 0], M)
-            mean[c] = s / count
-            s = 0
-            for n in range(N):
-                s = s + _sqdev_row(&x[n, c, 0], M, mean[c])
-            var[c] = s / count
+    part = np.empty((2, x.shape[0], x.shape[1]))
+    row_moments(x, part)
+    moments_of_rows(part, x.shape[2], mean, var)
+
+
+cdef inline void _apply_row(const floating* x, floating* y, floating* h, Py_ssize_t m,
+                            floating mu, floating scale, floating beta) noexcept nogil:
+    """y = (x - mu) * scale + beta and/or h = y * (y > 0) over one row (y or h may be NULL)."""
+    cdef Py_ssize_t i
+    cdef floating v
+    if y != NULL and h != NULL:
+        for i in range(m):
+            v = (x[i] - mu) * scale + beta
+            y[i] = v
+            h[i] = v * (v > 0)
+    elif y != NULL:
+        for i in range(m):
+            y[i] = (x[i] - mu) * scale + beta
+    elif h != NULL:
+        for i in range(m):
+            v = (x[i] - mu) * scale + beta
+            h[i] = v * (v > 0)
+
+
+cdef inline floating* _ptr(floating[:, :, ::1] a) noexcept:
+    return NULL if a is None else &a[0, 0, 0]
+
+
+cdef inline void _check_like(floating[:, :, ::1] a, Py_ssize_t N, Py_ssize_t C, Py_ssize_t M,
+                             str name) except *:
+    if a is not None and (a.shape[0] != N or a.shape[1] != C or a.shape[2] != M):
+        raise ValueError(f"{name} shape does not match the input")
 
 
 def bn_apply(const floating[:, :, ::1] x,     # IN:  (N, C, M)
@@ -77,94 +191,315 @@ def bn_apply(const floating[:, :, ::1] x,     # IN:  (N, C, M)
              const floating[::1] scale,        # IN:  (C,) gamma * inv_sigma
              const floating[::1] beta,         # IN:  (C,)
              floating[:, :, ::1] y,            # OUT: (N, C, M) or None
-             floating[:, :, ::1] h):           # OUT: (N, C, M) or None
+             floating[:, :, ::1] h,            # OUT: (N, C, M) or None
+             Py_ssize_t n0=0, Py_ssize_t n1=-1):
     """y = (x - mu) * scale + beta and/or h = y * (y > 0), one pass over x."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2], n, c, i
-    cdef floating v, m_, s_, b_
-    cdef bint want_y = y is not None, want_h = h is not None
-    if want_y and (y.shape[0] != N or y.shape[1] != C or y.shape[2] != M):
-        raise ValueError("y shape does not match x")
-    if want_h and (h.shape[0] != N or h.shape[1] != C or h.shape[2] != M):
-        raise ValueError("h shape does not match x")
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2], n, c, row
+    cdef floating* py
+    cdef floating* ph
+    _check_like(y, N, C, M, "y")
+    _check_like(h, N, C, M, "h")
     if mu.shape[0] != C or scale.shape[0] != C or beta.shape[0] != C:
         raise ValueError("mu, scale and beta must have one entry per channel")
+    n1 = _rows_end(n0, n1, N)
+    if N * C * M == 0:
+        return
+    py, ph = _ptr(y), _ptr(h)
     with nogil:
-        for c in prange(C, schedule="static"):
-            m_ = mu[c]
-            s_ = scale[c]
-            b_ = beta[c]
-            for n in range(N):
-                if want_y and want_h:
-                    for i in range(M):
-                        v = (x[n, c, i] - m_) * s_ + b_
-                        y[n, c, i] = v
-                        h[n, c, i] = v * (v > 0)
-                elif want_y:
-                    for i in range(M):
-                        y[n, c, i] = (x[n, c, i] - m_) * s_ + b_
-                elif want_h:
-                    for i in range(M):
-                        v = (x[n, c, i] - m_) * s_ + b_
-                        h[n, c, i] = v * (v > 0)
+        for n in range(n0, n1):
+            for c in range(C):
+                row = (n * C + c) * M
+                _apply_row(&x[0, 0, 0] + row, (py + row) if py != NULL else NULL,
+                           (ph + row) if ph != NULL else NULL, M, mu[c], scale[c], beta[c])
+
+
+def bn_apply_pack(const float[:, :, ::1] x,      # IN:  (N, C, M) the BN input
+                  const float[::1] mu,            # IN:  (C,)
+                  const float[::1] scale,         # IN:  (C,) gamma * inv_sigma
+                  const float[::1] beta,          # IN:  (C,)
+                  const float[::1] k,             # IN:  (C,) paper encode scale (quant.paper_params)
+                  const int32_t[::1] s,           # IN:  (C,) first positive code
+                  int bits,
+                  float[:, :, ::1] h,             # OUT: (N, C, M) relu(y)
+                  uint8_t[::1] packed,            # OUT: N*C*M*bits/8 bytes, paper codes of y
+                  Py_ssize_t n0=0, Py_ssize_t n1=-1):
+    """A BN -> ReLU unit's forward under the paper's window, one pass over x: per block
+    of a row, y = (x - mu) * scale + beta (on the stack only), h = y * (y > 0) and
+    the K-bit codes of y (``paper_pack``'s). Returns the number of non-finite y.
+    Rows must start on a byte boundary of the codes: M * bits % 8 == 0."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2], n, c, row, j0, nb, i, nf = 0
+    cdef float yb[BLOCK]
+    cdef uint8_t cb[BLOCK]
+    cdef float v, m_, s_, b_
+    cdef const float* px
+    cdef float* ph
+    if bits not in (1, 2, 4, 8):
+        raise ValueError("bits must be 1, 2, 4 or 8")
+    if (M * bits) % 8:
+        raise ValueError("rows must start on a byte boundary: M * bits % 8 == 0")
+    if h is None:
+        raise ValueError("h is required")
+    _check_like(h, N, C, M, "h")
+    if packed.shape[0] != N * C * M * bits // 8:
+        raise ValueError("packed does not hold N*C*M codes")
+    if mu.shape[0] != C or scale.shape[0] != C or beta.shape[0] != C or k.shape[0] != C or s.shape[0] != C:
+        raise ValueError("per-channel arrays must have one entry per channel")
+    n1 = _rows_end(n0, n1, N)
+    if N * C * M == 0:
+        return 0
+    with nogil:
+        for n in range(n0, n1):
+            for c in range(C):
+                m_, s_, b_ = mu[c], scale[c], beta[c]
+                row = (n * C + c) * M
+                px = &x[0, 0, 0] + row
+                ph = &h[0, 0, 0] + row
+                j0 = 0
+                while j0 < M:
+                    nb = min(<Py_ssize_t> BLOCK, M - j0)
+                    for i in range(nb):
+                        v = (px[j0 + i] - m_) * s_ + b_
+                        yb[i] = v
+                        ph[j0 + i] = v * (v > 0)
+                    nf += _paper_codes(yb, nb, k[c], s[c], 1 << bits, cb)
+                    _pack(cb, nb * bits // 8, bits, &packed[0] + (row + j0) * bits // 8)
+                    j0 += BLOCK
+    return nf
+
+
+# --------------------------------------------------------------------------- #
+# Backward: one row driver for every source (x, a rebuilt xhat, paper codes)
+# --------------------------------------------------------------------------- #
+cdef enum:
+    SRC_PLAIN = 0    # g = gy (plain BN)
+    SRC_RELU = 1     # g = gy * ((src - mu) * scale + beta > 0): the forward's mask rebuilt
+    SRC_MASK = 2     # g = gy * mask
+    SRC_CODES = 3    # xhat and the mask decoded from paper codes
+
+cdef struct Source:
+    # what the backward reads besides gy (pointers at the tensor's start, per-channel arrays)
+    const void* src               # (N, C, M) x or xhat, in gy's precision (not SRC_CODES)
+    const void* mu                # (C,) in gy's precision (not SRC_CODES)
+    const void* inv_sigma
+    const void* beta
+    const uint8_t* mask           # (N, C, M) SRC_MASK
+    const uint8_t* packed         # SRC_CODES: paper codes
+    const int32_t* s              # SRC_CODES: (C,) first positive code
+    const float* step             # SRC_CODES: (C,) xhat = (code - s + 0.5) * step + off
+    const float* off
+    int mode, bits
+
+
+cdef inline void _codes_of(const uint8_t* packed, Py_ssize_t start, Py_ssize_t m, int bits,
+                           uint8_t* cb) noexcept nogil:
+    """The codes start .. start+m of a paper-scheme tensor into cb: unpacked a byte at a
+    time when the block starts and ends on byte boundaries, else one by one."""
+    cdef Py_ssize_t i, j, lv = 3 if bits == 1 else 2 if bits == 2 else 1 if bits == 4 else 0
+    cdef Py_ssize_t vmask = (1 << lv) - 1
+    cdef int cmask = (1 << bits) - 1
+    if (start & vmask) == 0 and (m & vmask) == 0:
+        _unpack(packed + (start >> lv), m >> lv, bits, cb)
+        return
+    for i in range(m):
+        j = start + i
+        cb[i] = (packed[j >> lv] >> ((j & vmask) * bits)) & cmask
+
+
+cdef inline const floating* _load_block(const Source* S, const floating* pg, Py_ssize_t start, Py_ssize_t nb,
+                                        Py_ssize_t c, floating scale, floating* g, floating* xh,
+                                        uint8_t* cb) noexcept nogil:
+    """Block [start, start + nb) of the flat tensor (inside one row of channel c; pg
+    points at gy there): xh = xhat, and g = gy * mask, returned (pg itself without a
+    mask, the buffer g otherwise). Selects, so each loop
+    vectorises; gy * 0 keeps NumPy's bits for gy * False (-0.0, NaN). Codes decode as
+    ``paper_decode``: float32(float32(code - s) + 0.5) * step + off, two roundings;
+    the mask is code >= s."""
+    cdef Py_ssize_t i
+    cdef const floating* ps
+    cdef const uint8_t* pm
+    cdef floating mu, inv_sigma, beta
+    cdef float t, half = 0.5, step, off
+    cdef int s
+    if S.mode == SRC_CODES:
+        s, step, off = S.s[c], S.step[c], S.off[c]
+        _codes_of(S.packed, start, nb, S.bits, cb)
+        for i in range(nb):
+            t = <float> (cb[i] - s) + half
+            xh[i] = t * step + off
+            g[i] = pg[i] if cb[i] >= s else pg[i] * 0
+        return g
+    mu, inv_sigma = (<const floating*> S.mu)[c], (<const floating*> S.inv_sigma)[c]
+    ps = <const floating*> S.src + start
+    if S.mode == SRC_RELU:
+        beta = (<const floating*> S.beta)[c]
+        for i in range(nb):
+            xh[i] = (ps[i] - mu) * inv_sigma
+            g[i] = pg[i] if ((ps[i] - mu) * scale + beta) > 0 else pg[i] * 0
+    elif S.mode == SRC_MASK:
+        pm = S.mask + start
+        for i in range(nb):
+            xh[i] = (ps[i] - mu) * inv_sigma
+            g[i] = pg[i] if pm[i] != 0 else pg[i] * 0
+    else:
+        for i in range(nb):
+            xh[i] = (ps[i] - mu) * inv_sigma
+        return pg
+    return g
+
+
+cdef inline double _dot_row(const floating* a, const floating* b, Py_ssize_t m) noexcept nogil:
+    """sum(a[0:m] * b[0:m]) in float64, each product rounded to a's precision (as the
+    reference's ``(g * xhat).sum()``); the partial-sum scheme of ``_sum_row``."""
+    cdef double acc[LANES]
+    cdef Py_ssize_t i = 0
+    cdef int j
+    cdef floating p
+    _zero(acc)
+    while i + LANES <= m:
+        for j in range(LANES):
+            p = a[i + j] * b[i + j]
+            acc[j] += p
+        i += LANES
+    while i < m:
+        p = a[i] * b[i]
+        acc[0] += p
+        i += 1
+    return _tree(acc)
+
+
+cdef void _row_sums(const Source* S, const floating* gy, Py_ssize_t row, Py_ssize_t M, Py_ssize_t c,
+                    floating scale, double* sum_g, double* sum_gx) noexcept nogil:
+    """Over one row: *sum_g = sum g, *sum_gx = sum g * xhat (float64: per block of the
+    row, 16 partial sums in a fixed tree; the blocks added in order)."""
+    cdef floating g[BLOCK]
+    cdef floating xh[BLOCK]
+    cdef uint8_t cb[BLOCK]
+    cdef double sb = 0, sg = 0
+    cdef Py_ssize_t j0 = 0, nb
+    cdef const floating* gp
+    while j0 < M:
+        nb = min(<Py_ssize_t> BLOCK, M - j0)
+        gp = _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb)
+        sb += _sum_row(gp, nb)
+        sg += _dot_row(gp, xh, nb)
+        j0 += BLOCK
+    sum_g[0] = sb
+    sum_gx[0] = sg
+
+
+cdef void _row_grad(const Source* S, const floating* gy, Py_ssize_t row, Py_ssize_t M, Py_ssize_t c,
+                    floating scale, bint batch_stats, floating a, floating k, floating* gx) noexcept nogil:
+    """Over one row: gx = scale * (g - a - xhat * k) (batch statistics) or scale * g.
+    gx may be gy: each block of gy is read before its gx is written."""
+    cdef floating g[BLOCK]
+    cdef floating xh[BLOCK]
+    cdef uint8_t cb[BLOCK]
+    cdef Py_ssize_t i, j0, nb
+    cdef floating* po
+    cdef const floating* gp
+    j0 = 0
+    while j0 < M:
+        nb = min(<Py_ssize_t> BLOCK, M - j0)
+        gp = _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb)
+        po = gx + row + j0
+        if batch_stats:
+            for i in range(nb):
+                po[i] = scale * (gp[i] - a - xh[i] * k)
+        else:
+            for i in range(nb):
+                po[i] = scale * gp[i]
+        j0 += BLOCK
+
+
+cdef void _sums_of_rows(const double* part, Py_ssize_t N, Py_ssize_t C, double* ggamma,
+                        double* gbeta) noexcept nogil:
+    """ggamma[c] = sum_n part[1, n, c], gbeta[c] = sum_n part[0, n, c], n in order."""
+    cdef Py_ssize_t n, c
+    cdef double sb, sg
+    for c in range(C):
+        sb = 0
+        sg = 0
+        for n in range(N):
+            sb += part[n * C + c]
+            sg += part[(N + n) * C + c]
+        gbeta[c] = sb
+        ggamma[c] = sg
 
 
 cdef enum:
-    BLOCK = 256   # values per block: the masked gradient of a block lives on the stack
+    PHASE_ALL = 0    # sums, then gx: the whole batch on this thread
+    PHASE_SUMS = 1   # the row sums of rows n0 <= n < n1 into part
+    PHASE_GRAD = 2   # gx of those rows, from the per-channel sums (ggamma, gbeta: given)
 
 
-cdef inline void _masked(const floating* pg, const floating* ps, const unsigned char* pm, floating* g,
-                         Py_ssize_t m, int mode, floating mu, floating scale, floating beta) noexcept nogil:
-    """g = gy * mask over m values: mode 1 rebuilds the ReLU mask from src as the
-    forward did, mode 2 reads it, mode 0 has none. Selects, so each loop
-    vectorises; gy * 0 keeps NumPy's bits for gy * False (-0.0, NaN)."""
-    cdef Py_ssize_t i
-    if mode == 1:
-        for i in range(m):
-            g[i] = pg[i] if ((ps[i] - mu) * scale + beta) > 0 else pg[i] * 0
-    elif mode == 2:
-        for i in range(m):
-            g[i] = pg[i] if pm[i] != 0 else pg[i] * 0
-    else:
-        for i in range(m):
-            g[i] = pg[i]
+cdef void _backward(const Source* S, const floating* gy, Py_ssize_t N, Py_ssize_t C, Py_ssize_t M,
+                    const floating* scale, bint batch_stats, int phase, Py_ssize_t n0, Py_ssize_t n1,
+                    double* part, floating* gx, double* ggamma, double* gbeta) noexcept nogil:
+    """The backward's phases over rows n0 <= n < n1. With Mt = N*M: gbeta = sum g,
+    ggamma = sum g * xhat (row sums in part (2, N, C), then summed over n in order);
+    gx with a, k = gbeta/Mt, ggamma/Mt rounded to gy's precision (batch statistics)."""
+    cdef Py_ssize_t n, c, row
+    cdef double count = <double> (N * M)
+    if phase != PHASE_GRAD:
+        for n in range(n0, n1):
+            for c in range(C):
+                row = n * C + c
+                _row_sums(S, gy, row * M, M, c, scale[c], &part[row], &part[N * C + row])
+    if phase == PHASE_ALL:
+        _sums_of_rows(part, N, C, ggamma, gbeta)
+    if phase == PHASE_SUMS or gx == NULL:
+        return
+    for n in range(n0, n1):
+        for c in range(C):
+            _row_grad(S, gy, (n * C + c) * M, M, c, scale[c], batch_stats,
+                      <floating> (gbeta[c] / count) if batch_stats else 0,
+                      <floating> (ggamma[c] / count) if batch_stats else 0, gx)
 
 
-cdef inline void _row_sums(const floating* pg, const floating* ps, const unsigned char* pm, Py_ssize_t m,
-                           int mode, floating mu, floating inv_sigma, floating scale, floating beta,
-                           double* sum_g, double* sum_gx) noexcept nogil:
-    """Adds sum(g) and sum(g * xhat) over one row to *sum_g, *sum_gx: float64,
-    8 interleaved partial sums per block, combined in a fixed order."""
-    cdef floating g[BLOCK]
-    cdef double ab[8]
-    cdef double ag[8]
-    cdef Py_ssize_t i, k, j0, nb
-    for k in range(8):
-        ab[k] = 0
-        ag[k] = 0
-    j0 = 0
-    while j0 < m:
-        nb = min(<Py_ssize_t> BLOCK, m - j0)
-        _masked(pg + j0, ps + j0, (pm + j0) if pm != NULL else NULL, g, nb, mode, mu, scale, beta)
-        for i in range(nb):
-            ab[i & 7] += g[i]
-            ag[i & 7] += g[i] * ((ps[j0 + i] - mu) * inv_sigma)
-        j0 += BLOCK
-    sum_g[0] += ((ab[0] + ab[1]) + (ab[2] + ab[3])) + ((ab[4] + ab[5]) + (ab[6] + ab[7]))
-    sum_gx[0] += ((ag[0] + ag[1]) + (ag[2] + ag[3])) + ((ag[4] + ag[5]) + (ag[6] + ag[7]))
+def sums_of_rows(const double[:, :, ::1] part,   # IN:  (2, N, C) row sums (bn_backward*, phase 1)
+                 double[::1] ggamma,              # OUT: (C,) sum over n of part[1, n, c], n in order
+                 double[::1] gbeta):              # OUT: (C,) the same of part[0]
+    """The per-channel sums of the backward from its row sums."""
+    if part.shape[0] != 2 or ggamma.shape[0] != part.shape[2] or gbeta.shape[0] != part.shape[2]:
+        raise ValueError("part must be (2, N, C), ggamma and gbeta (C,)")
+    if part.shape[1] * part.shape[2]:
+        _sums_of_rows(&part[0, 0, 0], part.shape[1], part.shape[2], &ggamma[0], &gbeta[0])
 
 
-cdef inline void _row_grad(const floating* pg, const floating* ps, const unsigned char* pm, floating* out,
-                           Py_ssize_t m, int mode, floating mu, floating inv_sigma, floating scale,
-                           floating beta, bint batch_stats, floating a, floating k) noexcept nogil:
-    """out = scale * (g - a - xhat * k) (batch statistics) or scale * g, over one row."""
-    cdef Py_ssize_t i
-    _masked(pg, ps, pm, out, m, mode, mu, scale, beta)        # out holds g first
-    if batch_stats:
-        for i in range(m):
-            out[i] = scale * (out[i] - a - (ps[i] - mu) * inv_sigma * k)
-    else:
-        for i in range(m):
-            out[i] = scale * out[i]
+cdef inline void _no_source(Source* S, int mode, int bits) noexcept:
+    S.src = S.mu = S.inv_sigma = S.beta = NULL
+    S.mask = S.packed = NULL
+    S.s, S.step, S.off, S.mode, S.bits = NULL, NULL, NULL, mode, bits
+
+
+cdef _backward_call(Source* S, const floating[:, :, ::1] gy, const floating[::1] scale, bint batch_stats,
+                    floating[:, :, ::1] gx, double[::1] ggamma, double[::1] gbeta, double[:, :, ::1] part,
+                    int phase, Py_ssize_t n0, Py_ssize_t n1):
+    """The checks both entry points share, then ``_backward`` without the GIL. Phase 0
+    allocates its (2, N, C) table of row sums here."""
+    import numpy as np
+    cdef Py_ssize_t N = gy.shape[0], C = gy.shape[1], M = gy.shape[2]
+    _check_like(gx, N, C, M, "gx")
+    if phase not in (PHASE_ALL, PHASE_SUMS, PHASE_GRAD):
+        raise ValueError("phase must be 0 (all), 1 (row sums) or 2 (gx)")
+    if ggamma.shape[0] != C or gbeta.shape[0] != C or scale.shape[0] != C:
+        raise ValueError("per-channel arrays must have one entry per channel")
+    if phase == PHASE_ALL and part is None:
+        part = np.empty((2, N, C))
+    if phase != PHASE_GRAD and (part is None or part.shape[0] != 2 or part.shape[1] != N or part.shape[2] != C):
+        raise ValueError("part must have shape (2, N, C)")
+    n1 = _rows_end(n0, n1, N)
+    if C == 0:
+        return
+    if N * M == 0:
+        ggamma[:] = 0
+        gbeta[:] = 0
+        return
+    cdef double* ppart = NULL if phase == PHASE_GRAD else &part[0, 0, 0]
+    cdef floating* pgx = _ptr(gx)
+    with nogil:
+        _backward(S, &gy[0, 0, 0], N, C, M, &scale[0], batch_stats, phase, n0, n1, ppart, pgx,
+                  &ggamma[0], &gbeta[0])
 
 
 def bn_backward(const floating[:, :, ::1] gy,       # IN:  (N, C, M) output gradient
@@ -176,159 +511,62 @@ def bn_backward(const floating[:, :, ::1] gy,       # IN:  (N, C, M) output grad
                 const unsigned char[:, :, ::1] mask,  # IN: (N, C, M) used by mask_mode 2
                 int mask_mode,                      # 0: none, 1: (src-mu)*scale+beta > 0, 2: mask != 0
                 bint batch_stats,
-                floating[:, :, ::1] gx,             # OUT: (N, C, M) or None
-                double[::1] ggamma,                 # OUT: (C,)
-                double[::1] gbeta):                 # OUT: (C,)
+                floating[:, :, ::1] gx,             # OUT: (N, C, M) or None (may be gy itself)
+                double[::1] ggamma,                 # OUT: (C,) (IN in phase 2)
+                double[::1] gbeta,                  # OUT: (C,) (IN in phase 2)
+                double[:, :, ::1] part=None,        # (2, N, C) row sums: OUT in phase 1
+                int phase=0, Py_ssize_t n0=0, Py_ssize_t n1=-1):
     """With xhat = (src - mu) * inv_sigma and g = gy * mask (gy without a mask):
     gbeta = sum g, ggamma = sum g * xhat (float64), then, when gx is given,
     gx = scale * (g - gbeta/Mt - xhat * ggamma/Mt) with Mt = N*M (batch
     statistics) or gx = scale * g (running statistics); the two per-channel
-    constants are rounded to the array's precision first, as the reference does."""
-    cdef Py_ssize_t N = gy.shape[0], C = gy.shape[1], M = gy.shape[2], n, c
-    cdef double sb, sg, count = <double> (N * M)
-    cdef floating a_, k_
-    cdef bint want_gx = gx is not None
-    cdef const unsigned char* pm
+    constants are rounded to the array's precision first, as the reference does.
+    Phase 0: all of it; phase 1: the row sums of samples n0 <= n < n1 into part
+    (then ``sums_of_rows``); phase 2: gx of those samples from ggamma, gbeta."""
+    cdef Py_ssize_t N = gy.shape[0], C = gy.shape[1], M = gy.shape[2]
+    cdef Source S
     if src.shape[0] != N or src.shape[1] != C or src.shape[2] != M:
         raise ValueError("src shape does not match gy")
-    if want_gx and (gx.shape[0] != N or gx.shape[1] != C or gx.shape[2] != M):
-        raise ValueError("gx shape does not match gy")
     if mask_mode == 2 and (mask is None or mask.shape[0] != N or mask.shape[1] != C or mask.shape[2] != M):
         raise ValueError("mask shape does not match gy")
     if mask_mode not in (0, 1, 2):
         raise ValueError("mask_mode must be 0, 1 or 2")
-    if mu.shape[0] != C or inv_sigma.shape[0] != C or scale.shape[0] != C or beta.shape[0] != C:
+    if mu.shape[0] != C or inv_sigma.shape[0] != C or beta.shape[0] != C:
         raise ValueError("per-channel arrays must have one entry per channel")
-    if ggamma.shape[0] != C or gbeta.shape[0] != C:
-        raise ValueError("ggamma and gbeta must have one entry per channel")
-    with nogil:
-        for c in prange(C, schedule="static"):
-            sb = 0
-            sg = 0
-            for n in range(N):
-                pm = &mask[n, c, 0] if mask_mode == 2 else NULL
-                _row_sums(&gy[n, c, 0], &src[n, c, 0], pm, M, mask_mode, mu[c], inv_sigma[c],
-                          scale[c], beta[c], &sb, &sg)
-            gbeta[c] = sb
-            ggamma[c] = sg
-            if want_gx:
-                a_ = <floating> (sb / count) if batch_stats else 0
-                k_ = <floating> (sg / count) if batch_stats else 0
-                for n in range(N):
-                    pm = &mask[n, c, 0] if mask_mode == 2 else NULL
-                    _row_grad(&gy[n, c, 0], &src[n, c, 0], pm, &gx[n, c, 0], M, mask_mode, mu[c],
-                              inv_sigma[c], scale[c], beta[c], batch_stats, a_, k_)
-
-
-cdef inline void _decode_block(const unsigned char* packed, Py_ssize_t start, Py_ssize_t m, int bits, int s,
-                               float step, float off, float* xh, unsigned char* mk) noexcept nogil:
-    """Codes start .. start+m of a paper-scheme tensor (8/bits per byte, first in the low
-    bits) -> xhat = float32(float32(code - s) + 0.5) * step + off (two roundings, as
-    paper_decode) and the mask code >= s."""
-    # 8 / bits codes per byte, a power of two: shifts and masks, no division per value
-    cdef Py_ssize_t i, j, lv = 3 if bits == 1 else 2 if bits == 2 else 1 if bits == 4 else 0
-    cdef Py_ssize_t vmask = (1 << lv) - 1
-    cdef int cmask = (1 << bits) - 1, code
-    cdef float t
-    for i in range(m):
-        j = start + i
-        code = (packed[j >> lv] >> ((j & vmask) * bits)) & cmask
-        t = <float> (code - s)
-        t = t + <float> 0.5
-        xh[i] = t * step + off
-        mk[i] = code >= s
-
-
-cdef void _channel_codes(const float* gy, const unsigned char* packed, Py_ssize_t N, Py_ssize_t C,
-                         Py_ssize_t M, Py_ssize_t c, int bits, int s, float step, float off, float sc,
-                         bint batch_stats, float* gx, double* ggamma, double* gbeta) noexcept nogil:
-    """One channel of ``bn_backward_codes`` (the stack blocks are this call's own)."""
-    cdef float xh[BLOCK]
-    cdef unsigned char mk[BLOCK]
-    cdef float g[BLOCK]
-    cdef double ab[8]
-    cdef double ag[8]
-    cdef double sb = 0, sg = 0, count = <double> (N * M)
-    cdef Py_ssize_t n, i, j0, nb, k8, row
-    cdef float a_, k_
-    cdef const float* pg
-    cdef float* po
-    for n in range(N):
-        row = (n * C + c) * M
-        pg = gy + row
-        for k8 in range(8):
-            ab[k8] = 0
-            ag[k8] = 0
-        j0 = 0
-        while j0 < M:
-            nb = min(<Py_ssize_t> BLOCK, M - j0)
-            _decode_block(packed, row + j0, nb, bits, s, step, off, xh, mk)
-            for i in range(nb):
-                g[i] = pg[j0 + i] if mk[i] != 0 else pg[j0 + i] * 0
-            for i in range(nb):
-                ab[i & 7] += g[i]
-                ag[i & 7] += g[i] * xh[i]
-            j0 += BLOCK
-        sb += ((ab[0] + ab[1]) + (ab[2] + ab[3])) + ((ab[4] + ab[5]) + (ab[6] + ab[7]))
-        sg += ((ag[0] + ag[1]) + (ag[2] + ag[3])) + ((ag[4] + ag[5]) + (ag[6] + ag[7]))
-    gbeta[0] = sb
-    ggamma[0] = sg
-    if gx == NULL:
-        return
-    a_ = <float> (sb / count) if batch_stats else 0
-    k_ = <float> (sg / count) if batch_stats else 0
-    for n in range(N):
-        row = (n * C + c) * M
-        pg = gy + row
-        po = gx + row
-        j0 = 0
-        while j0 < M:
-            nb = min(<Py_ssize_t> BLOCK, M - j0)
-            _decode_block(packed, row + j0, nb, bits, s, step, off, xh, mk)
-            for i in range(nb):
-                po[j0 + i] = pg[j0 + i] if mk[i] != 0 else pg[j0 + i] * 0
-            if batch_stats:
-                for i in range(nb):
-                    po[j0 + i] = sc * (po[j0 + i] - a_ - xh[i] * k_)
-            else:
-                for i in range(nb):
-                    po[j0 + i] = sc * po[j0 + i]
-            j0 += BLOCK
+    _no_source(&S, mask_mode, 0)
+    if N * C * M:
+        S.src, S.mu, S.inv_sigma, S.beta = &src[0, 0, 0], &mu[0], &inv_sigma[0], &beta[0]
+        S.mask = &mask[0, 0, 0] if mask_mode == 2 else NULL
+    _backward_call(&S, gy, scale, batch_stats, gx, ggamma, gbeta, part, phase, n0, n1)
 
 
 def bn_backward_codes(const float[:, :, ::1] gy,       # IN:  (N, C, M) output gradient of the unit (gh)
                       const unsigned char[::1] packed,  # IN:  paper-scheme codes of the unit's y
-                      const int[::1] s,                 # IN:  (C,) first positive code
+                      const int32_t[::1] s,             # IN:  (C,) first positive code
                       const float[::1] x_step,          # IN:  (C,) xhat decode map
                       const float[::1] x_off,           # IN:  (C,)
                       int bits,
                       const float[::1] scale,           # IN:  (C,) gamma * inv_sigma
                       bint batch_stats,
-                      float[:, :, ::1] gx,              # OUT: (N, C, M) or None
-                      double[::1] ggamma,               # OUT: (C,)
-                      double[::1] gbeta):               # OUT: (C,)
+                      float[:, :, ::1] gx,              # OUT: (N, C, M) or None (may be gy itself)
+                      double[::1] ggamma,               # OUT: (C,) (IN in phase 2)
+                      double[::1] gbeta,                # OUT: (C,) (IN in phase 2)
+                      double[:, :, ::1] part=None,      # (2, N, C) row sums: OUT in phase 1
+                      int phase=0, Py_ssize_t n0=0, Py_ssize_t n1=-1):
     """``bn_backward`` of a BN -> ReLU unit straight from its K-bit codes: xhat and the
     mask are rebuilt per block of 256 values on the stack, never as arrays. The
     same arithmetic in the same order as decoding first (``paper_decode``,
     ``paper_mask``) and calling ``bn_backward`` with src = xhat, mu = 0,
-    inv_sigma = 1, mask_mode 2, so the same bytes."""
-    cdef Py_ssize_t N = gy.shape[0], C = gy.shape[1], M = gy.shape[2], c
-    cdef float* pgx = NULL
+    inv_sigma = 1, mask_mode 2, so the same bytes. Phases as ``bn_backward``."""
+    cdef Py_ssize_t N = gy.shape[0], C = gy.shape[1], M = gy.shape[2]
+    cdef Source S
     if bits not in (1, 2, 4, 8):
         raise ValueError("bits must be 1, 2, 4 or 8")
     if packed.shape[0] != (N * C * M * bits + 7) // 8:
         raise ValueError("packed does not hold N*C*M codes")
-    if gx is not None and (gx.shape[0] != N or gx.shape[1] != C or gx.shape[2] != M):
-        raise ValueError("gx shape does not match gy")
-    if s.shape[0] != C or x_step.shape[0] != C or x_off.shape[0] != C or scale.shape[0] != C:
+    if s.shape[0] != C or x_step.shape[0] != C or x_off.shape[0] != C:
         raise ValueError("per-channel arrays must have one entry per channel")
-    if ggamma.shape[0] != C or gbeta.shape[0] != C:
-        raise ValueError("ggamma and gbeta must have one entry per channel")
-    if N * C * M == 0:
-        return
-    if gx is not None:
-        pgx = &gx[0, 0, 0]
-    with nogil:
-        for c in prange(C, schedule="static"):
-            _channel_codes(&gy[0, 0, 0], &packed[0], N, C, M, c, bits, s[c], x_step[c], x_off[c], scale[c],
-                           batch_stats, pgx, &ggamma[c], &gbeta[c])
+    _no_source(&S, SRC_CODES, bits)
+    if N * C * M:
+        S.packed, S.s, S.step, S.off = &packed[0], &s[0], &x_step[0], &x_off[0]
+    _backward_call(&S, gy, scale, batch_stats, gx, ggamma, gbeta, part, phase, n0, n1)

@@ -9,15 +9,20 @@ import importlib
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from npapprox import Tensor, ops
+import npapprox
+import npapprox.ops.conv as conv
+from npapprox import Tensor, ops, parallel, quant
 from npapprox.kernels import bn as B
+from npapprox.kernels import reference as R
 from npapprox.kernels import use_reference
+from npapprox.policy import Paper
 
 SETTINGS = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = (np.float32, np.float64)
@@ -202,18 +207,91 @@ def test_reference_switch_and_other_dtypes_use_the_reference():
 
 
 def test_results_do_not_depend_on_the_thread_count():
-    code = ("import numpy as np; from npapprox.kernels import bn as B; "
-            "r = np.random.default_rng(3); x = r.standard_normal((8, 6, 333)).astype(np.float32); "
+    """Every compiled pass, split over 1, 2 and 3 workers (``npapprox.parallel``: the BLAS
+    thread count), gives the same bytes."""
+    code = ("import numpy as np; from npapprox.kernels import bn as B; from npapprox import quant; "
+            "r = np.random.default_rng(3); x = r.standard_normal((13, 6, 1111)).astype(np.float32); "
             "gy = r.standard_normal(x.shape).astype(np.float32); mu, var = B.bn_stats(x); "
             "inv = (1 / np.sqrt(var + 1e-5)).astype(np.float32); g = np.linspace(-1, 1, 6).astype(np.float32); "
             "gx, gg, gb = B.bn_backward(gy, B.BNSource(x, mu, inv, relu_beta=g), g, inv); "
-            "print(b''.join(a.tobytes() for a in (mu, var, gx, gg, gb)).hex())")
+            "p = quant.paper_params(g, g, 4); h, pk, nf = B.bn_apply_pack(x, mu, g * inv, g, p['k'], p['s'], 4); "
+            "src = B.BNSource(None, codes=(pk, x.shape, p['s'], p['x_step'], p['x_off'], 4)); "
+            "cx = B.bn_backward(gy, src, g, inv); "
+            "print(b''.join(a.tobytes() for a in (mu, var, gx, gg, gb, h, pk) + cx).hex())")
     outs = []
     for threads in ("1", "2", "3"):
-        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads)
         outs.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                    check=True).stdout)
     assert outs[0] == outs[1] == outs[2] and len(outs[0]) > 100
+
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Every compiled pass split over 3 workers, however small (``npapprox.parallel``), and
+    a check that none of them hands work to the pool from inside a worker (not reentrant)."""
+    inside = threading.local()
+    real_run = parallel.run
+
+    def checked_run(fn, n):
+        assert n == 1 or not getattr(inside, "busy", False), "parallel.run called from inside a worker"
+
+        def wrapped(k):
+            inside.busy = True
+            try:
+                return fn(k)
+            finally:
+                inside.busy = False
+        return real_run(wrapped, n)
+
+    monkeypatch.setattr(parallel, "workers", lambda xp=np: 3)
+    monkeypatch.setattr(B, "run", checked_run)
+    monkeypatch.setattr(B, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(conv, "run", checked_run)
+
+
+def _all_passes(x, gy, gamma, beta, mask, bits=4):
+    """Every dispatching pass on one problem -> their outputs (arrays), in a fixed order."""
+    mu, var, inv = B.bn_batch_stats(x, 1e-5)
+    scale = gamma * inv
+    y, h = B.bn_apply(x, mu, scale, beta, want_h=True)
+    out = [mu, var, inv, y, h]
+    for src in (B.BNSource(x, mu, inv, relu_beta=beta), B.BNSource(x, mu, inv, mask=mask), B.BNSource(x, mu, inv)):
+        out += B.bn_backward(gy, src, gamma, inv)
+    if x.dtype == np.float32:
+        p = quant.paper_params(gamma, beta, bits)
+        h2, packed, nf = B.bn_apply_pack(x, mu, scale, beta, p["k"], p["s"], bits)
+        codes = B.BNSource(None, codes=(packed, x.shape, p["s"], p["x_step"], p["x_off"], bits))
+        out += [h2, packed, np.int64(nf)] + list(B.bn_backward(gy, codes, gamma, inv))
+    return out
+
+
+@given(problems())
+@settings(SETTINGS, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+def test_split_over_workers_gives_the_serial_bytes(split_everything, p):
+    x, gy, gamma, beta, mask = p
+    split = _all_passes(x, gy, gamma, beta, mask)
+    B.PARALLEL_MIN = 1 << 62                      # the same calls on the calling thread
+    try:
+        serial = _all_passes(x, gy, gamma, beta, mask)
+    finally:
+        B.PARALLEL_MIN = 0
+    for a, b in zip(split, serial, strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_conv_over_an_exact_unit_rebuilds_h_without_nesting_the_pool(split_everything):
+    """The conv weight gradient rebuilds an exact unit's h per chunk inside a worker: that
+    bn_apply runs on the worker's thread (split_everything fails a nested parallel.run)."""
+    rng = np.random.default_rng(4)
+    x = Tensor(rng.standard_normal((6, 3, 8, 8)).astype(np.float32), requires_grad=True)
+    gamma = Tensor(np.ones(3, np.float32), requires_grad=True)
+    beta = Tensor(np.zeros(3, np.float32), requires_grad=True)
+    w = Tensor(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), requires_grad=True)
+    h = ops.batch_norm2d(x, gamma, beta, relu=True)
+    ops.conv2d(h, w, padding=1).sum().backward()
+    want = ops.conv2d(Tensor(np.maximum(h.data, 0)), w, padding=1)
+    assert want.shape == (6, 4, 8, 8) and w.grad is not None and np.isfinite(w.grad).all()
 
 
 def test_shape_errors():
@@ -335,3 +413,112 @@ def test_empty_batch():
         y, h = B.bn_apply(x, *(np.ones(3, np.float32),) * 3, want_h=True)
         assert y.shape == h.shape == x.shape
     assert B.as_ncm(np.zeros((0, 3, 2, 2))).shape == (0, 3, 4)
+
+
+# --------------------------------------------------------------------------- #
+# The fused forward of a unit under the paper's window: h and the codes in one pass
+# --------------------------------------------------------------------------- #
+def _unit_case(case, c, rng):
+    """gamma, beta (float32, (C,)) of one edge case of the paper's window."""
+    gamma = rng.uniform(0.5, 2, c).astype(np.float32)
+    beta = rng.uniform(-1, 1, c).astype(np.float32)
+    if case == "negative gamma":
+        gamma = -gamma
+    elif case == "zero gamma":
+        gamma[::2] = 0
+    elif case == "beta far outside":                      # |beta / gamma| > 3: all codes clipped one way
+        beta = np.where(np.arange(c) % 2, 5, -5).astype(np.float32) * np.abs(gamma)
+    elif case == "denormal":
+        gamma[::2] = np.float32(1e-42)
+        beta[1::2] = np.float32(-3e-41)
+    return gamma, beta
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("case", ["plain", "negative gamma", "zero gamma", "beta far outside", "denormal"])
+@pytest.mark.parametrize("shape", [(5, 3, 8, 8), (2, 4, 16, 17), (3, 2, 1, 3)])
+def test_apply_pack_is_the_composition_bytes(bits, case, shape):
+    """bn_apply_pack (compiled and reference dispatch) gives the bytes of bn_apply's h and of
+    paper_pack(bn_apply's y) made by the reference, and the same non-finite count. (3, 2, 1, 3):
+    rows that do not start on a byte boundary take the composition itself."""
+    rng = np.random.default_rng(bits)
+    n, c = shape[:2]
+    x = B.as_ncm((rng.standard_normal(shape) * 2 + 0.5).astype(np.float32))
+    x.flat[::7] = -0.0
+    gamma, beta = _unit_case(case, c, rng)
+    mu, _, inv = B.bn_batch_stats(x, 1e-5)
+    if case == "denormal":
+        x[:, 1::2] = (x[:, 1::2] * np.float32(1e-40)).astype(np.float32)   # subnormal inputs too
+    p = quant.paper_params(gamma, beta, bits)
+    with reference():
+        y, h = B.bn_apply(x, mu, gamma * inv, beta, want_h=True)
+        want_packed, want_nf = R.paper_pack(y, p["k"], p["s"], bits)
+    for forced in (False, True):
+        use_reference(forced)
+        got_h, got_packed, got_nf = B.bn_apply_pack(x, mu, gamma * inv, beta, p["k"], p["s"], bits)
+        use_reference(False)
+        assert np.array_equal(_bits(got_h), _bits(h)), forced
+        assert got_packed.tobytes() == want_packed.tobytes(), forced
+        assert int(got_nf) == int(want_nf) == 0
+
+
+@pytest.mark.parametrize("bits", [1, 4, 8])
+def test_apply_pack_counts_non_finite_values_like_paper_pack(bits):
+    rng = np.random.default_rng(5)
+    x = B.as_ncm(rng.standard_normal((4, 3, 8, 8)).astype(np.float32))
+    x[1, 0, 5], x[2, 2, 9], x[3, 1, 0] = np.nan, np.inf, -np.inf
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+    mu, inv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    p = quant.paper_params(gamma, beta, bits)
+    want_packed, want_nf = R.paper_pack(x * np.float32(1), p["k"], p["s"], bits)
+    h, packed, nf = B.bn_apply_pack(x, mu, gamma * inv, beta, p["k"], p["s"], bits)
+    assert int(nf) == int(want_nf) == 3 and packed.tobytes() == want_packed.tobytes()
+
+
+def test_paper_unit_with_nan_refuses_and_fused_forward_matches_two_passes():
+    """Under Paper the unit's forward is the fused pass: its output h and stored codes are the
+    bytes of the two passes it replaces (bn_apply, then paper_pack of y) on the same backend,
+    and a NaN in the input is refused with FloatingPointError as before."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    gamma, beta = rng.uniform(-2, 2, 3).astype(np.float32), rng.uniform(-1, 1, 3).astype(np.float32)
+    p = quant.paper_params(gamma, beta, 4)
+    for forced in (False, True):
+        use_reference(forced)
+        try:
+            with npapprox.storage_policy(Paper(bits=4)):
+                h = ops.batch_norm2d(Tensor(x, requires_grad=True), Tensor(gamma), Tensor(beta), relu=True)
+            mu, _, inv = B.bn_batch_stats(B.as_ncm(x), 1e-5)
+            y, want_h = B.bn_apply(B.as_ncm(x), mu, gamma * inv, beta, want_h=True)
+            want_packed, _ = npapprox.kernels.paper_pack(y, p["k"], p["s"], 4)
+        finally:
+            use_reference(False)
+        assert h.data.tobytes() == want_h.tobytes(), forced
+        assert h._ctx.saved["unit"].packed.tobytes() == want_packed.tobytes(), forced
+    bad = x.copy()
+    bad[0, 1, 2, 3] = np.nan
+    with npapprox.storage_policy(Paper(bits=4)), pytest.raises(FloatingPointError, match="non-finite"):
+        ops.batch_norm2d(Tensor(bad, requires_grad=True), Tensor(gamma), Tensor(beta), relu=True)
+
+
+def test_outputs_into_given_buffers():
+    """out= buffers (also gx written over gy itself) give the bytes of fresh outputs."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 4, 50)).astype(np.float32)
+    gy = rng.standard_normal(x.shape).astype(np.float32)
+    gamma, beta = rng.uniform(-2, 2, 4).astype(np.float32), rng.uniform(-1, 1, 4).astype(np.float32)
+    mu, _, inv = B.bn_batch_stats(x, 1e-5)
+    for forced in (False, True):
+        use_reference(forced)
+        y, h = B.bn_apply(x, mu, gamma * inv, beta, want_h=True)
+        buf_y, buf_h = np.empty_like(x), np.empty_like(x)
+        y2, h2 = B.bn_apply(x, mu, gamma * inv, beta, want_h=True, out_y=buf_y, out_h=buf_h)
+        assert y2 is buf_y and h2 is buf_h and y2.tobytes() == y.tobytes() and h2.tobytes() == h.tobytes()
+        src = B.BNSource(x, mu, inv, relu_beta=beta)
+        want = B.bn_backward(gy, src, gamma, inv)
+        g = gy.copy()
+        got = B.bn_backward(g, src, gamma, inv, out=g)
+        assert got[0] is g and all(a.tobytes() == b.tobytes() for a, b in zip(got, want, strict=True))
+        use_reference(False)
+    with pytest.raises(ValueError, match="out must be"):
+        B.bn_apply(x, mu, gamma * inv, beta, out_y=np.empty((3, 4, 51), np.float32))

@@ -22,6 +22,25 @@ float32) by a power of two first (exact, so no bytes change for any channel
 below that bound). Within one backend every recomputation uses the same
 implementation as the forward, so a rebuilt ``h`` or ReLU mask is bit-identical
 to the forward's.
+
+Fused entry points of a BN -> ReLU unit under the paper's window (the CUDA
+kernels implement the same two, against the same byte contract):
+
+* ``bn_apply_pack(x3, mu, scale, beta, k, s, bits) -> (h, packed, n_nonfinite)``:
+  the forward writes h and the K-bit codes of y in one pass; the bytes are those
+  of ``paper_pack(bn_apply(x3, mu, scale, beta)[0] as float32, k, s, bits)`` and
+  ``bn_apply``'s h.
+* ``bn_backward(gy3, BNSource(None, codes=(packed, shape, s, x_step, x_off, bits)),
+  gamma, inv_sigma, batch_stats=..., need_gx=...) -> (gx, ggamma, gbeta)``: the
+  backward reads the codes, rebuilding xhat and the mask per block; the bytes of
+  gx are those of decoding first (``paper_decode``, ``paper_mask``).
+
+Parallelism: the compiled passes split the samples among the workers of
+``npapprox.parallel`` (the pool of the convolutions), contiguous ranges walked in
+memory order; reductions go through per-row partial sums combined per channel in
+a fixed order, so the bytes do not depend on the thread count. Passes over fewer than
+``PARALLEL_MIN`` values, and calls with ``serial=True`` (from inside a worker of
+that pool, which is not reentrant), run on the calling thread.
 """
 from __future__ import annotations
 
@@ -31,18 +50,23 @@ import numpy as np
 
 from npapprox.backend import array_module, on_gpu
 from npapprox.kernels import gpu as _gpu
-from npapprox.kernels import paper_decode, paper_mask
+from npapprox.kernels import paper_decode, paper_mask, paper_pack
 from npapprox.kernels.switch import reference_forced
+from npapprox.parallel import deal, run
 
 try:  # built by ``pip install .`` / ``pip install -e .`` from src/_bn.pyx
     from npapprox import _bn as _compiled
 except ImportError:  # pragma: no cover - only when the package was not built
     _compiled = None
 
-__all__ = ["BNSource", "as_ncm", "bn_stats", "bn_batch_stats", "inv_sigma_of", "bn_apply", "bn_backward",
-           "compiled_available"]
+__all__ = ["BNSource", "as_ncm", "bn_stats", "bn_batch_stats", "inv_sigma_of", "bn_apply", "bn_apply_pack",
+           "bn_backward", "compiled_available", "PARALLEL_MIN"]
 
 _COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+#: passes over fewer values run on the calling thread: handing work to the pool
+#: costs tens of microseconds, about what 2^16 values take on one core
+PARALLEL_MIN = 1 << 16
 
 
 class BNSource(NamedTuple):
@@ -79,6 +103,35 @@ def _use_compiled(*arrays) -> bool:
             and arrays[0].dtype in _COMPILED_DTYPES)
 
 
+def _by_samples(kernel, x3, serial=False) -> list:
+    """``kernel(n0, n1)`` for each worker's contiguous range of samples of ``x3 (N, C, M)``
+    (``npapprox.parallel``; one range on the calling thread when ``serial`` or small)
+    -> the results, in worker order."""
+    n = 1 if serial or x3.size < PARALLEL_MIN else len(deal(list(range(x3.shape[0]))))
+    if n == 1:
+        return [kernel(0, x3.shape[0])]
+    bounds = [x3.shape[0] * k // n for k in range(n + 1)]
+    return run(lambda k: kernel(bounds[k], bounds[k + 1]), n)
+
+
+def _out(out, like):
+    """``out`` (checked: C-contiguous, like's shape and dtype) or a new array like ``like``."""
+    if out is None:
+        return np.empty_like(like)
+    if not (isinstance(out, np.ndarray) and out.flags.c_contiguous and out.shape == like.shape
+            and out.dtype == like.dtype):
+        raise ValueError(f"out must be a C-contiguous {like.dtype} array of shape {like.shape}")
+    return out
+
+
+def _into(out, a):
+    """``a``, or ``a`` copied into ``out`` when a buffer was given (the reference paths)."""
+    if out is None or a is None:
+        return a
+    out[...] = a
+    return out
+
+
 def _moments(x3):
     """Per-channel mean (in x3's dtype) and biased variance (float64) of ``x3 (N, C, M)``
     over N and M (two passes: the variance is the mean of squared deviations)."""
@@ -87,7 +140,9 @@ def _moments(x3):
     if _use_compiled(x3):                                        # float64 sums: no overflow
         x3 = np.ascontiguousarray(x3)
         mean, var = np.empty(x3.shape[1]), np.empty(x3.shape[1])
-        _compiled.bn_stats(x3, mean, var)
+        part = np.empty((2,) + x3.shape[:2])                      # per-row sums, then combined in order
+        _by_samples(lambda n0, n1: _compiled.row_moments(x3, part, n0, n1), x3)
+        _compiled.moments_of_rows(part, x3.shape[2], mean, var)
         return mean.astype(x3.dtype), var
     xp = array_module(x3)
     # a: 1, or a power of two bringing the channel's max |x| into [1, 2), where its
@@ -130,21 +185,62 @@ def bn_batch_stats(x3, eps):
     return mu, var, xp.where(wide, inv_sigma_of(var64, eps).astype(x3.dtype), inv_sigma_of(var, eps))
 
 
-def bn_apply(x3, mu, scale, beta, *, want_y=True, want_h=False):
+def bn_apply(x3, mu, scale, beta, *, want_y=True, want_h=False, out_y=None, out_h=None, serial=False):
     """``y = (x3 - mu) * scale + beta`` (the BN output, ``scale = gamma *
     inv_sigma``) and/or ``h = y * (y > 0)`` (ReLU: -0.0 where y < 0, as NumPy
-    gives) -> ``(y or None, h or None)``, each ``(N, C, M)``."""
+    gives) -> ``(y or None, h or None)``, each ``(N, C, M)``. ``out_y`` / ``out_h``:
+    buffers to write into (compiled path; C-contiguous, x3's shape and dtype)."""
     if _use_compiled(x3, mu, scale, beta):
         x3 = np.ascontiguousarray(x3)
-        y = np.empty_like(x3) if want_y else None
-        h = np.empty_like(x3) if want_h else None
-        _compiled.bn_apply(x3, *(np.ascontiguousarray(a) for a in (mu, scale, beta)), y, h)
+        y = _out(out_y, x3) if want_y else None
+        h = _out(out_h, x3) if want_h else None
+        consts = [np.ascontiguousarray(a) for a in (mu, scale, beta)]
+        _by_samples(lambda n0, n1: _compiled.bn_apply(x3, *consts, y, h, n0, n1), x3, serial)
         return y, h
     y = (x3 - mu[:, None]) * scale[:, None] + beta[:, None]
-    return (y if want_y else None), (y * (y > 0) if want_h else None)
+    return _into(out_y, y if want_y else None), _into(out_h, y * (y > 0) if want_h else None)
 
 
-def bn_backward(gy3, source: BNSource, gamma, inv_sigma, *, batch_stats=True, need_gx=True):
+def bn_apply_pack(x3, mu, scale, beta, k, s, bits, *, out_h=None):
+    """A BN -> ReLU unit's forward and its paper codes (``quant.paper_params``'
+    ``k``, ``s``; K = ``bits``) -> ``(h, packed, n_nonfinite)``: ``h = y * (y > 0)``
+    ``(N, C, M)`` with ``y = (x3 - mu) * scale + beta``, and ``(packed, n_nonfinite) =
+    paper_pack(y as float32, k, s, bits)``, bytes identical to that composition.
+    Compiled (float32 NumPy arrays whose rows hold whole bytes of codes, ``M * bits
+    % 8 == 0``): one pass over x3, the codes written as h is, no y of the batch; on
+    float32 CuPy arrays the same pass in CUDA (``gpu.bn_apply_pack``, quant.cu).
+    Otherwise the composition itself (y, its codes, then h written over y)."""
+    if (_use_compiled(x3, mu, scale, beta) and x3.dtype == np.float32 and (x3.shape[2] * bits) % 8 == 0
+            and bits in (1, 2, 4, 8)):
+        x3 = np.ascontiguousarray(x3)
+        h = _out(out_h, x3)
+        packed = np.empty(x3.size * bits // 8, np.uint8)
+        consts = [np.ascontiguousarray(a, np.float32) for a in (mu, scale, beta, k)]
+        s = np.ascontiguousarray(s, np.int32)
+        nf = _by_samples(lambda n0, n1: _compiled.bn_apply_pack(x3, *consts, s, bits, h, packed, n0, n1), x3)
+        return h, packed, sum(nf)
+    if on_gpu(x3) and x3.dtype == np.float32 and out_h is None and not reference_forced():
+        return _gpu.bn_apply_pack(x3, mu, scale, beta, k, s, bits)
+    y, _ = bn_apply(x3, mu, scale, beta)
+    packed, nf = paper_pack(y if y.dtype == np.float32 else y.astype(np.float32), k, s, bits)
+    xp = array_module(y)
+    return _into(out_h, xp.multiply(y, y > 0, out=y)), packed, nf
+
+
+def _phases(kernel, gy3, gx):
+    """A compiled backward ``kernel(ggamma, gbeta, part, phase, n0, n1)`` in its two
+    parallel phases: row sums by sample ranges, their per-channel sums (n in order),
+    then gx by sample ranges -> ``(gx, ggamma, gbeta)`` in gy3's dtype."""
+    c = gy3.shape[1]
+    ggamma, gbeta, part = np.empty(c), np.empty(c), np.empty((2,) + gy3.shape[:2])
+    _by_samples(lambda n0, n1: kernel(ggamma, gbeta, part, 1, n0, n1), gy3)
+    _compiled.sums_of_rows(part, ggamma, gbeta)
+    if gx is not None:
+        _by_samples(lambda n0, n1: kernel(ggamma, gbeta, part, 2, n0, n1), gy3)
+    return gx, ggamma.astype(gy3.dtype), gbeta.astype(gy3.dtype)
+
+
+def bn_backward(gy3, source: BNSource, gamma, inv_sigma, *, batch_stats=True, need_gx=True, out=None):
     """BN's backward from ``gy3 (N, C, M)`` -> ``(gx or None, ggamma, gbeta)``.
 
     With ``g = gy * mask`` and ``xhat`` from ``source`` (see ``BNSource``)::
@@ -154,7 +250,9 @@ def bn_backward(gy3, source: BNSource, gamma, inv_sigma, *, batch_stats=True, ne
         gx     = gamma*inv_sigma * g                                   running statistics
 
     ``inv_sigma`` is the op's (the scale of the forward); ``source.inv_sigma``
-    only turns ``src`` into xhat. An empty batch gives an empty gx and zero sums."""
+    only turns ``src`` into xhat. An empty batch gives an empty gx and zero sums.
+    ``out``: a buffer for gx (compiled path; it may be ``gy3`` itself: each value of
+    gx is written after the value of gy at its place was last read)."""
     xp = array_module(gy3)
     dtype, c = gy3.dtype, gy3.shape[1]
     if gy3.size == 0:
@@ -165,11 +263,10 @@ def bn_backward(gy3, source: BNSource, gamma, inv_sigma, *, batch_stats=True, ne
         if _use_compiled(gy3, scale) and dtype == np.float32 and isinstance(packed, np.ndarray):
             # xhat and the mask rebuilt per block inside the pass: no decoded arrays
             gy3 = np.ascontiguousarray(gy3)
-            gx = np.empty_like(gy3) if need_gx else None
-            ggamma, gbeta = np.empty(c), np.empty(c)
-            _compiled.bn_backward_codes(gy3, packed, np.ascontiguousarray(s, np.int32), x_step, x_off, bits,
-                                        np.ascontiguousarray(scale), bool(batch_stats), gx, ggamma, gbeta)
-            return gx, ggamma.astype(dtype), gbeta.astype(dtype)
+            gx = _out(out, gy3) if need_gx else None
+            s32, scale = np.ascontiguousarray(s, np.int32), np.ascontiguousarray(scale)
+            return _phases(lambda *a: _compiled.bn_backward_codes(
+                gy3, packed, s32, x_step, x_off, bits, scale, bool(batch_stats), gx, *a), gy3, gx)
         if on_gpu(gy3) and on_gpu(packed) and dtype == np.float32 and not reference_forced():
             # the same fused pass in CUDA (quant.cu): xhat and the mask rebuilt per element
             gx, ggamma, gbeta = _gpu.bn_backward_codes(gy3, packed, s, x_step, x_off, bits, scale,
@@ -185,11 +282,10 @@ def bn_backward(gy3, source: BNSource, gamma, inv_sigma, *, batch_stats=True, ne
         mode = 2 if mask is not None else 1 if relu_beta is not None else 0
         m8 = np.ascontiguousarray(mask, dtype=bool).reshape(gy3.shape).view(np.uint8) if mode == 2 else None
         beta = np.ascontiguousarray(relu_beta, dtype=dtype) if mode == 1 else scale
-        gx = np.empty_like(gy3) if need_gx else None
-        ggamma, gbeta = np.empty(c), np.empty(c)
-        _compiled.bn_backward(gy3, src, np.ascontiguousarray(mu), np.ascontiguousarray(s_inv),
-                              np.ascontiguousarray(scale), beta, m8, mode, bool(batch_stats), gx, ggamma, gbeta)
-        return gx, ggamma.astype(dtype), gbeta.astype(dtype)
+        gx = _out(out, gy3) if need_gx else None
+        consts = [np.ascontiguousarray(a) for a in (mu, s_inv, scale)] + [beta]
+        return _phases(lambda *a: _compiled.bn_backward(gy3, src, *consts, m8, mode, bool(batch_stats), gx, *a),
+                       gy3, gx)
     xhat = (src - mu[:, None]) * s_inv[:, None]
     if mask is not None:
         g = gy3 * mask.reshape(gy3.shape)
@@ -206,4 +302,4 @@ def bn_backward(gy3, source: BNSource, gamma, inv_sigma, *, batch_stats=True, ne
             gx = scale[:, None] * (g - (gbeta / m)[:, None] - xhat * (ggamma / m)[:, None])
         else:
             gx = scale[:, None] * g
-    return gx, ggamma, gbeta
+    return _into(out, gx), ggamma, gbeta

@@ -36,9 +36,9 @@ class BatchNorm2d(Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, **options):
-        y, mu, inv_sigma = _normalize(ctx, x, gamma, beta, **options)
+        mu, inv_sigma = _statistics(ctx, x, **options)
         ctx.save(x=x, gamma=gamma, mu=mu, inv_sigma=inv_sigma)
-        return y
+        return bn_apply(as_ncm(x), mu, gamma * inv_sigma, beta)[0].reshape(x.shape)
 
     @staticmethod
     def backward(ctx, gy):
@@ -46,9 +46,10 @@ class BatchNorm2d(Function):
         return _backward(ctx, gy, BNSource(as_ncm(x), mu, inv_sigma), gamma, inv_sigma)
 
 
-def _normalize(ctx, x, gamma, beta, *, running_mean=None, running_var=None, use_batch_stats=True,
-               update_running=True, momentum=0.1, eps=1e-5):
-    """BN forward shared by both ops -> y (N,C,H,W), mu (C,), inv_sigma (C,)."""
+def _statistics(ctx, x, *, running_mean=None, running_var=None, use_batch_stats=True,
+                update_running=True, momentum=0.1, eps=1e-5):
+    """The statistics both ops normalise with -> mu (C,), inv_sigma (C,); with batch
+    statistics, the running ones updated."""
     n, c, h, w = x.shape
     x3 = as_ncm(x)                                               # (N, C, HW)
     m = n * h * w
@@ -66,8 +67,7 @@ def _normalize(ctx, x, gamma, beta, *, running_mean=None, running_var=None, use_
         inv_sigma = inv_sigma_of(running_var.astype(x.dtype), eps)   # (C,)
         mu = running_mean.astype(x.dtype)
     ctx.use_batch_stats = use_batch_stats
-    y, _ = bn_apply(x3, mu, gamma * inv_sigma, beta)
-    return y.reshape(x.shape), mu, inv_sigma
+    return mu, inv_sigma
 
 
 def _backward(ctx, gy, source, gamma, inv_sigma):
@@ -89,12 +89,13 @@ class BatchNormReLU(Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, **options):
-        y, mu, inv_sigma = _normalize(ctx, x, gamma, beta, **options)
-        ctx.save(unit=BNReLUUnit(x, y, mu, inv_sigma, gamma, beta), gamma=gamma, inv_sigma=inv_sigma)
-        # h = y * (y > 0) written over y once the unit is stored: one activation-sized
-        # buffer, not two (the same bits as bn_apply's h, which the stored unit rebuilds)
-        xp = array_module(y)
-        return xp.multiply(y, y > 0, out=y)
+        mu, inv_sigma = _statistics(ctx, x, **options)
+        unit = BNReLUUnit(x, None, mu, inv_sigma, gamma, beta)
+        ctx.save(unit=unit, gamma=gamma, inv_sigma=inv_sigma)
+        # h made only now, from what the policy asked of the unit: the fused pass's h
+        # (paper codes written with it), y turned into h in place, or h alone (exact):
+        # one activation-sized buffer, never two; the same bits the stored unit rebuilds
+        return unit.output()
 
     @staticmethod
     def backward(ctx, gh):
