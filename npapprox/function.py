@@ -19,7 +19,7 @@ everything it held, so memory is freed as backward walks.
 
 The kinds of saved entries (``npapprox.policy`` says how each is stored):
 ``ACTIVATION`` (activation-sized; the policy picks the form), ``UNIT`` (a BN ->
-ReLU unit, ``storage.BNReLUUnit``), ``PARAM`` (parameters, by reference),
+ReLU unit, ``units.BNReLUUnit``), ``PARAM`` (parameters, by reference),
 ``STAT`` (small statistics, exact), ``INDEX`` (integer indices, exact).
 
 Each thread has a stack of storage policies (``storage_policy`` blocks) and of

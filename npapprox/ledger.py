@@ -35,8 +35,9 @@ from .nn import build_model, input_divisor
 from .ops.conv import chunk_plan, winograd_tile, winograd_workspace
 from .parallel import workers
 from .policy import ACTIVATION, PARAM, UNIT, Policy, current_policy, storage_policy
-from .storage import Unit, UnitRef
+from .storage import UnitRef
 from .tensor import Tensor, observing, topological_order
+from .units import Unit
 from .window import WindowMonitor, monitoring
 from .window import table as window_table
 

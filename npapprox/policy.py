@@ -19,7 +19,7 @@ Kinds of saved entries (declared per op; defined with the op protocol in
   output a relu, sigmoid or tanh op saved, a max-pool output over either -- is
   stored as a reference to that stored form (costs nothing, ``shared_form``);
   the network input (a leaf) stays exact.
-* ``UNIT``:       a BN -> ReLU unit (``storage.BNReLUUnit``): one stored form
+* ``UNIT``:       a BN -> ReLU unit (``units.BNReLUUnit``): one stored form
   rebuilds the unit's mask and xhat and its output for every consumer.
 * ``PARAM``:      parameter arrays, kept by reference (cost nothing extra).
 * ``STAT``:       small per-channel or per-sample statistics, kept exactly.
@@ -56,21 +56,8 @@ from .policy_names import (
     policy_help,
     register_policy,
 )
-from .storage import (
-    BNReLUUnit,
-    ExactUnit,
-    FitUnit,
-    Full,
-    GenericPacked,
-    GenericUnit,
-    PaperUnit,
-    ParamRef,
-    PooledRef,
-    SharedRef,
-    Stored,
-    Unit,
-    UnitRef,
-)
+from .storage import Full, GenericPacked, ParamRef, PooledRef, SharedRef, Stored, UnitRef
+from .units import BNReLUUnit, ExactUnit, FitUnit, GenericUnit, PaperUnit, Unit
 
 __all__ = ["ACTIVATION", "INDEX", "KINDS", "MAX_GROUP", "PARAM", "POLICIES", "STAT", "UNIT",
            "ApproxForward", "Exact", "FitWindow", "Generic", "Naive", "Paper", "Policy", "PolicyName", "PolicySpec",

@@ -17,8 +17,9 @@ from conftest import require_torch
 import npapprox as na
 from npapprox import Tensor, kernels, ops
 from npapprox.policy import FitWindow
-from npapprox.storage import BNReLUUnit, GenericPacked, PaperUnit, PooledRef
+from npapprox.storage import GenericPacked, PooledRef
 from npapprox.tensor import topological_order
+from npapprox.units import BNReLUUnit, PaperUnit
 
 torch = require_torch()
 F = torch.nn.functional

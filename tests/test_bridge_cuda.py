@@ -19,8 +19,8 @@ from conftest import require_gpu, require_torch
 
 import npapprox as na
 from npapprox import checkpoint, cli, kernels
-from npapprox.storage import PaperUnit
 from npapprox.train import CHECKPOINT, TrainConfig, make_trainer
+from npapprox.units import PaperUnit
 
 torch = require_torch()
 from npapprox import bridge

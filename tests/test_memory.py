@@ -11,8 +11,9 @@ from npapprox.kernels import paper_pack, use_reference
 from npapprox.kernels.bn import BNSource, as_ncm, bn_backward
 from npapprox.ledger import ledger, measure_peak, measure_profile, transient_bound
 from npapprox.policy import ACTIVATION, Exact, FitWindow, Generic, Paper, storage_policy
-from npapprox.storage import ExactUnit, PaperUnit, PooledRef, SharedRef, Stored
+from npapprox.storage import PooledRef, SharedRef, Stored
 from npapprox.tensor import topological_order
+from npapprox.units import ExactUnit, PaperUnit
 
 F32 = np.float32
 

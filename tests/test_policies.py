@@ -42,9 +42,9 @@ from npapprox.policy import (
     register_policy,
     storage_policy,
 )
-from npapprox.storage import BNReLUUnit
 from npapprox.study.plots import line_style
 from npapprox.tensor import topological_order
+from npapprox.units import BNReLUUnit
 
 from support import (
     assert_close,

@@ -6,9 +6,10 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from npapprox import quant, storage
+from npapprox import quant, units
 from npapprox.kernels import generic_pack, pack_bits, paper_pack
-from npapprox.storage import GenericPacked, GenericUnit, PaperUnit
+from npapprox.storage import GenericPacked
+from npapprox.units import GenericUnit, PaperUnit
 
 F32 = np.float32
 
@@ -66,13 +67,13 @@ def test_a_paper_unit_whose_samples_end_mid_byte_decodes_the_batch_once(bits, al
     unit = PaperUnit(paper_pack(y, p["k"], p["s"], bits)[0], p, bits, shape, np.dtype(F32))
     whole = unit.h()
     calls = []
-    decode = storage.paper_decode
+    decode = units.paper_decode
 
     def counted(packed, shp, *args, **kwargs):
         calls.append(shp[0])
         return decode(packed, shp, *args, **kwargs)
 
-    monkeypatch.setattr(storage, "paper_decode", counted)
+    monkeypatch.setattr(units, "paper_decode", counted)
     read = unit.sample_reader()
     got = [read(slice(a, a + 2)) for a in range(0, 8, 2)]
     assert b"".join(g.tobytes() for g in got) == whole.tobytes()

@@ -29,8 +29,8 @@ from npapprox import quant
 from npapprox.backend import to_device
 from npapprox.ledger import ledger
 from npapprox.policy import Exact, FitWindow, Paper, policy_from_name
-from npapprox.storage import BNReLUUnit
 from npapprox.train import TrainConfig, Trainer
+from npapprox.units import BNReLUUnit
 from npapprox.window import TrainingWatch, WindowMonitor, monitoring
 
 import support as S

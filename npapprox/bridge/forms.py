@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from ..kernels.reference import num_groups, packed_nbytes
 from ..policy import FitWindow, Generic, Paper, Policy
-from ..storage import FitUnit, PaperUnit, Stored
+from ..storage import Stored
+from ..units import FitUnit, PaperUnit
 
 
 def exact_units(policy: Policy) -> bool:

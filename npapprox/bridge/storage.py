@@ -54,7 +54,8 @@ from ..function import ACTIVATION, INDEX, PARAM, STAT, UNIT
 from ..kernels.bn import as_ncm, bn_backward
 from ..ledger import Entry, Ledger
 from ..policy import Exact, Paper, Policy
-from ..storage import BNReLUUnit, PooledRef, SharedRef, Unit, UnitRef
+from ..storage import PooledRef, SharedRef, UnitRef
+from ..units import BNReLUUnit, Unit
 from .forms import Alias, Kept, Sized, exact_activations, exact_units, sized_activation, sized_unit
 from .views import as_array, as_tensor, kernel_stream
 

@@ -75,7 +75,7 @@ class BNSource(NamedTuple):
     array (``mask``), or rebuilt from ``src`` exactly as the forward computed it,
     ``(src - mu) * (gamma * inv_sigma) + relu_beta > 0`` (``relu_beta``), or
     absent (plain BN: both None). Or ``codes``: a BN -> ReLU unit's paper-scheme
-    codes ``(packed, shape, s, x_step, x_off, bits)`` (``storage.PaperUnit``), from
+    codes ``(packed, shape, s, x_step, x_off, bits)`` (``units.PaperUnit``), from
     which xhat and the mask are rebuilt inside the pass (``src`` None)."""
 
     src: object

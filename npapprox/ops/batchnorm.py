@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..backend import array_module
 from ..function import ACTIVATION, PARAM, STAT, UNIT, Function
 from ..kernels.bn import BNSource, as_ncm, bn_apply, bn_backward, bn_batch_stats, inv_sigma_of
-from ..storage import BNReLUUnit
+from ..units import BNReLUUnit
 from ..validate import as_tensor, check_float, check_rank
 
 
@@ -80,7 +80,7 @@ def _backward(ctx, gy, source, gamma, inv_sigma):
 class BatchNormReLU(Function):
     """One pre-activation unit: h = max(y, 0), y = gamma * xhat + beta (BN as in
     ``BatchNorm2d``, then ReLU). Backward: g = gh * [y > 0], then BN's backward
-    with g. What it keeps is one stored *unit* (``storage.BNReLUUnit``): under the
+    with g. What it keeps is one stored *unit* (``units.BNReLUUnit``): under the
     paper's policy K-bit codes from which the mask (exactly), xhat (approximately)
     and h (approximately, for the next conv) are all rebuilt; exactly, the BN
     input. Shapes as ``BatchNorm2d``."""
