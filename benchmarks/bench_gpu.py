@@ -26,7 +26,7 @@ budget. Needs CuPy and a CUDA device; refuses (exit status 2) without one.
    with momentum, batch 128 of random data on the device: median time of one
    step (forward + backward + update, synchronised) under each policy, warm-up
    steps excluded; and the measured peak of one forward + backward (CuPy memory
-   pool, ``ledger.measure_peak``).
+   pool, ``peak.measure_peak``).
 3. Largest batch per policy whose measured pool peak (forward + backward of
    ResNet-20) fits ``--budget-mib``: doubling from 16, then bisection.
 
@@ -224,7 +224,7 @@ def _train_setup(cp, batch, seed=0):
 
 def bench_train(cp, args, policies):
     import npapprox as na
-    from npapprox.ledger import measure_peak
+    from npapprox.peak import measure_peak
 
     print(f"\n## Training step, pre-activation ResNet-20, batch {args.batch}, 3x32x32 on the GPU\n")
     print("| policy | ms / step | images / s | vs exact | pool peak MiB (fwd+bwd) | final loss |")
@@ -258,7 +258,7 @@ def bench_train(cp, args, policies):
 
 
 def bench_max_batch(cp, args, policies):
-    from npapprox.ledger import measure_peak
+    from npapprox.peak import measure_peak
 
     budget = int(args.budget_mib * MiB)
     print(f"\n## Largest batch in a {args.budget_mib:.0f} MiB budget (CuPy pool peak of forward + backward, "

@@ -10,7 +10,7 @@ training-step time of exact against paper4 (side by side, one run).
   transients (peak - ledger) against ``ledger.transient_bound`` (docs/storage.md,
   "Transients");
 * ResNet-56: the largest batch whose measured peak fits ``--budget`` per policy
-  (``ledger.max_batch``; ``--budget 0`` skips it);
+  (``peak.max_batch``; ``--budget 0`` skips it);
 * ResNet-20: the median time of one SGD step, exact and paper4 interleaved.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ import numpy as np
 
 import npapprox as na
 from npapprox.cli_options import byte_size
-from npapprox.ledger import ledger, max_batch, measure_peak, transient_bound
+from npapprox.ledger import ledger, transient_bound
+from npapprox.peak import max_batch, measure_peak
 
 POLICIES = {"exact": na.Exact, "paper4": lambda: na.Paper(4), "paper2": lambda: na.Paper(2)}
 MiB = 2.0**20

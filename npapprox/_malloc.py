@@ -11,7 +11,7 @@ faster on the development machine (``docs/architecture.md``, "Speed").
 The cost: memory freed by the process is not returned to the kernel until it
 exceeds 1 GiB at the top of the heap, so the resident size stays near its
 high-water mark -- what a long training run has anyway. (Measured peaks are
-unaffected: ``ledger.measure_peak`` counts arrays, not pages.)
+unaffected: ``peak.measure_peak`` counts arrays, not pages.)
 
 ``import npapprox`` calls :func:`reuse_freed_memory` once. Nothing is changed
 off Linux/glibc, when ``NPAPPROX_MALLOC=default``, or when the user already

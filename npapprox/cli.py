@@ -33,9 +33,10 @@ from .cli_options import (
     seed_list,
     train_config,
 )
-from .ledger import ledger, max_batch
+from .ledger import ledger
 from .limits import fmt_bytes
 from .nn.zoo import MODELS
+from .peak import max_batch
 from .policy import policy_from_name, policy_help
 from .runfolder import claim
 from .study import DEFAULT_POLICIES as STUDY_POLICIES

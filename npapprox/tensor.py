@@ -66,7 +66,7 @@ def no_grad():
 @contextlib.contextmanager
 def observing(fn):
     """Call ``fn()`` after every op's forward and every step of a backward walk run
-    in this thread inside the block (``ledger.measure_profile`` reads memory there)."""
+    in this thread inside the block (``peak.measure_profile`` reads memory there)."""
     previous, _grad_mode.observers = _grad_mode.observers, _grad_mode.observers + (fn,)
     try:
         yield

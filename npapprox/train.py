@@ -34,7 +34,8 @@ from . import checkpoint, nn, ops, optim
 from .backend import array_module, to_device
 from .config import RESUMABLE, Interrupted, NonFiniteLoss, TrainConfig
 from .data import batches, load_dataset
-from .ledger import PeakProbe, ledger
+from .ledger import ledger
+from .peak import PeakProbe
 from .policy import policy_from_name, storage_policy
 from .runfolder import CHECKPOINT, METRICS, STEPS, claim, cut_logs, sync
 from .tensor import Tensor, no_grad

@@ -18,7 +18,8 @@ import pytest
 import npapprox
 from npapprox import cli, cli_options, limits, nn
 from npapprox.data import load_cifar10, load_dataset
-from npapprox.ledger import footprint, ledger, max_batch, measure_peak
+from npapprox.ledger import footprint, ledger
+from npapprox.peak import max_batch, measure_peak
 from npapprox.policy import Exact, Paper
 
 import cifar_archive

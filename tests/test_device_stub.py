@@ -7,7 +7,7 @@
 * device-to-host syncs per training step, counted with a CuPy stand-in
   (``tests/fake_device.py``) while the CUDA kernels run through their host build;
 * the convolution's chunk plan on each backend, im2row as one strided copy;
-* kernels launched in the arrays' device context; ``ledger.PeakProbe`` left clean when
+* kernels launched in the arrays' device context; ``peak.PeakProbe`` left clean when
   a measured step raises.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ from scipy.special import erf
 
 import npapprox.kernels as K
 from npapprox import backend, checks, cli, ops, quant
+from npapprox import peak as peak_module
 from npapprox.kernels import bn as BN
 from npapprox.kernels import gpu
 from npapprox.kernels import im2col as IM
@@ -39,8 +40,6 @@ from npapprox.train import NonFiniteLoss, TrainConfig, Trainer
 
 import fake_device as FD
 from support import HostLauncher
-
-ledger_module = importlib.import_module("npapprox.ledger")   # the name npapprox.ledger is the function
 
 F32 = np.float32
 
@@ -414,7 +413,7 @@ def test_peak_probe_removes_the_gpu_memory_hook_when_the_step_raises(device, mon
         def __exit__(self, *exc):
             events.append("exit")
 
-    monkeypatch.setattr(ledger_module, "gpu_memory_peak", Hook)
+    monkeypatch.setattr(peak_module, "gpu_memory_peak", Hook)
     _failing_run(_trainer("exact"), monkeypatch)
     assert events == ["enter", "exit"]
 

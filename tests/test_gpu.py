@@ -23,8 +23,9 @@ from conftest import require_gpu
 import npapprox.kernels as K
 from npapprox import cli, ops
 from npapprox.backend import to_device
-from npapprox.ledger import ledger, measure_peak
+from npapprox.ledger import ledger
 from npapprox.optim import SGD
+from npapprox.peak import measure_peak
 from npapprox.policy import Exact, Generic, Paper, storage_policy
 from npapprox.tensor import Tensor
 

@@ -9,7 +9,8 @@ import pytest
 from npapprox import Tensor, nn, ops, quant
 from npapprox.kernels import paper_pack, use_reference
 from npapprox.kernels.bn import BNSource, as_ncm, bn_backward
-from npapprox.ledger import ledger, measure_peak, measure_profile, transient_bound
+from npapprox.ledger import ledger, transient_bound
+from npapprox.peak import measure_peak, measure_profile
 from npapprox.policy import ACTIVATION, Exact, FitWindow, Generic, Paper, storage_policy
 from npapprox.storage import PooledRef, SharedRef, Stored
 from npapprox.tensor import topological_order

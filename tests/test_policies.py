@@ -29,7 +29,8 @@ import pytest
 
 from npapprox import Tensor, ops
 from npapprox.function import PARAM, STAT, UNIT
-from npapprox.ledger import ledger, measure_peak
+from npapprox.ledger import ledger
+from npapprox.peak import measure_peak
 from npapprox.policy import (
     POLICIES,
     ApproxForward,

@@ -12,7 +12,7 @@ import pytest
 
 from npapprox import checkpoint, cli, cli_options, nn
 from npapprox.backend import gpu_available
-from npapprox.ledger import measure_peak
+from npapprox.peak import measure_peak
 from npapprox.policy import Paper
 from npapprox.train import CHECKPOINT, NonFiniteLoss, TrainConfig, Trainer
 

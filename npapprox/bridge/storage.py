@@ -54,9 +54,20 @@ from ..function import ACTIVATION, INDEX, PARAM, STAT, UNIT
 from ..kernels.bn import as_ncm, bn_backward
 from ..ledger import Entry, Ledger
 from ..policy import Exact, Paper, Policy
-from ..storage import PooledRef, SharedRef, UnitRef
-from ..units import BNReLUUnit, Unit
-from .forms import Alias, Kept, Sized, exact_activations, exact_units, sized_activation, sized_unit
+from ..storage import SharedRef, UnitRef
+from ..units import BNReLUUnit
+from .forms import (
+    Alias,
+    Kept,
+    TorchExactUnit,
+    TorchPooledRef,
+    bn_forward,
+    exact_activations,
+    exact_units,
+    sized_activation,
+    sized_unit,
+    window_starts,
+)
 from .views import as_array, as_tensor, kernel_stream
 
 _stack: list = []            # policies in force, innermost last; empty: plain torch
@@ -77,9 +88,7 @@ def _op(name: str, module=None):
     return types.SimpleNamespace(fn=types.SimpleNamespace(__name__=name), module=module)
 
 
-# --------------------------------------------------------------------------- #
-# policies
-# --------------------------------------------------------------------------- #
+# --- policies ----------------------------------------------------------------
 def check_policy(policy) -> Policy:
     """``policy`` if the bridge can apply it; a clear error naming it otherwise."""
     if not isinstance(policy, Policy):
@@ -127,52 +136,7 @@ def module_scope(module):
         _names.pop()
 
 
-def _bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps):
-    """torch's batch-norm forward as ``F.batch_norm`` dispatches it (native kernel on
-    the CPU, cuDNN where torch would use it) -> (y, mean, invstd, reserve, impl)."""
-    return torch.ops.aten._batch_norm_impl_index(x, gamma, beta, running_mean, running_var, True, momentum, eps,
-                                                 torch.backends.cudnn.enabled)
-
-
-class TorchExactUnit(Unit):
-    """A unit under an exact policy: the BN input x in full precision plus the
-    batch mean (the engine's ``ExactUnit``). Backward recomputes y with the kernel
-    the forward used (``_bn_forward``; stand-in running statistics with momentum 0
-    where the forward had real ones, so the same path runs) and calls torch's own
-    backward, so every gradient is bit-identical to plain torch's."""
-
-    __slots__ = ("x", "mean", "invstd", "gamma", "beta", "eps", "running", "reserve", "impl")
-
-    def __init__(self, x, mean, invstd, gamma, beta, eps, running, reserve, impl):
-        self.x, self.mean, self.invstd, self.gamma, self.beta, self.eps = x, mean, invstd, gamma, beta, eps
-        self.running, self.reserve, self.impl = running, reserve, impl
-        self.shape, self.dtype = tuple(x.shape), x.dtype
-
-    form = property(lambda self: str(self.dtype).removeprefix("torch."))
-    bits = property(lambda self: 8 * self.x.element_size())
-    payload_nbytes = property(lambda self: self.x.numel() * self.x.element_size())
-    meta_nbytes = property(lambda self: self.mean.numel() * self.mean.element_size())
-
-    def _stand_ins(self):
-        return (torch.zeros_like(self.mean), torch.ones_like(self.mean)) if self.running else (None, None)
-
-    def _y(self):
-        return _bn_forward(self.x, self.gamma, self.beta, *self._stand_ins(), 0.0, self.eps)[0]
-
-    def h(self):
-        return torch.relu(self._y())
-
-    def backward(self, gh, need):
-        """(gx, ggamma, gbeta) as torch's autograd computes them for relu(batch_norm(x))."""
-        g = torch.ops.aten.threshold_backward(gh, torch.relu(self._y()), 0)
-        return torch.ops.aten._batch_norm_impl_index_backward(
-            self.impl, self.x, g, self.gamma, *self._stand_ins(), self.mean, self.invstd, True, self.eps,
-            list(need), self.reserve)
-
-
-# --------------------------------------------------------------------------- #
-# the ledger's view of what is saved
-# --------------------------------------------------------------------------- #
+# --- the ledger's view of what is saved --------------------------------------
 @contextlib.contextmanager
 def record():
     """Collect ``(Entry, stored form)`` for every save made inside (forward order)."""
@@ -214,9 +178,7 @@ def ledger(module, x, labels=None, policy: Policy | None = None) -> Ledger:
     return Ledger([e for e, _ in saved], repr(policy))
 
 
-# --------------------------------------------------------------------------- #
-# saved-tensor hooks
-# --------------------------------------------------------------------------- #
+# --- saved-tensor hooks ------------------------------------------------------
 def _lookup(table: dict, t):
     hit = table.get(id(t))
     return hit[1] if hit is not None and hit[0]() is t else None
@@ -285,9 +247,7 @@ def _unpack(packed):
         return as_tensor(stored.restore())
 
 
-# --------------------------------------------------------------------------- #
-# the two autograd Functions
-# --------------------------------------------------------------------------- #
+# --- the two autograd Functions ----------------------------------------------
 def _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running=False, reserve=None, impl=0, module=None):
     if exact_units(policy):
         return TorchExactUnit(x.detach(), mean, invstd, gamma.detach(), beta.detach(), eps, running, reserve, impl)
@@ -315,7 +275,7 @@ class BatchNormReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, beta, running_mean, running_var, momentum, eps, policy, batch=True, module=None):
         if batch:
-            y, mean, invstd, reserve, impl = _bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps)
+            y, mean, invstd, reserve, impl = bn_forward(x, gamma, beta, running_mean, running_var, momentum, eps)
         else:   # torch's eval forward; 1/sigma with the engine's bits (a test pins it)
             y = F.batch_norm(x, running_mean, running_var, gamma, beta, training=False, eps=eps)
             mean, invstd, reserve, impl = running_mean.clone(), torch.rsqrt(running_var + eps), None, 0
@@ -373,36 +333,6 @@ class AvgPool(torch.autograd.Function):
         return torch.ops.aten.avg_pool2d_backward(gy, _stand_in(ctx.x_meta), k, k, [0, 0], False, True, None), None
 
 
-def _window_starts(s, pad, out_shape, device):
-    """(row, column) of each output's window's first position in the input, (OH, 1) and (1, OW)."""
-    oh, ow = out_shape[2:]
-    return ((torch.arange(oh, device=device) * s - pad)[:, None],
-            (torch.arange(ow, device=device) * s - pad)[None, :])
-
-
-class TorchPooledRef(PooledRef):
-    """``storage.PooledRef`` on torch tensors: the pool's output rebuilt by gathering
-    the rebuilt input at the argmax (``argmax``: uint8 window offsets ``p*k+q``).
-    Exact when the input's form is."""
-
-    __slots__ = ("x_shape",)
-
-    def __init__(self, source, argmax, kernel, stride, padding, dtype, x_shape):
-        super().__init__(source, argmax, kernel, stride, padding, dtype)
-        self.x_shape = tuple(x_shape)
-
-    def indices(self):
-        """torch's max-pool indices (int64, flat in each input plane) from the offsets."""
-        k, w = self.kernel, self.x_shape[3]
-        r0, c0 = _window_starts(self.stride, self.padding, self.shape, self.argmax.device)
-        a = self.argmax.long()
-        return (r0 + a // k) * w + (c0 + a % k)
-
-    def restore(self):
-        x = as_tensor(self.source.output())
-        return x.flatten(2).gather(2, self.indices().flatten(2)).view(self.shape)
-
-
 class MaxPool(torch.autograd.Function):
     """y[n,c,i,j] = max of x over window (i, j) (k x k, stride s, padding -inf);
     x (N, C, H, W) -> (N, C, OH, OW): torch's max pool. Keeps what the engine's
@@ -414,7 +344,7 @@ class MaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, k, s, pad, source, policy):
         y, idx = torch.ops.aten.max_pool2d_with_indices(x, k, s, pad)
-        r0, c0 = _window_starts(s, pad, y.shape, x.device)
+        r0, c0 = window_starts(s, pad, y.shape, x.device)
         w = x.shape[3]
         argmax = ((idx // w - r0) * k + (idx % w - c0)).to(torch.uint8)
         ctx.pooled = TorchPooledRef(source, argmax, k, s, pad, x.dtype, x.shape)
@@ -433,9 +363,7 @@ class MaxPool(torch.autograd.Function):
         return gx, None, None, None, None, None
 
 
-# --------------------------------------------------------------------------- #
-# what the bridge modules call
-# --------------------------------------------------------------------------- #
+# --- what the bridge modules call --------------------------------------------
 def _recording(*tensors) -> bool:
     return bool(_stack) and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -465,6 +393,6 @@ def avg_pool2d(x, kernel: int, stride: int | None = None):
     return F.avg_pool2d(x, kernel, stride)
 
 
-__all__ = ["Alias", "AvgPool", "BatchNormReLU", "EXACT_OUTPUTS", "Kept", "MaxPool", "Sized", "TorchExactUnit",
-           "TorchPooledRef", "as_array", "as_tensor", "avg_pool2d", "batch_norm", "check_policy", "current_policy",
-           "kernel_stream", "ledger", "max_pool2d", "module_scope", "record", "storage_policy"]
+__all__ = ["AvgPool", "BatchNormReLU", "EXACT_OUTPUTS", "MaxPool", "as_array", "as_tensor", "avg_pool2d",
+           "batch_norm", "check_policy", "current_policy", "ledger", "max_pool2d", "module_scope", "record",
+           "storage_policy"]
