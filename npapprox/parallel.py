@@ -29,9 +29,11 @@ depend on when each thread happens to start.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
+import time
 
 import numpy as np
 
@@ -51,6 +53,7 @@ _blas = None                      # threadpoolctl controller of the BLAS librari
 _blas_seen = -1                   # SciPy's once imported, ...): rescanned when len(sys.modules) changed
 _local = threading.local()        # .inside: this thread is running a region's fn
 _workers: list = []               # _Worker k+1 at index k (the calling thread is worker 0)
+_timing: dict | None = None       # while ``timing()`` runs: region name -> [seconds in run, seconds waiting]
 
 
 def _blas_controller():
@@ -135,6 +138,20 @@ def _join(team):
     return interrupted
 
 
+@contextlib.contextmanager
+def timing():
+    """Inside the block, every parallel region adds to ``times[name]`` (``name``: the
+    region function's qualified name) ``[seconds from its start to its end, seconds
+    of those the calling thread waited for the other workers after its own share]``
+    -> ``times``. What ``benchmarks/bench_pool.py`` prints: where the cores idle."""
+    global _timing
+    times = _timing = {}
+    try:
+        yield times
+    finally:
+        _timing = None
+
+
 def run(fn, n: int) -> list:
     """``[fn(0), ..., fn(n-1)]``, the calls running in parallel (the calling
     thread runs ``fn(0)``) with BLAS and OpenMP held to one thread per worker;
@@ -157,11 +174,18 @@ def run(fn, n: int) -> list:
             for w in team:
                 w.fn = fn
                 w.go.release()
+            start = time.perf_counter()
             try:
                 first, error = fn(0), None
             except BaseException as e:
                 first, error = None, e
+            joined = time.perf_counter()
             error = _join(team) or error              # none still runs when BLAS gets its threads back
+            if _timing is not None:
+                t = _timing.setdefault(getattr(fn, "__qualname__", repr(fn)), [0.0, 0.0])
+                end = time.perf_counter()
+                t[0] += end - start
+                t[1] += end - joined
         finally:
             _local.inside = False
             for lib, t in zip(libs, blas_before, strict=True):

@@ -3,6 +3,7 @@ import multiprocessing as mp
 import os
 import sys
 import threading
+import time
 import tracemalloc
 import types
 
@@ -279,3 +280,25 @@ def test_an_interrupt_in_the_calling_thread_waits_for_the_workers():
             parallel.run(fn, 2)
         assert finished.is_set()
         assert parallel.run(lambda k: -k, 2) == [0, -1]
+
+
+def test_timing_counts_each_regions_time_and_the_callers_wait():
+    """``parallel.timing``: a region whose worker 1 sleeps 30 ms after worker 0 is done
+    counts about 30 ms of waiting, within the region's own time; single-worker calls
+    (no region) and calls outside the block are not counted."""
+    def slow_second(k):
+        if k == 1:
+            time.sleep(0.03)
+        return k
+
+    with threadpool_limits(2, user_api="blas"):
+        parallel.run(slow_second, 2)                    # outside the block
+        with parallel.timing() as times:
+            for _ in range(3):
+                parallel.run(slow_second, 2)
+            parallel.run(slow_second, 1)                # serial: no region
+        parallel.run(slow_second, 2)
+    name = slow_second.__qualname__
+    assert list(times) == [name]
+    region, wait = times[name]
+    assert 0.085 <= wait <= region < 0.09 + 0.5, (region, wait)

@@ -1,0 +1,68 @@
+"""Where the worker pool's cores idle: one ResNet-20 training step (batch 128)
+per storage policy, each parallel region's time and the seconds the calling
+thread waited for the other workers after its own share (``parallel.timing``).
+
+    python benchmarks/bench_pool.py [--policies exact,paper4] [--steps 5] [--batch 128]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import numpy as np
+from threadpoolctl import threadpool_info
+
+import npapprox as na
+from npapprox import parallel
+from npapprox.policy_names import policy_from_name
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--policies", default="exact,paper4")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=128)
+    args = ap.parse_args(argv)
+    blas = "; ".join(f"{i['internal_api']} {i.get('version')} ({i.get('architecture')}, {i['num_threads']} threads)"
+                     for i in threadpool_info() if i["user_api"] == "blas")
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); BLAS {blas}; "
+          f"{parallel.workers()} workers; ResNet-20, batch {args.batch}, per step over {args.steps} steps")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, args.batch)
+    for name in args.policies.split(","):
+        na.nn.manual_seed(0)
+        model = na.nn.preact_resnet20()
+        opt = na.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        policy = policy_from_name(name.strip())
+
+        def step():
+            with na.storage_policy(policy):
+                loss = na.ops.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        step()                                              # warm-up: workers, caches
+        with parallel.timing() as times:
+            for _ in range(args.steps):
+                step()
+        rows = sorted(times.items(), key=lambda kv: -kv[1][1])
+        rows.append(("all regions", [sum(t for t, _ in times.values()), sum(w for _, w in times.values())]))
+        print(f"\n{name}: {'region':<44} {'in regions ms':>14} {'waiting ms':>11}")
+        for region, (total, wait) in rows:
+            ms = 1e3 / args.steps
+            print(f"{'':<{len(name) + 2}}{region:<44} {total * ms:>14.1f} {wait * ms:>11.1f}")
+
+
+if __name__ == "__main__":
+    main()
