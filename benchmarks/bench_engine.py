@@ -23,11 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+from bench_kernels import _cpu_model  # the script's own directory is on sys.path
 
 CONVS = [  # (C, F, H, k, stride, pad)
     (16, 16, 32, 3, 1, 1), (16, 32, 32, 3, 2, 1), (32, 32, 16, 3, 1, 1),
@@ -121,14 +122,6 @@ def _worker(engine: str, batch: int, repeats: int, threads: int, skip_step: bool
                 opt.step()
         res[f"ResNet-20 train step, batch {n}"] = _times(step, repeats)
     return {"info": info, "times": res}
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def policy_steps(models: list, policies: list, batch: int, repeats: int, threads: int) -> None:

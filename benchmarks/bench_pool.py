@@ -8,22 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 
 import numpy as np
+from bench_kernels import _cpu_model  # the script's own directory is on sys.path
 from threadpoolctl import threadpool_info
 
 import npapprox as na
 from npapprox import parallel
 from npapprox.policy_names import policy_from_name
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main(argv=None):
@@ -34,7 +26,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     blas = "; ".join(f"{i['internal_api']} {i.get('version')} ({i.get('architecture')}, {i['num_threads']} threads)"
                      for i in threadpool_info() if i["user_api"] == "blas")
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); BLAS {blas}; "
+    print(f"CPU: {_cpu_model()} ({os.cpu_count()} logical cores); BLAS {blas}; "
           f"{parallel.workers()} workers; ResNet-20, batch {args.batch}, per step over {args.steps} steps")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, 3, 32, 32)).astype(np.float32)
