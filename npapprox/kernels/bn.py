@@ -51,6 +51,7 @@ import numpy as np
 from npapprox.backend import array_module, on_gpu
 from npapprox.kernels import gpu as _gpu
 from npapprox.kernels import paper_decode, paper_mask, paper_pack
+from npapprox.kernels.checks import out_array
 from npapprox.kernels.switch import reference_forced
 from npapprox.parallel import deal, run
 
@@ -112,16 +113,6 @@ def _by_samples(kernel, x3, serial=False) -> list:
         return [kernel(0, x3.shape[0])]
     bounds = [x3.shape[0] * k // n for k in range(n + 1)]
     return run(lambda k: kernel(bounds[k], bounds[k + 1]), n)
-
-
-def _out(out, like):
-    """``out`` (checked: C-contiguous, like's shape and dtype) or a new array like ``like``."""
-    if out is None:
-        return np.empty_like(like)
-    if not (isinstance(out, np.ndarray) and out.flags.c_contiguous and out.shape == like.shape
-            and out.dtype == like.dtype):
-        raise ValueError(f"out must be a C-contiguous {like.dtype} array of shape {like.shape}")
-    return out
 
 
 def _into(out, a):
@@ -192,8 +183,8 @@ def bn_apply(x3, mu, scale, beta, *, want_y=True, want_h=False, out_y=None, out_
     buffers to write into (compiled path; C-contiguous, x3's shape and dtype)."""
     if _use_compiled(x3, mu, scale, beta):
         x3 = np.ascontiguousarray(x3)
-        y = _out(out_y, x3) if want_y else None
-        h = _out(out_h, x3) if want_h else None
+        y = out_array(out_y, x3.shape, x3.dtype) if want_y else None
+        h = out_array(out_h, x3.shape, x3.dtype) if want_h else None
         consts = [np.ascontiguousarray(a) for a in (mu, scale, beta)]
         _by_samples(lambda n0, n1: _compiled.bn_apply(x3, *consts, y, h, n0, n1), x3, serial)
         return y, h
@@ -213,7 +204,7 @@ def bn_apply_pack(x3, mu, scale, beta, k, s, bits, *, out_h=None):
     if (_use_compiled(x3, mu, scale, beta) and x3.dtype == np.float32 and (x3.shape[2] * bits) % 8 == 0
             and bits in (1, 2, 4, 8)):
         x3 = np.ascontiguousarray(x3)
-        h = _out(out_h, x3)
+        h = out_array(out_h, x3.shape, x3.dtype)
         packed = np.empty(x3.size * bits // 8, np.uint8)
         consts = [np.ascontiguousarray(a, np.float32) for a in (mu, scale, beta, k)]
         s = np.ascontiguousarray(s, np.int32)
@@ -263,7 +254,7 @@ def bn_backward(gy3, source: BNSource, gamma, inv_sigma, *, batch_stats=True, ne
         if _use_compiled(gy3, scale) and dtype == np.float32 and isinstance(packed, np.ndarray):
             # xhat and the mask rebuilt per block inside the pass: no decoded arrays
             gy3 = np.ascontiguousarray(gy3)
-            gx = _out(out, gy3) if need_gx else None
+            gx = out_array(out, gy3.shape, gy3.dtype) if need_gx else None
             s32, scale = np.ascontiguousarray(s, np.int32), np.ascontiguousarray(scale)
             return _phases(lambda *a: _compiled.bn_backward_codes(
                 gy3, packed, s32, x_step, x_off, bits, scale, bool(batch_stats), gx, *a), gy3, gx)
@@ -282,7 +273,7 @@ def bn_backward(gy3, source: BNSource, gamma, inv_sigma, *, batch_stats=True, ne
         mode = 2 if mask is not None else 1 if relu_beta is not None else 0
         m8 = np.ascontiguousarray(mask, dtype=bool).reshape(gy3.shape).view(np.uint8) if mode == 2 else None
         beta = np.ascontiguousarray(relu_beta, dtype=dtype) if mode == 1 else scale
-        gx = _out(out, gy3) if need_gx else None
+        gx = out_array(out, gy3.shape, gy3.dtype) if need_gx else None
         consts = [np.ascontiguousarray(a) for a in (mu, s_inv, scale)] + [beta]
         return _phases(lambda *a: _compiled.bn_backward(gy3, src, *consts, m8, mode, bool(batch_stats), gx, *a),
                        gy3, gx)

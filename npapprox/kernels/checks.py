@@ -6,6 +6,8 @@ validate and normalise their arguments with these functions, so all three accept
 the same inputs and raise the same one-line ``ValueError`` for the same mistakes.
 Each ``check_<kernel>`` returns the normalised arguments its kernel needs
 (C-contiguous arrays of the kernel's dtypes, Python ints, the derived sizes).
+``out_array`` checks the ``out=`` buffers of every kernel family (storage, BN,
+im2row, Winograd).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ __all__ = [
     "check_paper_decode",
     "check_generic_pack",
     "check_generic_decode",
+    "out_array",
 ]
 
 BITS = (1, 2, 4, 8)
@@ -52,6 +55,19 @@ def packed_nbytes(n: int, bits: int) -> int:
 def num_groups(n: int, group: int) -> int:
     """``ceil(n / group)``: number of groups (the last one may be partial)."""
     return (int(n) + int(group) - 1) // int(group)
+
+
+def out_array(out, shape, dtype, xp=np):
+    """``out`` checked (a C-contiguous ``xp`` array of ``shape`` and ``dtype``), or a
+    new ``xp.empty(shape, dtype)`` when it is None."""
+    shape = tuple(int(n) for n in shape)
+    if out is None:
+        return xp.empty(shape, dtype=dtype)
+    if not (isinstance(out, xp.ndarray) and tuple(out.shape) == shape and out.dtype == dtype
+            and out.flags.c_contiguous):
+        got = f"{tuple(out.shape)} {out.dtype}" if hasattr(out, "dtype") else type(out).__name__
+        raise ValueError(f"out must be a C-contiguous {np.dtype(dtype)} array of shape {shape}, got {got}")
+    return out
 
 
 def check_float32(a, name):

@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from npapprox.backend import array_module, on_gpu
+from npapprox.kernels.checks import out_array
 from npapprox.kernels.switch import reference_forced, use_reference
 
 try:  # built by ``pip install .`` / ``pip install -e .`` from src/_im2col.pyx
@@ -81,14 +82,6 @@ def _use_compiled(a) -> bool:
             and isinstance(a, np.ndarray) and not on_gpu(a) and a.dtype in _COMPILED_DTYPES)
 
 
-def _check_out(out, shape, dtype):
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
-        raise ValueError(f"out must have shape {tuple(shape)} and dtype {dtype}, "
-                         f"got {tuple(out.shape)} {out.dtype}")
-    if not out.flags.c_contiguous:
-        raise ValueError("out must be C-contiguous")
-
-
 # --------------------------------------------------------------------------- #
 # Reference implementations (NumPy or CuPy)
 # --------------------------------------------------------------------------- #
@@ -115,10 +108,7 @@ def im2row_reference(x, kh, kw, stride, pad, out=None):
     """
     xp = array_module(x)
     shape, shape6 = _rows_shape(x.shape, kh, kw, stride, pad)
-    if out is None:
-        out = xp.empty(shape, dtype=x.dtype)
-    else:
-        _check_out(out, shape, x.dtype)
+    out = out_array(out, shape, x.dtype, xp)
     xpad = xp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))) if pad else x
     xpad = xpad.transpose(0, 2, 3, 1)                    # (N, H+2pad, W+2pad, C)
     sn, sh, sw, sc = xpad.strides
@@ -151,7 +141,7 @@ def row2im_reference(rows, x_shape, kh, kw, stride, pad, out=None):
     if tuple(rows.shape) != shape:
         raise ValueError(f"rows must have shape {shape}, got {tuple(rows.shape)}")
     if out is not None:
-        _check_out(out, (N, C, H, W), rows.dtype)
+        out_array(out, (N, C, H, W), rows.dtype)
     gpad = xp.zeros((N, H + 2 * pad, W + 2 * pad, C), dtype=rows.dtype)
     rows6 = rows.reshape(shape6)
     OH, OW = shape6[1:3]
@@ -181,10 +171,7 @@ def im2row(x, kh, kw, stride, pad, out=None, threads=1):
         return im2row_reference(x, kh, kw, stride, pad, out=out)
     x = np.ascontiguousarray(x)
     shape, _ = _rows_shape(x.shape, kh, kw, stride, pad)
-    if out is None:
-        out = np.empty(shape, dtype=x.dtype)
-    else:
-        _check_out(out, shape, x.dtype)
+    out = out_array(out, shape, x.dtype)
     if out.size:
         _compiled.im2row(x, out, kh, kw, stride, pad, threads)
     return out
@@ -203,11 +190,7 @@ def row2im(rows, x_shape, kh, kw, stride, pad, out=None, threads=1):
     shape, _ = _rows_shape(x_shape, kh, kw, stride, pad)
     if tuple(rows.shape) != shape:
         raise ValueError(f"rows must have shape {shape}, got {tuple(rows.shape)}")
-    if out is None:
-        gx = np.empty((N, C, H, W), dtype=rows.dtype)
-    else:
-        _check_out(out, (N, C, H, W), rows.dtype)
-        gx = out
+    gx = out_array(out, (N, C, H, W), rows.dtype)
     if gx.size:
         _compiled.row2im(rows, gx, kh, kw, stride, pad, threads)
     return gx

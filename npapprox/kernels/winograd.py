@@ -50,6 +50,7 @@ from functools import lru_cache
 import numpy as np
 
 from npapprox.backend import array_module, on_gpu
+from npapprox.kernels.checks import out_array
 from npapprox.kernels.switch import reference_forced
 
 try:  # built by ``pip install .`` / ``pip install -e .`` from src/_winograd.pyx
@@ -105,15 +106,6 @@ def tile_grid(OH: int, OW: int, m: int) -> tuple[int, int]:
 def _use_compiled(a) -> bool:
     return (_compiled is not None and not reference_forced()
             and isinstance(a, np.ndarray) and not on_gpu(a) and a.dtype in _COMPILED_DTYPES)
-
-
-def _out(out, shape, dtype, xp):
-    if out is None:
-        return xp.empty(shape, dtype=dtype)
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous {dtype} array of shape {tuple(shape)}, "
-                         f"got {tuple(out.shape)} {out.dtype}")
-    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -182,7 +174,7 @@ def input_tiles_reference(x, m, pad, out=None):
     xp = array_module(x)
     a = m + 2
     B, C, H, W, TH, TW = _input_geometry(x.shape, m, pad)
-    out = _out(out, (a * a, B * TH * TW, C), x.dtype, xp)
+    out = out_array(out, (a * a, B * TH * TW, C), x.dtype, xp)
     xpad = xp.zeros((B, TH * m + 2, TW * m + 2, C), dtype=x.dtype)
     xpad[:, pad:pad + H, pad:pad + W] = x.transpose(0, 2, 3, 1)
     sb, sh, sw, sc = xpad.strides
@@ -199,7 +191,7 @@ def input_tiles_adjoint_reference(gv, x_shape, m, pad, out=None):
     xp = array_module(gv)
     a = m + 2
     B, C, H, W, TH, TW = _input_geometry(x_shape, m, pad)
-    out = _out(out, (B, C, H, W), gv.dtype, xp)
+    out = out_array(out, (B, C, H, W), gv.dtype, xp)
     tiles = _lxl_reference(xp.asarray(_matrix(m, "B", gv.dtype)), _from_tile_stack(gv, B, TH, TW))
     gpad = xp.zeros((B, TH * m + 2, TW * m + 2, C), dtype=gv.dtype)
     for u in reversed(range(a)):
@@ -214,7 +206,7 @@ def output_tiles_reference(mt, y_shape, m, out=None):
     xp = array_module(mt)
     B, F, OH, OW = (int(s) for s in y_shape)
     TH, TW = tile_grid(OH, OW, m)
-    out = _out(out, (B, F, OH, OW), mt.dtype, xp)
+    out = out_array(out, (B, F, OH, OW), mt.dtype, xp)
     tiles = _lxl_reference(xp.asarray(_matrix(m, "AT", mt.dtype)), _from_tile_stack(mt, B, TH, TW))
     out[...] = tiles.transpose(0, 5, 1, 3, 2, 4).reshape(B, F, TH * m, TW * m)[:, :, :OH, :OW]
     return out
@@ -226,7 +218,7 @@ def output_tiles_adjoint_reference(gy, m, out=None):
     a = m + 2
     B, F, OH, OW = (int(s) for s in gy.shape)
     TH, TW = tile_grid(OH, OW, m)
-    out = _out(out, (a * a, B * TH * TW, F), gy.dtype, xp)
+    out = out_array(out, (a * a, B * TH * TW, F), gy.dtype, xp)
     g = xp.zeros((B, TH * m, TW * m, F), dtype=gy.dtype)
     g[:, :OH, :OW] = gy.transpose(0, 2, 3, 1)
     tiles = g.reshape(B, TH, m, TW, m, F).transpose(0, 1, 3, 2, 4, 5)
@@ -264,7 +256,7 @@ def input_tiles(x, m, pad, out=None):
     if not _use_compiled(x):
         return input_tiles_reference(x, m, pad, out=out)
     B, C, H, W, TH, TW = _input_geometry(x.shape, m, pad)
-    out = _out(out, ((m + 2) ** 2, B * TH * TW, C), x.dtype, np)
+    out = out_array(out, ((m + 2) ** 2, B * TH * TW, C), x.dtype)
     _compiled.input_tiles(np.ascontiguousarray(x), out, _matrix(m, "BT", x.dtype), m, pad)
     return out
 
@@ -273,7 +265,7 @@ def input_tiles_adjoint(gv, x_shape, m, pad, out=None):
     """gV (a*a, B*TH*TW, C) -> gx of ``x_shape`` (B, C, H, W)."""
     if not _use_compiled(gv):
         return input_tiles_adjoint_reference(gv, x_shape, m, pad, out=out)
-    out = _out(out, tuple(int(s) for s in x_shape), gv.dtype, np)
+    out = out_array(out, x_shape, gv.dtype)
     _compiled.input_tiles_adjoint(np.ascontiguousarray(gv), out, _matrix(m, "B", gv.dtype), m, pad)
     return out
 
@@ -282,7 +274,7 @@ def output_tiles(mt, y_shape, m, out=None):
     """M (a*a, B*TH*TW, F) -> y of ``y_shape`` (B, F, OH, OW)."""
     if not _use_compiled(mt):
         return output_tiles_reference(mt, y_shape, m, out=out)
-    out = _out(out, tuple(int(s) for s in y_shape), mt.dtype, np)
+    out = out_array(out, y_shape, mt.dtype)
     _compiled.output_tiles(np.ascontiguousarray(mt), out, _matrix(m, "AT", mt.dtype))
     return out
 
@@ -293,6 +285,6 @@ def output_tiles_adjoint(gy, m, out=None):
         return output_tiles_adjoint_reference(gy, m, out=out)
     B, F, OH, OW = gy.shape
     TH, TW = tile_grid(OH, OW, m)
-    out = _out(out, ((m + 2) ** 2, B * TH * TW, F), gy.dtype, np)
+    out = out_array(out, ((m + 2) ** 2, B * TH * TW, F), gy.dtype)
     _compiled.output_tiles_adjoint(np.ascontiguousarray(gy), out, _matrix(m, "A", gy.dtype))
     return out
