@@ -88,6 +88,17 @@ def deal(chunks: list, xp=np) -> list:
     return [chunks[k::n] for k in range(n)]
 
 
+def run_ranges(fn, n: int, align: int = 1) -> list:
+    """``[fn(b0, b1), fn(b1, b2), ...]``: ``[0, n)`` cut into one contiguous range per
+    worker (at most; sizes differing by at most ``align``), every bound a multiple of
+    ``align`` but the last, the calls running in parallel (``run``) -> the results in
+    range order. Kernels split by samples use it (BN passes, the paper kernels)."""
+    units = -(-n // align)
+    w = max(1, min(workers(), units))
+    bounds = [min(n, align * (units * k // w)) for k in range(w + 1)]
+    return run(lambda k: fn(bounds[k], bounds[k + 1]), w)
+
+
 class _Worker(threading.Thread):
     """Worker k of every region: waits on ``go``, runs ``fn(k)``, releases ``done``."""
 

@@ -245,7 +245,7 @@ def split_everything(monkeypatch):
         return real_run(wrapped, n)
 
     monkeypatch.setattr(parallel, "workers", lambda xp=np: 3)
-    monkeypatch.setattr(B, "run", checked_run)
+    monkeypatch.setattr(parallel, "run", checked_run)            # what parallel.run_ranges calls
     monkeypatch.setattr(B, "PARALLEL_MIN", 0)
     monkeypatch.setattr(conv, "run", checked_run)
 

@@ -53,7 +53,7 @@ from npapprox.kernels import gpu as _gpu
 from npapprox.kernels import paper_decode, paper_mask, paper_pack
 from npapprox.kernels.checks import out_array
 from npapprox.kernels.switch import reference_forced
-from npapprox.parallel import deal, run
+from npapprox.parallel import run_ranges
 
 try:  # built by ``pip install .`` / ``pip install -e .`` from src/_bn.pyx
     from npapprox import _bn as _compiled
@@ -108,11 +108,9 @@ def _by_samples(kernel, x3, serial=False) -> list:
     """``kernel(n0, n1)`` for each worker's contiguous range of samples of ``x3 (N, C, M)``
     (``npapprox.parallel``; one range on the calling thread when ``serial`` or small)
     -> the results, in worker order."""
-    n = 1 if serial or x3.size < PARALLEL_MIN else len(deal(list(range(x3.shape[0]))))
-    if n == 1:
+    if serial or x3.size < PARALLEL_MIN:
         return [kernel(0, x3.shape[0])]
-    bounds = [x3.shape[0] * k // n for k in range(n + 1)]
-    return run(lambda k: kernel(bounds[k], bounds[k + 1]), n)
+    return run_ranges(kernel, x3.shape[0])
 
 
 def _into(out, a):

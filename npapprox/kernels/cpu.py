@@ -35,18 +35,11 @@ def _by_samples(shape, bits, kernel, values, packed):
     starting on a byte of ``packed``) or, for a small tensor, one call -> the
     results in sample order."""
     n, per = shape[0], math.prod(shape[1:])
-    w = parallel.workers() if n * per >= POOL_MIN else 1
-    if w <= 1:
+    if n * per < POOL_MIN:
         return [kernel(values, packed)]
     g = 8 // math.gcd(per * bits, 8)                 # samples per whole number of bytes
-    units = -(-n // g)
-    bounds = sorted({min(n, g * (units * i // w)) for i in range(w + 1)})
-
-    def work(k):
-        a, b = bounds[k] * per, bounds[k + 1] * per
-        return kernel(values[a:b], packed[a * bits // 8:-(-b * bits // 8)])
-
-    return parallel.run(work, len(bounds) - 1)
+    return parallel.run_ranges(lambda a, b: kernel(values[a * per:b * per],
+                                                   packed[a * per * bits // 8:-(-b * per * bits // 8)]), n, g)
 
 
 def paper_pack(y, k, s, bits):
