@@ -108,6 +108,35 @@ cdef inline void _tx(const floating* L, Py_ssize_t r, Py_ssize_t a,
     _rows(L, r, a, tmp, K, a * K, r, dst, d_col, d_row, K)
 
 
+cdef inline void _transpose(const floating* src, Py_ssize_t s_row, Py_ssize_t rows, Py_ssize_t cols,
+                            floating* dst, Py_ssize_t d_row) noexcept nogil:
+    """dst[j*d_row + i] = src[i*s_row + j] for i < rows, j < cols: a channel-major image
+    row (C, W) to the channel-minor (W, C) of the tile stacks, or back. Rows of 8 at a
+    time, so each strided write stream fills whole cache lines."""
+    cdef Py_ssize_t i0 = 0, i, j
+    while i0 + 8 <= rows:
+        for j in range(cols):
+            for i in range(8):                  # a fixed count: unrolled
+                dst[j * d_row + i0 + i] = src[(i0 + i) * s_row + j]
+        i0 += 8
+    for j in range(cols):
+        for i in range(i0, rows):
+            dst[j * d_row + i] = src[i * s_row + j]
+
+
+cdef inline void _copy(const floating* src, floating* dst, Py_ssize_t k) noexcept nogil:
+    """dst[0:k] = src[0:k] (a vectorised loop: k is a channel count, too short for memcpy's call)."""
+    cdef Py_ssize_t i
+    for i in range(k):
+        dst[i] = src[i]
+
+
+cdef inline void _zero_fill(floating* dst, Py_ssize_t k) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(k):
+        dst[i] = 0
+
+
 cdef int _plan(str name, Py_ssize_t B, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t m, Py_ssize_t a,
                Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2, Py_ssize_t K, int num_threads,
                Py_ssize_t* TH, Py_ssize_t* TW) except -1:
@@ -155,7 +184,9 @@ def input_tiles(const floating[:, :, :, ::1] x,   # IN:  (B, C, H, W)
     The sample is first copied into a column-split scratch s[h, l, tj, c] =
     xpad[n, c, h, tj*m + l] (l < a: overlapping columns copied twice), so that a
     whole row of tiles is one ``_tx`` on vectors of TW*C contiguous values, its
-    output going straight to the TW*C contiguous values v[t, p0:p0 + TW, :]."""
+    output going straight to the TW*C contiguous values v[t, p0:p0 + TW, :]. Each
+    image row goes through a (W, C) transpose first, so that the scratch is
+    filled with vectors of C values."""
     cdef Py_ssize_t B = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], a = L.shape[1]
     cdef Py_ssize_t TH, TW
     if L.shape[0] != a or pad < 0:
@@ -164,15 +195,15 @@ def input_tiles(const floating[:, :, :, ::1] x,   # IN:  (B, C, H, W)
                  C, num_threads, &TH, &TW):
         return
     cdef Py_ssize_t Hs = TH * m + 2, P = B * TH * TW, R = a * TW * C     # R: one scratch row
-    cdef Py_ssize_t n, c, h, l, tj, ti, col
+    cdef Py_ssize_t n, h, l, tj, ti, col
     cdef floating* t
     cdef floating* tmp
-    cdef floating* dst
-    cdef const floating* src
+    cdef floating* row
     cdef int err = 0
     cdef int* failed = &err        # written through a pointer: shared, not thread-private
     with nogil, parallel(num_threads=num_threads):
-        t = <floating*> malloc((Hs + a) * R * sizeof(floating))   # the sample, then a row of tiles' scratch
+        # the sample, a row of tiles' scratch, one transposed image row (W, C)
+        t = <floating*> malloc(((Hs + a) * R + W * C) * sizeof(floating))
         if t == NULL:
             failed[0] = 1
         else:
@@ -180,15 +211,14 @@ def input_tiles(const floating[:, :, :, ::1] x,   # IN:  (B, C, H, W)
         for n in prange(B, schedule="static"):
             if t != NULL:
                 tmp = t + Hs * R
-                for c in range(C):
-                    for h in range(H):
-                        src = &x[n, c, h, 0]
-                        dst = t + (h + pad) * R + c
-                        for l in range(a):
-                            for tj in range(TW):
-                                col = tj * m + l - pad
-                                if 0 <= col < W:
-                                    dst[(l * TW + tj) * C] = src[col]
+                row = tmp + a * R
+                for h in range(H):
+                    _transpose(&x[n, 0, h, 0], H * W, C, W, row, C)
+                    for l in range(a):
+                        for tj in range(TW):
+                            col = tj * m + l - pad
+                            if 0 <= col < W:
+                                _copy(row + col * C, t + (h + pad) * R + (l * TW + tj) * C, C)
                 for ti in range(TH):
                     _tx(&L[0, 0], a, a, t + ti * m * R, R, TW * C, tmp,
                         &v[0, (n * TH + ti) * TW, 0], a * P * C, P * C, TW * C)
@@ -209,7 +239,7 @@ def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
     (l < m: each column once), where all tiles' (u, w) values of a row are one vector
     add of TW*C values (into blocks b = tj for w < m, b = tj + 1 for w >= m); w
     decreasing, so each element receives tile tj - 1 before tile tj, rows of tiles in
-    increasing ti."""
+    increasing ti. Each image row of gx is then one (W, C) -> (C, W) transpose."""
     cdef Py_ssize_t B = gx.shape[0], C = gx.shape[1], H = gx.shape[2], W = gx.shape[3], a = L.shape[1]
     cdef Py_ssize_t TH, TW
     if L.shape[0] != a or pad < 0:
@@ -219,22 +249,24 @@ def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
         return
     # Q: one column phase of a scratch row ((TW + 1) blocks of C), m*Q: one scratch row
     cdef Py_ssize_t Hs = TH * m + 2, P = B * TH * TW, R = a * TW * C, Q = (TW + 1) * C
-    cdef Py_ssize_t n, c, h, l, b, col, ti, u, w, k
+    cdef Py_ssize_t n, h, l, b, col, ti, u, w, k
     cdef floating* t
     cdef floating* tmp
     cdef floating* tile
+    cdef floating* row
     cdef floating* dst
     cdef const floating* src
     cdef int err = 0
     cdef int* failed = &err
     with nogil, parallel(num_threads=num_threads):
-        t = <floating*> malloc((Hs * m * Q + 2 * a * R) * sizeof(floating))
+        t = <floating*> malloc((Hs * m * Q + 2 * a * R + W * C) * sizeof(floating))
         if t == NULL:
             failed[0] = 1
         for n in prange(B, schedule="static"):
             if t != NULL:
                 tmp = t + Hs * m * Q
                 tile = tmp + a * R                                   # (a, a, TW, C)
+                row = tile + a * R                                   # one image row (W, C)
                 memset(t, 0, Hs * m * Q * sizeof(floating))
                 for ti in range(TH):
                     _tx(&L[0, 0], a, a, &gv[0, (n * TH + ti) * TW, 0], a * P * C, P * C, tmp,
@@ -245,15 +277,13 @@ def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
                             src = tile + (u * a + w) * TW * C
                             for k in range(TW * C):
                                 dst[k] = dst[k] + src[k]
-                for c in range(C):
-                    for h in range(H):
-                        src = t + (h + pad) * m * Q + c
-                        dst = &gx[n, c, h, 0]
-                        for l in range(m):
-                            for b in range(TW + 1):
-                                col = b * m + l - pad
-                                if 0 <= col < W:
-                                    dst[col] = src[(l * (TW + 1) + b) * C]
+                for h in range(H):
+                    for l in range(m):
+                        for b in range(TW + 1):
+                            col = b * m + l - pad
+                            if 0 <= col < W:
+                                _copy(t + (h + pad) * m * Q + (l * (TW + 1) + b) * C, row + col * C, C)
+                    _transpose(row, C, W, C, &gx[n, 0, h, 0], H * W)
         free(t)
     if err:
         raise MemoryError("winograd input-adjoint scratch")
@@ -265,31 +295,41 @@ cdef void _output_pass(floating* mt, floating* y, const floating* L, Py_ssize_t 
     """``output_tiles`` (mt -> y, L = A^T (m, a)) or, ``adjoint``, its transpose (y -> mt,
     L = A (a, m)), one row of tiles at a time through a scratch o[i, k, tj, f] holding
     the row's m x m output tiles: one ``_tx`` on vectors of TW*F values between o and
-    mt, and a scalar copy between o and y (zeros past OH, OW read, those outputs dropped)."""
+    mt, and between o and y vectors of F values through a transposed image row (OW, F)
+    (zeros past OH, OW read, those outputs dropped)."""
     cdef Py_ssize_t a = m + 2, P = B * TH * TW, R = TW * F
-    cdef Py_ssize_t n, f, i, k, tj, ti, h, w
+    cdef Py_ssize_t n, i, k, tj, ti, h, w
     cdef floating* t
     cdef floating* o
+    cdef floating* row
     with parallel(num_threads=num_threads):
-        t = <floating*> malloc((m * m + m * a) * R * sizeof(floating))   # o, then _tx's scratch
+        # o, then _tx's scratch, then one transposed image row
+        t = <floating*> malloc(((m * m + m * a) * R + OW * F) * sizeof(floating))
         if t == NULL:
             failed[0] = 1
         for n in prange(B, schedule="static"):
             if t != NULL:
+                row = t + (m * m + m * a) * R
                 for ti in range(TH):
                     if not adjoint:
                         _tx(L, m, a, mt + (n * TH + ti) * TW * F, a * P * F, P * F, t + m * m * R, t, m * R, R, R)
-                    for f in range(F):
-                        for i in range(m):
-                            h = ti * m + i
-                            for k in range(m):
-                                for tj in range(TW):
-                                    w = tj * m + k
-                                    o = t + (i * m + k) * R + tj * F + f
+                    for i in range(m):
+                        h = ti * m + i
+                        if adjoint and h < OH:
+                            _transpose(y + (n * F * OH + h) * OW, OH * OW, F, OW, row, F)
+                        for k in range(m):
+                            for tj in range(TW):
+                                w = tj * m + k
+                                o = t + (i * m + k) * R + tj * F
+                                if h < OH and w < OW:
                                     if adjoint:
-                                        o[0] = y[((n * F + f) * OH + h) * OW + w] if h < OH and w < OW else 0
-                                    elif h < OH and w < OW:
-                                        y[((n * F + f) * OH + h) * OW + w] = o[0]
+                                        _copy(row + w * F, o, F)
+                                    else:
+                                        _copy(o, row + w * F, F)
+                                elif adjoint:
+                                    _zero_fill(o, F)
+                        if not adjoint and h < OH:
+                            _transpose(row, F, OW, F, y + (n * F * OH + h) * OW, OH * OW)
                     if adjoint:
                         _tx(L, a, m, t, m * R, R, t + m * m * R, mt + (n * TH + ti) * TW * F, a * P * F, P * F, R)
         free(t)
