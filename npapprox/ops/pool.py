@@ -1,13 +1,33 @@
 """Pooling on NCHW: average (k x k, stride), max (k x k, stride, padding), global average.
 
 All three loop over the k*k window offsets (p, q) with strided slices, which is
-vectorised over (N, C, OH, OW) and works unchanged on CuPy arrays.
+vectorised over (N, C, OH, OW) and works unchanged on CuPy arrays. Average pooling
+of float NumPy arrays runs the compiled kernels of ``npapprox._pool`` instead
+(bit-identical to those slices, src/_pool.pyx), the samples split over the
+worker pool; ``NPAPPROX_REFERENCE_KERNELS=1`` forces the slices.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..backend import array_module
 from ..function import INDEX, Function
+from ..kernels.switch import reference_forced
+from ..parallel import run_ranges
 from ..validate import as_tensor, check_float, check_int, check_rank, out_size
+
+try:  # built from src/_pool.pyx
+    from npapprox import _pool as _compiled
+except ImportError:  # pragma: no cover - only when the package was not built
+    _compiled = None
+
+
+def _compiled_for(a):
+    """The compiled kernels when they apply to array ``a`` (float NumPy, not forced off), else None."""
+    if (_compiled is None or reference_forced() or type(a) is not np.ndarray
+            or a.dtype not in (np.float32, np.float64)):
+        return None
+    return _compiled
 
 
 def _window(p, q, stride, oh, ow):
@@ -26,18 +46,29 @@ class AvgPool2d(Function):
     def forward(ctx, x, *, kernel, stride):
         n, c, h, w = x.shape
         oh, ow = (h - kernel) // stride + 1, (w - kernel) // stride + 1
+        ctx.kernel, ctx.stride, ctx.x_shape = kernel, stride, x.shape
+        inv = x.dtype.type(1 / kernel**2)
+        compiled = _compiled_for(x)
+        if compiled is not None:
+            x, y = np.ascontiguousarray(x), np.empty((n, c, oh, ow), dtype=x.dtype)
+            run_ranges(lambda n0, n1: compiled.avg_pool_forward(x, y, kernel, stride, inv, n0, n1), n)
+            return y
         y = array_module(x).zeros((n, c, oh, ow), dtype=x.dtype)
         for p in range(kernel):
             for q in range(kernel):
                 y += x[_window(p, q, stride, oh, ow)]
-        ctx.kernel, ctx.stride, ctx.x_shape = kernel, stride, x.shape
-        y *= x.dtype.type(1 / kernel**2)                          # in place: no second output buffer
+        y *= inv                                                  # in place: no second output buffer
         return y
 
     @staticmethod
     def backward(ctx, gy):
         k, s = ctx.kernel, ctx.stride
         oh, ow = gy.shape[2:]
+        compiled = _compiled_for(gy)
+        if compiled is not None:
+            gy, gx = np.ascontiguousarray(gy), np.empty(ctx.x_shape, dtype=gy.dtype)
+            run_ranges(lambda n0, n1: compiled.avg_pool_backward(gy, gx, k, s, 1 / k**2, n0, n1), gy.shape[0])
+            return gx
         gx = array_module(gy).zeros(ctx.x_shape, dtype=gy.dtype)
         g = gy * gy.dtype.type(1 / k**2)
         for p in range(k):

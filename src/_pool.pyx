@@ -1,0 +1,122 @@
+"""Compiled average-pooling kernels (module ``npapprox._pool``).
+
+The pure-``xp`` reference (the spec) and the dispatch live in
+``npapprox/ops/pool.py`` (``AvgPool2d``); these kernels are bit-identical to it:
+
+* forward: ``y[n, c, i, j] = (((0 + x[.., i*s, j*s]) + x[.., i*s, j*s + 1]) + ...) * (1/k^2)``,
+  the k*k window offsets (p, q) added in row-major order to +0.0, then one
+  multiplication by the rounded 1/k^2 (``inv``);
+* backward: ``gx = 0``, then for each (p, q) in row-major order
+  ``gx[.., i*s + p, j*s + q] += gy[.., i, j] * inv`` -- each gx element receives
+  its windows' terms in that order, starting from +0.0.
+
+One (n, c) plane at a time (it stays in L1 between the k*k passes), samples
+``n0 <= n < n1``: ``npapprox.parallel.run_ranges`` gives each worker a range,
+with the GIL released. float32 and float64 through the ``floating`` fused type.
+Flags (-O3 -ffp-contract=off) are set once, in setup.py.
+"""
+from cython cimport floating
+
+
+cdef inline void _add_strided(floating* acc, const floating* src, Py_ssize_t s, Py_ssize_t m) noexcept nogil:
+    """acc[j] = acc[j] + src[j*s] for j < m (s = 2, the common stride, as a constant: vectorised)."""
+    cdef Py_ssize_t j
+    if s == 2:
+        for j in range(m):
+            acc[j] = acc[j] + src[2 * j]
+    else:
+        for j in range(m):
+            acc[j] = acc[j] + src[j * s]
+
+
+cdef inline void _scatter_add(floating* dst, const floating* g, Py_ssize_t s, Py_ssize_t m,
+                              floating scale) noexcept nogil:
+    """dst[j*s] = dst[j*s] + g[j] * scale for j < m (s = 2 as a constant, as above)."""
+    cdef Py_ssize_t j
+    if s == 2:
+        for j in range(m):
+            dst[2 * j] = dst[2 * j] + g[j] * scale
+    else:
+        for j in range(m):
+            dst[j * s] = dst[j * s] + g[j] * scale
+
+
+cdef inline int _check(Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                       Py_ssize_t OW, Py_ssize_t k, Py_ssize_t s, Py_ssize_t n0, Py_ssize_t n1) except -1:
+    """Shapes are trusted inside the nogil loops, so check them once here."""
+    if k < 1 or s < 1 or OH != (H - k) // s + 1 or OW != (W - k) // s + 1 or OH < 1 or OW < 1:
+        raise ValueError("avg_pool: shapes do not match the kernel and stride")
+    if not 0 <= n0 <= n1 <= N:
+        raise ValueError(f"sample range [{n0}, {n1}) is not inside [0, {N})")
+    return 0
+
+
+def avg_pool_forward(const floating[:, :, :, ::1] x,   # IN:  (N, C, H, W)
+                     floating[:, :, :, ::1] y,         # OUT: (N, C, OH, OW), samples n0..n1-1 written
+                     Py_ssize_t k, Py_ssize_t s, double inv, Py_ssize_t n0, Py_ssize_t n1):
+    """y = the k x k, stride s average of x (no padding), as the reference computes it."""
+    cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3], OH = y.shape[2], OW = y.shape[3]
+    cdef Py_ssize_t n, c, i, j, p, q
+    cdef floating scale = <floating> inv
+    cdef floating* acc
+    cdef const floating* r0
+    cdef const floating* r1
+    _check(x.shape[0], C, H, W, OH, OW, k, s, n0, n1)
+    if y.shape[0] != x.shape[0] or y.shape[1] != C:
+        raise ValueError("avg_pool: y must have x's samples and channels")
+    with nogil:
+        for n in range(n0, n1):
+            for c in range(C):
+                for i in range(OH):
+                    acc = &y[n, c, i, 0]            # the output row accumulates its windows
+                    if k == 2 and s == 2:           # the common case, fused: one pass, vectorised
+                        r0 = &x[n, c, 2 * i, 0]
+                        r1 = r0 + W
+                        for j in range(OW):
+                            acc[j] = ((((<floating> 0) + r0[2 * j]) + r0[2 * j + 1]) + r1[2 * j]) \
+                                + r1[2 * j + 1]
+                            acc[j] = acc[j] * scale
+                        continue
+                    for j in range(OW):
+                        acc[j] = 0
+                    for p in range(k):
+                        for q in range(k):
+                            _add_strided(acc, &x[n, c, i * s + p, q], s, OW)
+                    for j in range(OW):
+                        acc[j] = acc[j] * scale
+
+
+def avg_pool_backward(const floating[:, :, :, ::1] gy,   # IN:  (N, C, OH, OW)
+                      floating[:, :, :, ::1] gx,         # OUT: (N, C, H, W), samples n0..n1-1 written
+                      Py_ssize_t k, Py_ssize_t s, double inv, Py_ssize_t n0, Py_ssize_t n1):
+    """gx = 0, then gx[.., i*s + p, j*s + q] += gy[.., i, j] * inv for (p, q) in row-major order."""
+    cdef Py_ssize_t C = gx.shape[1], H = gx.shape[2], W = gx.shape[3], OH = gy.shape[2], OW = gy.shape[3]
+    cdef Py_ssize_t n, c, h, w, i, j, p, q
+    cdef floating scale = <floating> inv
+    cdef floating t
+    cdef floating* d0
+    cdef floating* d1
+    _check(gx.shape[0], C, H, W, OH, OW, k, s, n0, n1)
+    if gy.shape[0] != gx.shape[0] or gy.shape[1] != C:
+        raise ValueError("avg_pool: gy must have gx's samples and channels")
+    with nogil:
+        for n in range(n0, n1):
+            for c in range(C):
+                if k == 2 and s == 2 and H == 2 * OH and W == 2 * OW:   # every gx element in one window
+                    for i in range(OH):
+                        d0 = &gx[n, c, 2 * i, 0]
+                        d1 = d0 + W
+                        for j in range(OW):
+                            t = (<floating> 0) + gy[n, c, i, j] * scale
+                            d0[2 * j] = t
+                            d0[2 * j + 1] = t
+                            d1[2 * j] = t
+                            d1[2 * j + 1] = t
+                    continue
+                for h in range(H):
+                    for w in range(W):
+                        gx[n, c, h, w] = 0
+                for p in range(k):
+                    for q in range(k):
+                        for i in range(OH):
+                            _scatter_add(&gx[n, c, i * s + p, q], &gy[n, c, i, 0], s, OW, scale)
