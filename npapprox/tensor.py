@@ -37,7 +37,7 @@ import threading
 
 import numpy as np
 
-from . import checks
+from . import checks, parallel
 from .backend import array_module, to_device
 
 
@@ -224,9 +224,9 @@ def _accumulate(grads: dict, key, pg) -> None:
     del base
     if (sole and getattr(old.flags, "writeable", True) and old.shape == pg.shape
             and old.dtype == array_module(old).result_type(old, pg)):
-        old += pg
+        parallel.add(old, pg, out=old)
     else:
-        grads[key] = old + pg
+        grads[key] = parallel.add(old, pg)
 
 
 def topological_order(root) -> list:

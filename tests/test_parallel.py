@@ -302,3 +302,27 @@ def test_timing_counts_each_regions_time_and_the_callers_wait():
     assert list(times) == [name]
     region, wait = times[name]
     assert 0.085 <= wait <= region < 0.09 + 0.5, (region, wait)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_add_splits_large_arrays_and_gives_numpys_bits(monkeypatch, threads):
+    """parallel.add == np.add bit for bit (out of place and in place); large NumPy arrays of
+    one shape go through a region of min(threads, samples) workers, small or mixed ones not."""
+    rng = np.random.default_rng(threads)
+    a = rng.standard_normal((6, 3, 128, 128)).astype(np.float32)     # 1.1 MiB
+    b = rng.standard_normal(a.shape).astype(np.float32)
+    b.flat[::5] = -0.0
+    calls = []
+    real_run = parallel.run
+    monkeypatch.setattr(parallel, "run", lambda fn, n: calls.append(n) or real_run(fn, n))
+    with threadpool_limits(threads, user_api="blas"):
+        got = parallel.add(a, b)
+        inplace = a.copy()
+        parallel.add(inplace, b, out=inplace)
+        small = parallel.add(a[:, :, :4], b[:, :, :4])               # under ADD_MIN_BYTES
+        mixed = parallel.add(a, b.astype(np.float64))                # dtypes differ: NumPy's promotion
+    assert got.tobytes() == np.add(a, b).tobytes() == inplace.tobytes()
+    assert small.tobytes() == np.add(a[:, :, :4], b[:, :, :4]).tobytes()
+    assert mixed.dtype == np.float64 and mixed.tobytes() == (a + b.astype(np.float64)).tobytes()
+    assert a.nbytes >= parallel.ADD_MIN_BYTES
+    assert calls == ([] if threads == 1 else [min(threads, a.shape[0])] * 2)
