@@ -21,6 +21,10 @@ Layout (row = one output position, columns ordered (p, q, c))::
   contributions in increasing (i, j) order, which for one gx element is
   decreasing (p, q) order, exactly like the reference.
 
+* ``transpose_samples`` turns a chunk's GEMM rows (B, L, F) into its NCHW output
+  (B, F, L) and the gradient back, with the blocked transpose that im2row and
+  row2im use for their samples (``_transpose.pxi``).
+
 Compiler directives (boundscheck=False, wraparound=False, cdivision=True, ...)
 and flags (-O3 -ffp-contract=off, OpenMP) are set once, in setup.py.
 """
@@ -28,6 +32,8 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
+
+include "_transpose.pxi"   # _transpose (shared with src/_winograd.pyx)
 
 
 cdef _check(Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
@@ -64,7 +70,7 @@ def im2row(const floating[:, :, :, ::1] x,    # IN:  (N, C, H, W)
     cdef Py_ssize_t OH = (H + 2 * pad - kh) // stride + 1
     cdef Py_ssize_t OW = (W + 2 * pad - kw) // stride + 1
     cdef Py_ssize_t Hp = H + 2 * pad, Wp = W + 2 * pad, K = kh * kw * C
-    cdef Py_ssize_t n, c, h, w, i, j, p, k
+    cdef Py_ssize_t n, h, i, j, p, k
     cdef floating* t
     cdef floating* dst
     cdef const floating* src
@@ -78,12 +84,8 @@ def im2row(const floating[:, :, :, ::1] x,    # IN:  (N, C, H, W)
             memset(t, 0, Hp * Wp * C * sizeof(floating))          # the border stays zero
         for n in prange(N, schedule="static"):   # every thread must reach the prange
             if t != NULL:
-                for c in range(C):
-                    for h in range(H):
-                        src = &x[n, c, h, 0]
-                        dst = t + ((h + pad) * Wp + pad) * C + c
-                        for w in range(W):
-                            dst[w * C] = src[w]
+                for h in range(H):
+                    _transpose(&x[n, 0, h, 0], H * W, C, W, t + ((h + pad) * Wp + pad) * C, C)
                 for i in range(OH):
                     for j in range(OW):
                         dst = &rows[(n * OH + i) * OW + j, 0]
@@ -105,7 +107,7 @@ def row2im(const floating[:, ::1] rows,       # IN:  (N*OH*OW, kh*kw*C)
     cdef Py_ssize_t OH = (H + 2 * pad - kh) // stride + 1
     cdef Py_ssize_t OW = (W + 2 * pad - kw) // stride + 1
     cdef Py_ssize_t Hp = H + 2 * pad, Wp = W + 2 * pad
-    cdef Py_ssize_t n, c, h, w, i, j, p, k
+    cdef Py_ssize_t n, h, i, j, p, k
     cdef floating* t
     cdef floating* dst
     cdef const floating* src
@@ -125,12 +127,22 @@ def row2im(const floating[:, ::1] rows,       # IN:  (N*OH*OW, kh*kw*C)
                             dst = t + ((i * stride + p) * Wp + j * stride) * C
                             for k in range(kw * C):   # the window row's kw*C values are contiguous
                                 dst[k] = dst[k] + src[k]
-                for c in range(C):
-                    for h in range(H):
-                        src = t + ((h + pad) * Wp + pad) * C + c
-                        dst = &gx[n, c, h, 0]
-                        for w in range(W):
-                            dst[w] = src[w * C]
+                for h in range(H):
+                    _transpose(t + ((h + pad) * Wp + pad) * C, C, W, C, &gx[n, 0, h, 0], H * W)
         free(t)
     if err:
         raise MemoryError("row2im scratch buffer")
+
+
+def transpose_samples(const floating[:, :, ::1] src,   # IN:  (N, R, S)
+                      floating[:, :, ::1] dst):        # OUT: (N, S, R), fully overwritten
+    """dst[n] = src[n].T: a conv chunk's GEMM rows (B, L, F) to its NCHW output (B, F, L),
+    or the gradient (B, F, L) to GEMM rows (B, L, F)."""
+    cdef Py_ssize_t N = src.shape[0], R = src.shape[1], S = src.shape[2], n
+    if dst.shape[0] != N or dst.shape[1] != S or dst.shape[2] != R:
+        raise ValueError(f"transpose_samples: dst must have shape {(N, S, R)}")
+    if R * S == 0:
+        return
+    with nogil:
+        for n in range(N):
+            _transpose(&src[n, 0, 0], S, R, S, &dst[n, 0, 0], R)

@@ -34,6 +34,8 @@ from cython.parallel cimport parallel, prange
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
+include "_transpose.pxi"   # _transpose (shared with src/_im2col.pyx)
+
 
 cdef inline void _rows(const floating* L, Py_ssize_t r, Py_ssize_t a,
                        const floating* src, Py_ssize_t s_j, Py_ssize_t s_l, Py_ssize_t nl,
@@ -106,22 +108,6 @@ cdef inline void _tx(const floating* L, Py_ssize_t r, Py_ssize_t a,
     strides (d_row, d_col, 1), tmp an (r, a, K) scratch."""
     _rows(L, r, a, src, s_row, s_col, a, tmp, a * K, K, K)
     _rows(L, r, a, tmp, K, a * K, r, dst, d_col, d_row, K)
-
-
-cdef inline void _transpose(const floating* src, Py_ssize_t s_row, Py_ssize_t rows, Py_ssize_t cols,
-                            floating* dst, Py_ssize_t d_row) noexcept nogil:
-    """dst[j*d_row + i] = src[i*s_row + j] for i < rows, j < cols: a channel-major image
-    row (C, W) to the channel-minor (W, C) of the tile stacks, or back. Rows of 8 at a
-    time, so each strided write stream fills whole cache lines."""
-    cdef Py_ssize_t i0 = 0, i, j
-    while i0 + 8 <= rows:
-        for j in range(cols):
-            for i in range(8):                  # a fixed count: unrolled
-                dst[j * d_row + i0 + i] = src[(i0 + i) * s_row + j]
-        i0 += 8
-    for j in range(cols):
-        for i in range(i0, rows):
-            dst[j * d_row + i] = src[i * s_row + j]
 
 
 cdef inline void _copy(const floating* src, floating* dst, Py_ssize_t k) noexcept nogil:

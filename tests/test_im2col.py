@@ -166,3 +166,21 @@ def test_environment_variable_forces_reference():
     env = dict(os.environ, NPAPPROX_REFERENCE_KERNELS="1")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"
+
+
+@SETTINGS
+@given(n=st.integers(0, 3), r=st.integers(1, 21), s=st.integers(1, 21), dtype=st.sampled_from(DTYPES),
+       transposed=st.booleans(), seed=st.integers(0, 2**16))
+def test_transpose_samples_is_numpys_transpose(n, r, s, dtype, transposed, seed):
+    """The compiled blocked transpose (rows of 8 plus a remainder) == a naive loop, bit for bit,
+    from a contiguous or a transposed (non-contiguous) source."""
+    src = _data(np.random.default_rng(seed), (n, s, r) if transposed else (n, r, s), dtype)
+    src = src.transpose(0, 2, 1) if transposed else src
+    out = np.full((n, s, r), np.nan, dtype)
+    assert K.transpose_samples(src, out) is out
+    want = np.empty_like(out)
+    for i, j in np.ndindex(r, s):
+        want[:, j, i] = src[:, i, j]
+    assert np.array_equal(_bits(out), _bits(want))
+    with pytest.raises(ValueError, match="transpose_samples"):
+        K._compiled.transpose_samples(np.ascontiguousarray(src), np.empty((n, s, r + 1), dtype))

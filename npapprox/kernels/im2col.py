@@ -49,6 +49,7 @@ _COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 __all__ = [
     "im2row",
     "row2im",
+    "transpose_samples",
     "im2row_reference",
     "row2im_reference",
     "use_reference",
@@ -194,3 +195,14 @@ def row2im(rows, x_shape, kh, kw, stride, pad, out=None, threads=1):
     if gx.size:
         _compiled.row2im(rows, gx, kh, kw, stride, pad, threads)
     return gx
+
+
+def transpose_samples(src, out):
+    """``out[n] = src[n].T`` for a 3-D ``src`` (N, R, S) into ``out`` (N, S, R), both of one
+    dtype, ``out`` C-contiguous: a conv chunk's GEMM rows to NCHW and back (a blocked
+    compiled copy; NumPy's strided copy is the reference)."""
+    if not _use_compiled(src) or not out.flags.c_contiguous or out.dtype != src.dtype:
+        out[...] = src.transpose(0, 2, 1)
+        return out
+    _compiled.transpose_samples(np.ascontiguousarray(src), out)
+    return out

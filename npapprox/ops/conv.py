@@ -8,7 +8,7 @@ import numpy as np
 from ..backend import array_module
 from ..function import ACTIVATION, PARAM, Function
 from ..kernels import winograd as wino
-from ..kernels.im2col import im2row, row2im
+from ..kernels.im2col import im2row, row2im, transpose_samples
 from ..parallel import deal, run, workers
 from ..validate import affine_args, check_int, out_size
 
@@ -192,7 +192,7 @@ def _im2row_forward(x, w, stride, padding):
             m = (sl.stop - sl.start) * L
             r = im2row(x[sl], kh, kw, stride, padding, out=rows_ws[k][:m])    # (B*L, K)
             yr = xp.matmul(r, w2.T, out=yr_ws[k][:m])                         # (B*L, F)
-            y[sl] = yr.reshape(m // L, L, f).transpose(0, 2, 1)               # (B, F, L)
+            transpose_samples(yr.reshape(m // L, L, f), out=y[sl])             # (B, F, L)
 
     run(work, len(shares))
     return y.reshape(n, f, oh, ow)
@@ -217,7 +217,7 @@ def _im2row_backward(gy, w, x_of, x_shape, s, pad, need_x, need_w):
         for sl in shares[k]:
             m = (sl.stop - sl.start) * L
             gyr = gyr_ws[k][:m]
-            gyr.reshape(m // L, L, f)[...] = gy3[sl].transpose(0, 2, 1)        # (B*L, F)
+            transpose_samples(gy3[sl], out=gyr.reshape(m // L, L, f))          # (B*L, F)
             if need_w:
                 r = im2row(x_of(sl), kh, kw, s, pad, out=rows_ws[k][:m])       # (B*L, K)
                 gw2t[k] += xp.matmul(r.T, gyr, out=prod[k])      # (K, F): faster than gyr.T @ r
