@@ -64,8 +64,10 @@ class BuildExt(build_ext):
     """Adds optimisation flags, OpenMP when the compiler supports it, and
     ``-march=native`` (the vector units of the building machine: the storage
     kernels need AVX2 to reach memory bandwidth) unless NPAPPROX_PORTABLE=1 asks
-    for a build that runs on any CPU of the architecture. The bytes are the same
-    either way: ``-ffp-contract=off`` forbids fused multiply-adds."""
+    for a build that runs on any CPU of the architecture; NPAPPROX_MARCH=<cpu>
+    (e.g. ``haswell``: AVX2, no AVX-512) builds for that CPU instead of this one.
+    The bytes are the same either way: ``-ffp-contract=off`` forbids fused
+    multiply-adds. ``npapprox._quant.SIMD`` says which vector unit a build targets."""
 
     def build_extensions(self):
         msvc = self.compiler.compiler_type == "msvc"
@@ -75,9 +77,9 @@ class BuildExt(build_ext):
         if not openmp:
             print("npapprox: OpenMP not available, building the kernels single-threaded")
         portable = os.environ.get("NPAPPROX_PORTABLE", "").strip().lower() in _TRUE
-        if not msvc and not portable and _compiles(self.compiler, "int main(void){return 0;}",
-                                                   ["-march=native"], []):
-            base = base + ["-march=native"]
+        march = "-march=" + (os.environ.get("NPAPPROX_MARCH", "").strip() or "native")
+        if not msvc and not portable and _compiles(self.compiler, "int main(void){return 0;}", [march], []):
+            base = base + [march]
         for ext in self.extensions:
             ext.extra_compile_args = base + (omp_compile if openmp else []) + list(ext.extra_compile_args or [])
             ext.extra_link_args = (omp_link if openmp else []) + list(ext.extra_link_args or [])

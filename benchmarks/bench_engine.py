@@ -11,6 +11,15 @@ repeats and the ratio npapprox / PyTorch.
 
 Needs the oracle extra (torch==2.13.0).
 
+``--isa avx2`` runs both engines on their AVX2 code paths on an AVX-512 machine
+(a stand-in for an AVX2 machine: same cores and memory, narrower vector units):
+OpenBLAS's Haswell kernels (OPENBLAS_CORETYPE), PyTorch's AVX2 kernels
+(ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA), and npapprox built for AVX2
+(``NPAPPROX_MARCH=haswell python setup.py build_ext --inplace --force``; the
+benchmark refuses a build with another vector unit)::
+
+    python benchmarks/bench_engine.py --isa avx2
+
 ``--policies`` times instead one SGD step of each model under each storage
 policy (exact, paper4, paper2 by default), the policies interleaved in one
 process so that they share the machine's state; the table shows medians and
@@ -61,14 +70,15 @@ def _worker(engine: str, batch: int, repeats: int, threads: int, skip_step: bool
         torch.set_num_threads(threads)
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
         from torch_models import TorchPreActResNet
-        info = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        info = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                f"kernels {torch.backends.cpu.get_cpu_capability()}")
     else:
         import npapprox as na
         from npapprox.kernels import im2col as k
         blas = [f"{i['internal_api']} {i.get('version')} ({i.get('architecture')}, {i['num_threads']} threads)"
                 for i in threadpool_info() if i["user_api"] == "blas"]
-        info = (f"npapprox {na.__version__}, numpy BLAS {'; '.join(blas)}, compiled im2row "
-                f"{k.compiled_available()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+        info = (f"npapprox {na.__version__} (kernels built for {_built_simd()}), numpy BLAS {'; '.join(blas)}, "
+                f"compiled im2row {k.compiled_available()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 
     for c, f, h, kk, s, pad in CONVS:
         x = rng.standard_normal((n, c, h, h)).astype(np.float32)
@@ -161,6 +171,19 @@ def policy_steps(models: list, policies: list, batch: int, repeats: int, threads
               flush=True)
 
 
+#: --isa avx2: the environment of both workers (OpenBLAS, PyTorch's ATen and oneDNN on AVX2 code)
+AVX2_ENV = {"OPENBLAS_CORETYPE": "Haswell", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def _built_simd() -> str:
+    """The vector unit npapprox's kernels were built for (``npapprox._quant.SIMD``)."""
+    try:
+        from npapprox._quant import SIMD
+    except ImportError:
+        return "none (not built)"
+    return SIMD
+
+
 def side_by_side_parser(doc: str) -> argparse.ArgumentParser:
     """The options of every side-by-side benchmark (this one, bench_conv.py)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
@@ -178,7 +201,16 @@ def main(argv=None):
                    help="time steps under these storage policies instead (default exact,paper4,paper2)")
     p.add_argument("--models", default="resnet20,resnet164", help="with --policies (default resnet20,resnet164)")
     p.add_argument("--worker", choices=["npapprox", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--isa", choices=["native", "avx2"], default="native",
+                   help="avx2: both engines on their AVX2 code paths (see the module docstring)")
     args = p.parse_args(argv)
+    env = dict(os.environ)
+    if args.isa == "avx2" and not args.worker:
+        if _built_simd() != "avx2":
+            print(f"bench_engine: --isa avx2 needs npapprox built for AVX2 (this build: {_built_simd()}); "
+                  "run NPAPPROX_MARCH=haswell python setup.py build_ext --inplace --force", file=sys.stderr)
+            sys.exit(2)
+        env.update(AVX2_ENV)
     if args.policies:
         policy_steps([m.strip() for m in args.models.split(",") if m.strip()],
                      [q.strip() for q in args.policies.split(",") if q.strip()], args.batch, args.repeats,
@@ -196,12 +228,13 @@ def main(argv=None):
                    "--repeats", str(args.repeats), "--threads", str(args.threads)] + (
                    ["--skip-step"] if args.skip_step else [])
             print(f"round {r + 1}/{args.rounds}: {engine} ...", file=sys.stderr, flush=True)
-            out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
             infos[engine] = out["info"]
             for name, ts in out["times"].items():
                 merged[engine].setdefault(name, []).extend(ts)
+    print(f"CPU: {_cpu_model()} ({os.cpu_count()} logical cores); --isa {args.isa}")
     print(f"threads={args.threads}, batch={args.batch}, {args.rounds} rounds x {args.repeats} repeats per engine, "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '-')}")
+          f"OPENBLAS_CORETYPE={env.get('OPENBLAS_CORETYPE', '-')}")
     for engine, info in infos.items():
         print(f"  {engine}: {info}")
     names = list(merged["npapprox"])

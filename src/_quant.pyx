@@ -689,6 +689,29 @@ cdef extern from *:
     int npa_omp_swap(int n) noexcept nogil
 
 
+cdef extern from *:
+    """
+    #if defined(__AVX512F__)
+    #define NPA_SIMD "avx512f"
+    #elif defined(__AVX2__)
+    #define NPA_SIMD "avx2"
+    #elif defined(__AVX__)
+    #define NPA_SIMD "avx"
+    #elif defined(__SSE2__) || defined(_M_X64)
+    #define NPA_SIMD "sse2"
+    #elif defined(__ARM_NEON)
+    #define NPA_SIMD "neon"
+    #else
+    #define NPA_SIMD "none"
+    #endif
+    """
+    const char* NPA_SIMD
+
+#: the widest vector unit this build's kernels target (setup.py: -march=native,
+#: NPAPPROX_MARCH, NPAPPROX_PORTABLE): "avx512f", "avx2", "avx", "sse2", "neon" or "none"
+SIMD = NPA_SIMD.decode()
+
+
 def omp_threads(int n=0):
     """The calling thread's OpenMP thread count for its next parallel regions (every
     compiled kernel shares one OpenMP runtime); set to ``n`` when ``n > 0``. Returns

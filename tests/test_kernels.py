@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from scipy.stats import chi2
 
 import npapprox.kernels as K
+from npapprox import _quant
 from npapprox.kernels import im2col as im2col_module
 from npapprox.kernels import reference as R
 from npapprox.kernels import switch
@@ -527,3 +528,13 @@ def test_counter_uniform_is_uniform(seed):
     # neighbouring counters are not correlated (lag-1 correlation within Z / sqrt(n))
     c = np.corrcoef(r[:-1], r[1:])[0, 1]
     assert abs(c) <= Z / math.sqrt(n)
+
+
+def test_the_build_reports_a_vector_unit_this_cpu_has():
+    """``_quant.SIMD`` names the vector unit the kernels were built for (bench_engine's
+    ``--isa avx2`` checks it); the CPU running them must have it."""
+    SIMD = _quant.SIMD
+    assert SIMD in ("avx512f", "avx2", "avx", "sse2", "neon", "none")
+    if SIMD in ("avx512f", "avx2", "avx") and os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            assert SIMD in f.read().split()
