@@ -14,10 +14,11 @@ worker, with the GIL released.
   ``-ffp-contract=off``): ``y = (x - mu) * scale + beta``, ``h = y * (y > 0)``,
   ``xhat = (src - mu) * inv_sigma``, the paper codes of y (``_paper_codes``, as
   ``paper_pack``) and their decoded xhat (as ``paper_decode``).
-* Reductions are done per row in float64 over 16 interleaved partial sums (so
-  the compiler can vectorise them without reassociating anything), combined in
-  a fixed tree, into a ``(2, N, C)`` table of row partials; the table is then
-  summed per channel over n in order (``*_of_rows``). A row's partial does not
+* Reductions are done per row in float64 over 32 interleaved partial sums
+  combined in a fixed tree (``_lanes.h``: lane j adds the terms i = j mod 32 in
+  order, each widened to float64; vectorised without reassociating anything),
+  into a ``(2, N, C)`` table of row partials; the table is then summed per
+  channel over n in order (``*_of_rows``). A row's partial does not
   depend on which worker computed it, so the results do not depend on the
   thread count. They are more accurate than the reference's float32 sums and
   differ from them in the last bits.
@@ -39,8 +40,22 @@ include "_codes.pxi"   # _pack, _unpack, _paper_codes (shared with src/_quant.py
 
 
 cdef enum:
-    BLOCK = 256   # values per block (a multiple of 16): a block's g, xhat and codes live on the stack
-    LANES = 16    # interleaved float64 partial sums
+    BLOCK = 256   # values per block (a multiple of LANES): a block's g, xhat and codes live on the stack
+
+
+cdef extern from "_lanes.h" nogil:
+    # float64 sums in LANES interleaved partial sums (see the header): acc[LANES] zeroed,
+    # the terms of consecutive pieces added (each piece starting at a multiple of LANES),
+    # then the total in a fixed tree
+    enum: LANES
+    void lanes_zero(double* acc)
+    double lanes_total(double* acc)
+    void lanes_add_f(double* acc, const float* p, Py_ssize_t m)                   # p[i]
+    void lanes_add_d(double* acc, const double* p, Py_ssize_t m)
+    void lanes_add_sqdev_f(double* acc, const float* p, Py_ssize_t m, double mu)  # (p[i] - mu)^2
+    void lanes_add_sqdev_d(double* acc, const double* p, Py_ssize_t m, double mu)
+    void lanes_add_dot_f(double* acc, const float* p, const float* q, Py_ssize_t m)     # p[i] * q[i]
+    void lanes_add_dot_d(double* acc, const double* p, const double* q, Py_ssize_t m)
 
 
 cdef inline Py_ssize_t _rows_end(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t N) except -1:
@@ -52,51 +67,40 @@ cdef inline Py_ssize_t _rows_end(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t N) exc
     return n1
 
 
-cdef inline double _tree(const double* a) noexcept nogil:
-    """a[0] + ... + a[15] in a fixed tree."""
-    return ((((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))
-            + (((a[8] + a[9]) + (a[10] + a[11])) + ((a[12] + a[13]) + (a[14] + a[15]))))
+cdef inline void _add(double* acc, const floating* p, Py_ssize_t m) noexcept nogil:
+    """acc += the lanes of p[0:m] (``_lanes.h``)."""
+    if floating is float:
+        lanes_add_f(acc, p, m)
+    else:
+        lanes_add_d(acc, p, m)
 
 
-cdef inline void _zero(double* a) noexcept nogil:
-    cdef int j
-    for j in range(LANES):
-        a[j] = 0
+cdef inline void _add_dot(double* acc, const floating* p, const floating* q, Py_ssize_t m) noexcept nogil:
+    """acc += the lanes of p[0:m] * q[0:m], each product rounded to p's precision (as the
+    reference's ``(g * xhat).sum()``)."""
+    if floating is float:
+        lanes_add_dot_f(acc, p, q, m)
+    else:
+        lanes_add_dot_d(acc, p, q, m)
 
 
 cdef inline double _sum_row(const floating* p, Py_ssize_t m) noexcept nogil:
-    """sum(p[0:m]) in float64: 16 interleaved partial sums, then a fixed tree."""
-    cdef double a[LANES]
-    cdef Py_ssize_t i = 0
-    cdef int j
-    _zero(a)
-    while i + LANES <= m:
-        for j in range(LANES):
-            a[j] += p[i + j]
-        i += LANES
-    while i < m:
-        a[0] += p[i]
-        i += 1
-    return _tree(a)
+    """sum(p[0:m]) in float64 (``_lanes.h``)."""
+    cdef double acc[LANES]
+    lanes_zero(acc)
+    _add(acc, p, m)
+    return lanes_total(acc)
 
 
 cdef inline double _sqdev_row(const floating* p, Py_ssize_t m, double mu) noexcept nogil:
-    """sum((p[0:m] - mu)^2) in float64, the partial-sum scheme of ``_sum_row``."""
-    cdef double a[LANES]
-    cdef double d
-    cdef Py_ssize_t i = 0
-    cdef int j
-    _zero(a)
-    while i + LANES <= m:
-        for j in range(LANES):
-            d = p[i + j] - mu
-            a[j] += d * d
-        i += LANES
-    while i < m:
-        d = p[i] - mu
-        a[0] += d * d
-        i += 1
-    return _tree(a)
+    """sum((p[0:m] - mu)^2) in float64 (``_lanes.h``)."""
+    cdef double acc[LANES]
+    lanes_zero(acc)
+    if floating is float:
+        lanes_add_sqdev_f(acc, p, m, mu)
+    else:
+        lanes_add_sqdev_d(acc, p, m, mu)
+    return lanes_total(acc)
 
 
 def row_moments(const floating[:, :, ::1] x,   # IN:  (N, C, M)
@@ -347,44 +351,27 @@ cdef inline const floating* _load_block(const Source* S, const floating* pg, Py_
     return g
 
 
-cdef inline double _dot_row(const floating* a, const floating* b, Py_ssize_t m) noexcept nogil:
-    """sum(a[0:m] * b[0:m]) in float64, each product rounded to a's precision (as the
-    reference's ``(g * xhat).sum()``); the partial-sum scheme of ``_sum_row``."""
-    cdef double acc[LANES]
-    cdef Py_ssize_t i = 0
-    cdef int j
-    cdef floating p
-    _zero(acc)
-    while i + LANES <= m:
-        for j in range(LANES):
-            p = a[i + j] * b[i + j]
-            acc[j] += p
-        i += LANES
-    while i < m:
-        p = a[i] * b[i]
-        acc[0] += p
-        i += 1
-    return _tree(acc)
-
-
 cdef void _row_sums(const Source* S, const floating* gy, Py_ssize_t row, Py_ssize_t M, Py_ssize_t c,
                     floating scale, double* sum_g, double* sum_gx) noexcept nogil:
-    """Over one row: *sum_g = sum g, *sum_gx = sum g * xhat (float64: per block of the
-    row, 16 partial sums in a fixed tree; the blocks added in order)."""
+    """Over one row: *sum_g = sum g, *sum_gx = sum g * xhat (float64, ``_lanes.h``: the
+    row's sums in lanes, block by block, then their totals)."""
     cdef floating g[BLOCK]
     cdef floating xh[BLOCK]
     cdef uint8_t cb[BLOCK]
-    cdef double sb = 0, sg = 0
+    cdef double ag[LANES]
+    cdef double agx[LANES]
     cdef Py_ssize_t j0 = 0, nb
     cdef const floating* gp
+    lanes_zero(ag)
+    lanes_zero(agx)
     while j0 < M:
         nb = min(<Py_ssize_t> BLOCK, M - j0)
         gp = _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb)
-        sb += _sum_row(gp, nb)
-        sg += _dot_row(gp, xh, nb)
+        _add(ag, gp, nb)
+        _add_dot(agx, gp, xh, nb)
         j0 += BLOCK
-    sum_g[0] = sb
-    sum_gx[0] = sg
+    sum_g[0] = lanes_total(ag)
+    sum_gx[0] = lanes_total(agx)
 
 
 cdef void _row_grad(const Source* S, const floating* gy, Py_ssize_t row, Py_ssize_t M, Py_ssize_t c,
