@@ -309,12 +309,23 @@ cdef inline void _codes_of(const uint8_t* packed, Py_ssize_t start, Py_ssize_t m
         cb[i] = (packed[j >> lv] >> ((j & vmask) * bits)) & cmask
 
 
+cdef inline void _put(Py_ssize_t i, floating gv, floating xv, floating* g, floating* xh, floating* po,
+                      floating scale, floating a, floating k) noexcept nogil:
+    """Value i of a block: g[i], xh[i] = gv, xv, or, given po, po[i] = scale * (gv - a - xv * k)."""
+    if po != NULL:
+        po[i] = scale * (gv - a - xv * k)
+    else:
+        g[i] = gv
+        xh[i] = xv
+
+
 cdef inline const floating* _load_block(const Source* S, const floating* pg, Py_ssize_t start, Py_ssize_t nb,
                                         Py_ssize_t c, floating scale, floating* g, floating* xh,
-                                        uint8_t* cb) noexcept nogil:
+                                        uint8_t* cb, floating* po, floating a, floating k) noexcept nogil:
     """Block [start, start + nb) of the flat tensor (inside one row of channel c; pg
     points at gy there): xh = xhat, and g = gy * mask, returned (pg itself without a
-    mask, the buffer g otherwise). Selects, so each loop
+    mask, the buffer g otherwise); given po, instead po = scale * (g - a - xhat * k),
+    the batch-statistics gx, with no g or xh stored. Selects, so each loop
     vectorises; gy * 0 keeps NumPy's bits for gy * False (-0.0, NaN). Codes decode as
     ``paper_decode``: float32(float32(code - s) + 0.5) * step + off, two roundings;
     the mask is code >= s."""
@@ -329,21 +340,22 @@ cdef inline const floating* _load_block(const Source* S, const floating* pg, Py_
         _codes_of(S.packed, start, nb, S.bits, cb)
         for i in range(nb):
             t = <float> (cb[i] - s) + half
-            xh[i] = t * step + off
-            g[i] = pg[i] if cb[i] >= s else pg[i] * 0
+            _put(i, pg[i] if cb[i] >= s else pg[i] * 0, t * step + off, g, xh, po, scale, a, k)
         return g
     mu, inv_sigma = (<const floating*> S.mu)[c], (<const floating*> S.inv_sigma)[c]
     ps = <const floating*> S.src + start
     if S.mode == SRC_RELU:
         beta = (<const floating*> S.beta)[c]
         for i in range(nb):
-            xh[i] = (ps[i] - mu) * inv_sigma
-            g[i] = pg[i] if ((ps[i] - mu) * scale + beta) > 0 else pg[i] * 0
+            _put(i, pg[i] if ((ps[i] - mu) * scale + beta) > 0 else pg[i] * 0, (ps[i] - mu) * inv_sigma,
+                 g, xh, po, scale, a, k)
     elif S.mode == SRC_MASK:
         pm = S.mask + start
         for i in range(nb):
-            xh[i] = (ps[i] - mu) * inv_sigma
-            g[i] = pg[i] if pm[i] != 0 else pg[i] * 0
+            _put(i, pg[i] if pm[i] != 0 else pg[i] * 0, (ps[i] - mu) * inv_sigma, g, xh, po, scale, a, k)
+    elif po != NULL:
+        for i in range(nb):
+            po[i] = scale * (pg[i] - a - (ps[i] - mu) * inv_sigma * k)
     else:
         for i in range(nb):
             xh[i] = (ps[i] - mu) * inv_sigma
@@ -366,7 +378,7 @@ cdef void _row_sums(const Source* S, const floating* gy, Py_ssize_t row, Py_ssiz
     lanes_zero(agx)
     while j0 < M:
         nb = min(<Py_ssize_t> BLOCK, M - j0)
-        gp = _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb)
+        gp = _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb, NULL, 0, 0)
         _add(ag, gp, nb)
         _add_dot(agx, gp, xh, nb)
         j0 += BLOCK
@@ -376,8 +388,9 @@ cdef void _row_sums(const Source* S, const floating* gy, Py_ssize_t row, Py_ssiz
 
 cdef void _row_grad(const Source* S, const floating* gy, Py_ssize_t row, Py_ssize_t M, Py_ssize_t c,
                     floating scale, bint batch_stats, floating a, floating k, floating* gx) noexcept nogil:
-    """Over one row: gx = scale * (g - a - xhat * k) (batch statistics) or scale * g.
-    gx may be gy: each block of gy is read before its gx is written."""
+    """Over one row: gx = scale * (g - a - xhat * k) (batch statistics: computed as g and
+    xhat are, ``_load_block``) or scale * g. gx may be gy: each value of gy is read
+    before its gx is written."""
     cdef floating g[BLOCK]
     cdef floating xh[BLOCK]
     cdef uint8_t cb[BLOCK]
@@ -387,12 +400,11 @@ cdef void _row_grad(const Source* S, const floating* gy, Py_ssize_t row, Py_ssiz
     j0 = 0
     while j0 < M:
         nb = min(<Py_ssize_t> BLOCK, M - j0)
-        gp = _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb)
         po = gx + row + j0
         if batch_stats:
-            for i in range(nb):
-                po[i] = scale * (gp[i] - a - xh[i] * k)
+            _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb, po, a, k)
         else:
+            gp = _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb, NULL, 0, 0)
             for i in range(nb):
                 po[i] = scale * gp[i]
         j0 += BLOCK
