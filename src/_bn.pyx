@@ -129,23 +129,27 @@ def moments_of_rows(const double[:, :, ::1] part,   # IN:  (2, N, C) from row_mo
                     double[::1] var):                # OUT: (C,) biased
     """Per channel, over n in order: mean = sum_n S_n / Mt and, by Chan's formula (the
     same sum of squared deviations in real arithmetic), var = sum_n (Q_n + M (S_n/M -
-    mean)^2) / Mt, Mt = N*M."""
+    mean)^2) / Mt, Mt = N*M. (The sums run over the channels in the inner loop, the
+    table's memory order; each channel's terms are still added in order of n.)"""
     cdef Py_ssize_t N = part.shape[1], C = part.shape[2], n, c
-    cdef double s, q, d, count = <double> (N * M)
+    cdef double d, count = <double> (N * M)
     if mean.shape[0] != C or var.shape[0] != C:
         raise ValueError("mean and var must have one entry per channel")
     if N * M == 0:
         raise ValueError("batch statistics need at least one value per channel")
+    mean[:] = 0
+    var[:] = 0
+    for n in range(N):
+        for c in range(C):
+            mean[c] = mean[c] + part[0, n, c]
     for c in range(C):
-        s = 0
-        for n in range(N):
-            s = s + part[0, n, c]
-        mean[c] = s / count
-        q = 0
-        for n in range(N):
+        mean[c] = mean[c] / count
+    for n in range(N):
+        for c in range(C):
             d = part[0, n, c] / <double> M - mean[c]
-            q = q + (part[1, n, c] + <double> M * (d * d))
-        var[c] = q / count
+            var[c] = var[c] + (part[1, n, c] + <double> M * (d * d))
+    for c in range(C):
+        var[c] = var[c] / count
 
 
 def bn_stats(const floating[:, :, ::1] x,     # IN:  (N, C, M)
@@ -412,17 +416,16 @@ cdef void _row_grad(const Source* S, const floating* gy, Py_ssize_t row, Py_ssiz
 
 cdef void _sums_of_rows(const double* part, Py_ssize_t N, Py_ssize_t C, double* ggamma,
                         double* gbeta) noexcept nogil:
-    """ggamma[c] = sum_n part[1, n, c], gbeta[c] = sum_n part[0, n, c], n in order."""
+    """ggamma[c] = sum_n part[1, n, c], gbeta[c] = sum_n part[0, n, c], n in order (the
+    channels in the inner loop, the table's memory order)."""
     cdef Py_ssize_t n, c
-    cdef double sb, sg
     for c in range(C):
-        sb = 0
-        sg = 0
-        for n in range(N):
-            sb += part[n * C + c]
-            sg += part[(N + n) * C + c]
-        gbeta[c] = sb
-        ggamma[c] = sg
+        gbeta[c] = 0
+        ggamma[c] = 0
+    for n in range(N):
+        for c in range(C):
+            gbeta[c] += part[n * C + c]
+            ggamma[c] += part[(N + n) * C + c]
 
 
 cdef enum:
