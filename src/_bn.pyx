@@ -40,7 +40,7 @@ include "_codes.pxi"   # _pack, _unpack, _paper_codes (shared with src/_quant.py
 
 
 cdef enum:
-    BLOCK = 256   # values per block (a multiple of LANES): a block's g, xhat and codes live on the stack
+    BLOCK = 1024  # values per block (a multiple of LANES): a block's g, xhat and codes live on the stack
 
 
 cdef extern from "_lanes.h" nogil:
@@ -556,7 +556,7 @@ def bn_backward_codes(const float[:, :, ::1] gy,       # IN:  (N, C, M) output g
                       double[:, :, ::1] part=None,      # (2, N, C) row sums: OUT in phase 1
                       int phase=0, Py_ssize_t n0=0, Py_ssize_t n1=-1):
     """``bn_backward`` of a BN -> ReLU unit straight from its K-bit codes: xhat and the
-    mask are rebuilt per block of 256 values on the stack, never as arrays. The
+    mask are rebuilt per block of 1024 values on the stack, never as arrays. The
     same arithmetic in the same order as decoding first (``paper_decode``,
     ``paper_mask``) and calling ``bn_backward`` with src = xhat, mu = 0,
     inv_sigma = 1, mask_mode 2, so the same bytes. Phases as ``bn_backward``."""
