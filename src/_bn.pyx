@@ -14,11 +14,15 @@ worker, with the GIL released.
   ``-ffp-contract=off``): ``y = (x - mu) * scale + beta``, ``h = y * (y > 0)``,
   ``xhat = (src - mu) * inv_sigma``, the paper codes of y (``_paper_codes``, as
   ``paper_pack``) and their decoded xhat (as ``paper_decode``).
-* Reductions are done per row in float64 over 32 interleaved partial sums
-  combined in a fixed tree (``_lanes.h``: lane j adds the terms i = j mod 32 in
-  order, each widened to float64; vectorised without reassociating anything),
-  into a ``(2, N, C)`` table of row partials; the table is then summed per
-  channel over n in order (``*_of_rows``). A row's partial does not
+* Reductions are done per row in float64, into a ``(2, N, C)`` table of row
+  partials: the statistics' S = sum x and Q = sum (x - S/M)^2 (difference and
+  square in float64), the backward's sum g and sum g * xhat (each product
+  rounded to the array's precision, as the reference's). Each is a 32-lane sum
+  (``_lanes.h``): lane j adds the terms i = j (mod 32) of the row in order of i,
+  each widened to float64, then lane j += lane j+16, j+8, j+4, j+2, j+1 gives
+  the total (vector paths doing exactly these additions; tests/test_bn.py
+  checks them bit for bit against that definition). The table is then summed
+  per channel over n in order (``*_of_rows``). A row's partial does not
   depend on which worker computed it, so the results do not depend on the
   thread count. They are more accurate than the reference's float32 sums and
   differ from them in the last bits.
@@ -30,7 +34,9 @@ worker, with the GIL released.
   pass that computes y.
 * The inner loops are plain loops over contiguous rows (raw pointers), written
   so that GCC vectorises them (``-fopt-info-vec``): selects instead of branches,
-  no value computed only to be selected.
+  no value computed only to be selected. The float64 sums are the exception:
+  ``_lanes.h`` spells out their vector code (GCC splits the widening to float64,
+  which bounds them, or keeps the partial sums in memory).
 """
 from cython cimport floating
 from libc.stdint cimport int32_t, uint8_t
