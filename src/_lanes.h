@@ -4,7 +4,7 @@
  * A sum is a table acc[32] of float64 lanes: lanes_zero(acc), then any number
  * of lanes_add_*(acc, ...) calls over consecutive pieces of one sequence of
  * terms t_0, t_1, ..., each piece starting at a multiple of 32 (the first at
- * 0), then lanes_total(acc). Lane j accumulates the terms t_i with
+ * 0), then lanes_total(acc) (which may overwrite acc). Lane j accumulates the terms t_i with
  * i = j (mod 32), in order of i; lanes_total adds the lanes in a fixed halving
  * tree (lane j += lane j+16, then j+8, j+4, j+2, j+1) and returns lane 0. So
  * the result does not depend on how the sequence was cut into pieces.
