@@ -94,6 +94,7 @@ def _extensions():
         exts.append(Extension(
             f"npapprox.{name}",
             sources=[os.path.relpath(pyx, here)],
+            depends=[os.path.relpath(h, here) for h in glob.glob(os.path.join(here, "src", "*.h"))],
             include_dirs=[np.get_include()],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         ))

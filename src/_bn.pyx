@@ -14,10 +14,15 @@ worker, with the GIL released.
   ``-ffp-contract=off``): ``y = (x - mu) * scale + beta``, ``h = y * (y > 0)``,
   ``xhat = (src - mu) * inv_sigma``, the paper codes of y (``_paper_codes``, as
   ``paper_pack``) and their decoded xhat (as ``paper_decode``).
-* Reductions are done per row in float64 over 16 interleaved partial sums (so
-  the compiler can vectorise them without reassociating anything), combined in
-  a fixed tree, into a ``(2, N, C)`` table of row partials; the table is then
-  summed per channel over n in order (``*_of_rows``). A row's partial does not
+* Reductions are done per row in float64, into a ``(2, N, C)`` table of row
+  partials: the statistics' S = sum x and Q = sum (x - S/M)^2 (difference and
+  square in float64), the backward's sum g and sum g * xhat (each product
+  rounded to the array's precision, as the reference's). Each is a 32-lane sum
+  (``_lanes.h``): lane j adds the terms i = j (mod 32) of the row in order of i,
+  each widened to float64, then lane j += lane j+16, j+8, j+4, j+2, j+1 gives
+  the total (vector paths doing exactly these additions; tests/test_bn.py
+  checks them bit for bit against that definition). The table is then summed
+  per channel over n in order (``*_of_rows``). A row's partial does not
   depend on which worker computed it, so the results do not depend on the
   thread count. They are more accurate than the reference's float32 sums and
   differ from them in the last bits.
@@ -29,7 +34,9 @@ worker, with the GIL released.
   pass that computes y.
 * The inner loops are plain loops over contiguous rows (raw pointers), written
   so that GCC vectorises them (``-fopt-info-vec``): selects instead of branches,
-  no value computed only to be selected.
+  no value computed only to be selected. The float64 sums are the exception:
+  ``_lanes.h`` spells out their vector code (GCC splits the widening to float64,
+  which bounds them, or keeps the partial sums in memory).
 """
 from cython cimport floating
 from libc.stdint cimport int32_t, uint8_t
@@ -39,8 +46,22 @@ include "_codes.pxi"   # _pack, _unpack, _paper_codes (shared with src/_quant.py
 
 
 cdef enum:
-    BLOCK = 256   # values per block (a multiple of 16): a block's g, xhat and codes live on the stack
-    LANES = 16    # interleaved float64 partial sums
+    BLOCK = 1024  # values per block (a multiple of LANES): a block's g, xhat and codes live on the stack
+
+
+cdef extern from "_lanes.h" nogil:
+    # float64 sums in LANES interleaved partial sums (see the header): acc[LANES] zeroed,
+    # the terms of consecutive pieces added (each piece starting at a multiple of LANES),
+    # then the total in a fixed tree
+    enum: LANES
+    void lanes_zero(double* acc)
+    double lanes_total(double* acc)
+    void lanes_add_f(double* acc, const float* p, Py_ssize_t m)                   # p[i]
+    void lanes_add_d(double* acc, const double* p, Py_ssize_t m)
+    void lanes_add_sqdev_f(double* acc, const float* p, Py_ssize_t m, double mu)  # (p[i] - mu)^2
+    void lanes_add_sqdev_d(double* acc, const double* p, Py_ssize_t m, double mu)
+    void lanes_add_dot_f(double* acc, const float* p, const float* q, Py_ssize_t m)     # p[i] * q[i]
+    void lanes_add_dot_d(double* acc, const double* p, const double* q, Py_ssize_t m)
 
 
 cdef inline Py_ssize_t _rows_end(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t N) except -1:
@@ -52,51 +73,40 @@ cdef inline Py_ssize_t _rows_end(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t N) exc
     return n1
 
 
-cdef inline double _tree(const double* a) noexcept nogil:
-    """a[0] + ... + a[15] in a fixed tree."""
-    return ((((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))
-            + (((a[8] + a[9]) + (a[10] + a[11])) + ((a[12] + a[13]) + (a[14] + a[15]))))
+cdef inline void _add(double* acc, const floating* p, Py_ssize_t m) noexcept nogil:
+    """acc += the lanes of p[0:m] (``_lanes.h``)."""
+    if floating is float:
+        lanes_add_f(acc, p, m)
+    else:
+        lanes_add_d(acc, p, m)
 
 
-cdef inline void _zero(double* a) noexcept nogil:
-    cdef int j
-    for j in range(LANES):
-        a[j] = 0
+cdef inline void _add_dot(double* acc, const floating* p, const floating* q, Py_ssize_t m) noexcept nogil:
+    """acc += the lanes of p[0:m] * q[0:m], each product rounded to p's precision (as the
+    reference's ``(g * xhat).sum()``)."""
+    if floating is float:
+        lanes_add_dot_f(acc, p, q, m)
+    else:
+        lanes_add_dot_d(acc, p, q, m)
 
 
 cdef inline double _sum_row(const floating* p, Py_ssize_t m) noexcept nogil:
-    """sum(p[0:m]) in float64: 16 interleaved partial sums, then a fixed tree."""
-    cdef double a[LANES]
-    cdef Py_ssize_t i = 0
-    cdef int j
-    _zero(a)
-    while i + LANES <= m:
-        for j in range(LANES):
-            a[j] += p[i + j]
-        i += LANES
-    while i < m:
-        a[0] += p[i]
-        i += 1
-    return _tree(a)
+    """sum(p[0:m]) in float64 (``_lanes.h``)."""
+    cdef double acc[LANES]
+    lanes_zero(acc)
+    _add(acc, p, m)
+    return lanes_total(acc)
 
 
 cdef inline double _sqdev_row(const floating* p, Py_ssize_t m, double mu) noexcept nogil:
-    """sum((p[0:m] - mu)^2) in float64, the partial-sum scheme of ``_sum_row``."""
-    cdef double a[LANES]
-    cdef double d
-    cdef Py_ssize_t i = 0
-    cdef int j
-    _zero(a)
-    while i + LANES <= m:
-        for j in range(LANES):
-            d = p[i + j] - mu
-            a[j] += d * d
-        i += LANES
-    while i < m:
-        d = p[i] - mu
-        a[0] += d * d
-        i += 1
-    return _tree(a)
+    """sum((p[0:m] - mu)^2) in float64 (``_lanes.h``)."""
+    cdef double acc[LANES]
+    lanes_zero(acc)
+    if floating is float:
+        lanes_add_sqdev_f(acc, p, m, mu)
+    else:
+        lanes_add_sqdev_d(acc, p, m, mu)
+    return lanes_total(acc)
 
 
 def row_moments(const floating[:, :, ::1] x,   # IN:  (N, C, M)
@@ -125,23 +135,27 @@ def moments_of_rows(const double[:, :, ::1] part,   # IN:  (2, N, C) from row_mo
                     double[::1] var):                # OUT: (C,) biased
     """Per channel, over n in order: mean = sum_n S_n / Mt and, by Chan's formula (the
     same sum of squared deviations in real arithmetic), var = sum_n (Q_n + M (S_n/M -
-    mean)^2) / Mt, Mt = N*M."""
+    mean)^2) / Mt, Mt = N*M. (The sums run over the channels in the inner loop, the
+    table's memory order; each channel's terms are still added in order of n.)"""
     cdef Py_ssize_t N = part.shape[1], C = part.shape[2], n, c
-    cdef double s, q, d, count = <double> (N * M)
+    cdef double d, count = <double> (N * M)
     if mean.shape[0] != C or var.shape[0] != C:
         raise ValueError("mean and var must have one entry per channel")
     if N * M == 0:
         raise ValueError("batch statistics need at least one value per channel")
+    mean[:] = 0
+    var[:] = 0
+    for n in range(N):
+        for c in range(C):
+            mean[c] = mean[c] + part[0, n, c]
     for c in range(C):
-        s = 0
-        for n in range(N):
-            s = s + part[0, n, c]
-        mean[c] = s / count
-        q = 0
-        for n in range(N):
+        mean[c] = mean[c] / count
+    for n in range(N):
+        for c in range(C):
             d = part[0, n, c] / <double> M - mean[c]
-            q = q + (part[1, n, c] + <double> M * (d * d))
-        var[c] = q / count
+            var[c] = var[c] + (part[1, n, c] + <double> M * (d * d))
+    for c in range(C):
+        var[c] = var[c] / count
 
 
 def bn_stats(const floating[:, :, ::1] x,     # IN:  (N, C, M)
@@ -305,12 +319,23 @@ cdef inline void _codes_of(const uint8_t* packed, Py_ssize_t start, Py_ssize_t m
         cb[i] = (packed[j >> lv] >> ((j & vmask) * bits)) & cmask
 
 
+cdef inline void _put(Py_ssize_t i, floating gv, floating xv, floating* g, floating* xh, floating* po,
+                      floating scale, floating a, floating k) noexcept nogil:
+    """Value i of a block: g[i], xh[i] = gv, xv, or, given po, po[i] = scale * (gv - a - xv * k)."""
+    if po != NULL:
+        po[i] = scale * (gv - a - xv * k)
+    else:
+        g[i] = gv
+        xh[i] = xv
+
+
 cdef inline const floating* _load_block(const Source* S, const floating* pg, Py_ssize_t start, Py_ssize_t nb,
                                         Py_ssize_t c, floating scale, floating* g, floating* xh,
-                                        uint8_t* cb) noexcept nogil:
+                                        uint8_t* cb, floating* po, floating a, floating k) noexcept nogil:
     """Block [start, start + nb) of the flat tensor (inside one row of channel c; pg
     points at gy there): xh = xhat, and g = gy * mask, returned (pg itself without a
-    mask, the buffer g otherwise). Selects, so each loop
+    mask, the buffer g otherwise); given po, instead po = scale * (g - a - xhat * k),
+    the batch-statistics gx, with no g or xh stored. Selects, so each loop
     vectorises; gy * 0 keeps NumPy's bits for gy * False (-0.0, NaN). Codes decode as
     ``paper_decode``: float32(float32(code - s) + 0.5) * step + off, two roundings;
     the mask is code >= s."""
@@ -325,21 +350,22 @@ cdef inline const floating* _load_block(const Source* S, const floating* pg, Py_
         _codes_of(S.packed, start, nb, S.bits, cb)
         for i in range(nb):
             t = <float> (cb[i] - s) + half
-            xh[i] = t * step + off
-            g[i] = pg[i] if cb[i] >= s else pg[i] * 0
+            _put(i, pg[i] if cb[i] >= s else pg[i] * 0, t * step + off, g, xh, po, scale, a, k)
         return g
     mu, inv_sigma = (<const floating*> S.mu)[c], (<const floating*> S.inv_sigma)[c]
     ps = <const floating*> S.src + start
     if S.mode == SRC_RELU:
         beta = (<const floating*> S.beta)[c]
         for i in range(nb):
-            xh[i] = (ps[i] - mu) * inv_sigma
-            g[i] = pg[i] if ((ps[i] - mu) * scale + beta) > 0 else pg[i] * 0
+            _put(i, pg[i] if ((ps[i] - mu) * scale + beta) > 0 else pg[i] * 0, (ps[i] - mu) * inv_sigma,
+                 g, xh, po, scale, a, k)
     elif S.mode == SRC_MASK:
         pm = S.mask + start
         for i in range(nb):
-            xh[i] = (ps[i] - mu) * inv_sigma
-            g[i] = pg[i] if pm[i] != 0 else pg[i] * 0
+            _put(i, pg[i] if pm[i] != 0 else pg[i] * 0, (ps[i] - mu) * inv_sigma, g, xh, po, scale, a, k)
+    elif po != NULL:
+        for i in range(nb):
+            po[i] = scale * (pg[i] - a - (ps[i] - mu) * inv_sigma * k)
     else:
         for i in range(nb):
             xh[i] = (ps[i] - mu) * inv_sigma
@@ -347,50 +373,34 @@ cdef inline const floating* _load_block(const Source* S, const floating* pg, Py_
     return g
 
 
-cdef inline double _dot_row(const floating* a, const floating* b, Py_ssize_t m) noexcept nogil:
-    """sum(a[0:m] * b[0:m]) in float64, each product rounded to a's precision (as the
-    reference's ``(g * xhat).sum()``); the partial-sum scheme of ``_sum_row``."""
-    cdef double acc[LANES]
-    cdef Py_ssize_t i = 0
-    cdef int j
-    cdef floating p
-    _zero(acc)
-    while i + LANES <= m:
-        for j in range(LANES):
-            p = a[i + j] * b[i + j]
-            acc[j] += p
-        i += LANES
-    while i < m:
-        p = a[i] * b[i]
-        acc[0] += p
-        i += 1
-    return _tree(acc)
-
-
 cdef void _row_sums(const Source* S, const floating* gy, Py_ssize_t row, Py_ssize_t M, Py_ssize_t c,
                     floating scale, double* sum_g, double* sum_gx) noexcept nogil:
-    """Over one row: *sum_g = sum g, *sum_gx = sum g * xhat (float64: per block of the
-    row, 16 partial sums in a fixed tree; the blocks added in order)."""
+    """Over one row: *sum_g = sum g, *sum_gx = sum g * xhat (float64, ``_lanes.h``: the
+    row's sums in lanes, block by block, then their totals)."""
     cdef floating g[BLOCK]
     cdef floating xh[BLOCK]
     cdef uint8_t cb[BLOCK]
-    cdef double sb = 0, sg = 0
+    cdef double ag[LANES]
+    cdef double agx[LANES]
     cdef Py_ssize_t j0 = 0, nb
     cdef const floating* gp
+    lanes_zero(ag)
+    lanes_zero(agx)
     while j0 < M:
         nb = min(<Py_ssize_t> BLOCK, M - j0)
-        gp = _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb)
-        sb += _sum_row(gp, nb)
-        sg += _dot_row(gp, xh, nb)
+        gp = _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb, NULL, 0, 0)
+        _add(ag, gp, nb)
+        _add_dot(agx, gp, xh, nb)
         j0 += BLOCK
-    sum_g[0] = sb
-    sum_gx[0] = sg
+    sum_g[0] = lanes_total(ag)
+    sum_gx[0] = lanes_total(agx)
 
 
 cdef void _row_grad(const Source* S, const floating* gy, Py_ssize_t row, Py_ssize_t M, Py_ssize_t c,
                     floating scale, bint batch_stats, floating a, floating k, floating* gx) noexcept nogil:
-    """Over one row: gx = scale * (g - a - xhat * k) (batch statistics) or scale * g.
-    gx may be gy: each block of gy is read before its gx is written."""
+    """Over one row: gx = scale * (g - a - xhat * k) (batch statistics: computed as g and
+    xhat are, ``_load_block``) or scale * g. gx may be gy: each value of gy is read
+    before its gx is written."""
     cdef floating g[BLOCK]
     cdef floating xh[BLOCK]
     cdef uint8_t cb[BLOCK]
@@ -400,12 +410,11 @@ cdef void _row_grad(const Source* S, const floating* gy, Py_ssize_t row, Py_ssiz
     j0 = 0
     while j0 < M:
         nb = min(<Py_ssize_t> BLOCK, M - j0)
-        gp = _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb)
         po = gx + row + j0
         if batch_stats:
-            for i in range(nb):
-                po[i] = scale * (gp[i] - a - xh[i] * k)
+            _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb, po, a, k)
         else:
+            gp = _load_block(S, gy + row + j0, row + j0, nb, c, scale, g, xh, cb, NULL, 0, 0)
             for i in range(nb):
                 po[i] = scale * gp[i]
         j0 += BLOCK
@@ -413,17 +422,16 @@ cdef void _row_grad(const Source* S, const floating* gy, Py_ssize_t row, Py_ssiz
 
 cdef void _sums_of_rows(const double* part, Py_ssize_t N, Py_ssize_t C, double* ggamma,
                         double* gbeta) noexcept nogil:
-    """ggamma[c] = sum_n part[1, n, c], gbeta[c] = sum_n part[0, n, c], n in order."""
+    """ggamma[c] = sum_n part[1, n, c], gbeta[c] = sum_n part[0, n, c], n in order (the
+    channels in the inner loop, the table's memory order)."""
     cdef Py_ssize_t n, c
-    cdef double sb, sg
     for c in range(C):
-        sb = 0
-        sg = 0
-        for n in range(N):
-            sb += part[n * C + c]
-            sg += part[(N + n) * C + c]
-        gbeta[c] = sb
-        ggamma[c] = sg
+        gbeta[c] = 0
+        ggamma[c] = 0
+    for n in range(N):
+        for c in range(C):
+            gbeta[c] += part[n * C + c]
+            ggamma[c] += part[(N + n) * C + c]
 
 
 cdef enum:
@@ -554,7 +562,7 @@ def bn_backward_codes(const float[:, :, ::1] gy,       # IN:  (N, C, M) output g
                       double[:, :, ::1] part=None,      # (2, N, C) row sums: OUT in phase 1
                       int phase=0, Py_ssize_t n0=0, Py_ssize_t n1=-1):
     """``bn_backward`` of a BN -> ReLU unit straight from its K-bit codes: xhat and the
-    mask are rebuilt per block of 256 values on the stack, never as arrays. The
+    mask are rebuilt per block of 1024 values on the stack, never as arrays. The
     same arithmetic in the same order as decoding first (``paper_decode``,
     ``paper_mask``) and calling ``bn_backward`` with src = xhat, mu = 0,
     inv_sigma = 1, mask_mode 2, so the same bytes. Phases as ``bn_backward``."""

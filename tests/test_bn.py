@@ -47,10 +47,10 @@ def reference():
 
 @st.composite
 def problems(draw):
-    """(x, gy, gamma, beta, mask) with M around the kernels' 8-lane and 256-value block edges."""
+    """(x, gy, gamma, beta, mask) with M around the kernels' 32-lane and 1024-value block edges."""
     n = draw(st.integers(1, 4))
     c = draw(st.integers(1, 5))
-    m = draw(st.sampled_from([1, 7, 8, 9, 64, 255, 256, 257, 600]))
+    m = draw(st.sampled_from([1, 7, 8, 9, 31, 32, 33, 64, 255, 600, 1023, 1025]))
     dtype = draw(st.sampled_from(DTYPES))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     shift = draw(st.sampled_from([0.0, 3.0, -50.0]))
@@ -193,6 +193,64 @@ def test_backward_elementwise_bits_given_the_kernels_sums(p, batch_stats):
             want = scale[:, None] * g
         assert want.dtype == x.dtype
         assert np.array_equal(_bits(gx), _bits(want))
+
+
+def _lanes64(t):
+    """The kernels' float64 sum of the terms ``t`` (1-D float64), as src/_lanes.h defines it:
+    lane j adds t[i] for i = j (mod 32) in order of i, then lane j += lane j+16, j+8, j+4,
+    j+2, j+1; the result is lane 0."""
+    acc = np.zeros(32)
+    for i0 in range(0, len(t), 32):
+        piece = t[i0:i0 + 32]
+        acc[:len(piece)] += piece
+    w = 16
+    while w:
+        acc[:w] += acc[w:2 * w]
+        w //= 2
+    return acc[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 31, 32, 33, 257, 1000, 1025, 2100])
+def test_row_sums_are_the_documented_lanes_bit_for_bit(dtype, m):
+    """The per-row float64 sums of the statistics and of the backward (exact and codes sources)
+    are exactly the 32-lane sums of src/_lanes.h (so the same on every build and vector path),
+    on values spread over 40 binades, where the order of the additions shows in the bits."""
+    rng = np.random.default_rng(m)
+    n, c = 2, 3
+    x = (rng.standard_normal((n, c, m)) * 2.0 ** rng.integers(-20, 20, (n, c, m)) + 3).astype(dtype)
+    gy = (rng.standard_normal((n, c, m)) * 2.0 ** rng.integers(-20, 20, (n, c, m))).astype(dtype)
+    part = np.empty((2, n, c))
+    _bn.row_moments(x, part)
+    for i in np.ndindex(n, c):
+        x64 = x[i].astype(np.float64)
+        assert part[0][i] == _lanes64(x64)
+        assert part[1][i] == _lanes64((x64 - part[0][i] / m) ** 2)
+    mu, var = B.bn_stats(x)
+    inv = (1 / np.sqrt(var + 1e-5)).astype(dtype)
+    gamma, beta = rng.uniform(0.5, 2, c).astype(dtype), rng.uniform(-1, 1, c).astype(dtype)
+    scale = gamma * inv
+    mask = rng.random(x.shape) < 0.5
+    xhat = (x - mu[:, None]) * inv[:, None]
+    cases = [((x, mu, inv, scale, beta, None, 0), gy, xhat),
+             ((x, mu, inv, scale, beta, None, 1), gy * ((x - mu[:, None]) * scale[:, None] + beta[:, None] > 0), xhat),
+             ((x, mu, inv, scale, beta, mask.view(np.uint8), 2), gy * mask, xhat)]
+    for args, g, xh in cases:
+        _bn.bn_backward(gy, *args, True, None, np.empty(c), np.empty(c), part, 1)
+        for i in np.ndindex(n, c):
+            assert part[0][i] == _lanes64(g[i].astype(np.float64))
+            assert part[1][i] == _lanes64((g[i] * xh[i]).astype(np.float64))   # products in dtype
+    if dtype == np.float32 and m % 2 == 0:
+        p = quant.paper_params(gamma, beta, 4)
+        packed, _ = R.paper_pack(x * scale[:, None], p["k"], p["s"], 4)
+        s32 = p["s"].astype(np.int32)
+        _bn.bn_backward_codes(gy, packed, s32, p["x_step"], p["x_off"], 4, scale, True, None,
+                              np.empty(c), np.empty(c), part, 1)
+        xh = R.paper_decode(packed, x.shape, p["s"], p["x_step"], p["x_off"], 4)
+        g = gy * R.paper_mask(packed, x.shape, p["s"], 4)
+        for i in np.ndindex(n, c):
+            assert part[0][i] == _lanes64(g[i].astype(np.float64))
+            assert part[1][i] == _lanes64((g[i] * xh[i]).astype(np.float64))
 
 
 def test_reference_switch_and_other_dtypes_use_the_reference():

@@ -170,8 +170,11 @@ def bn_batch_stats(x3, eps):
     mu, var64 = _moments(x3)
     var = _in_dtype(var64, x3.dtype)
     xp = array_module(var)
+    inv_sigma = inv_sigma_of(var, eps)
+    if xp is np and not np.isinf(var).any():    # nothing overflowed (on the CPU: a test without a device sync)
+        return mu, var, inv_sigma
     wide = xp.isinf(var) & xp.isfinite(var64)
-    return mu, var, xp.where(wide, inv_sigma_of(var64, eps).astype(x3.dtype), inv_sigma_of(var, eps))
+    return mu, var, xp.where(wide, inv_sigma_of(var64, eps).astype(x3.dtype), inv_sigma)
 
 
 def bn_apply(x3, mu, scale, beta, *, want_y=True, want_h=False, out_y=None, out_h=None, serial=False):
