@@ -41,9 +41,13 @@ cdef inline void _scatter_add(floating* dst, const floating* g, Py_ssize_t s, Py
             dst[j * s] = dst[j * s] + g[j] * scale
 
 
-cdef inline int _check(Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
-                       Py_ssize_t OW, Py_ssize_t k, Py_ssize_t s, Py_ssize_t n0, Py_ssize_t n1) except -1:
-    """Shapes are trusted inside the nogil loops, so check them once here."""
+cdef inline int _check(Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t N2, Py_ssize_t C2,
+                       Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t k, Py_ssize_t s, Py_ssize_t n0,
+                       Py_ssize_t n1) except -1:
+    """Shapes are trusted inside the nogil loops, so check them once here: the image
+    (N, C, H, W), the pooled (N2, C2, OH, OW)."""
+    if N2 != N or C2 != C:
+        raise ValueError("avg_pool: the image and the pooled array differ in samples or channels")
     if k < 1 or s < 1 or OH != (H - k) // s + 1 or OW != (W - k) // s + 1 or OH < 1 or OW < 1:
         raise ValueError("avg_pool: shapes do not match the kernel and stride")
     if not 0 <= n0 <= n1 <= N:
@@ -61,9 +65,7 @@ def avg_pool_forward(const floating[:, :, :, ::1] x,   # IN:  (N, C, H, W)
     cdef floating* acc
     cdef const floating* r0
     cdef const floating* r1
-    _check(x.shape[0], C, H, W, OH, OW, k, s, n0, n1)
-    if y.shape[0] != x.shape[0] or y.shape[1] != C:
-        raise ValueError("avg_pool: y must have x's samples and channels")
+    _check(x.shape[0], C, H, W, y.shape[0], y.shape[1], OH, OW, k, s, n0, n1)
     with nogil:
         for n in range(n0, n1):
             for c in range(C):
@@ -96,9 +98,7 @@ def avg_pool_backward(const floating[:, :, :, ::1] gy,   # IN:  (N, C, OH, OW)
     cdef floating t
     cdef floating* d0
     cdef floating* d1
-    _check(gx.shape[0], C, H, W, OH, OW, k, s, n0, n1)
-    if gy.shape[0] != gx.shape[0] or gy.shape[1] != C:
-        raise ValueError("avg_pool: gy must have gx's samples and channels")
+    _check(gx.shape[0], C, H, W, gy.shape[0], gy.shape[1], OH, OW, k, s, n0, n1)
     with nogil:
         for n in range(n0, n1):
             for c in range(C):

@@ -105,5 +105,7 @@ def test_bad_shapes_are_refused():
     x = np.zeros((1, 1, 4, 4), np.float32)
     with pytest.raises(ValueError, match="shapes do not match"):
         pool._compiled.avg_pool_forward(x, np.zeros((1, 1, 3, 3), np.float32), 2, 2, 0.25, 0, 1)
+    with pytest.raises(ValueError, match="differ in samples or channels"):
+        pool._compiled.avg_pool_backward(np.zeros((1, 2, 2, 2), np.float32), x, 2, 2, 0.25, 0, 1)
     with pytest.raises(ValueError, match="sample range"):
         pool._compiled.avg_pool_forward(x, np.zeros((1, 1, 2, 2), np.float32), 2, 2, 0.25, 0, 2)
