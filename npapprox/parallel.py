@@ -70,6 +70,32 @@ def inside() -> bool:
     return getattr(_local, "inside", False)
 
 
+def omp_team() -> int:
+    """Inside ``openmp_team(n)`` on this thread: ``n``; 0 elsewhere."""
+    return getattr(_local, "team", 0)
+
+
+@contextlib.contextmanager
+def openmp_team(n: int):
+    """Inside the block (on this thread) the kernels split by samples -- the paper
+    kernels and BN's backward -- run each call as one OpenMP parallel region of ``n``
+    threads started by this thread, not on the pool. For a host whose own work runs
+    on this thread's OpenMP team: PyTorch's intra-op threads (the bridge). A process
+    has one OpenMP runtime (``npapprox._quant.omp_library``) and a thread's regions
+    all reuse its one pool of OpenMP threads, so these regions run on the threads
+    torch's ops just used (still waiting for work) and no third thread competes with
+    them for the cores. The bytes are the pool's (each range's results do not depend
+    on the thread that computes them)."""
+    n = max(1, int(n))
+    prev, omp_before = omp_team(), _omp_threads(n)   # the count of the kernels' own prange loops
+    _local.team = n
+    try:
+        yield
+    finally:
+        _local.team = prev
+        _omp_threads(omp_before)
+
+
 def workers(xp=np) -> int:
     """How many chunks run at once: the BLAS thread count on NumPy arrays (1: serial,
     also inside a parallel region and on CuPy arrays)."""

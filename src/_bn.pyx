@@ -4,10 +4,11 @@ The ``xp`` reference and the dispatch live in ``npapprox/kernels/bn.py``.
 Arrays are viewed as ``(N, C, M)`` with ``M = H*W``; a *row* is one ``(n, c)``,
 M contiguous values. Every kernel walks the rows of samples ``n0 <= n < n1``
 (default: all) in memory order -- so the hardware prefetchers see one stream,
-not a jump to another page every row -- and has no parallel region of its own:
-the dispatch gives each worker of ``npapprox.parallel`` (the pool of the
-convolutions) a contiguous range of samples and calls the kernel once per
-worker, with the GIL released.
+not a jump to another page every row. The dispatch gives each worker of
+``npapprox.parallel`` (the pool of the convolutions) a contiguous range of
+samples and calls the kernel once per worker, with the GIL released; only the
+backward's two phases can also split their rows over an OpenMP team themselves
+(``threads``: the PyTorch bridge's kernels run on torch's own OpenMP threads).
 
 * Element-wise results are bit-identical to the reference given the same
   per-channel constants (same float operations in the same order;
@@ -38,6 +39,7 @@ worker, with the GIL released.
   ``_lanes.h`` spells out their vector code (GCC splits the widening to float64,
   which bounds them, or keeps the partial sums in memory).
 """
+cimport cython.parallel
 from cython cimport floating
 from libc.stdint cimport int32_t, uint8_t
 from libc.string cimport memcpy
@@ -71,6 +73,24 @@ cdef inline Py_ssize_t _rows_end(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t N) exc
     if not 0 <= n0 <= n1 <= N:
         raise ValueError(f"sample range [{n0}, {n1}) is not inside [0, {N})")
     return n1
+
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    static int npa_team_size(void) { return omp_get_num_threads(); }
+    #else
+    static int npa_team_size(void) { return 1; }
+    #endif
+    """
+    int npa_team_size() noexcept nogil
+
+
+cdef inline Py_ssize_t _share(Py_ssize_t n0, Py_ssize_t n1, int shift) noexcept nogil:
+    """Inside a parallel region: where share ``thread + shift`` of ``[n0, n1)`` starts, the
+    range cut into one contiguous share per thread of the team (``parallel.run_ranges``'s cut)."""
+    return n0 + (n1 - n0) * (cython.parallel.threadid() + shift) // npa_team_size()
 
 
 cdef inline void _add(double* acc, const floating* p, Py_ssize_t m) noexcept nogil:
@@ -482,9 +502,12 @@ cdef inline void _no_source(Source* S, int mode, int bits) noexcept:
 
 cdef _backward_call(Source* S, const floating[:, :, ::1] gy, const floating[::1] scale, bint batch_stats,
                     floating[:, :, ::1] gx, double[::1] ggamma, double[::1] gbeta, double[:, :, ::1] part,
-                    int phase, Py_ssize_t n0, Py_ssize_t n1):
-    """The checks both entry points share, then ``_backward`` without the GIL. Phase 0
-    allocates its (2, N, C) table of row sums here."""
+                    int phase, Py_ssize_t n0, Py_ssize_t n1, int threads):
+    """The checks both entry points share, then ``_backward`` without the GIL: phases 1
+    and 2 with ``threads > 1`` on an OpenMP team of that many threads started by the
+    calling thread, each on its contiguous share of the rows (a row's results do not
+    depend on which thread computes it). Phase 0 allocates its (2, N, C) table of row
+    sums here and runs on the calling thread."""
     import numpy as np
     cdef Py_ssize_t N = gy.shape[0], C = gy.shape[1], M = gy.shape[2]
     _check_like(gx, N, C, M, "gx")
@@ -505,8 +528,16 @@ cdef _backward_call(Source* S, const floating[:, :, ::1] gy, const floating[::1]
         return
     cdef double* ppart = NULL if phase == PHASE_GRAD else &part[0, 0, 0]
     cdef floating* pgx = _ptr(gx)
-    with nogil:
-        _backward(S, &gy[0, 0, 0], N, C, M, &scale[0], batch_stats, phase, n0, n1, ppart, pgx,
+    cdef Py_ssize_t a = n0, b = n1
+    if threads <= 1 or phase == PHASE_ALL:
+        with nogil:
+            _backward(S, &gy[0, 0, 0], N, C, M, &scale[0], batch_stats, phase, a, b, ppart, pgx,
+                      &ggamma[0], &gbeta[0])
+        return
+    with nogil, cython.parallel.parallel(num_threads=threads):
+        a = _share(n0, n1, 0)
+        b = _share(n0, n1, 1)
+        _backward(S, &gy[0, 0, 0], N, C, M, &scale[0], batch_stats, phase, a, b, ppart, pgx,
                   &ggamma[0], &gbeta[0])
 
 
@@ -523,14 +554,16 @@ def bn_backward(const floating[:, :, ::1] gy,       # IN:  (N, C, M) output grad
                 double[::1] ggamma,                 # OUT: (C,) (IN in phase 2)
                 double[::1] gbeta,                  # OUT: (C,) (IN in phase 2)
                 double[:, :, ::1] part=None,        # (2, N, C) row sums: OUT in phase 1
-                int phase=0, Py_ssize_t n0=0, Py_ssize_t n1=-1):
+                int phase=0, Py_ssize_t n0=0, Py_ssize_t n1=-1, int threads=1):
     """With xhat = (src - mu) * inv_sigma and g = gy * mask (gy without a mask):
     gbeta = sum g, ggamma = sum g * xhat (float64), then, when gx is given,
     gx = scale * (g - gbeta/Mt - xhat * ggamma/Mt) with Mt = N*M (batch
     statistics) or gx = scale * g (running statistics); the two per-channel
     constants are rounded to the array's precision first, as the reference does.
     Phase 0: all of it; phase 1: the row sums of samples n0 <= n < n1 into part
-    (then ``sums_of_rows``); phase 2: gx of those samples from ggamma, gbeta."""
+    (then ``sums_of_rows``); phase 2: gx of those samples from ggamma, gbeta. Phases 1
+    and 2 split their samples over an OpenMP team of ``threads`` threads (the calling
+    thread's; the same bytes for any count)."""
     cdef Py_ssize_t N = gy.shape[0], C = gy.shape[1], M = gy.shape[2]
     cdef Source S
     if src.shape[0] != N or src.shape[1] != C or src.shape[2] != M:
@@ -545,7 +578,7 @@ def bn_backward(const floating[:, :, ::1] gy,       # IN:  (N, C, M) output grad
     if N * C * M:
         S.src, S.mu, S.inv_sigma, S.beta = &src[0, 0, 0], &mu[0], &inv_sigma[0], &beta[0]
         S.mask = &mask[0, 0, 0] if mask_mode == 2 else NULL
-    _backward_call(&S, gy, scale, batch_stats, gx, ggamma, gbeta, part, phase, n0, n1)
+    _backward_call(&S, gy, scale, batch_stats, gx, ggamma, gbeta, part, phase, n0, n1, threads)
 
 
 def bn_backward_codes(const float[:, :, ::1] gy,       # IN:  (N, C, M) output gradient of the unit (gh)
@@ -560,7 +593,7 @@ def bn_backward_codes(const float[:, :, ::1] gy,       # IN:  (N, C, M) output g
                       double[::1] ggamma,               # OUT: (C,) (IN in phase 2)
                       double[::1] gbeta,                # OUT: (C,) (IN in phase 2)
                       double[:, :, ::1] part=None,      # (2, N, C) row sums: OUT in phase 1
-                      int phase=0, Py_ssize_t n0=0, Py_ssize_t n1=-1):
+                      int phase=0, Py_ssize_t n0=0, Py_ssize_t n1=-1, int threads=1):
     """``bn_backward`` of a BN -> ReLU unit straight from its K-bit codes: xhat and the
     mask are rebuilt per block of 1024 values on the stack, never as arrays. The
     same arithmetic in the same order as decoding first (``paper_decode``,
@@ -577,4 +610,4 @@ def bn_backward_codes(const float[:, :, ::1] gy,       # IN:  (N, C, M) output g
     _no_source(&S, SRC_CODES, bits)
     if N * C * M:
         S.packed, S.s, S.step, S.off = &packed[0], &s[0], &x_step[0], &x_off[0]
-    _backward_call(&S, gy, scale, batch_stats, gx, ggamma, gbeta, part, phase, n0, n1)
+    _backward_call(&S, gy, scale, batch_stats, gx, ggamma, gbeta, part, phase, n0, n1, threads)

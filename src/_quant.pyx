@@ -717,3 +717,27 @@ def omp_threads(int n=0):
     compiled kernel shares one OpenMP runtime); set to ``n`` when ``n > 0``. Returns
     the previous count (1 without OpenMP)."""
     return npa_omp_swap(n)
+
+
+# --------------------------------------------------------------------------- #
+# Which OpenMP runtime serves this process
+# --------------------------------------------------------------------------- #
+cdef extern from *:
+    """
+    #include <dlfcn.h>     /* dladdr: Python.h defines _GNU_SOURCE */
+    static const char* npa_omp_library(void) {
+    #ifdef _OPENMP
+        Dl_info info;
+        if (dladdr((void*)&omp_get_max_threads, &info) && info.dli_fname) return info.dli_fname;
+    #endif
+        return "";
+    }
+    """
+    const char* npa_omp_library() noexcept nogil
+
+
+def omp_library():
+    """Path of the OpenMP runtime the compiled kernels' parallel regions run on ("" without
+    OpenMP). A process has one: torch's wheel bundles a libgomp with the system's soname,
+    so whichever loads first serves torch and npapprox alike (docs/bridge.md)."""
+    return npa_omp_library().decode()

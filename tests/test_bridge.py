@@ -5,17 +5,20 @@ Oracles: the independent torch mirror of the ResNets (tests/torch_models.py) for
 engine's gradients computed from the *same* codes (``Replay``) for the backward."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import importlib
+import os
 import sys
 
 import numpy as np
 import pytest
 from conftest import require_torch
+from threadpoolctl import threadpool_limits
 
 import npapprox as na
-from npapprox import Tensor, kernels, ops
+from npapprox import Tensor, _quant, kernels, ops, parallel
 from npapprox.policy import FitWindow
 from npapprox.storage import GenericPacked, PooledRef
 from npapprox.tensor import topological_order
@@ -25,6 +28,7 @@ torch = require_torch()
 F = torch.nn.functional
 from npapprox import bridge
 from npapprox.bridge import storage as bstorage
+from npapprox.bridge import views
 
 from model_oracle import randomise_bn
 from torch_models import TorchPreActResNet
@@ -494,6 +498,40 @@ def test_cpu_tensors_reach_the_compiled_kernels_without_a_copy():
     a = bstorage.as_array(t)
     assert a.ctypes.data == t.data_ptr() and bstorage.as_tensor(a).data_ptr() == t.data_ptr()
     assert kernels.implementation(a) == ("cpu" if kernels.compiled_available() else "reference")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not kernels.compiled_available()
+                    or not _quant.omp_library(), reason="reads /proc; needs the kernels built with OpenMP")
+def test_cpu_kernels_run_on_torchs_openmp_threads_with_the_pools_bytes(monkeypatch):
+    """The process has one OpenMP runtime: torch's wheel bundles a libgomp with the
+    system's soname, and whichever loads first serves both torch and the kernels. So the
+    bridge's kernels, parallel regions of the calling thread (``views.kernel_stream``),
+    run on the threads of torch's own ops: a Paper(4) / Generic(4) step with 2 torch
+    threads never uses npapprox's pool and starts no thread; its logits, gradients and
+    buffers are bit-identical to the same step with the kernels on the pool."""
+    with open("/proc/self/maps") as f:
+        runtimes = {os.path.realpath(line.split()[-1]) for line in f if "libgomp" in line}
+    assert runtimes == {os.path.realpath(_quant.omp_library())}
+    x, y = _data(32)
+    t = bridge.to_torch(_resnet20())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threadpool_limits(2, user_api="blas"):
+            for policy in (na.Paper(4), na.Generic(4)):
+                with monkeypatch.context() as m:
+                    m.setattr(views, "openmp_team", lambda n: contextlib.nullcontext())
+                    want = _torch_step(t, x, y, policy)            # kernels on the pool (2 workers)
+                before = set(os.listdir("/proc/self/task"))
+                with monkeypatch.context() as m:
+                    m.setattr(parallel, "run", lambda fn, n: pytest.fail("npapprox's pool ran in the bridge"))
+                    got = _torch_step(t, x, y, policy)
+                assert set(os.listdir("/proc/self/task")) <= before
+                assert torch.equal(got[0], want[0])
+                for g, w in zip(got[1:], want[1:], strict=True):
+                    assert g.keys() == w.keys() and all(g[k].numpy().tobytes() == w[k].numpy().tobytes() for k in g)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _alive_units():

@@ -13,7 +13,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 import npapprox as na
 from npapprox import _quant, parallel
-from npapprox.kernels import cpu, reference
+from npapprox.kernels import bn, cpu, reference
 from npapprox.ops import conv
 from npapprox.quant import paper_params
 
@@ -326,3 +326,65 @@ def test_add_splits_large_arrays_and_gives_numpys_bits(monkeypatch, threads):
     assert mixed.dtype == np.float64 and mixed.tobytes() == (a + b.astype(np.float64)).tobytes()
     assert a.nbytes >= parallel.ADD_MIN_BYTES
     assert calls == ([] if threads == 1 else [min(threads, a.shape[0])] * 2)
+
+
+def _cpu_seconds_by_thread():
+    """{native thread id: seconds on a CPU} of this process's threads (/proc schedstat, ns)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                out[int(tid)] = int(f.read().split()[0]) * 1e-9
+        except OSError:          # a thread that ended meanwhile
+            continue
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _quant.omp_library(),
+                    reason="reads /proc; needs the kernels built with OpenMP")
+def test_openmp_team_runs_the_kernels_on_the_callers_openmp_threads_with_the_same_bytes(monkeypatch):
+    """Inside ``openmp_team(2)`` (the PyTorch bridge's CPU kernels) the paper kernels and
+    BN's backward from codes never use the pool: each call is a parallel region on the
+    calling thread's OpenMP threads -- the ones its first region started (in the bridge,
+    torch's): no thread starts after that, and one besides the caller does a share of the
+    work (half of BN's backward). Their bytes equal the pool's and one thread's; the
+    OpenMP count is restored."""
+    rng = np.random.default_rng(0)
+    shape, bits = (32, 16, 64, 64), 4
+    gamma, beta = rng.uniform(0.5, 2, 16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    inv_sigma = rng.uniform(0.5, 2, 16).astype(np.float32)
+    p = paper_params(gamma, beta, bits)
+    y, gy = rng.standard_normal((2,) + shape).astype(np.float32)
+
+    def backward(packed):
+        src = bn.BNSource(None, codes=(packed, shape, p["s"], p["x_step"], p["x_off"], bits))
+        return list(bn.bn_backward(bn.as_ncm(gy), src, gamma, inv_sigma))
+
+    def kernels():
+        packed, _ = cpu.paper_pack(y, p["k"], p["s"], bits)
+        h = cpu.paper_decode(packed, shape, p["s"], p["h_step"], p["h_off"], bits, relu=True)
+        return [packed, h, *backward(packed)]
+
+    with threadpool_limits(1, user_api="blas"):
+        one = kernels()
+    with threadpool_limits(2, user_api="blas"):
+        pool = kernels()
+        workers = {t.native_id for t in threading.enumerate() if t.name.startswith("npapprox-worker")}
+        assert workers
+        omp_before = _quant.omp_threads()
+        monkeypatch.setattr(parallel, "run", lambda fn, n: pytest.fail("the pool ran inside openmp_team"))
+        with parallel.openmp_team(2):
+            assert parallel.omp_team() == 2 and _quant.omp_threads() == 2
+            team = kernels()                             # the caller's OpenMP threads exist from here
+            before = _cpu_seconds_by_thread()
+            again = [backward(team[0]) for _ in range(10)]   # BN's backward splits its rows evenly
+            after = _cpu_seconds_by_thread()
+        assert parallel.omp_team() == 0 and _quant.omp_threads() == omp_before
+    assert set(after) == set(before)                      # no thread started
+    gained = {t: after[t] - before[t] for t in after}
+    others = sum(s for t, s in gained.items() if t != threading.get_native_id() and t not in workers)
+    assert others >= 0.25 * sum(gained.values()) > 0, gained
+    assert all(gained[t] < 1e-3 for t in workers), gained
+    for a, b, c in zip(one, pool, team, strict=True):
+        assert a.tobytes() == b.tobytes() == c.tobytes()
+    assert all(a.tobytes() == b.tobytes() for grads in again for a, b in zip(grads, team[2:], strict=True))

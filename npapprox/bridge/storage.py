@@ -34,10 +34,11 @@ Inside ``storage_policy(policy)`` (the engine's policy objects, ``npapprox.polic
   ``MaxPool`` (torch's forward and backward), keeping what the engine's keeps:
   the argmax's window offset (uint8), not its input.
 
-CPU tensors reach the Cython kernels as NumPy views (``Tensor.numpy()``), CUDA
-tensors the CUDA kernels as CuPy arrays through DLPack, on torch's current
-stream; both zero-copy. Tensors on the ``meta`` device give a shape-only pass
-(``Sized`` forms): the ledger of a large model without computing it.
+CPU tensors reach the Cython kernels as NumPy views (``Tensor.numpy()``), run on
+torch's own OpenMP threads (``views.kernel_stream``), CUDA tensors the CUDA
+kernels as CuPy arrays through DLPack, on torch's current stream; both zero-copy.
+Tensors on the ``meta`` device give a shape-only pass (``Sized`` forms): the
+ledger of a large model without computing it.
 """
 from __future__ import annotations
 
@@ -221,7 +222,7 @@ def _classify(t, policy):
     if t.is_meta:
         stored = sized_activation(policy, t)
     else:
-        with kernel_stream(t):
+        with kernel_stream(t.device):
             stored = policy.store_activation(_op(f"saved output of {producer}"), "saved", as_array(t))
     _remember(_shared, t, stored)
     return ACTIVATION, stored
@@ -241,9 +242,7 @@ def _pack(t):
 
 def _unpack(packed):
     device, stored = packed
-    if device.type != "cuda":
-        return as_tensor(stored.restore())
-    with kernel_stream(torch.empty(0, device=device)):
+    with kernel_stream(device):
         return as_tensor(stored.restore())
 
 
@@ -256,7 +255,7 @@ def _store_unit(policy, x, y, mean, invstd, gamma, beta, eps, running=False, res
                          "(use Exact() for other dtypes)")
     if x.is_meta:
         return sized_unit(policy, x)
-    with kernel_stream(x):   # gamma, beta copied: the unit must not follow a later optimiser step
+    with kernel_stream(x.device):   # gamma, beta copied: the unit must not follow a later optimiser step
         u = BNReLUUnit(None, as_array(y), None, as_array(invstd), as_array(gamma).copy(), as_array(beta).copy())
         return policy.store_unit(_op("BatchNormReLU", module), "unit", u)
 
@@ -300,7 +299,7 @@ class BatchNormReLU(torch.autograd.Function):
         if isinstance(unit, TorchExactUnit):
             gx, ggamma, gbeta = unit.backward(gh.contiguous(), need)
         else:
-            with kernel_stream(gh):
+            with kernel_stream(gh.device):
                 gx, ggamma, gbeta = bn_backward(as_ncm(as_array(gh)), unit.bn_source(), as_array(ctx.gamma),
                                                 as_array(ctx.invstd), batch_stats=ctx.batch, need_gx=need[0])
             gx = None if gx is None else as_tensor(gx).reshape(gh.shape)

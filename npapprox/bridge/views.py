@@ -1,6 +1,6 @@
 """Zero-copy views between torch tensors and the arrays npapprox's kernels take:
 NumPy for CPU tensors, CuPy through DLPack for CUDA tensors (on torch's current
-stream)."""
+stream), and where the kernels on them run."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..backend import cupy
+from ..parallel import openmp_team
 
 
 def as_array(t):
@@ -31,11 +32,15 @@ def as_tensor(a):
 
 
 @contextlib.contextmanager
-def kernel_stream(t):
-    """CuPy kernels on ``t``'s device run on torch's current stream (no-op on the CPU)."""
-    if t.device.type != "cuda":
-        yield
+def kernel_stream(device: torch.device):
+    """Where npapprox's kernels on a tensor of ``device`` run: CuPy kernels on torch's
+    current stream of the device; CPU kernels on the calling thread's OpenMP team of
+    ``torch.get_num_threads()`` threads, i.e. torch's own intra-op threads
+    (``npapprox.parallel.openmp_team``), not npapprox's pool beside them."""
+    if device.type != "cuda":
+        with openmp_team(torch.get_num_threads()):
+            yield
         return
     cp = cupy()
-    with cp.cuda.Device(t.device.index), cp.cuda.ExternalStream(torch.cuda.current_stream(t.device).cuda_stream):
+    with cp.cuda.Device(device.index), cp.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
         yield

@@ -40,7 +40,9 @@ Parallelism: the compiled passes split the samples among the workers of
 memory order; reductions go through per-row partial sums combined per channel in
 a fixed order, so the bytes do not depend on the thread count. Passes over fewer than
 ``PARALLEL_MIN`` values, and calls with ``serial=True`` (from inside a worker of
-that pool, which is not reentrant), run on the calling thread.
+that pool, which is not reentrant), run on the calling thread. Inside
+``parallel.openmp_team`` (the PyTorch bridge) the backward's passes split their
+samples over the calling thread's OpenMP team instead (torch's threads).
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ from npapprox.kernels import gpu as _gpu
 from npapprox.kernels import paper_decode, paper_mask, paper_pack
 from npapprox.kernels.checks import out_array
 from npapprox.kernels.switch import reference_forced
-from npapprox.parallel import run_ranges
+from npapprox.parallel import omp_team, run_ranges
 
 try:  # built by ``pip install .`` / ``pip install -e .`` from src/_bn.pyx
     from npapprox import _bn as _compiled
@@ -220,15 +222,24 @@ def bn_apply_pack(x3, mu, scale, beta, k, s, bits, *, out_h=None):
 
 
 def _phases(kernel, gy3, gx):
-    """A compiled backward ``kernel(ggamma, gbeta, part, phase, n0, n1)`` in its two
-    parallel phases: row sums by sample ranges, their per-channel sums (n in order),
-    then gx by sample ranges -> ``(gx, ggamma, gbeta)`` in gy3's dtype."""
-    c = gy3.shape[1]
+    """A compiled backward ``kernel(ggamma, gbeta, part, phase, n0, n1[, threads])`` in
+    its two parallel phases: row sums by sample ranges, their per-channel sums (n in
+    order), then gx by sample ranges -> ``(gx, ggamma, gbeta)`` in gy3's dtype. Inside
+    ``parallel.openmp_team(n)`` (the bridge) each phase is one call that splits its
+    samples over the calling thread's OpenMP team itself."""
+    c, team = gy3.shape[1], omp_team() if gy3.size >= PARALLEL_MIN else 0
     ggamma, gbeta, part = np.empty(c), np.empty(c), np.empty((2,) + gy3.shape[:2])
-    _by_samples(lambda n0, n1: kernel(ggamma, gbeta, part, 1, n0, n1), gy3)
+
+    def phase(p):
+        if team:
+            kernel(ggamma, gbeta, part, p, 0, gy3.shape[0], team)
+        else:
+            _by_samples(lambda n0, n1: kernel(ggamma, gbeta, part, p, n0, n1), gy3)
+
+    phase(1)
     _compiled.sums_of_rows(part, ggamma, gbeta)
     if gx is not None:
-        _by_samples(lambda n0, n1: kernel(ggamma, gbeta, part, 2, n0, n1), gy3)
+        phase(2)
     return gx, ggamma.astype(gy3.dtype), gbeta.astype(gy3.dtype)
 
 

@@ -11,7 +11,8 @@ The paper kernels of a large tensor run on the pool of :mod:`npapprox.parallel`
 (the convolution's): one contiguous range of samples per worker, each starting
 on a byte of the packed codes, so the bytes are those of one call. Small
 tensors, and calls from inside a parallel region (a conv chunk's decode), run
-on the calling thread.
+on the calling thread; inside ``parallel.openmp_team`` (the PyTorch bridge) a
+call's pieces run on the calling thread's OpenMP team (the kernels' ``prange``).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _by_samples(shape, bits, kernel, values, packed):
     starting on a byte of ``packed``) or, for a small tensor, one call -> the
     results in sample order."""
     n, per = shape[0], math.prod(shape[1:])
-    if n * per < POOL_MIN:
+    if n * per < POOL_MIN or parallel.omp_team():   # one call: its pieces run on the caller's OpenMP team
         return [kernel(values, packed)]
     g = 8 // math.gcd(per * bits, 8)                 # samples per whole number of bytes
     return parallel.run_ranges(lambda a, b: kernel(values[a * per:b * per],
