@@ -315,3 +315,20 @@ def test_budget_between_the_smallest_batches():
     assert batch == 3 and measured <= (p3 + p4) // 2
     batch, _ = max_batch(model, (3, 32, 32), 10, Paper(4), (p2 + p3) // 2)
     assert batch == 2
+
+
+@pytest.mark.parametrize("args, policy", [
+    (["train", "--engine", "torch"], None), (["compare", "--engine=torch"], None),
+    (["train"], "PASSIVE"), (["train", "--engine", "npapprox"], "PASSIVE"), (["study", "torch"], "PASSIVE")])
+def test_openmp_wait_policy_is_left_to_torch_for_the_torch_engine(args, policy):
+    """``import npapprox`` makes OpenMP's threads sleep between regions (the engine's pools)
+    unless the command runs the PyTorch engine, whose OpenMP threads keep their default;
+    a user's own setting always wins."""
+    code = (f"import sys; sys.argv = ['npapprox'] + {args!r}; import npapprox, os; "
+            "print(os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(policy)
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
