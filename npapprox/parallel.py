@@ -133,10 +133,12 @@ ADD_MIN_BYTES = 1 << 20
 def add(a, b, out=None):
     """``np.add(a, b, out=out)`` (``out=None``: a new array), samples (axis 0) split
     over the workers when a and b are NumPy arrays of one shape and dtype of at
-    least ADD_MIN_BYTES; otherwise, and on CuPy arrays, the plain ``a + b``.
-    Element-wise: the same bits however it is split."""
+    least ADD_MIN_BYTES and ``out`` is a, b or memory of neither; otherwise, and on
+    CuPy arrays, NumPy's own ``np.add`` (which also handles a partly overlapping
+    ``out``). Element-wise: the same bits however it is split."""
     if (type(a) is not np.ndarray or type(b) is not np.ndarray or a.shape != b.shape or a.dtype != b.dtype
-            or a.ndim == 0 or a.nbytes < ADD_MIN_BYTES or workers() == 1):
+            or a.ndim == 0 or a.nbytes < ADD_MIN_BYTES or workers() == 1
+            or (out is not None and any(out is not v and np.may_share_memory(out, v) for v in (a, b)))):
         return a + b if out is None else np.add(a, b, out=out)
     out = np.empty_like(a) if out is None else out
     run_ranges(lambda i0, i1: np.add(a[i0:i1], b[i0:i1], out=out[i0:i1]), a.shape[0])

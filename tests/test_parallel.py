@@ -328,6 +328,23 @@ def test_add_splits_large_arrays_and_gives_numpys_bits(monkeypatch, threads):
     assert calls == ([] if threads == 1 else [min(threads, a.shape[0])] * 2)
 
 
+def test_add_into_a_partly_overlapping_out_is_numpys(monkeypatch):
+    """An ``out`` that overlaps an input without being it is not split (one worker's writes
+    could land where another still reads): np.add, with NumPy's overlap handling, does it."""
+    buf = np.random.default_rng(0).standard_normal((7, 3, 128, 128)).astype(np.float32)
+    a, b = buf[1:].copy(), buf[:-1]
+    want = buf.copy()
+    np.add(a, want[:-1], out=want[1:])
+    calls = []
+    real_run = parallel.run
+    monkeypatch.setattr(parallel, "run", lambda fn, n: calls.append(n) or real_run(fn, n))
+    with threadpool_limits(2, user_api="blas"):
+        parallel.add(a, b, out=buf[1:])
+        parallel.add(a, a.copy(), out=a)                          # out is an input: split
+    assert buf.tobytes() == want.tobytes()
+    assert calls == [2]
+
+
 def _cpu_seconds_by_thread():
     """{native thread id: seconds on a CPU} of this process's threads (/proc schedstat, ns)."""
     out = {}
