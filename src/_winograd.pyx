@@ -170,8 +170,9 @@ def input_tiles(const floating[:, :, :, ::1] x,   # IN:  (B, C, H, W)
     The sample is first copied into a column-split scratch s[h, l, tj, c] =
     xpad[n, c, h, tj*m + l] (l < a: overlapping columns copied twice), so that a
     whole row of tiles is one ``_tx`` on vectors of TW*C contiguous values, its
-    output going straight to the TW*C contiguous values v[t, p0:p0 + TW, :]. Each
-    image row goes through a (W, C) transpose first, so that the scratch is
+    output going straight to the TW*C contiguous values v[t, p0:p0 + TW, :]. The
+    sample goes through one (C, H*W) -> (H*W, C) transpose first (8 channels at a
+    time: 8 memory streams, which the prefetchers follow), so that the scratch is
     filled with vectors of C values."""
     cdef Py_ssize_t B = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], a = L.shape[1]
     cdef Py_ssize_t TH, TW
@@ -188,8 +189,8 @@ def input_tiles(const floating[:, :, :, ::1] x,   # IN:  (B, C, H, W)
     cdef int err = 0
     cdef int* failed = &err        # written through a pointer: shared, not thread-private
     with nogil, parallel(num_threads=num_threads):
-        # the sample, a row of tiles' scratch, one transposed image row (W, C)
-        t = <floating*> malloc(((Hs + a) * R + W * C) * sizeof(floating))
+        # the sample, a row of tiles' scratch, the transposed sample (H*W, C)
+        t = <floating*> malloc(((Hs + a) * R + H * W * C) * sizeof(floating))
         if t == NULL:
             failed[0] = 1
         else:
@@ -198,13 +199,13 @@ def input_tiles(const floating[:, :, :, ::1] x,   # IN:  (B, C, H, W)
             if t != NULL:
                 tmp = t + Hs * R
                 row = tmp + a * R
+                _transpose(&x[n, 0, 0, 0], H * W, C, H * W, row, C)
                 for h in range(H):
-                    _transpose(&x[n, 0, h, 0], H * W, C, W, row, C)
                     for l in range(a):
                         for tj in range(TW):
                             col = tj * m + l - pad
                             if 0 <= col < W:
-                                _copy(row + col * C, t + (h + pad) * R + (l * TW + tj) * C, C)
+                                _copy(row + (h * W + col) * C, t + (h + pad) * R + (l * TW + tj) * C, C)
                 for ti in range(TH):
                     _tx(&L[0, 0], a, a, t + ti * m * R, R, TW * C, tmp,
                         &v[0, (n * TH + ti) * TW, 0], a * P * C, P * C, TW * C)
@@ -225,7 +226,7 @@ def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
     (l < m: each column once), where all tiles' (u, w) values of a row are one vector
     add of TW*C values (into blocks b = tj for w < m, b = tj + 1 for w >= m); w
     decreasing, so each element receives tile tj - 1 before tile tj, rows of tiles in
-    increasing ti. Each image row of gx is then one (W, C) -> (C, W) transpose."""
+    increasing ti. The sample is then copied out as (H*W, C) and transposed to gx[n] once."""
     cdef Py_ssize_t B = gx.shape[0], C = gx.shape[1], H = gx.shape[2], W = gx.shape[3], a = L.shape[1]
     cdef Py_ssize_t TH, TW
     if L.shape[0] != a or pad < 0:
@@ -245,14 +246,14 @@ def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
     cdef int err = 0
     cdef int* failed = &err
     with nogil, parallel(num_threads=num_threads):
-        t = <floating*> malloc((Hs * m * Q + 2 * a * R + W * C) * sizeof(floating))
+        t = <floating*> malloc((Hs * m * Q + 2 * a * R + H * W * C) * sizeof(floating))
         if t == NULL:
             failed[0] = 1
         for n in prange(B, schedule="static"):
             if t != NULL:
                 tmp = t + Hs * m * Q
                 tile = tmp + a * R                                   # (a, a, TW, C)
-                row = tile + a * R                                   # one image row (W, C)
+                row = tile + a * R                                   # the sample (H*W, C)
                 memset(t, 0, Hs * m * Q * sizeof(floating))
                 for ti in range(TH):
                     _tx(&L[0, 0], a, a, &gv[0, (n * TH + ti) * TW, 0], a * P * C, P * C, tmp,
@@ -268,8 +269,8 @@ def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
                         for b in range(TW + 1):
                             col = b * m + l - pad
                             if 0 <= col < W:
-                                _copy(t + (h + pad) * m * Q + (l * (TW + 1) + b) * C, row + col * C, C)
-                    _transpose(row, C, W, C, &gx[n, 0, h, 0], H * W)
+                                _copy(t + (h + pad) * m * Q + (l * (TW + 1) + b) * C, row + (h * W + col) * C, C)
+                _transpose(row, C, H * W, C, &gx[n, 0, 0, 0], H * W)
         free(t)
     if err:
         raise MemoryError("winograd input-adjoint scratch")
@@ -281,43 +282,43 @@ cdef void _output_pass(floating* mt, floating* y, const floating* L, Py_ssize_t 
     """``output_tiles`` (mt -> y, L = A^T (m, a)) or, ``adjoint``, its transpose (y -> mt,
     L = A (a, m)), one row of tiles at a time through a scratch o[i, k, tj, f] holding
     the row's m x m output tiles: one ``_tx`` on vectors of TW*F values between o and
-    mt, and between o and y vectors of F values through a transposed image row (OW, F)
-    (zeros past OH, OW read, those outputs dropped)."""
+    mt, and between o and y vectors of F values through the sample transposed to
+    (OH*OW, F), one transpose per sample (zeros past OH, OW read, those outputs dropped)."""
     cdef Py_ssize_t a = m + 2, P = B * TH * TW, R = TW * F
     cdef Py_ssize_t n, i, k, tj, ti, h, w
     cdef floating* t
     cdef floating* o
-    cdef floating* row
+    cdef floating* img
     with parallel(num_threads=num_threads):
-        # o, then _tx's scratch, then one transposed image row
-        t = <floating*> malloc(((m * m + m * a) * R + OW * F) * sizeof(floating))
+        # o, then _tx's scratch, then the transposed sample
+        t = <floating*> malloc(((m * m + m * a) * R + OH * OW * F) * sizeof(floating))
         if t == NULL:
             failed[0] = 1
         for n in prange(B, schedule="static"):
             if t != NULL:
-                row = t + (m * m + m * a) * R
+                img = t + (m * m + m * a) * R
+                if adjoint:
+                    _transpose(y + n * F * OH * OW, OH * OW, F, OH * OW, img, F)
                 for ti in range(TH):
                     if not adjoint:
                         _tx(L, m, a, mt + (n * TH + ti) * TW * F, a * P * F, P * F, t + m * m * R, t, m * R, R, R)
                     for i in range(m):
                         h = ti * m + i
-                        if adjoint and h < OH:
-                            _transpose(y + (n * F * OH + h) * OW, OH * OW, F, OW, row, F)
                         for k in range(m):
                             for tj in range(TW):
                                 w = tj * m + k
                                 o = t + (i * m + k) * R + tj * F
                                 if h < OH and w < OW:
                                     if adjoint:
-                                        _copy(row + w * F, o, F)
+                                        _copy(img + (h * OW + w) * F, o, F)
                                     else:
-                                        _copy(o, row + w * F, F)
+                                        _copy(o, img + (h * OW + w) * F, F)
                                 elif adjoint:
                                     _zero_fill(o, F)
-                        if not adjoint and h < OH:
-                            _transpose(row, F, OW, F, y + (n * F * OH + h) * OW, OH * OW)
                     if adjoint:
                         _tx(L, a, m, t, m * R, R, t + m * m * R, mt + (n * TH + ti) * TW * F, a * P * F, P * F, R)
+                if not adjoint:
+                    _transpose(img, F, OH * OW, F, y + n * F * OH * OW, OH * OW)
         free(t)
 
 
