@@ -54,7 +54,7 @@ from npapprox.backend import array_module, on_gpu
 from npapprox.kernels import gpu as _gpu
 from npapprox.kernels import paper_decode, paper_mask, paper_pack
 from npapprox.kernels.checks import out_array
-from npapprox.kernels.switch import reference_forced
+from npapprox.kernels.switch import compiled_applies, reference_forced
 from npapprox.parallel import omp_team, run_ranges
 
 try:  # built by ``pip install .`` / ``pip install -e .`` from src/_bn.pyx
@@ -65,7 +65,6 @@ except ImportError:  # pragma: no cover - only when the package was not built
 __all__ = ["BNSource", "as_ncm", "bn_stats", "bn_batch_stats", "inv_sigma_of", "bn_apply", "bn_apply_pack",
            "bn_backward", "compiled_available", "PARALLEL_MIN"]
 
-_COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 #: passes over fewer values run on the calling thread: handing work to the pool
 #: costs tens of microseconds, about what 2^16 values take on one core
@@ -101,9 +100,7 @@ def compiled_available() -> bool:
 
 
 def _use_compiled(*arrays) -> bool:
-    return (_compiled is not None and not reference_forced()
-            and all(isinstance(a, np.ndarray) and not on_gpu(a) for a in arrays)
-            and arrays[0].dtype in _COMPILED_DTYPES)
+    return compiled_applies(_compiled, *arrays)
 
 
 def _by_samples(kernel, x3, serial=False) -> list:

@@ -35,16 +35,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from npapprox.backend import array_module, on_gpu
+from npapprox.backend import array_module
 from npapprox.kernels.checks import out_array
-from npapprox.kernels.switch import reference_forced, use_reference
+from npapprox.kernels.switch import compiled_applies, use_reference
 
 try:  # built by ``pip install .`` / ``pip install -e .`` from src/_im2col.pyx
     from npapprox import _im2col as _compiled
 except ImportError:  # pragma: no cover - only when the package was not built
     _compiled = None
 
-_COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 __all__ = [
     "im2row",
@@ -79,8 +78,7 @@ def _check_geometry(H, W, kh, kw, stride, pad):
 
 
 def _use_compiled(a) -> bool:
-    return (_compiled is not None and not reference_forced()
-            and isinstance(a, np.ndarray) and not on_gpu(a) and a.dtype in _COMPILED_DTYPES)
+    return compiled_applies(_compiled, a)
 
 
 # --------------------------------------------------------------------------- #

@@ -49,9 +49,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from npapprox.backend import array_module, on_gpu
+from npapprox.backend import array_module
 from npapprox.kernels.checks import out_array
-from npapprox.kernels.switch import reference_forced
+from npapprox.kernels.switch import compiled_applies
 
 try:  # built by ``pip install .`` / ``pip install -e .`` from src/_winograd.pyx
     from npapprox import _winograd as _compiled
@@ -61,7 +61,6 @@ except ImportError:  # pragma: no cover - only when the package was not built
 __all__ = ["TILES", "tile_grid", "filter_tiles", "filter_tiles_adjoint", "input_tiles",
            "input_tiles_adjoint", "output_tiles", "output_tiles_adjoint", "compiled_available"]
 
-_COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 #: (B^T, G, A^T) of F(m x m, 3 x 3) for m = 2 and 4 (Lavin & Gray 2016, points 0, +-1 / 0, +-1, +-2).
 _MATRICES = {
@@ -104,8 +103,7 @@ def tile_grid(OH: int, OW: int, m: int) -> tuple[int, int]:
 
 
 def _use_compiled(a) -> bool:
-    return (_compiled is not None and not reference_forced()
-            and isinstance(a, np.ndarray) and not on_gpu(a) and a.dtype in _COMPILED_DTYPES)
+    return compiled_applies(_compiled, a)
 
 
 # --------------------------------------------------------------------------- #

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..backend import array_module
 from ..function import INDEX, Function
-from ..kernels.switch import reference_forced
+from ..kernels.switch import compiled_applies
 from ..parallel import run_ranges
 from ..validate import as_tensor, check_float, check_int, check_rank, out_size
 
@@ -20,14 +20,6 @@ try:  # built from src/_pool.pyx
     from npapprox import _pool as _compiled
 except ImportError:  # pragma: no cover - only when the package was not built
     _compiled = None
-
-
-def _compiled_for(a):
-    """The compiled kernels when they apply to array ``a`` (float NumPy, not forced off), else None."""
-    if (_compiled is None or reference_forced() or type(a) is not np.ndarray
-            or a.dtype not in (np.float32, np.float64)):
-        return None
-    return _compiled
 
 
 def _window(p, q, stride, oh, ow):
@@ -48,10 +40,9 @@ class AvgPool2d(Function):
         oh, ow = (h - kernel) // stride + 1, (w - kernel) // stride + 1
         ctx.kernel, ctx.stride, ctx.x_shape = kernel, stride, x.shape
         inv = x.dtype.type(1 / kernel**2)
-        compiled = _compiled_for(x)
-        if compiled is not None:
+        if compiled_applies(_compiled, x):
             x, y = np.ascontiguousarray(x), np.empty((n, c, oh, ow), dtype=x.dtype)
-            run_ranges(lambda n0, n1: compiled.avg_pool_forward(x, y, kernel, stride, inv, n0, n1), n)
+            run_ranges(lambda n0, n1: _compiled.avg_pool_forward(x, y, kernel, stride, inv, n0, n1), n)
             return y
         y = array_module(x).zeros((n, c, oh, ow), dtype=x.dtype)
         for p in range(kernel):
@@ -64,10 +55,9 @@ class AvgPool2d(Function):
     def backward(ctx, gy):
         k, s = ctx.kernel, ctx.stride
         oh, ow = gy.shape[2:]
-        compiled = _compiled_for(gy)
-        if compiled is not None:
+        if compiled_applies(_compiled, gy):
             gy, gx = np.ascontiguousarray(gy), np.empty(ctx.x_shape, dtype=gy.dtype)
-            run_ranges(lambda n0, n1: compiled.avg_pool_backward(gy, gx, k, s, 1 / k**2, n0, n1), gy.shape[0])
+            run_ranges(lambda n0, n1: _compiled.avg_pool_backward(gy, gx, k, s, 1 / k**2, n0, n1), gy.shape[0])
             return gx
         gx = array_module(gy).zeros(ctx.x_shape, dtype=gy.dtype)
         g = gy * gy.dtype.type(1 / k**2)
