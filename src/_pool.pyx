@@ -18,29 +18,6 @@ Flags (-O3 -ffp-contract=off) are set once, in setup.py.
 from cython cimport floating
 
 
-cdef inline void _add_strided(floating* acc, const floating* src, Py_ssize_t s, Py_ssize_t m) noexcept nogil:
-    """acc[j] = acc[j] + src[j*s] for j < m (s = 2, the common stride, as a constant: vectorised)."""
-    cdef Py_ssize_t j
-    if s == 2:
-        for j in range(m):
-            acc[j] = acc[j] + src[2 * j]
-    else:
-        for j in range(m):
-            acc[j] = acc[j] + src[j * s]
-
-
-cdef inline void _scatter_add(floating* dst, const floating* g, Py_ssize_t s, Py_ssize_t m,
-                              floating scale) noexcept nogil:
-    """dst[j*s] = dst[j*s] + g[j] * scale for j < m (s = 2 as a constant, as above)."""
-    cdef Py_ssize_t j
-    if s == 2:
-        for j in range(m):
-            dst[2 * j] = dst[2 * j] + g[j] * scale
-    else:
-        for j in range(m):
-            dst[j * s] = dst[j * s] + g[j] * scale
-
-
 cdef inline int _check(Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t N2, Py_ssize_t C2,
                        Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t k, Py_ssize_t s, Py_ssize_t n0,
                        Py_ssize_t n1) except -1:
@@ -83,7 +60,9 @@ def avg_pool_forward(const floating[:, :, :, ::1] x,   # IN:  (N, C, H, W)
                         acc[j] = 0
                     for p in range(k):
                         for q in range(k):
-                            _add_strided(acc, &x[n, c, i * s + p, q], s, OW)
+                            r0 = &x[n, c, i * s + p, q]
+                            for j in range(OW):
+                                acc[j] = acc[j] + r0[j * s]
                     for j in range(OW):
                         acc[j] = acc[j] * scale
 
@@ -119,4 +98,6 @@ def avg_pool_backward(const floating[:, :, :, ::1] gy,   # IN:  (N, C, OH, OW)
                 for p in range(k):
                     for q in range(k):
                         for i in range(OH):
-                            _scatter_add(&gx[n, c, i * s + p, q], &gy[n, c, i, 0], s, OW, scale)
+                            d0 = &gx[n, c, i * s + p, q]
+                            for j in range(OW):
+                                d0[j * s] = d0[j * s] + gy[n, c, i, j] * scale
