@@ -185,7 +185,7 @@ def input_tiles(const floating[:, :, :, ::1] x,   # IN:  (B, C, H, W)
     cdef Py_ssize_t n, h, l, tj, ti, col
     cdef floating* t
     cdef floating* tmp
-    cdef floating* row
+    cdef floating* img
     cdef int err = 0
     cdef int* failed = &err        # written through a pointer: shared, not thread-private
     with nogil, parallel(num_threads=num_threads):
@@ -198,14 +198,14 @@ def input_tiles(const floating[:, :, :, ::1] x,   # IN:  (B, C, H, W)
         for n in prange(B, schedule="static"):
             if t != NULL:
                 tmp = t + Hs * R
-                row = tmp + a * R
-                _transpose(&x[n, 0, 0, 0], H * W, C, H * W, row, C)
+                img = tmp + a * R
+                _transpose(&x[n, 0, 0, 0], H * W, C, H * W, img, C)
                 for h in range(H):
                     for l in range(a):
                         for tj in range(TW):
                             col = tj * m + l - pad
                             if 0 <= col < W:
-                                _copy(row + (h * W + col) * C, t + (h + pad) * R + (l * TW + tj) * C, C)
+                                _copy(img + (h * W + col) * C, t + (h + pad) * R + (l * TW + tj) * C, C)
                 for ti in range(TH):
                     _tx(&L[0, 0], a, a, t + ti * m * R, R, TW * C, tmp,
                         &v[0, (n * TH + ti) * TW, 0], a * P * C, P * C, TW * C)
@@ -240,7 +240,7 @@ def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
     cdef floating* t
     cdef floating* tmp
     cdef floating* tile
-    cdef floating* row
+    cdef floating* img
     cdef floating* dst
     cdef const floating* src
     cdef int err = 0
@@ -253,7 +253,7 @@ def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
             if t != NULL:
                 tmp = t + Hs * m * Q
                 tile = tmp + a * R                                   # (a, a, TW, C)
-                row = tile + a * R                                   # the sample (H*W, C)
+                img = tile + a * R                                   # the sample (H*W, C)
                 memset(t, 0, Hs * m * Q * sizeof(floating))
                 for ti in range(TH):
                     _tx(&L[0, 0], a, a, &gv[0, (n * TH + ti) * TW, 0], a * P * C, P * C, tmp,
@@ -269,8 +269,8 @@ def input_tiles_adjoint(const floating[:, :, ::1] gv,   # IN:  (a*a, B*TH*TW, C)
                         for b in range(TW + 1):
                             col = b * m + l - pad
                             if 0 <= col < W:
-                                _copy(t + (h + pad) * m * Q + (l * (TW + 1) + b) * C, row + (h * W + col) * C, C)
-                _transpose(row, C, H * W, C, &gx[n, 0, 0, 0], H * W)
+                                _copy(t + (h + pad) * m * Q + (l * (TW + 1) + b) * C, img + (h * W + col) * C, C)
+                _transpose(img, C, H * W, C, &gx[n, 0, 0, 0], H * W)
         free(t)
     if err:
         raise MemoryError("winograd input-adjoint scratch")
