@@ -2,7 +2,8 @@
 
 Each compiled BN pass (``npapprox.kernels.bn``) at the ResNet-20 activation
 shapes, timed side by side with a copy of the same tensor (``np.copyto`` split
-over the same number of threads, as ``bench_kernels.py`` does), and reported
+over the same workers of ``npapprox.parallel`` that run the passes, so both pay
+the same hand-over between threads), and reported
 as its *effective bandwidth* -- the bytes the pass must move at least, over its
 time -- in % of the copy bandwidth (a copy moves 2 bytes per byte of tensor:
 one read, one write). The passes and the bytes they must move (S: the float32
@@ -60,8 +61,6 @@ def main(argv=None):
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)   # npapprox.parallel's workers = BLAS's thread count
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from concurrent.futures import ThreadPoolExecutor
-
     import numpy as np
     from bench_kernels import _cpu_model
 
@@ -85,7 +84,6 @@ def main(argv=None):
           f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"repeats: {args.repeats}, best (median) of each; K = {args.bits}; "
           f"{'fused apply+pack' if fused else 'older build: no fused apply+pack, no out='}")
-    pool = ThreadPoolExecutor(args.threads)
     rng = np.random.default_rng(0)
     verdicts = []
     for shape in SHAPES:
@@ -127,7 +125,7 @@ def main(argv=None):
         ]
 
         def copy(parts=parts):
-            return list(pool.map(lambda ab: np.copyto(*ab), parts))
+            return parallel.run(lambda k: np.copyto(*parts[k]), len(parts))
 
         print(f"\n== {'x'.join(map(str, shape))} float32 = {size / 2**20:.0f} MiB")
         print(f"   {'pass':22s} {'buffers':8s} {'ms':>7s} {'GB/s':>7s} {'% of copy':>10s}  (median: ms, %)")

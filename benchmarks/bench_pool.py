@@ -1,6 +1,9 @@
 """Where the worker pool's cores idle: one ResNet-20 training step (batch 128)
 per storage policy, each parallel region's time and the seconds the calling
 thread waited for the other workers after its own share (``parallel.timing``).
+First, the hand-over itself: an empty region (``run`` of a function that does
+nothing) with the waits polling for ``parallel.SPIN_SECONDS`` and with blocking
+waits (``SPIN_SECONDS = 0``), interleaved in one process.
 
     python benchmarks/bench_pool.py [--policies exact,paper4] [--steps 5] [--batch 128]
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import numpy as np
 from bench_kernels import _cpu_model  # the script's own directory is on sys.path
@@ -28,6 +32,7 @@ def main(argv=None):
                      for i in threadpool_info() if i["user_api"] == "blas")
     print(f"CPU: {_cpu_model()} ({os.cpu_count()} logical cores); BLAS {blas}; "
           f"{parallel.workers()} workers; ResNet-20, batch {args.batch}, per step over {args.steps} steps")
+    _empty_regions(parallel.workers())
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, args.batch)
@@ -54,6 +59,29 @@ def main(argv=None):
         for region, (total, wait) in rows:
             ms = 1e3 / args.steps
             print(f"{'':<{len(name) + 2}}{region:<44} {total * ms:>14.1f} {wait * ms:>11.1f}")
+
+
+def _empty_regions(n, rounds=200):
+    """Median and min time of an empty region on ``n`` workers, polling and blocking."""
+    if n < 2:
+        print("one worker: no regions")
+        return
+    spin = parallel.SPIN_SECONDS
+    times = {spin: [], 0.0: []}
+    try:
+        for _ in range(rounds):
+            for s in times:
+                parallel.SPIN_SECONDS = s
+                parallel.run(lambda k: None, n)            # the worker is waiting as it does in a step
+                t = time.perf_counter()
+                parallel.run(lambda k: None, n)
+                times[s].append(time.perf_counter() - t)
+    finally:
+        parallel.SPIN_SECONDS = spin
+    for s, ts in times.items():
+        what = f"polling {s * 1e6:.0f} us, then blocking" if s else "blocking at once"
+        print(f"empty region on {n} workers, {what}: median {np.median(ts) * 1e6:.0f} us, "
+              f"min {min(ts) * 1e6:.0f} us ({rounds} each, interleaved)")
 
 
 if __name__ == "__main__":

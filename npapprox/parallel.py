@@ -19,9 +19,18 @@ own compete with them for the cores. Inside a region ``workers()`` is 1, so a
 kernel called from a worker (a BN pass rebuilding a conv chunk's input) runs
 serially on that worker, and ``run`` there calls ``fn`` in order.
 
-The workers are persistent threads, each woken by releasing a lock it waits on
-and reporting back by releasing another (a cheap hand-over in CPython: a
-``run`` costs tens of microseconds, not a futures round-trip). Chunks are dealt
+The workers are persistent threads. The hand-over in both directions is a
+counter in memory (``npapprox._sync.Counter``): the caller advances a worker's
+``go`` and the worker its ``done``, and the waiting side polls it with the GIL
+released for up to SPIN_SECONDS; then a worker sleeps on a condition variable
+(notified at each ``go``) and the caller checks every POLL_SECONDS. A blocked
+thread is woken in tens of microseconds (a futex wake; on a virtual machine an
+interrupt to a halted CPU), as long as one core's share of a BN pass; a polling
+one sees the counter within a microsecond. The worker sets ``done`` after it has
+released the GIL, so the caller never finds the GIL held by the worker it waited
+for. The gaps between a step's regions are mostly under SPIN_SECONDS, so a
+worker is usually still polling when the next region starts; one idle for longer
+sleeps and costs no CPU. Chunks are dealt
 to the workers round-robin (``deal``) and results come back in worker order
 (``run``), so a run is deterministic for a given worker count. The caller
 allocates every worker's buffers before ``run``, so a measured peak does not
@@ -47,6 +56,37 @@ try:
 except ImportError:  # pragma: no cover - the extension not built: no OpenMP kernels either
     def _omp_threads(n=0):
         return 1
+
+
+class _PlainCounter:
+    """``npapprox._sync.Counter`` without polling, for a build without the extension:
+    every wait gives up at once, so the waiting side blocks."""
+
+    def __init__(self):
+        self.value = 0
+
+    def set(self, v):
+        self.value = v
+
+    def wait(self, v, seconds):
+        return self.value == v
+
+    def set_then_wait(self, v, other, w, seconds):
+        self.value = v
+        return other.value == w
+
+
+try:
+    from npapprox._sync import Counter
+except ImportError:  # pragma: no cover - the extension not built
+    Counter = _PlainCounter
+
+#: how long a waiting side of the hand-over polls before it blocks (0: block at once,
+#: for a machine shared with other busy processes). 1 ms covers 99% of the gaps
+#: between a ResNet-20 step's regions on 2 cores (docs/architecture.md)
+SPIN_SECONDS = 1e-3
+#: then the caller checks a worker's ``done`` this often, asleep in between
+POLL_SECONDS = 1e-4
 
 _lock = threading.Lock()          # one parallel region at a time (it changes BLAS's thread count)
 _blas = None                      # threadpoolctl controller of the BLAS libraries loaded (NumPy's,
@@ -145,28 +185,47 @@ def add(a, b, out=None):
     return out
 
 
+def _join(team):
+    """Wait until every worker of ``team`` is done with its current region, even
+    through a KeyboardInterrupt (returned, to be raised once they are: a worker left
+    running would hand its result to the next region)."""
+    interrupted = None
+    for w in team:
+        while not w.done.wait(w.regions, SPIN_SECONDS):
+            try:
+                time.sleep(POLL_SECONDS)
+            except BaseException as e:  # KeyboardInterrupt in the wait: keep waiting
+                interrupted = e
+    return interrupted
+
+
 class _Worker(threading.Thread):
-    """Worker k of every region: waits on ``go``, runs ``fn(k)``, releases ``done``."""
+    """Worker k of every region: waits for ``go`` to reach its next region number,
+    runs ``fn(k)``, sets ``done`` to that number."""
 
     def __init__(self, k):
         super().__init__(name=f"npapprox-worker-{k}", daemon=True)
         self.k, self.fn, self.result, self.error = k, None, None, None
-        self.go, self.done = threading.Lock(), threading.Lock()
-        self.go.acquire()
-        self.done.acquire()
+        self.regions = 0                       # regions handed to this worker (the caller's count)
+        self.go, self.done, self.go_cond = Counter(), Counter(), threading.Condition()
         self.start()
 
     def run(self):
         _omp_threads(1)            # this thread's OpenMP kernels run on it alone, for good
         _local.inside = True
+        region, started = 1, self.go.wait(1, SPIN_SECONDS)
         while True:
-            self.go.acquire()
+            if not started:        # idle longer than SPIN_SECONDS: sleep until the caller notifies
+                with self.go_cond:
+                    while self.go.value != region:
+                        self.go_cond.wait()
             try:
                 self.result, self.error = self.fn(self.k), None
             except BaseException as e:  # handed to the caller, which re-raises it
                 self.result, self.error = None, e
             self.fn = None
-            self.done.release()
+            started = self.done.set_then_wait(region, self.go, region + 1, SPIN_SECONDS)
+            region += 1
 
 
 def _forget_workers():
@@ -180,19 +239,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_workers)
 
 
-def _join(team):
-    """Wait until every worker of ``team`` is done, even through a KeyboardInterrupt
-    (returned, to be raised once they are: a worker left running would hand its
-    result to the next region)."""
-    interrupted = None
-    for w in team:
-        while True:
-            try:
-                w.done.acquire()
-                break
-            except BaseException as e:  # KeyboardInterrupt in the wait: keep waiting
-                interrupted = e
-    return interrupted
 
 
 @contextlib.contextmanager
@@ -229,8 +275,10 @@ def run(fn, n: int) -> list:
         team = _workers[:n - 1]
         try:
             for w in team:
-                w.fn = fn
-                w.go.release()
+                w.fn, w.regions = fn, w.regions + 1
+                w.go.set(w.regions)
+                with w.go_cond:                       # wakes the worker if it sleeps
+                    w.go_cond.notify()
             start = time.perf_counter()
             try:
                 first, error = fn(0), None

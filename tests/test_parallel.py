@@ -12,7 +12,7 @@ import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import npapprox as na
-from npapprox import _quant, parallel
+from npapprox import _quant, _sync, parallel
 from npapprox.kernels import bn, cpu, reference
 from npapprox.ops import conv
 from npapprox.quant import paper_params
@@ -405,3 +405,61 @@ def test_openmp_team_runs_the_kernels_on_the_callers_openmp_threads_with_the_sam
     for a, b, c in zip(one, pool, team, strict=True):
         assert a.tobytes() == b.tobytes() == c.tobytes()
     assert all(a.tobytes() == b.tobytes() for grads in again for a, b in zip(grads, team[2:], strict=True))
+
+
+def test_counter_wait_sees_a_value_set_by_another_thread_and_times_out_otherwise():
+    """``_sync.Counter``: ``wait`` polls with the GIL released (another thread's ``set``
+    ends it), gives up after its time (False), and with no time only reads the value;
+    ``set_then_wait`` stores before it polls the other counter."""
+    c, other = _sync.Counter(), _sync.Counter()
+    assert c.value == 0 and c.wait(0, 0.0) and not c.wait(1, 0.0)
+    t0 = time.perf_counter()
+    assert not c.wait(1, 0.02)
+    assert time.perf_counter() - t0 >= 0.02
+    setter = threading.Timer(0.01, lambda: c.set(7))
+    setter.start()
+    assert c.wait(7, 30.0) and c.value == 7          # the setter ran while this thread polled
+    setter.join()
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(other.wait(3, 30.0) and c.value))
+    t.start()
+    assert not c.set_then_wait(8, other, 9, 0.0)      # stored, then one look at `other`
+    other.set(3)
+    t.join(30)
+    assert seen == [8] and c.value == 8
+
+
+@pytest.mark.parametrize("spin", [0.0, 1e-4, parallel.SPIN_SECONDS])
+def test_every_hand_over_path_gives_each_region_its_own_results(monkeypatch, spin):
+    """Regions back to back (the worker still polling), after idle gaps longer than
+    the poll (the worker asleep on its condition), with a worker slower than the
+    poll (the caller's sleeping checks), and with fewer workers than the pool holds:
+    every region returns its own calls' results, in worker order."""
+    monkeypatch.setattr(parallel, "SPIN_SECONDS", spin)
+    rng = np.random.default_rng(0)
+    with threadpool_limits(3, user_api="blas"):
+        for r in range(60):
+            n = int(rng.integers(2, 4))
+            nap = float(rng.choice([0.0, 0.0, 0.002]))
+
+            def fn(k, r=r, n=n, nap=nap):
+                if k == n - 1:
+                    time.sleep(nap)              # the last worker may finish well after the caller
+                return (r, k, parallel.inside())
+
+            assert _in_thread(lambda n=n, fn=fn: parallel.run(fn, n))["value"] == [(r, k, True) for k in range(n)]
+            if rng.random() < 0.2:
+                time.sleep(0.003)                # idle: longer than every poll above but the default
+
+
+def test_the_pool_works_without_the_compiled_counter(monkeypatch):
+    """Without ``npapprox._sync`` (the extension not built) nobody polls: every
+    wait blocks at once, and the regions still hand back their results."""
+    monkeypatch.setattr(parallel, "Counter", parallel._PlainCounter)
+    parallel._forget_workers()                   # new workers, with plain counters
+    try:
+        with threadpool_limits(2, user_api="blas"):
+            for r in range(20):
+                assert _in_thread(lambda r=r: parallel.run(lambda k: (r, k), 2))["value"] == [(r, 0), (r, 1)]
+    finally:
+        parallel._forget_workers()               # the next test's workers use the compiled counter
