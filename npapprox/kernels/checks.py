@@ -60,10 +60,10 @@ def num_groups(n: int, group: int) -> int:
 def out_array(out, shape, dtype, xp=np):
     """``out`` checked (a C-contiguous ``xp`` array of ``shape`` and ``dtype``), or a
     new ``xp.empty(shape, dtype)`` when it is None."""
-    shape = tuple(int(n) for n in shape)
+    shape = tuple(map(int, shape))
     if out is None:
         return xp.empty(shape, dtype=dtype)
-    if not (isinstance(out, xp.ndarray) and tuple(out.shape) == shape and out.dtype == dtype
+    if not (isinstance(out, xp.ndarray) and out.shape == shape and out.dtype == dtype
             and out.flags.c_contiguous):
         got = f"{tuple(out.shape)} {out.dtype}" if hasattr(out, "dtype") else type(out).__name__
         raise ValueError(f"out must be a C-contiguous {np.dtype(dtype)} array of shape {shape}, got {got}")

@@ -40,6 +40,9 @@ def compiled_applies(module, *arrays) -> bool:
     ``arrays``: all NumPy arrays in host memory (not a device array that subclasses
     one), the first float32 or float64, the reference not forced. Each dispatch
     point asks this with its own extension."""
-    return (module is not None and not _forced
-            and all(isinstance(a, np.ndarray) and not on_gpu(a) for a in arrays)
-            and arrays[0].dtype in (np.float32, np.float64))
+    if module is None or _forced:
+        return False
+    for a in arrays:   # a plain ndarray is in host memory; a subclass may be a device array
+        if type(a) is not np.ndarray and not (isinstance(a, np.ndarray) and not on_gpu(a)):
+            return False
+    return arrays[0].dtype in (np.float32, np.float64)
