@@ -239,8 +239,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_workers)
 
 
-
-
 @contextlib.contextmanager
 def timing():
     """Inside the block, every parallel region adds to ``times[name]`` (``name``: the
