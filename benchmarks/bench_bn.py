@@ -48,30 +48,26 @@ import platform
 import sys
 import time
 
+from bench_kernels import _cpu_model, count  # the script's own directory is on sys.path
+
 SHAPES = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]   # ResNet-20's BN inputs, one sample
 TARGET = 0.70
 
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=count(), default=os.cpu_count() or 1)
+    p.add_argument("--repeats", type=count(), default=15)
     p.add_argument("--bits", type=int, default=4, choices=(1, 2, 4, 8))
-    p.add_argument("--batch", type=int, default=128)
-    args = p.parse_args(argv)
-    for name in ("threads", "repeats", "batch"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    return args
+    p.add_argument("--batch", type=count(), default=128)
+    return p.parse_args(argv)
 
 
 def main(argv=None):
     args = _parse(argv)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)   # npapprox.parallel's workers = BLAS's thread count
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import numpy as np
-    from bench_kernels import _cpu_model
 
     from npapprox import parallel, quant
     from npapprox.kernels import bn as B

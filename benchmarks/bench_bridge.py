@@ -35,6 +35,7 @@ import tracemalloc
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_kernels import count  # the script's own directory is on sys.path
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -123,10 +124,10 @@ def measured_peak(model, opt, x, y, policy, pooled=False) -> tuple[int, int]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5, help="timed steps per variant per round")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--batch", type=count(), default=128)
+    ap.add_argument("--repeats", type=count(), default=5, help="timed steps per variant per round")
+    ap.add_argument("--rounds", type=count(), default=2)
+    ap.add_argument("--threads", type=count(), default=None,
                     help="threads of torch and of npapprox's kernels (BLAS and OpenMP pools; default: as they start)")
     ap.add_argument("--cpu-time", action="store_true", help="time steps by process CPU time (use with --threads 1)")
     ap.add_argument("--pool", action="store_true",

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from bench_kernels import _cpu_model  # the script's own directory is on sys.path
+from bench_kernels import _cpu_model, count, name_list  # the script's own directory is on sys.path
 
 CONVS = [  # (C, F, H, k, stride, pad)
     (16, 16, 32, 3, 1, 1), (16, 32, 32, 3, 2, 1), (32, 32, 16, 3, 1, 1),
@@ -187,10 +187,10 @@ def _built_simd() -> str:
 def side_by_side_parser(doc: str) -> argparse.ArgumentParser:
     """The options of every side-by-side benchmark (this one, bench_conv.py)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2, help="alternating worker runs per engine")
+    p.add_argument("--batch", type=count(), default=128)
+    p.add_argument("--repeats", type=count(), default=5)
+    p.add_argument("--threads", type=count(), default=2)
+    p.add_argument("--rounds", type=count(), default=2, help="alternating worker runs per engine")
     return p
 
 
@@ -212,8 +212,10 @@ def main(argv=None):
             sys.exit(2)
         env.update(AVX2_ENV)
     if args.policies:
-        policy_steps([m.strip() for m in args.models.split(",") if m.strip()],
-                     [q.strip() for q in args.policies.split(",") if q.strip()], args.batch, args.repeats,
+        from npapprox.nn.zoo import input_divisor
+        from npapprox.policy_names import policy_from_name
+        policy_steps(name_list(p, "--models", args.models, input_divisor),
+                     name_list(p, "--policies", args.policies, policy_from_name), args.batch, args.repeats,
                      args.threads)
         return
     if args.worker:

@@ -20,6 +20,7 @@ import argparse
 import time
 
 import numpy as np
+from bench_kernels import count  # the script's own directory is on sys.path
 from threadpoolctl import threadpool_info, threadpool_limits
 
 SHAPES = [(16, 144, 1024, 8), (32, 288, 256, 16), (64, 576, 64, 32)]   # (F, K, L, B)
@@ -37,7 +38,7 @@ def _best(fn, repeats=20):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=count(), default=2)
     args = p.parse_args(argv)
     threadpool_limits(args.threads)
     arch = [i.get("architecture") for i in threadpool_info() if i["user_api"] == "blas"]

@@ -42,6 +42,7 @@ import sys
 import time
 
 import numpy as np
+from bench_kernels import count  # the script's own directory is on sys.path
 
 POLICY_NAMES = "exact,paper8,paper4,paper2,generic4"
 MiB = 2.0 ** 20
@@ -64,10 +65,10 @@ def _policy(name):
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="256,64,64,64", help="kernel tensor shape N,C,H,W (float32)")
-    p.add_argument("--repeats", type=int, default=20, help="timed repeats per kernel row")
-    p.add_argument("--batch", type=int, default=128, help="training batch size")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps per policy")
-    p.add_argument("--warmup", type=int, default=3, help="untimed training steps per policy")
+    p.add_argument("--repeats", type=count(), default=20, help="timed repeats per kernel row")
+    p.add_argument("--batch", type=count(), default=128, help="training batch size")
+    p.add_argument("--steps", type=count(), default=20, help="timed training steps per policy")
+    p.add_argument("--warmup", type=count(0), default=3, help="untimed training steps per policy")
     p.add_argument("--budget-mib", type=float, default=2048.0, help="GPU memory budget for the batch search")
     p.add_argument("--policies", default=POLICY_NAMES, help="comma list of policy names (npapprox.policy)")
     p.add_argument("--skip-kernels", action="store_true")

@@ -39,14 +39,46 @@ SIZES = {"small": (128, 16, 32, 32), "large": (256, 64, 64, 64)}
 TARGET = 0.60
 
 
+def count(minimum=1):
+    """An argparse ``type`` for a count of at least ``minimum`` (the benchmarks' repeats,
+    rounds, threads, batch): anything else is argparse's one-line error, exit 2."""
+    def parse(text):
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
+        return n
+    return parse
+
+
+def name_list(p, option, text, check):
+    """The comma list ``text`` given to ``option``, every name passed to ``check`` (which
+    raises ValueError for an unknown one) before any work: argparse's one-line error."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        p.error(f"{option}: an empty list")
+    for name in names:
+        try:
+            check(name)
+        except ValueError as e:
+            p.error(f"{option}: {e}")
+    return names
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7, help="timed repeats of the compiled kernels and bandwidths")
-    p.add_argument("--ref-repeats", type=int, default=3, help="timed repeats of the (slow) NumPy reference")
+    p.add_argument("--threads", type=count(), default=2)
+    p.add_argument("--repeats", type=count(), default=7, help="timed repeats of the compiled kernels and bandwidths")
+    p.add_argument("--ref-repeats", type=count(), default=3, help="timed repeats of the (slow) NumPy reference")
     p.add_argument("--sizes", default="small,large", help="comma list of: " + ", ".join(SIZES))
     p.add_argument("--no-reference", action="store_true", help="skip the NumPy reference rows")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = [s.strip() for s in args.sizes.split(",") if s.strip() and s.strip() not in SIZES]
+    if unknown:
+        p.error(f"--sizes: unknown {', '.join(unknown)}; expected a comma list of {', '.join(SIZES)}")
+    return args
 
 
 def _median_time(fn, repeats, warmup=1):

@@ -20,10 +20,12 @@ import statistics
 import time
 
 import numpy as np
+from bench_kernels import count, name_list  # the script's own directory is on sys.path
 
 import npapprox as na
 from npapprox.cli_options import byte_size
 from npapprox.ledger import ledger, transient_bound
+from npapprox.nn.zoo import input_divisor
 from npapprox.peak import max_batch, measure_peak
 
 POLICIES = {"exact": na.Exact, "paper4": lambda: na.Paper(4), "paper2": lambda: na.Paper(2)}
@@ -97,12 +99,12 @@ def step_times(batch, repeats):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=count(), default=128)
     p.add_argument("--models", default="resnet20,resnet56,resnet164")
     p.add_argument("--budget", type=lambda t: 0 if t == "0" else byte_size(t), default=2 * 2**30)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=count(0), default=3, help="timed steps per policy (0: none)")
     args = p.parse_args(argv)
-    peaks([m.strip() for m in args.models.split(",") if m.strip()], args.batch)
+    peaks(name_list(p, "--models", args.models, input_divisor), args.batch)
     if args.repeats:
         step_times(args.batch, args.repeats)
     if args.budget:

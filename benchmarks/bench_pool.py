@@ -14,7 +14,7 @@ import os
 import time
 
 import numpy as np
-from bench_kernels import _cpu_model  # the script's own directory is on sys.path
+from bench_kernels import _cpu_model, count, name_list  # the script's own directory is on sys.path
 from threadpoolctl import threadpool_info
 
 import npapprox as na
@@ -25,9 +25,10 @@ from npapprox.policy_names import policy_from_name
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policies", default="exact,paper4")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=count(), default=5)
+    ap.add_argument("--batch", type=count(), default=128)
     args = ap.parse_args(argv)
+    policies = [(name, policy_from_name(name)) for name in name_list(ap, "--policies", args.policies, policy_from_name)]
     blas = "; ".join(f"{i['internal_api']} {i.get('version')} ({i.get('architecture')}, {i['num_threads']} threads)"
                      for i in threadpool_info() if i["user_api"] == "blas")
     print(f"CPU: {_cpu_model()} ({os.cpu_count()} logical cores); BLAS {blas}; "
@@ -36,11 +37,10 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, args.batch)
-    for name in args.policies.split(","):
+    for name, policy in policies:
         na.nn.manual_seed(0)
         model = na.nn.preact_resnet20()
         opt = na.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-        policy = policy_from_name(name.strip())
 
         def step():
             with na.storage_policy(policy):
