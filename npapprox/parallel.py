@@ -30,11 +30,12 @@ one sees the counter within a microsecond. The worker sets ``done`` after it has
 released the GIL, so the caller never finds the GIL held by the worker it waited
 for. The gaps between a step's regions are mostly under SPIN_SECONDS, so a
 worker is usually still polling when the next region starts; one idle for longer
-sleeps and costs no CPU. Chunks are dealt
-to the workers round-robin (``deal``) and results come back in worker order
-(``run``), so a run is deterministic for a given worker count. The caller
-allocates every worker's buffers before ``run``, so a measured peak does not
-depend on when each thread happens to start.
+sleeps and costs no CPU.
+
+Chunks are dealt to the workers round-robin (``deal``) and results come back in
+worker order (``run``), so a run is deterministic for a given worker count. The
+caller allocates every worker's buffers before ``run``, so a measured peak does
+not depend on when each thread happens to start.
 """
 from __future__ import annotations
 
