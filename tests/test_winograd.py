@@ -120,6 +120,36 @@ def test_compiled_transforms_bit_identical_to_reference(s, m, dtype, seed):
         assert same(got, want), f"transform {i}: compiled != reference"
 
 
+@SETTINGS(40)
+@given(s=shapes(), m=st.sampled_from(WG.TILES), dtype=st.sampled_from([np.float32, np.float64]),
+       compiled=st.booleans(), fortran=st.booleans(), seed=SEEDS)
+@example(s=(2, 3, 4, 7, 9, 1), m=4, dtype=np.float32, compiled=True, fortran=True, seed=0)
+def test_chunk_transforms_give_the_references_bytes(s, m, dtype, compiled, fortran, seed):
+    """``ChunkTransforms`` (the conv op's per-chunk calls, dispatched once): each of the
+    four writes into its ``out`` (pre-filled with NaN) and returns it, with the
+    reference's bytes, compiled or not, from C- or Fortran-ordered inputs."""
+    B, C, F, H, W, pad = s
+    rng = np.random.default_rng(seed)
+    a = m + 2
+    oh, ow = H + 2 * pad - 2, W + 2 * pad - 2
+    th, tw = WG.tile_grid(oh, ow, m)
+    P = B * th * tw
+    x, gy = _data(rng, (B, C, H, W), dtype), _data(rng, (B, F, oh, ow), dtype)
+    mt, gv = _data(rng, (a * a, P, F), dtype), _data(rng, (a * a, P, C), dtype)
+    order = np.asfortranarray if fortran else np.ascontiguousarray
+    tf = WG.ChunkTransforms(m, dtype, compiled)
+    for call, want in [
+        (lambda out: tf.input_tiles(order(x), pad, out), WG.input_tiles_reference(x, m, pad)),
+        (lambda out: tf.output_tiles(order(mt), out), WG.output_tiles_reference(mt, gy.shape, m)),
+        (lambda out: tf.output_tiles_adjoint(order(gy), out), WG.output_tiles_adjoint_reference(gy, m)),
+        (lambda out: tf.input_tiles_adjoint(order(gv), pad, out),
+         WG.input_tiles_adjoint_reference(gv, x.shape, m, pad)),
+    ]:
+        out = np.full(want.shape, np.nan, dtype)
+        assert call(out) is out and same(out, want)
+    assert WG.compiled_for(x) and not WG.compiled_for(x.astype(np.float16))
+
+
 @pytest.mark.parametrize("m", WG.TILES)
 def test_adjoints_are_transposes(m):
     """<T(x), g> == <x, T*(g)> in float64 for the three transform pairs (reference and compiled)."""

@@ -59,7 +59,8 @@ except ImportError:  # pragma: no cover - only when the package was not built
     _compiled = None
 
 __all__ = ["TILES", "tile_grid", "filter_tiles", "filter_tiles_adjoint", "input_tiles",
-           "input_tiles_adjoint", "output_tiles", "output_tiles_adjoint", "compiled_available"]
+           "input_tiles_adjoint", "output_tiles", "output_tiles_adjoint", "ChunkTransforms",
+           "compiled_for", "compiled_available"]
 
 
 #: (B^T, G, A^T) of F(m x m, 3 x 3) for m = 2 and 4 (Lavin & Gray 2016, points 0, +-1 / 0, +-1, +-2).
@@ -102,7 +103,9 @@ def tile_grid(OH: int, OW: int, m: int) -> tuple[int, int]:
     return -(-OH // m), -(-OW // m)
 
 
-def _use_compiled(a) -> bool:
+def compiled_for(a) -> bool:
+    """True when the compiled transforms run on array ``a`` (NumPy float32/float64, the
+    extension built, the reference not forced): what ``ChunkTransforms`` takes."""
     return compiled_applies(_compiled, a)
 
 
@@ -229,7 +232,7 @@ def output_tiles_adjoint_reference(gy, m, out=None):
 # --------------------------------------------------------------------------- #
 def filter_tiles(w, m):
     """w (F, C, 3, 3) -> U (a*a, C, F) (see the module docstring)."""
-    if not _use_compiled(w):
+    if not compiled_for(w):
         return filter_tiles_reference(w, m)
     F, C = w.shape[:2]
     src = np.ascontiguousarray(w.transpose(2, 3, 1, 0)).reshape(1, 3, 3, C * F)
@@ -240,7 +243,7 @@ def filter_tiles(w, m):
 
 def filter_tiles_adjoint(gu, m):
     """gU (a*a, C, F) -> gw (F, C, 3, 3)."""
-    if not _use_compiled(gu):
+    if not compiled_for(gu):
         return filter_tiles_adjoint_reference(gu, m)
     C, F = gu.shape[1:]
     out = np.empty((1, 3, 3, C * F), dtype=gu.dtype)
@@ -251,7 +254,7 @@ def filter_tiles_adjoint(gu, m):
 
 def input_tiles(x, m, pad, out=None):
     """x (B, C, H, W) -> V (a*a, B*TH*TW, C); ``out`` (C-contiguous) is filled when given."""
-    if not _use_compiled(x):
+    if not compiled_for(x):
         return input_tiles_reference(x, m, pad, out=out)
     B, C, H, W, TH, TW = _input_geometry(x.shape, m, pad)
     out = out_array(out, ((m + 2) ** 2, B * TH * TW, C), x.dtype)
@@ -261,7 +264,7 @@ def input_tiles(x, m, pad, out=None):
 
 def input_tiles_adjoint(gv, x_shape, m, pad, out=None):
     """gV (a*a, B*TH*TW, C) -> gx of ``x_shape`` (B, C, H, W)."""
-    if not _use_compiled(gv):
+    if not compiled_for(gv):
         return input_tiles_adjoint_reference(gv, x_shape, m, pad, out=out)
     out = out_array(out, x_shape, gv.dtype)
     _compiled.input_tiles_adjoint(np.ascontiguousarray(gv), out, _matrix(m, "B", gv.dtype), m, pad)
@@ -270,7 +273,7 @@ def input_tiles_adjoint(gv, x_shape, m, pad, out=None):
 
 def output_tiles(mt, y_shape, m, out=None):
     """M (a*a, B*TH*TW, F) -> y of ``y_shape`` (B, F, OH, OW)."""
-    if not _use_compiled(mt):
+    if not compiled_for(mt):
         return output_tiles_reference(mt, y_shape, m, out=out)
     out = out_array(out, y_shape, mt.dtype)
     _compiled.output_tiles(np.ascontiguousarray(mt), out, _matrix(m, "AT", mt.dtype))
@@ -279,10 +282,54 @@ def output_tiles(mt, y_shape, m, out=None):
 
 def output_tiles_adjoint(gy, m, out=None):
     """gy (B, F, OH, OW) -> gM (a*a, B*TH*TW, F)."""
-    if not _use_compiled(gy):
+    if not compiled_for(gy):
         return output_tiles_adjoint_reference(gy, m, out=out)
     B, F, OH, OW = gy.shape
     TH, TW = tile_grid(OH, OW, m)
     out = out_array(out, ((m + 2) ** 2, B * TH * TW, F), gy.dtype)
     _compiled.output_tiles_adjoint(np.ascontiguousarray(gy), out, _matrix(m, "A", gy.dtype))
     return out
+
+
+class ChunkTransforms:
+    """The four tile transforms of one convolution's chunks, dispatched once: F(m x m,
+    3 x 3) in ``dtype``, compiled when ``compiled`` (``compiled_for`` of the layer's
+    input or output gradient) and otherwise the functions above. Their dispatch and
+    checks (a few µs a call, thousands of calls a ResNet-20 step, made on the workers
+    under the GIL) are paid once per convolution; every ``out`` is required (C-contiguous,
+    as the conv op allocates them), and the compiled kernels still check each shape.
+
+    input_tiles(x, pad, out)           x (B, C, H, W) -> out V (a*a, B*TH*TW, C)
+    output_tiles(mt, out)              M (a*a, B*TH*TW, F) -> out y (B, F, OH, OW)
+    output_tiles_adjoint(gy, out)      gy (B, F, OH, OW) -> out gM (a*a, B*TH*TW, F)
+    input_tiles_adjoint(gv, pad, out)  gV (a*a, B*TH*TW, C) -> out gx (B, C, H, W)
+    """
+
+    def __init__(self, m, dtype, compiled):
+        self.m, self.compiled = m, bool(compiled)
+        if self.compiled:
+            self.bt, self.at, self.a, self.b = (_matrix(m, k, dtype) for k in ("BT", "AT", "A", "B"))
+
+    def input_tiles(self, x, pad, out):
+        if not self.compiled:
+            return input_tiles(x, self.m, pad, out=out)
+        _compiled.input_tiles(np.ascontiguousarray(x), out, self.bt, self.m, pad)
+        return out
+
+    def output_tiles(self, mt, out):
+        if not self.compiled:
+            return output_tiles(mt, out.shape, self.m, out=out)
+        _compiled.output_tiles(np.ascontiguousarray(mt), out, self.at)
+        return out
+
+    def output_tiles_adjoint(self, gy, out):
+        if not self.compiled:
+            return output_tiles_adjoint(gy, self.m, out=out)
+        _compiled.output_tiles_adjoint(np.ascontiguousarray(gy), out, self.a)
+        return out
+
+    def input_tiles_adjoint(self, gv, pad, out):
+        if not self.compiled:
+            return input_tiles_adjoint(gv, out.shape, self.m, pad, out=out)
+        _compiled.input_tiles_adjoint(np.ascontiguousarray(gv), out, self.b, self.m, pad)
+        return out

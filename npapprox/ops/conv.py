@@ -258,6 +258,7 @@ def _winograd_forward(x, w, pad, m):
     th, tw = wino.tile_grid(oh, ow, m)
     T = (m + 2) ** 2
     u = wino.filter_tiles(w, m)                                   # (T, C, F)
+    tf = wino.ChunkTransforms(m, x.dtype, wino.compiled_for(x))
     y = np.empty((n, f, oh, ow), dtype=x.dtype)
     shares, p_max = _winograd_plan(n, c, f, th * tw, T, x.dtype.itemsize)
     # every worker's buffers, made before any worker starts (a deterministic peak)
@@ -267,9 +268,9 @@ def _winograd_forward(x, w, pad, m):
     def work(k):                                                  # worker k's chunks
         for sl in shares[k]:
             p = (sl.stop - sl.start) * th * tw
-            v = wino.input_tiles(x[sl], m, pad, out=v_ws[k][:T * p * c].reshape(T, p, c))
+            v = tf.input_tiles(x[sl], pad, v_ws[k][:T * p * c].reshape(T, p, c))
             mt = np.matmul(v, u, out=m_ws[k][:T * p * f].reshape(T, p, f))    # (T, P, F)
-            wino.output_tiles(mt, y[sl].shape, m, out=y[sl])
+            tf.output_tiles(mt, y[sl])
 
     run(work, len(shares))
     return y
@@ -281,6 +282,7 @@ def _winograd_backward(gy, w, x_of, x_shape, pad, m, need_x, need_w):
     th, tw = wino.tile_grid(oh, ow, m)
     T = (m + 2) ** 2
     u = wino.filter_tiles(w, m)                                   # (T, C, F)
+    tf = wino.ChunkTransforms(m, gy.dtype, wino.compiled_for(gy))
     shares, p_max = _winograd_plan(n, c, f, th * tw, T, gy.dtype.itemsize)
     gx = np.empty(x_shape, dtype=gy.dtype) if need_x else None
     # every worker's buffers, made before any worker starts (a deterministic peak)
@@ -292,14 +294,14 @@ def _winograd_backward(gy, w, x_of, x_shape, pad, m, need_x, need_w):
     def work(k):                                                  # worker k's chunks -> gu[k]
         for sl in shares[k]:
             p = (sl.stop - sl.start) * th * tw
-            gm = wino.output_tiles_adjoint(gy[sl], m, out=gm_ws[k][:T * p * f].reshape(T, p, f))
+            gm = tf.output_tiles_adjoint(gy[sl], gm_ws[k][:T * p * f].reshape(T, p, f))
             v = v_ws[k][:T * p * c].reshape(T, p, c)
             if need_w:
-                wino.input_tiles(x_of(sl), m, pad, out=v)                      # (T, P, C)
+                tf.input_tiles(x_of(sl), pad, v)                               # (T, P, C)
                 gu[k] += np.matmul(v.transpose(0, 2, 1), gm, out=prod[k])      # (T, C, F)
             if need_x:
                 np.matmul(gm, u.transpose(0, 2, 1), out=v)                     # gV (T, P, C)
-                wino.input_tiles_adjoint(v, gx[sl].shape, m, pad, out=gx[sl])
+                tf.input_tiles_adjoint(v, pad, gx[sl])
 
     run(work, len(shares))
     gw = wino.filter_tiles_adjoint(_sum_partials(gu), m) if need_w else None
