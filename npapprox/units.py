@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 
 from .backend import array_module
-from .kernels import paper_decode, paper_mask, paper_pack, unpack_bits
+from .kernels import paper_decode, paper_mask, paper_pack, paper_sample_decoder, unpack_bits
 from .kernels.bn import BNSource, as_ncm, bn_apply, bn_apply_pack
 from .storage import GenericPacked, Stored, samples_aligned, value_range
 
@@ -192,8 +192,10 @@ class PaperUnit(Unit):
         they start and end on a byte boundary (codes are packed in C order), else from
         the whole batch."""
         n, per = self.shape[0], math.prod(self.shape[1:])
-        start, stop, _ = sl.indices(n)
+        start, stop, stride = sl.indices(n)
         packed = self.packed
+        if stride != 1:
+            return self._decode(step, off, relu)[sl]
         if (start, stop) != (0, n):
             if (start * per * self.bits) % 8 or ((stop * per * self.bits) % 8 and stop != n) or stop <= start:
                 return self._decode(step, off, relu)[sl]
@@ -213,7 +215,18 @@ class PaperUnit(Unit):
 
     def sample_reader(self):
         # samples that do not start on a byte would each decode the whole batch: h once
-        return self.h_samples if samples_aligned(self.shape, self.bits) else Stored.sample_reader(self)
+        if not samples_aligned(self.shape, self.bits):
+            return Stored.sample_reader(self)
+        # the decode's arguments checked once, not for each of the conv's chunks
+        decode = paper_sample_decoder(self.packed, self.shape, self.s, self.params["h_step"], _zeros(self.s),
+                                      self.bits, relu=True)
+
+        def read(sl):
+            a, b, step = sl.indices(self.shape[0])
+            if step != 1 or b <= a:
+                return self.h_samples(sl)
+            return decode(a, b).astype(self.dtype, copy=False)
+        return read
 
     def mask(self):
         return paper_mask(self.packed, self.shape, self.s, self.bits)

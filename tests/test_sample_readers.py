@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from npapprox import quant, units
-from npapprox.kernels import generic_pack, pack_bits, paper_pack
+from npapprox.kernels import generic_pack, pack_bits, paper_pack, paper_sample_decoder
+from npapprox.kernels.switch import use_reference
 from npapprox.storage import GenericPacked
 from npapprox.units import GenericUnit, PaperUnit
 
@@ -67,14 +68,49 @@ def test_a_paper_unit_whose_samples_end_mid_byte_decodes_the_batch_once(bits, al
     unit = PaperUnit(paper_pack(y, p["k"], p["s"], bits)[0], p, bits, shape, np.dtype(F32))
     whole = unit.h()
     calls = []
-    decode = units.paper_decode
+    decode, decoder = units.paper_decode, units.paper_sample_decoder
 
     def counted(packed, shp, *args, **kwargs):
         calls.append(shp[0])
         return decode(packed, shp, *args, **kwargs)
 
+    def counted_decoder(*args, **kwargs):
+        chunk = decoder(*args, **kwargs)
+
+        def counted_chunk(a, b):
+            calls.append(b - a)
+            return chunk(a, b)
+        return counted_chunk
+
     monkeypatch.setattr(units, "paper_decode", counted)
+    monkeypatch.setattr(units, "paper_sample_decoder", counted_decoder)
     read = unit.sample_reader()
     got = [read(slice(a, a + 2)) for a in range(0, 8, 2)]
     assert b"".join(g.tobytes() for g in got) == whole.tobytes()
     assert calls == ([2, 2, 2, 2] if aligned else [8])
+
+
+@pytest.mark.parametrize("reference", [False, True])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_a_paper_units_reader_gives_the_whole_decodes_slices(bits, reference):
+    """Byte-aligned samples (8 x 4 x 4 values): the reader, its decode's arguments
+    checked once, gives each chunk the bytes of slicing the whole h -- every range,
+    compiled or reference, and a stepped slice through ``h_samples``. A decoder for
+    samples that end mid-byte is refused."""
+    rng = np.random.default_rng(bits)
+    shape = (6, 8, 4, 4)
+    gamma, beta = rng.standard_normal(8).astype(F32), rng.standard_normal(8).astype(F32)
+    p = quant.paper_params(gamma, beta, bits)
+    unit = PaperUnit(paper_pack(rng.standard_normal(shape).astype(F32), p["k"], p["s"], bits)[0], p, bits, shape,
+                     np.dtype(F32))
+    use_reference(reference)
+    try:
+        whole, read = unit.h(), unit.sample_reader()
+        for a in range(shape[0]):
+            for b in range(a + 1, shape[0] + 1):
+                assert read(slice(a, b)).tobytes() == whole[a:b].tobytes(), (a, b)
+        assert read(slice(0, 6, 2)).tobytes() == whole[0:6:2].tobytes()
+    finally:
+        use_reference(False)
+    with pytest.raises(ValueError, match="do not start on whole bytes"):
+        paper_sample_decoder(unit.packed, (6, 3, 1, 1), unit.s, p["h_step"], np.zeros(3, F32), 1)

@@ -24,6 +24,8 @@ the contract where subnormals occur; the CUDA kernels of ``gpu.py`` do not flush
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from npapprox.backend import on_gpu
@@ -37,8 +39,8 @@ try:  # needs the extension npapprox._quant, built by ``pip install .`` from src
 except ImportError:  # pragma: no cover - only when the package was not built
     _cpu = None
 
-__all__ = ["paper_pack", "paper_decode", "paper_mask", "generic_pack", "generic_decode", "pack_bits",
-           "unpack_bits", "counter_uniform", "packed_nbytes", "num_groups", "use_reference",
+__all__ = ["paper_pack", "paper_decode", "paper_sample_decoder", "paper_mask", "generic_pack", "generic_decode",
+           "pack_bits", "unpack_bits", "counter_uniform", "packed_nbytes", "num_groups", "use_reference",
            "compiled_available", "implementation"]
 
 
@@ -73,6 +75,22 @@ def paper_pack(y, k, s, bits):
 def paper_decode(packed, shape, s, step, off, bits, relu=False):
     """Paper scheme decode -> float32 of ``shape``: ``(code - s + 0.5) * step + off`` (0 where relu and negative)."""
     return _impl(packed).paper_decode(packed, shape, s, step, off, bits, relu)
+
+
+def paper_sample_decoder(packed, shape, s, step, off, bits, relu=False):
+    """``paper_decode`` of one tensor's codes a range of samples at a time (a conv
+    backward's chunks), its arguments checked once -> ``decode(a, b)``, float32
+    ``(b - a, *shape[1:])``: the bytes of ``paper_decode(...)[a:b]``. The samples must
+    start on whole bytes of ``packed`` (``prod(shape[1:]) * bits`` a multiple of 8)."""
+    per = math.prod(int(d) for d in shape[1:])
+    if per * int(bits) % 8:
+        raise ValueError(f"samples of shape {tuple(shape[1:])} at {bits} bits do not start on whole bytes")
+    impl = _impl(packed)
+    if impl is _cpu:
+        return _cpu.paper_sample_decoder(packed, shape, s, step, off, bits, relu)
+    tail = tuple(shape[1:])
+    return lambda a, b: impl.paper_decode(packed[a * per * bits // 8:b * per * bits // 8], (b - a,) + tail,
+                                          s, step, off, bits, relu)
 
 
 def paper_mask(packed, shape, s, bits):

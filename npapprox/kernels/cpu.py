@@ -60,6 +60,19 @@ def paper_decode(packed, shape, s, step, off, bits, relu=False):
     return out
 
 
+def paper_sample_decoder(packed, shape, s, step, off, bits, relu=False):
+    """See :func:`npapprox.kernels.paper_sample_decoder`: the arguments checked here, once."""
+    packed, shape, C, hw, s, step, off, bits = checks.check_paper_decode(packed, shape, s, step, off, bits)
+    per, tail = C * hw, shape[1:]
+
+    def decode(a, b):
+        out = np.empty((b - a,) + tail, dtype=np.float32)
+        _by_samples(out.shape, bits, lambda o, p: _quant.paper_decode(p, s, step, off, bits, C, hw, bool(relu), o),
+                    out.reshape(-1), packed[a * per * bits // 8:b * per * bits // 8])
+        return out
+    return decode
+
+
 def paper_mask(packed, shape, s, bits):
     """See :func:`npapprox.kernels.reference.paper_mask`."""
     packed, shape, C, hw, s, _, _, bits = checks.check_paper_decode(packed, shape, s, None, None, bits)
