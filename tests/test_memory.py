@@ -153,10 +153,16 @@ def test_h_of_a_slice_of_samples_equals_the_whole_decode(bits, shape):
     x = rng.standard_normal(shape).astype(F32)
     mu, inv = x.mean(axis=(0, 2, 3)), (1 / x.std(axis=(0, 2, 3))).astype(F32)
     exact = ExactUnit(x, mu, inv, gamma, beta)
-    for u in (unit, exact):
-        whole = u.h()
-        for sl in (slice(0, 1), slice(1, 3), slice(2, shape[0]), slice(0, shape[0])):
-            assert u.h_samples(sl).tobytes() == whole[sl].tobytes(), (type(u).__name__, sl)
+    for reference in (False, True):
+        use_reference(reference)
+        try:
+            for u in (unit, exact):
+                whole, read = u.h(), u.sample_reader()      # the conv's reader: dispatched once
+                for sl in (slice(0, 1), slice(1, 3), slice(2, shape[0]), slice(0, shape[0]), slice(0, shape[0], 2)):
+                    assert u.h_samples(sl).tobytes() == whole[sl].tobytes(), (type(u).__name__, sl)
+                    assert read(sl).tobytes() == whole[sl].tobytes(), (type(u).__name__, sl, reference)
+        finally:
+            use_reference(False)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
