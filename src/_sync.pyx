@@ -91,8 +91,10 @@ cdef class Counter:
         """Poll, the GIL released, until the value is ``v`` (-> True) or ``seconds``
         have passed (-> False, at once when ``seconds <= 0`` and the value differs)."""
         cdef int seen
-        if NPA_LOAD(&self.v) == v or seconds <= 0:
-            return NPA_LOAD(&self.v) == v
+        if NPA_LOAD(&self.v) == v:
+            return True
+        if seconds <= 0:
+            return False
         with nogil:
             seen = npa_spin_until(&self.v, v, seconds)
         return bool(seen)
