@@ -70,8 +70,10 @@ class BuildExt(build_ext):
     kernels need AVX2 to reach memory bandwidth) unless NPAPPROX_PORTABLE=1 asks
     for a build that runs on any CPU of the architecture; NPAPPROX_MARCH=<cpu>
     (e.g. ``haswell``: AVX2, no AVX-512) builds for that CPU instead of this one.
-    The bytes are the same either way: ``-ffp-contract=off`` forbids fused
-    multiply-adds. ``npapprox._quant.SIMD`` says which vector unit a build targets."""
+    The bytes are the same either way: ``-ffp-contract=off`` forbids the fused
+    multiply-adds the source does not spell out (the one it does, in the BN
+    statistics, is C's ``fma`` on every path, linked from libm where the CPU has
+    none). ``npapprox._quant.SIMD`` says which vector unit a build targets."""
 
     def build_extensions(self):
         msvc = self.compiler.compiler_type == "msvc"
@@ -87,6 +89,8 @@ class BuildExt(build_ext):
         for ext in self.extensions:
             ext.extra_compile_args = base + (omp_compile if openmp else []) + list(ext.extra_compile_args or [])
             ext.extra_link_args = (omp_link if openmp else []) + list(ext.extra_link_args or [])
+            if not msvc:
+                ext.libraries = list(ext.libraries or []) + ["m"]
         super().build_extensions()
 
 

@@ -13,23 +13,24 @@ backward's two phases can also split their rows over an OpenMP team themselves
 * Element-wise results are bit-identical to the reference given the same
   per-channel constants (same float operations in the same order;
   ``-ffp-contract=off``): ``y = (x - mu) * scale + beta``, ``h = y * (y > 0)``,
-  ``xhat = (src - mu) * inv_sigma``, the paper codes of y (``_paper_codes``, as
+  ``xhat = (src - mu) * inv_sigma``, the paper codes of y (``_paper_code``, as
   ``paper_pack``) and their decoded xhat (as ``paper_decode``).
 * Reductions are done per row in float64, into a ``(2, N, C)`` table of row
-  partials: the statistics' S = sum x and Q = sum (x - S/M)^2 (difference and
-  square in float64), the backward's sum g and sum g * xhat (each product
-  rounded to the array's precision, as the reference's). Each is a 32-lane sum
-  (``_lanes.h``): lane j adds the terms i = j (mod 32) of the row in order of i,
-  each widened to float64, then lane j += lane j+16, j+8, j+4, j+2, j+1 gives
-  the total (vector paths doing exactly these additions; tests/test_bn.py
-  checks them bit for bit against that definition). The table is then summed
+  partials: the statistics' S = sum x and Q = sum (x - S/M)^2 (from the sums of
+  the deviations from a shift and of their squares, ``_moments_row``), the
+  backward's sum g and sum g * xhat (each product rounded to the array's
+  precision, as the reference's). Each is a 32-lane sum (``_lanes.h``): lane j
+  adds the terms i = j (mod 32) of the row in order of i, each widened to
+  float64 (the squares fused: lane = fma(d, d, lane)), then lane j += lane j+16,
+  j+8, j+4, j+2, j+1 gives the total (vector paths doing exactly these
+  operations; tests/test_bn.py checks them bit for bit against that definition). The table is then summed
   per channel over n in order (``*_of_rows``). A row's partial does not
   depend on which worker computed it, so the results do not depend on the
   thread count. They are more accurate than the reference's float32 sums and
   differ from them in the last bits.
 * One read of memory per input where the algebra allows: the statistics read x
-  once (a row's sum, then its squared deviations around the row's own mean while
-  the row is in L1; rows combined with Chan's formula); the backward reads gy and
+  once (per row, in one loop, the sums of its deviations from a shift and of their
+  squares, ``_moments_row``; rows combined with Chan's formula); the backward reads gy and
   its source twice (the sums, then gx), as the per-channel sums are needed
   before gx; the fused forward of a unit writes h and its K-bit codes in the one
   pass that computes y.
@@ -41,10 +42,10 @@ backward's two phases can also split their rows over an OpenMP team themselves
 """
 cimport cython.parallel
 from cython cimport floating
-from libc.stdint cimport int32_t, uint8_t
+from libc.stdint cimport int32_t, uint8_t, uint32_t
 from libc.string cimport memcpy
 
-include "_codes.pxi"   # _pack, _unpack, _paper_codes (shared with src/_quant.pyx)
+include "_codes.pxi"   # _pack, _unpack, _paper_code(s), _nonfinite (shared with src/_quant.pyx)
 
 
 cdef enum:
@@ -60,8 +61,8 @@ cdef extern from "_lanes.h" nogil:
     double lanes_total(double* acc)
     void lanes_add_f(double* acc, const float* p, Py_ssize_t m)                   # p[i]
     void lanes_add_d(double* acc, const double* p, Py_ssize_t m)
-    void lanes_add_sqdev_f(double* acc, const float* p, Py_ssize_t m, double mu)  # (p[i] - mu)^2
-    void lanes_add_sqdev_d(double* acc, const double* p, Py_ssize_t m, double mu)
+    void lanes_add_dev_f(double* s, double* q, const float* p, Py_ssize_t m, double c)  # d = p[i] - c: d, d^2
+    void lanes_add_dev_d(double* s, double* q, const double* p, Py_ssize_t m, double c)
     void lanes_add_dot_f(double* acc, const float* p, const float* q, Py_ssize_t m)     # p[i] * q[i]
     void lanes_add_dot_d(double* acc, const double* p, const double* q, Py_ssize_t m)
 
@@ -110,32 +111,37 @@ cdef inline void _add_dot(double* acc, const floating* p, const floating* q, Py_
         lanes_add_dot_d(acc, p, q, m)
 
 
-cdef inline double _sum_row(const floating* p, Py_ssize_t m) noexcept nogil:
-    """sum(p[0:m]) in float64 (``_lanes.h``)."""
-    cdef double acc[LANES]
-    lanes_zero(acc)
-    _add(acc, p, m)
-    return lanes_total(acc)
-
-
-cdef inline double _sqdev_row(const floating* p, Py_ssize_t m, double mu) noexcept nogil:
-    """sum((p[0:m] - mu)^2) in float64 (``_lanes.h``)."""
-    cdef double acc[LANES]
-    lanes_zero(acc)
+cdef inline void _moments_row(const floating* p, Py_ssize_t m, double* S, double* Q) noexcept nogil:
+    """S = sum p[0:m] and Q = sum (p[i] - S/m)^2 (float64), reading the row once: around
+    c, the mean of its first m0 = min(m, 32) values (their lanes sum over m0), the lanes of
+    d_i = p[i] - c give Sd = sum d_i and Qd = sum d_i^2 (``lanes_add_dev``), then
+    S = c*m + Sd and Q = Qd - Sd*Sd/m. The shift keeps the subtraction harmless:
+    by Cauchy-Schwarz m0 (c - S/m)^2 <= Q, so Qd = Q + m (c - S/m)^2 <= (1 + m/m0) Q
+    and Q keeps all but about log2(1 + m/m0) bits of Qd's float64 accuracy."""
+    cdef double sd[LANES]
+    cdef double qd[LANES]
+    cdef double c, ds
+    cdef Py_ssize_t m0 = min(m, <Py_ssize_t> LANES)
+    lanes_zero(sd)
+    _add(sd, p, m0)       # a tree of depth 5, where a loop in order would wait on each addition
+    c = lanes_total(sd) / <double> m0
+    lanes_zero(sd)
+    lanes_zero(qd)
     if floating is float:
-        lanes_add_sqdev_f(acc, p, m, mu)
+        lanes_add_dev_f(sd, qd, p, m, c)
     else:
-        lanes_add_sqdev_d(acc, p, m, mu)
-    return lanes_total(acc)
+        lanes_add_dev_d(sd, qd, p, m, c)
+    ds = lanes_total(sd)
+    S[0] = c * <double> m + ds
+    Q[0] = lanes_total(qd) - ds * ds / <double> m
 
 
 def row_moments(const floating[:, :, ::1] x,   # IN:  (N, C, M)
                 double[:, :, ::1] part,         # OUT: (2, N, C) rows n0 <= n < n1 written
                 Py_ssize_t n0=0, Py_ssize_t n1=-1):
     """Per row: part[0, n, c] = S = sum(x[n, c]) and part[1, n, c] = sum((x[n, c] - S/M)^2)
-    (float64), the row read once from memory (the second sum runs while it is in L1)."""
+    (float64, ``_moments_row``), each row read once."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2], n, c
-    cdef double sr
     n1 = _rows_end(n0, n1, N)
     if part.shape[0] != 2 or part.shape[1] != N or part.shape[2] != C:
         raise ValueError("part must have shape (2, N, C)")
@@ -144,9 +150,7 @@ def row_moments(const floating[:, :, ::1] x,   # IN:  (N, C, M)
     with nogil:
         for n in range(n0, n1):
             for c in range(C):
-                sr = _sum_row(&x[n, c, 0], M)     # then the row's squared deviations, while it is in L1
-                part[0, n, c] = sr
-                part[1, n, c] = _sqdev_row(&x[n, c, 0], M, sr / <double> M)
+                _moments_row(&x[n, c, 0], M, &part[0, n, c], &part[1, n, c])
 
 
 def moments_of_rows(const double[:, :, ::1] part,   # IN:  (2, N, C) from row_moments
@@ -262,11 +266,12 @@ def bn_apply_pack(const float[:, :, ::1] x,      # IN:  (N, C, M) the BN input
     the K-bit codes of y (``paper_pack``'s). Returns the number of non-finite y.
     Rows must start on a byte boundary of the codes: M * bits % 8 == 0."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], M = x.shape[2], n, c, row, j0, nb, i, nf = 0
-    cdef float yb[BLOCK]
     cdef uint8_t cb[BLOCK]
     cdef float v, m_, s_, b_
+    cdef uint32_t bad
     cdef const float* px
     cdef float* ph
+    cdef PaperBounds pb
     if bits not in (1, 2, 4, 8):
         raise ValueError("bits must be 1, 2, 4 or 8")
     if (M * bits) % 8:
@@ -285,17 +290,23 @@ def bn_apply_pack(const float[:, :, ::1] x,      # IN:  (N, C, M) the BN input
         for n in range(n0, n1):
             for c in range(C):
                 m_, s_, b_ = mu[c], scale[c], beta[c]
+                pb = _paper_bounds(k[c], s[c], 1 << bits)
                 row = (n * C + c) * M
                 px = &x[0, 0, 0] + row
                 ph = &h[0, 0, 0] + row
                 j0 = 0
                 while j0 < M:
                     nb = min(<Py_ssize_t> BLOCK, M - j0)
+                    bad = 0
                     for i in range(nb):
                         v = (px[j0 + i] - m_) * s_ + b_
-                        yb[i] = v
                         ph[j0 + i] = v * (v > 0)
-                    nf += _paper_codes(yb, nb, k[c], s[c], 1 << bits, cb)
+                        bad |= _nonfinite(v)
+                        cb[i] = _paper_code(v, &pb)
+                    if bad:   # y is recomputed only for blocks holding NaN or inf
+                        for i in range(nb):
+                            v = (px[j0 + i] - m_) * s_ + b_
+                            nf += _nonfinite(v)
                     _pack(cb, nb * bits // 8, bits, &packed[0] + (row + j0) * bits // 8)
                     j0 += BLOCK
     return nf

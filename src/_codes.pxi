@@ -2,7 +2,7 @@
 # kernels (``src/_bn.pyx``, whose fused passes pack and unpack paper codes in place):
 # bit packing of K-bit codes (8/K per byte, first code in the low bits) and the
 # paper scheme's code of one value. Included textually (``include "_codes.pxi"``);
-# the including module cimports ``uint8_t`` and ``memcpy``.
+# the including module cimports ``uint8_t``, ``uint32_t`` and ``memcpy``.
 
 
 cdef inline void _pack(const uint8_t* c, Py_ssize_t nbytes, int bits, uint8_t* out) noexcept nogil:
@@ -48,11 +48,21 @@ cdef inline void _unpack(const uint8_t* p, Py_ssize_t nbytes, int bits, uint8_t*
                 c[8 * b + j] = (x >> j) & 1
 
 
-cdef inline Py_ssize_t _paper_codes(const float* y, Py_ssize_t m, float k, int s, int nb,
-                                    uint8_t* codes) noexcept nogil:
-    """codes[j] = the paper code of y[j] (see reference.paper_pack); returns #non-finite.
+cdef struct PaperBounds:
+    # one channel's constants of ``_paper_code``: the clamp bounds (floats) and s - 1
+    float k, pos_hi, neg_lo
+    int sm1
 
-    Same codes as the reference's sequence of clamps, with fewer operations:
+
+cdef inline PaperBounds _paper_bounds(float k, int s, int nb) noexcept nogil:
+    cdef PaperBounds b
+    b.k, b.pos_hi, b.neg_lo, b.sm1 = k, <float>(nb - s), <float>(1 - s), s - 1
+    return b
+
+
+cdef inline uint8_t _paper_code(float v, const PaperBounds* b) noexcept nogil:
+    """The paper code of v (see reference.paper_pack), with fewer operations than the
+    reference's sequence of clamps:
 
         code = s - 1 + ceil(clamp(v * k, lower, upper))
         lower, upper = (1, NB - s) if v > 0 else (1 - s, 0)     # clamp: NaN -> lower
@@ -65,21 +75,57 @@ cdef inline Py_ssize_t _paper_codes(const float* y, Py_ssize_t m, float k, int s
     (NaN or inf * 0) lands on ``lower`` in both (the reference: ``-(NB+1)``,
     clamped up to ``1-s`` or ``1``). The parity tests check it bit for bit.
     """
+    cdef float zero = 0, one = 1
+    cdef float lower = one if v > zero else b.neg_lo   # exact mask: code >= s  <=>  v > 0
+    cdef float upper = b.pos_hi if v > zero else zero
+    cdef float u = v * b.k
+    u = u if u > lower else lower            # NaN -> lower (like fmaxf)
+    u = u if u < upper else upper
+    return <uint8_t>(b.sm1 + npa_ceil(u))
+
+
+cdef extern from *:
+    """
+    #include <math.h>
+    /* ceil(u) for |u| < 2^31: one instruction with SSE4.1 (or on ARM); without it,
+       ceilf is a call per value, and truncation then a step up vectorises. */
+    static inline int npa_ceil(float u) {
+    #if defined(__SSE4_1__) || defined(__aarch64__)
+        return (int)ceilf(u);
+    #else
+        int t = (int)u;
+        return t + ((float)t < u);
+    #endif
+    }
+    """
+    int npa_ceil(float u) noexcept nogil
+
+
+cdef inline uint32_t _nonfinite(float v) noexcept nogil:
+    """1 when v is NaN or +-inf, else 0, in integer operations (a sum or an OR of these
+    vectorises on every x86 vector unit, where a float reduction would not): the bits of
+    |v| are >= 0x7f800000 exactly then, and adding 0x00800000 carries into bit 31."""
+    cdef uint32_t bits
+    memcpy(&bits, &v, 4)
+    return ((bits & 0x7fffffff) + 0x00800000) >> 31
+
+
+cdef inline int _count_nonfinite(const float* y, Py_ssize_t m) noexcept nogil:
+    """#NaN and +-inf in y[0:m] (called when ``_nonfinite`` found a block holding some)."""
     cdef Py_ssize_t j
-    cdef int nf = 0                          # m <= PIECE: an int cannot overflow
-    cdef float v, u, lower, upper, zero = 0
-    cdef float pos_lo = 1, pos_hi = <float>(nb - s)
-    cdef float neg_lo = <float>(1 - s), neg_hi = 0
-    cdef int t, sm1 = s - 1
+    cdef int nf = 0
     for j in range(m):
-        v = y[j]
-        nf += not (v - v == zero)            # NaN or +-inf (v - v is NaN exactly then)
-        lower = pos_lo if v > zero else neg_lo   # exact mask: code >= s  <=>  v > 0
-        upper = pos_hi if v > zero else neg_hi
-        u = v * k
-        u = u if u > lower else lower        # NaN -> lower (like fmaxf)
-        u = u if u < upper else upper
-        t = <int>u                           # truncation; |u| < NB so no overflow
-        t = t + (<float>t < u)               # == ceil(u) (also for -0.0 and integers)
-        codes[j] = <uint8_t>(sm1 + t)
+        nf += _nonfinite(y[j])
     return nf
+
+
+cdef inline Py_ssize_t _paper_codes(const float* y, Py_ssize_t m, float k, int s, int nb,
+                                    uint8_t* codes) noexcept nogil:
+    """codes[j] = the paper code of y[j] (``_paper_code``); returns #non-finite."""
+    cdef Py_ssize_t j
+    cdef uint32_t bad = 0
+    cdef PaperBounds b = _paper_bounds(k, s, nb)
+    for j in range(m):
+        bad |= _nonfinite(y[j])
+        codes[j] = _paper_code(y[j], &b)
+    return _count_nonfinite(y, m) if bad else 0

@@ -11,21 +11,27 @@
  *
  * Terms (p, q: float32 or float64 values; f: float32, d: float64):
  *   lanes_add_f/d(acc, p, m)            t_i = p[i]
- *   lanes_add_sqdev_f/d(acc, p, m, mu)  t_i = (p[i] - mu)^2   (difference, square: float64)
  *   lanes_add_dot_f/d(acc, p, q, m)     t_i = p[i] * q[i]     (the product rounded to p's precision)
- * every term widened to float64 (exact for float32) before it is added.
+ * every term widened to float64 (exact for float32) before it is added. And two sums
+ * at once:
+ *   lanes_add_dev_f/d(s, q, p, m, c)    with d_i = p[i] - c (widened, then the difference in
+ *                                       float64): s adds d_i; q adds d_i^2 fused, each lane
+ *                                       step q_j = fma(d_i, d_i, q_j) rounded once
+ * (C's fma on every path, so every build still gives the same bits).
  *
  * Why 32 lanes and vector code: an addition waits 3-4 cycles for the previous
  * one of its chain, so a few chains leave the machine idle; 32 chains never
  * wait, and the widening of float32 to float64 bounds the loop. GCC does not
  * produce that loop from the plain one (it splits or reorders the widening), so
  * the float32 sums have explicit vector paths: AVX-512 (4 accumulators of 8
- * lanes) and AVX (8 of 4). They perform exactly the additions of the plain
- * loop, lane by lane, so every build gives the same bits.
+ * lanes) and AVX (8 of 4; the deviations' with FMA only). They perform exactly
+ * the additions of the plain loop, lane by lane, so every build gives the same
+ * bits.
  */
 #ifndef NPAPPROX_LANES_H
 #define NPAPPROX_LANES_H
 
+#include <math.h>
 #if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -65,8 +71,6 @@ LANES_INLINE double lanes_total(double *acc) {
     return acc[0];
 #endif
 }
-
-LANES_INLINE double lanes_sq(double d) { return d * d; }
 
 /* The plain loop: acc[i % 32] += T(i) for 0 <= i < m, in order of i. */
 #define LANES_PLAIN(T)                          \
@@ -115,29 +119,88 @@ LANES_INLINE double lanes_sq(double d) { return d * d; }
 #define LANES_VECTOR(T, V8, V4) LANES_PLAIN(T)
 #endif
 
+/* One deviation d = d_i: lane i % 32 of s += d, of q = fma(d, d, q). */
+LANES_INLINE void lanes_dev_step(double *s, double *q, Py_ssize_t i, double d) {
+    s[i % LANES] += d;
+    q[i % LANES] = fma(d, d, q[i % LANES]);
+}
+
+/* The plain loop of lanes_add_dev_*: whole groups of 32 (so GCC can vectorise the
+ * float64 version), then the tail; the vector paths do the groups themselves. */
+#define LANES_DEV_TAIL(P)                                                     \
+    for (; i < m; i++)                                                        \
+        lanes_dev_step(s, q, i, (double)P[i] - c);
+#define LANES_DEV_PLAIN(P)                                                    \
+    Py_ssize_t i = 0;                                                         \
+    int j;                                                                    \
+    for (; i + LANES <= m; i += LANES)                                        \
+        for (j = 0; j < LANES; j++)                                           \
+            lanes_dev_step(s, q, j, (double)P[i + j] - c);                    \
+    LANES_DEV_TAIL(P)
+
 /* float32 terms */
 #define LANES_P(i) ((double)p[i])
 #define LANES_P8(i) _mm512_cvtps_pd(_mm256_loadu_ps(p + (i)))
 #define LANES_P4(i) _mm256_cvtps_pd(_mm_loadu_ps(p + (i)))
-#define LANES_SQ(i) lanes_sq((double)p[i] - mu)
-#define LANES_SQ8(i) lanes_sq8(_mm512_sub_pd(LANES_P8(i), _mm512_set1_pd(mu)))
-#define LANES_SQ4(i) lanes_sq4(_mm256_sub_pd(LANES_P4(i), _mm256_set1_pd(mu)))
 #define LANES_DOT(i) ((double)(p[i] * q[i]))
 #define LANES_DOT8(i) _mm512_cvtps_pd(_mm256_mul_ps(_mm256_loadu_ps(p + (i)), _mm256_loadu_ps(q + (i))))
 #define LANES_DOT4(i) _mm256_cvtps_pd(_mm_mul_ps(_mm_loadu_ps(p + (i)), _mm_loadu_ps(q + (i))))
-
-#if defined(__AVX512F__)
-LANES_INLINE __m512d lanes_sq8(__m512d d) { return _mm512_mul_pd(d, d); }
-#elif defined(__AVX__)
-LANES_INLINE __m256d lanes_sq4(__m256d d) { return _mm256_mul_pd(d, d); }
-#endif
 
 LANES_INLINE void lanes_add_f(double *acc, const float *p, Py_ssize_t m) {
     LANES_VECTOR(LANES_P, LANES_P8, LANES_P4)
 }
 
-LANES_INLINE void lanes_add_sqdev_f(double *acc, const float *p, Py_ssize_t m, double mu) {
-    LANES_VECTOR(LANES_SQ, LANES_SQ8, LANES_SQ4)
+/* A build for any x86-64 CPU (NPAPPROX_PORTABLE=1) has no FMA instruction to inline, and
+ * a call to libm's fma per value is ten times slower: GCC's target_clones adds a copy
+ * of the plain loop compiled for FMA (vectorised), picked when the CPU has it. */
+#if !defined(__FMA__) && defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define LANES_DEV_FN __attribute__((target_clones("fma", "default"))) static void
+#else
+#define LANES_DEV_FN LANES_INLINE void
+#endif
+
+LANES_DEV_FN lanes_add_dev_f(double *s, double *q, const float *p, Py_ssize_t m, double c) {
+#if defined(__AVX512F__)
+    Py_ssize_t i = 0;
+    int k;
+    __m512d vc = _mm512_set1_pd(c), vs[4], vq[4], d;
+    for (k = 0; k < 4; k++) {
+        vs[k] = _mm512_loadu_pd(s + 8 * k);
+        vq[k] = _mm512_loadu_pd(q + 8 * k);
+    }
+    for (; i + LANES <= m; i += LANES)
+        for (k = 0; k < 4; k++) {
+            d = _mm512_sub_pd(LANES_P8(i + 8 * k), vc);
+            vs[k] = _mm512_add_pd(vs[k], d);
+            vq[k] = _mm512_fmadd_pd(d, d, vq[k]);
+        }
+    for (k = 0; k < 4; k++) {
+        _mm512_storeu_pd(s + 8 * k, vs[k]);
+        _mm512_storeu_pd(q + 8 * k, vq[k]);
+    }
+    LANES_DEV_TAIL(p)
+#elif defined(__AVX__) && defined(__FMA__)
+    Py_ssize_t i = 0;
+    int k;
+    __m256d vc = _mm256_set1_pd(c), vs[LANES / 4], vq[LANES / 4], d;
+    for (k = 0; k < LANES / 4; k++) {
+        vs[k] = _mm256_loadu_pd(s + 4 * k);
+        vq[k] = _mm256_loadu_pd(q + 4 * k);
+    }
+    for (; i + LANES <= m; i += LANES)
+        for (k = 0; k < LANES / 4; k++) {
+            d = _mm256_sub_pd(LANES_P4(i + 4 * k), vc);
+            vs[k] = _mm256_add_pd(vs[k], d);
+            vq[k] = _mm256_fmadd_pd(d, d, vq[k]);
+        }
+    for (k = 0; k < LANES / 4; k++) {
+        _mm256_storeu_pd(s + 4 * k, vs[k]);
+        _mm256_storeu_pd(q + 4 * k, vq[k]);
+    }
+    LANES_DEV_TAIL(p)
+#else
+    LANES_DEV_PLAIN(p)
+#endif
 }
 
 LANES_INLINE void lanes_add_dot_f(double *acc, const float *p, const float *q, Py_ssize_t m) {
@@ -149,8 +212,8 @@ LANES_INLINE void lanes_add_d(double *acc, const double *p, Py_ssize_t m) {
     LANES_PLAIN(LANES_P)
 }
 
-LANES_INLINE void lanes_add_sqdev_d(double *acc, const double *p, Py_ssize_t m, double mu) {
-    LANES_PLAIN(LANES_SQ)
+LANES_DEV_FN lanes_add_dev_d(double *s, double *q, const double *p, Py_ssize_t m, double c) {
+    LANES_DEV_PLAIN(p)
 }
 
 LANES_INLINE void lanes_add_dot_d(double *acc, const double *p, const double *q, Py_ssize_t m) {

@@ -130,7 +130,7 @@ cdef inline Py_ssize_t _group_end(Py_ssize_t e, Py_ssize_t b, Py_ssize_t G, Py_s
 # --------------------------------------------------------------------------- #
 # Bit packing
 # --------------------------------------------------------------------------- #
-include "_codes.pxi"   # _pack, _unpack, _paper_codes (shared with src/_bn.pyx)
+include "_codes.pxi"   # _pack, _unpack, _paper_code(s), _nonfinite (shared with src/_bn.pyx)
 
 
 cdef inline void _pack_piece(uint8_t* codes, Py_ssize_t m, int bits, uint8_t* out) noexcept nogil:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -195,19 +196,43 @@ def test_backward_elementwise_bits_given_the_kernels_sums(p, batch_stats):
         assert np.array_equal(_bits(gx), _bits(want))
 
 
-def _lanes64(t):
-    """The kernels' float64 sum of the terms ``t`` (1-D float64), as src/_lanes.h defines it:
-    lane j adds t[i] for i = j (mod 32) in order of i, then lane j += lane j+16, j+8, j+4,
-    j+2, j+1; the result is lane 0."""
-    acc = np.zeros(32)
-    for i0 in range(0, len(t), 32):
-        piece = t[i0:i0 + 32]
-        acc[:len(piece)] += piece
+def _tree(acc):
+    """Lane j += lane j+16, j+8, j+4, j+2, j+1 (32 float64 lanes) -> lane 0."""
+    acc = np.array(acc, dtype=np.float64)
     w = 16
     while w:
         acc[:w] += acc[w:2 * w]
         w //= 2
     return acc[0]
+
+
+def _lanes64(t):
+    """The kernels' float64 sum of the terms ``t`` (1-D float64), as src/_lanes.h defines it:
+    lane j adds t[i] for i = j (mod 32) in order of i, then the tree; the result is lane 0."""
+    acc = np.zeros(32)
+    for i0 in range(0, len(t), 32):
+        piece = t[i0:i0 + 32]
+        acc[:len(piece)] += piece
+    return _tree(acc)
+
+
+def _fma(a, b, c):
+    """a * b + c rounded once: exact in fractions, then float(), which rounds correctly."""
+    return float(Fraction(a) * Fraction(b) + Fraction(c))
+
+
+def _moments_row64(x64):
+    """A row's (S, Q) as src/_bn.pyx's ``_moments_row`` defines them: around c = the lanes sum
+    of the first min(m, 32) values over their count, d = x - c; Sd = the lanes sum of d,
+    Qd = the lanes of fma(d, d, lane), then the tree; S = c*m + Sd, Q = Qd - Sd*Sd/m."""
+    m = len(x64)
+    c = _lanes64(x64[:32]) / min(m, 32)
+    d = x64 - c
+    sd = _lanes64(d)
+    q = [0.0] * 32
+    for i, v in enumerate(d):
+        q[i % 32] = _fma(v, v, q[i % 32])
+    return c * m + sd, _tree(q) - sd * sd / m
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -223,9 +248,7 @@ def test_row_sums_are_the_documented_lanes_bit_for_bit(dtype, m):
     part = np.empty((2, n, c))
     _bn.row_moments(x, part)
     for i in np.ndindex(n, c):
-        x64 = x[i].astype(np.float64)
-        assert part[0][i] == _lanes64(x64)
-        assert part[1][i] == _lanes64((x64 - part[0][i] / m) ** 2)
+        assert (part[0][i], part[1][i]) == _moments_row64(x[i].astype(np.float64))
     mu, var = B.bn_stats(x)
     inv = (1 / np.sqrt(var + 1e-5)).astype(dtype)
     gamma, beta = rng.uniform(0.5, 2, c).astype(dtype), rng.uniform(-1, 1, c).astype(dtype)

@@ -122,7 +122,8 @@ def _into(out, a):
 
 def _moments(x3):
     """Per-channel mean (in x3's dtype) and biased variance (float64) of ``x3 (N, C, M)``
-    over N and M (two passes: the variance is the mean of squared deviations)."""
+    over N and M: the kernels read x once (``row_moments``), the reference twice (the
+    variance is the mean of squared deviations)."""
     if x3.shape[0] * x3.shape[2] == 0:
         raise ValueError("batch statistics need at least one value per channel")
     if _use_compiled(x3):                                        # float64 sums: no overflow
