@@ -39,8 +39,18 @@ At batch 128 the 8 MiB tensor (and the copy's) stays in a last-level cache of
 32 MiB, where a copy runs at cache bandwidth; ``--batch 1024`` (64 MiB) shows
 the passes against a copy from and to memory.
 
+Under each shape, the *ceiling* of each pass: its compiled kernel on one thread
+over the first 4 samples (a 256 KiB tensor at 16x32x32: inputs and output stay
+in a 1 MiB L2, so memory costs next to nothing), repeated, its best effective
+bandwidth times the thread count, and how much of it the pass reached on the
+whole tensor. The verdicts put the ceiling against the shape's best copy (the
+fastest of all its runs, the least noisy figure): a pass whose ceiling is under
+the target is bound by its arithmetic, not by memory -- no memory layout can
+lift it there, only less arithmetic per value.
+
 Runs against an older build too (no ``out=``, no ``bn_apply_pack``: then only
-the ``fresh`` rows, and apply+pack is ``bn_apply`` then ``paper_pack``).
+the ``fresh`` rows, apply+pack is ``bn_apply`` then ``paper_pack``, and no
+ceilings).
 """
 from __future__ import annotations
 
@@ -54,6 +64,7 @@ from bench_kernels import _cpu_model, count  # the script's own directory is on 
 
 SHAPES = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]   # ResNet-20's BN inputs, one sample
 TARGET = 0.70
+CEILING_SAMPLES = 4
 
 
 def _parse(argv):
@@ -135,6 +146,7 @@ def main(argv=None):
         def copy(parts=parts):
             return parallel.run(lambda k: np.copyto(*parts[k]), len(parts))
 
+        reached, best_copy = {}, 0.0   # pass name -> its best GB/s; the best copy of the shape
         print(f"\n== {'x'.join(map(str, shape))} float32 = {size / 2**20:.0f} MiB")
         print(f"   {'pass':22s} {'buffers':8s} {'ms':>7s} {'GB/s':>7s} {'copy GB/s':>10s} {'% of copy':>10s}"
               "  (median: ms, %)")
@@ -145,15 +157,63 @@ def main(argv=None):
                 tc, tp = _alternate(copy, fn, args.repeats)
                 bw_copy = [2 * size / t for t in tc]
                 best = nbytes / min(tp) / max(bw_copy)
+                best_copy = max(best_copy, *bw_copy)
+                if name not in reached or kind == "reused":
+                    reached[name] = nbytes / min(tp)
                 med = nbytes / _median(tp) / _median(bw_copy)
                 print(f"   {name:22s} {kind:8s} {min(tp) * 1e3:7.3f} {nbytes / min(tp) / 1e9:7.1f} "
                       f"{max(bw_copy) / 1e9:10.1f} {100 * best:9.0f}%  ({_median(tp) * 1e3:.3f}, {100 * med:.0f}%)")
                 if shape == shapes[0] and (kind == "reused" or name == "stats"):
-                    verdicts.append((name, best))
+                    verdicts.append([name, best, None])
+        if fused:
+            small = _ceiling_kernels(x3, gy3, mu, inv, scale, beta, p, args.bits, packed)
+            print(f"   {'ceiling: each kernel on 1 thread over ' + str(CEILING_SAMPLES) + ' samples':48s} "
+                  f"{'GB/s':>7s} {'reached':>10s}")
+            for (name, nbytes, *_), fn in zip(passes, small, strict=True):
+                ceiling = args.threads * nbytes * CEILING_SAMPLES / shape[0] / min(_times(fn, 5 * args.repeats))
+                print(f"   {name:22s} {'x ' + str(args.threads):>8s} {'':>7s} {ceiling / 1e9:8.1f} "
+                      f"{100 * reached[name] / ceiling:9.0f}%")
+                for v in verdicts:
+                    if shape == shapes[0] and v[0] == name:
+                        v[2] = ceiling / best_copy
     print(f"\nload average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"target: every pass >= {100 * TARGET:.0f}% of copy bandwidth at {'x'.join(map(str, shapes[0]))}")
-    for name, ratio in verdicts:
-        print(f"   {name:22s} {100 * ratio:5.0f}%  {'ok' if ratio >= TARGET else 'BELOW'}")
+    for name, ratio, ceiling in verdicts:
+        bound = "" if ceiling is None else f"   (ceiling {100 * ceiling:.0f}% of the best copy" + (
+            ": bound by arithmetic)" if ceiling < TARGET else ")")
+        print(f"   {name:22s} {100 * ratio:5.0f}%  {'ok' if ratio >= TARGET else 'BELOW'}{bound}")
+
+
+def _ceiling_kernels(x3, gy3, mu, inv, scale, beta, p, bits, packed):
+    """The compiled kernels of the passes (in the order of ``passes``), each on one thread
+    over the first CEILING_SAMPLES samples, writing into buffers allocated here."""
+    import numpy as np
+
+    from npapprox import _bn
+
+    x, gy = (np.ascontiguousarray(a[:CEILING_SAMPLES]) for a in (x3, gy3))
+    n, c, m = x.shape
+    out, part, mask = np.empty_like(x), np.empty((2, n, c)), np.zeros(x.shape, np.uint8)
+    ggamma, gbeta, codes = np.empty(c), np.empty(c), packed[:x.size * bits // 8]
+    s, step, off = p["s"].astype(np.int32), p["x_step"], p["x_off"]
+    return [
+        lambda: _bn.row_moments(x, part),
+        lambda: _bn.bn_apply(x, mu, scale, beta, None, out),
+        lambda: _bn.bn_apply(x, mu, scale, beta, out, None),
+        lambda: _bn.bn_apply_pack(x, mu, scale, beta, p["k"], s, bits, out, np.empty(codes.size, np.uint8)),
+        lambda: _bn.bn_backward(gy, x, mu, inv, scale, beta, mask, 1, True, out, ggamma, gbeta),
+        lambda: _bn.bn_backward_codes(gy, codes, s, step, off, bits, scale, True, out, ggamma, gbeta),
+    ]
+
+
+def _times(fn, repeats):
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return ts
 
 
 def _alternate(copy, fn, repeats):
