@@ -67,11 +67,6 @@ cdef extern from "_lanes.h" nogil:
     void lanes_add_dot_d(double* acc, const double* p, const double* q, Py_ssize_t m)
 
 
-cdef extern from "_codes_block.h" nogil:
-    Py_ssize_t npa_codes_block16(const uint8_t* cb, const float* gy, const float* tab, int s, Py_ssize_t nb,
-                                 float* g, float* xh, float* po, float scale, float a, float k)
-
-
 cdef inline Py_ssize_t _rows_end(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t N) except -1:
     """The checked end of the sample range [n0, n1) (n1 = -1: N)."""
     if n1 == -1:
@@ -380,21 +375,13 @@ cdef inline const floating* _load_block(const Source* S, const floating* pg, Py_
     cdef const uint8_t* pm
     cdef floating mu, inv_sigma, beta
     cdef float t, half = 0.5, step, off
-    cdef float tab[16]
-    cdef int s, j
+    cdef int s
     if S.mode == SRC_CODES:
         s, step, off = S.s[c], S.step[c], S.off[c]
         _codes_of(S.packed, start, nb, S.bits, cb)
-        i = 0
-        if floating is float and S.bits <= 4:
-            for j in range(16):
-                t = <float> (<int> j - s) + half
-                tab[j] = t * step + off
-            i = npa_codes_block16(cb, pg, tab, s, nb, g, xh, po, scale, a, k)
-        while i < nb:
+        for i in range(nb):
             t = <float> (cb[i] - s) + half
             _put(i, pg[i] if cb[i] >= s else pg[i] * 0, t * step + off, g, xh, po, scale, a, k)
-            i += 1
         return g
     mu, inv_sigma = (<const floating*> S.mu)[c], (<const floating*> S.inv_sigma)[c]
     ps = <const floating*> S.src + start
