@@ -60,7 +60,8 @@ import platform
 import sys
 import time
 
-from bench_kernels import _cpu_model, count  # the script's own directory is on sys.path
+from bench_engine import _times  # the script's own directory is on sys.path
+from bench_kernels import _cpu_model, count
 
 SHAPES = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]   # ResNet-20's BN inputs, one sample
 TARGET = 0.70
@@ -204,16 +205,6 @@ def _ceiling_kernels(x3, gy3, mu, inv, scale, beta, p, bits, packed):
         lambda: _bn.bn_backward(gy, x, mu, inv, scale, beta, mask, 1, True, out, ggamma, gbeta),
         lambda: _bn.bn_backward_codes(gy, codes, s, step, off, bits, scale, True, out, ggamma, gbeta),
     ]
-
-
-def _times(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return ts
 
 
 def _alternate(copy, fn, repeats):
