@@ -23,15 +23,16 @@ backward's two phases can also split their rows over an OpenMP team themselves
   adds the terms i = j (mod 32) of the row in order of i, each widened to
   float64 (the squares fused: lane = fma(d, d, lane)), then lane j += lane j+16,
   j+8, j+4, j+2, j+1 gives the total (vector paths doing exactly these
-  operations; tests/test_bn.py checks them bit for bit against that definition). The table is then summed
-  per channel over n in order (``*_of_rows``). A row's partial does not
+  operations; tests/test_bn.py checks them bit for bit against that
+  definition). The table is then summed per channel over n in order
+  (``*_of_rows``). A row's partial does not
   depend on which worker computed it, so the results do not depend on the
   thread count. They are more accurate than the reference's float32 sums and
   differ from them in the last bits.
 * One read of memory per input where the algebra allows: the statistics read x
-  once (per row, in one loop, the sums of its deviations from a shift and of their
-  squares, ``_moments_row``; rows combined with Chan's formula); the backward reads gy and
-  its source twice (the sums, then gx), as the per-channel sums are needed
+  once (per row, in one loop, the sums of its deviations from a shift and of
+  their squares, ``_moments_row``; rows combined with Chan's formula); the
+  backward reads gy and its source twice (the sums, then gx), as the per-channel sums are needed
   before gx; the fused forward of a unit writes h and its K-bit codes in the one
   pass that computes y.
 * The inner loops are plain loops over contiguous rows (raw pointers), written

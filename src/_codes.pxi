@@ -48,6 +48,23 @@ cdef inline void _unpack(const uint8_t* p, Py_ssize_t nbytes, int bits, uint8_t*
                 c[8 * b + j] = (x >> j) & 1
 
 
+cdef extern from *:
+    """
+    #include <math.h>
+    /* ceil(u) for |u| < 2^31: one instruction with SSE4.1 (or on ARM); without it,
+       ceilf is a call per value, and truncation then a step up vectorises. */
+    static inline int npa_ceil(float u) {
+    #if defined(__SSE4_1__) || defined(__aarch64__)
+        return (int)ceilf(u);
+    #else
+        int t = (int)u;
+        return t + ((float)t < u);
+    #endif
+    }
+    """
+    int npa_ceil(float u) noexcept nogil
+
+
 cdef struct PaperBounds:
     # one channel's constants of ``_paper_code``: the clamp bounds (floats) and s - 1
     float k, pos_hi, neg_lo
@@ -82,23 +99,6 @@ cdef inline uint8_t _paper_code(float v, const PaperBounds* b) noexcept nogil:
     u = u if u > lower else lower            # NaN -> lower (like fmaxf)
     u = u if u < upper else upper
     return <uint8_t>(b.sm1 + npa_ceil(u))
-
-
-cdef extern from *:
-    """
-    #include <math.h>
-    /* ceil(u) for |u| < 2^31: one instruction with SSE4.1 (or on ARM); without it,
-       ceilf is a call per value, and truncation then a step up vectorises. */
-    static inline int npa_ceil(float u) {
-    #if defined(__SSE4_1__) || defined(__aarch64__)
-        return (int)ceilf(u);
-    #else
-        int t = (int)u;
-        return t + ((float)t < u);
-    #endif
-    }
-    """
-    int npa_ceil(float u) noexcept nogil
 
 
 cdef inline uint32_t _nonfinite(float v) noexcept nogil:
