@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bn_outputs import outputs
 
 from npapprox import _bn, quant
 from npapprox.kernels import bn as B
@@ -44,42 +45,15 @@ BUILD = textwrap.dedent("""
 """)
 
 RUN = textwrap.dedent("""
-    # the kernels of the .so in argv[1] on the inputs in argv[2] -> argv[3]
+    # the kernels of the .so in argv[1] on the inputs in argv[2] -> argv[3] (argv[4]: tests/)
     import sys, importlib.util, numpy as np
     spec = importlib.util.spec_from_file_location("_bn", sys.argv[1])
     bn = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bn)
     sys.path.insert(0, sys.argv[4])
-    from build_cases import outputs
+    from bn_outputs import outputs
     np.savez(sys.argv[3], **outputs(bn, dict(np.load(sys.argv[2]))))
 """)
-
-CASES = textwrap.dedent('''
-    import numpy as np
-
-    def outputs(bn, a):
-        """Every output of the kernels under test, for the inputs in ``a``."""
-        out = {}
-        for name in ("x32", "x64"):
-            x = a[name]
-            part = np.empty((2,) + x.shape[:2])
-            bn.row_moments(x, part)
-            out["moments_" + name] = part
-        x, gy = a["xb"], a["gy"]
-        c = x.shape[1]
-        h, packed = np.empty_like(x), np.empty(x.size // 2, np.uint8)
-        nf = bn.bn_apply_pack(a["xu"], a["mu"], a["scale"], a["beta"], a["k"], a["s"], 4, h, packed)
-        out.update(h=h, packed=packed, nf=np.int64(nf))
-        for mode, codes in (("exact", False), ("codes", True)):
-            gx, ggamma, gbeta = np.empty_like(x), np.empty(c), np.empty(c)
-            if codes:
-                bn.bn_backward_codes(gy, a["codes"], a["s"], a["x_step"], a["x_off"], 4, a["scale"], True,
-                                     gx, ggamma, gbeta)
-            else:
-                bn.bn_backward(gy, x, a["mu"], a["inv"], a["scale"], a["beta"], None, 1, True, gx, ggamma, gbeta)
-            out.update({mode + "_gx": gx, mode + "_ggamma": ggamma, mode + "_gbeta": gbeta})
-        return out
-''')
 
 
 def _inputs(path):
@@ -117,21 +91,14 @@ def _run(script, *args, env=None) -> str:
 def test_other_builds_give_the_same_bits(tmp_path, variant, march):
     inputs = tmp_path / "inputs.npz"
     _inputs(inputs)
-    (tmp_path / "build_cases.py").write_text(CASES)
     env = {k: v for k, v in os.environ.items() if k not in ("NPAPPROX_PORTABLE", "NPAPPROX_MARCH")} | variant
     log = _run(BUILD, tmp_path / "lib", env=env)
     compiles = [line for line in log.splitlines() if "_bn.c" in line and " -c " in line]
     assert len(compiles) == 1 and all(f in compiles[0] for f in ("-O3", "-ffp-contract=off")), log[-3000:]
     assert ("-march=" in compiles[0]) == (march is not None) and (march is None or march in compiles[0])
     so = next((tmp_path / "lib" / "npapprox").glob("_bn*"))
-    _run(RUN, so, inputs, tmp_path / "out.npz", tmp_path)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        from build_cases import outputs
-        want = outputs(_bn, dict(np.load(inputs)))
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("build_cases", None)
+    _run(RUN, so, inputs, tmp_path / "out.npz", Path(__file__).parent)
+    want = outputs(_bn, dict(np.load(inputs)))
     got = dict(np.load(tmp_path / "out.npz"))
     assert want["nf"] == 2
     assert sorted(got) == sorted(want)
