@@ -5,6 +5,9 @@
 * ``require_torch()`` / the ``torch`` fixture: the PyTorch oracle. Without torch the
   oracle tests are *skipped* (visibly), except when ``NPAPPROX_REQUIRE_ORACLE=1``:
   then a missing torch makes every oracle test *fail*, so CI cannot pass by skipping.
+* ``require_openmp()``: the kernels' OpenMP runtime. A build without OpenMP (which
+  setup.py makes when the compiler has none) skips the tests of OpenMP teams, visibly,
+  except when ``NPAPPROX_REQUIRE_OPENMP=1`` (CI): then they fail.
 * ``require_gpu()``: the GPU tests' rule. No CuPy or no device: skip, saying why; CuPy
   installed but unusable (it does not import, or cannot compile a kernel): fail, an
   installation to repair, never a silent skip.
@@ -46,6 +49,22 @@ def require_torch():
         return torch
     return pytest.importorskip(
         "torch", reason=f"PyTorch oracle not installed (set {REQUIRE_ORACLE_ENV}=1 to fail instead)")
+
+
+REQUIRE_OPENMP_ENV = "NPAPPROX_REQUIRE_OPENMP"
+
+
+def require_openmp() -> str:
+    """Path of the OpenMP runtime the compiled kernels run on; skip for a build without
+    OpenMP, or fail when NPAPPROX_REQUIRE_OPENMP=1."""
+    from npapprox import _quant
+
+    lib = _quant.omp_library()
+    if not lib:
+        if os.environ.get(REQUIRE_OPENMP_ENV, "").strip() == "1":
+            pytest.fail(f"the kernels were built without OpenMP ({REQUIRE_OPENMP_ENV}=1)", pytrace=False)
+        pytest.skip(f"the kernels were built without OpenMP (set {REQUIRE_OPENMP_ENV}=1 to fail instead)")
+    return lib
 
 
 def require_gpu():

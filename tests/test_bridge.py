@@ -14,11 +14,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import require_torch
+from conftest import require_openmp, require_torch
 from threadpoolctl import threadpool_limits
 
 import npapprox as na
-from npapprox import Tensor, _quant, kernels, ops, parallel
+from npapprox import Tensor, kernels, ops, parallel
 from npapprox.policy import FitWindow
 from npapprox.storage import GenericPacked, PooledRef
 from npapprox.tensor import topological_order
@@ -500,8 +500,7 @@ def test_cpu_tensors_reach_the_compiled_kernels_without_a_copy():
     assert kernels.implementation(a) == ("cpu" if kernels.compiled_available() else "reference")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _quant.omp_library(),
-                    reason="reads /proc; needs the kernels built with OpenMP")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (Linux)")
 def test_cpu_kernels_run_on_torchs_openmp_threads_with_the_pools_bytes(monkeypatch):
     """The process has one OpenMP runtime: torch's wheel bundles a libgomp with the
     system's soname, and whichever loads first serves both torch and the kernels. So the
@@ -509,9 +508,10 @@ def test_cpu_kernels_run_on_torchs_openmp_threads_with_the_pools_bytes(monkeypat
     run on the threads of torch's own ops: a Paper(4) / Generic(4) step with 2 torch
     threads never uses npapprox's pool and starts no thread; its logits, gradients and
     buffers are bit-identical to the same step with the kernels on the pool."""
+    lib = require_openmp()
     with open("/proc/self/maps") as f:
         runtimes = {os.path.realpath(line.split()[-1]) for line in f if "libgomp" in line}
-    assert runtimes == {os.path.realpath(_quant.omp_library())}
+    assert runtimes == {os.path.realpath(lib)}
     x, y = _data(32)
     t = bridge.to_torch(_resnet20())
     threads = torch.get_num_threads()

@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 import pytest
+from conftest import require_openmp
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import npapprox as na
@@ -357,8 +358,7 @@ def _cpu_seconds_by_thread():
     return out
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _quant.omp_library(),
-                    reason="reads /proc; needs the kernels built with OpenMP")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (Linux)")
 def test_openmp_team_runs_the_kernels_on_the_callers_openmp_threads_with_the_same_bytes(monkeypatch):
     """Inside ``openmp_team(2)`` (the PyTorch bridge's CPU kernels) the paper kernels and
     BN's backward from codes never use the pool: each call is a parallel region on the
@@ -366,6 +366,7 @@ def test_openmp_team_runs_the_kernels_on_the_callers_openmp_threads_with_the_sam
     torch's): no thread starts after that, and one besides the caller does a share of the
     work (half of BN's backward). Their bytes equal the pool's and one thread's; the
     OpenMP count is restored."""
+    require_openmp()
     rng = np.random.default_rng(0)
     shape, bits = (32, 16, 64, 64), 4
     gamma, beta = rng.uniform(0.5, 2, 16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
