@@ -104,8 +104,8 @@ def main(argv=None):
     print(f"repeats: {args.repeats}, best (median) of each; K = {args.bits}; "
           f"{'fused apply+pack' if fused else 'older build: no fused apply+pack, no out='}")
     rng = np.random.default_rng(0)
-    verdicts = []
     shapes = [(args.batch,) + s for s in SHAPES]
+    ceilings = {}   # pass name -> its ceiling at the first shape (GB/s)
     for shape in shapes:
         n, c = shape[:2]
         x = rng.standard_normal(shape, dtype=np.float32)
@@ -147,7 +147,11 @@ def main(argv=None):
         def copy(parts=parts):
             return parallel.run(lambda k: np.copyto(*parts[k]), len(parts))
 
-        reached = {}   # pass name -> (its best GB/s, the best GB/s of the copy alternating with it)
+        # pass name -> (its best GB/s, the best GB/s of the copy alternating with it), into reused buffers
+        # where the pass has them; at the first shape, the verdicts'
+        reached = {}
+        if shape == shapes[0]:
+            verdicts = reached
         print(f"\n== {'x'.join(map(str, shape))} float32 = {size / 2**20:.0f} MiB")
         print(f"   {'pass':22s} {'buffers':8s} {'ms':>7s} {'GB/s':>7s} {'copy GB/s':>10s} {'% of copy':>10s}"
               "  (median: ms, %)")
@@ -163,24 +167,21 @@ def main(argv=None):
                 med = nbytes / _median(tp) / _median(bw_copy)
                 print(f"   {name:22s} {kind:8s} {min(tp) * 1e3:7.3f} {nbytes / min(tp) / 1e9:7.1f} "
                       f"{max(bw_copy) / 1e9:10.1f} {100 * best:9.0f}%  ({_median(tp) * 1e3:.3f}, {100 * med:.0f}%)")
-                if shape == shapes[0] and (kind == "reused" or name == "stats"):
-                    verdicts.append([name, best, None])
         if fused:
             small = _ceiling_kernels(x3, gy3, mu, inv, scale, beta, p, args.bits, packed)
             print(f"   {'ceiling: each kernel on 1 thread over ' + str(CEILING_SAMPLES) + ' samples':48s} "
                   f"{'GB/s':>7s} {'reached':>10s}")
             for (name, nbytes, *_), fn in zip(passes, small, strict=True):
                 ceiling = args.threads * nbytes * CEILING_SAMPLES / shape[0] / min(_times(fn, 5 * args.repeats))
-                bw, bw_copy = reached[name]
                 print(f"   {name:22s} {'x ' + str(args.threads):>8s} {'':>7s} {ceiling / 1e9:8.1f} "
-                      f"{100 * bw / ceiling:9.0f}%")
-                for v in verdicts:
-                    if shape == shapes[0] and v[0] == name:
-                        v[2] = ceiling / bw_copy
+                      f"{100 * reached[name][0] / ceiling:9.0f}%")
+                if shape == shapes[0]:
+                    ceilings[name] = ceiling
     print(f"\nload average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"target: every pass >= {100 * TARGET:.0f}% of copy bandwidth at {'x'.join(map(str, shapes[0]))}")
-    for name, ratio, ceiling in verdicts:
-        bound = "" if ceiling is None else f"   (ceiling {100 * ceiling:.0f}%" + (
+    for name, (bw, bw_copy) in verdicts.items():
+        ratio, ceiling = bw / bw_copy, ceilings.get(name, 0) / bw_copy
+        bound = "" if name not in ceilings else f"   (ceiling {100 * ceiling:.0f}%" + (
             ": bound by arithmetic)" if ceiling < TARGET else ")")
         print(f"   {name:22s} {100 * ratio:5.0f}%  {'ok' if ratio >= TARGET else 'BELOW'}{bound}")
 
