@@ -75,10 +75,13 @@ def _parse(argv):
     p.add_argument("--sizes", default="small,large", help="comma list of: " + ", ".join(SIZES))
     p.add_argument("--no-reference", action="store_true", help="skip the NumPy reference rows")
     args = p.parse_args(argv)
-    unknown = [s.strip() for s in args.sizes.split(",") if s.strip() and s.strip() not in SIZES]
-    if unknown:
-        p.error(f"--sizes: unknown {', '.join(unknown)}; expected a comma list of {', '.join(SIZES)}")
+    args.sizes = name_list(p, "--sizes", args.sizes, _known_size)
     return args
+
+
+def _known_size(name):
+    if name not in SIZES:
+        raise ValueError(f"unknown {name}; expected a comma list of {', '.join(SIZES)}")
 
 
 def _median_time(fn, repeats, warmup=1):
@@ -145,7 +148,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     verdicts = []
 
-    for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
+    for size in args.sizes:
         shape = SIZES[size]
         N, C = shape[:2]
         y = rng.standard_normal(shape, dtype=np.float32)
